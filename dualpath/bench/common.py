@@ -1,0 +1,47 @@
+"""Small helpers shared by the benchmarks: timing on any device, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device | str = "cpu", repeat: int = 3, warmup: int = 1) -> float:
+    """Best wall time of `repeat` runs after `warmup` runs (seconds)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def host_info() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "machine": platform.machine()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def write_json(path: str | os.PathLike[str], result: dict[str, Any]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    result = {"host": host_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
+    p.write_text(json.dumps(result, indent=2))
+    return p

@@ -1,0 +1,267 @@
+"""Typed configuration: dataclasses loaded from TOML and overridden by CLI flags.
+
+A cluster file looks like::
+
+    [model]
+    preset = "tiny-gqa"          # or weights = "/path/to/hf-checkpoint"
+    [store]
+    root = "/var/cache/dualpath"
+    snic_read_gbps = 2.0         # emulated storage NIC per node (0 = no limit)
+    [[engines]]
+    role = "prefill"
+    node = 0
+    port = 7101
+
+Every field is validated; errors name the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("prefill", "decode")
+BACKENDS = ("auto", "tcp", "verbs", "cuda")
+POLICIES = ("pe-read", "de-read", "dualpath", "dualpath-split")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the value."""
+
+
+def _check(ok: bool, field_name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{field_name}' = {value!r}: {why}")
+
+
+def default_store_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dualpath", "store")
+
+
+@dataclass
+class ModelSpec:
+    """Which weights the engines run: a preset name or a Hugging Face checkpoint directory."""
+
+    preset: str = "tiny-gqa"
+    weights: str | None = None
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        from dualpath.engine.weights import PRESETS
+
+        if self.weights is None:
+            _check(self.preset in PRESETS, "model.preset", self.preset, f"expected one of {sorted(PRESETS)}")
+        else:
+            _check(Path(self.weights).is_dir(), "model.weights", self.weights, "not a directory")
+        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"expected one of {DTYPES}")
+
+
+@dataclass
+class StoreConfig:
+    """The block KV store shared by every engine (a local dir or a shared-FS mount)."""
+
+    root: str = field(default_factory=default_store_root)
+    capacity_gb: float = 64.0
+    block_tokens: int = 64
+    # Emulated storage NIC, per node, applied to the real file I/O (0 = unlimited).
+    snic_read_gbps: float = 0.0
+    snic_write_gbps: float = 0.0
+    write_queue_blocks: int = 1024  # write-behind queue depth before back-pressure
+    io_threads: int = 8
+
+    def validate(self) -> None:
+        _check(self.capacity_gb > 0, "store.capacity_gb", self.capacity_gb, "must be > 0")
+        _check(self.block_tokens > 0 and self.block_tokens % 8 == 0, "store.block_tokens",
+               self.block_tokens, "must be a positive multiple of 8")
+        _check(self.snic_read_gbps >= 0, "store.snic_read_gbps", self.snic_read_gbps, "must be >= 0")
+        _check(self.snic_write_gbps >= 0, "store.snic_write_gbps", self.snic_write_gbps, "must be >= 0")
+        _check(self.write_queue_blocks > 0, "store.write_queue_blocks", self.write_queue_blocks, "must be > 0")
+        _check(self.io_threads > 0, "store.io_threads", self.io_threads, "must be > 0")
+
+
+@dataclass
+class EngineSpec:
+    """One engine process: its role, the node (host) it runs on, its control/data ports."""
+
+    role: str
+    node: int = 0
+    port: int = 0  # control-plane port; the data plane listens on port + 1000
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+
+    @property
+    def name(self) -> str:
+        return f"{'pe' if self.role == 'prefill' else 'de'}{self.node}"
+
+    def validate(self, i: int) -> None:
+        _check(self.role in ROLES, f"engines[{i}].role", self.role, f"expected one of {ROLES}")
+        _check(self.node >= 0, f"engines[{i}].node", self.node, "must be >= 0")
+        _check(0 <= self.port < 65536, f"engines[{i}].port", self.port, "must be a TCP port")
+        _check(self.device == "cpu" or self.device.startswith("cuda"), f"engines[{i}].device",
+               self.device, "expected 'cpu' or 'cuda[:N]'")
+
+
+@dataclass
+class EngineConfig:
+    """Per-engine capacities and batching knobs."""
+
+    hbm_blocks: int = 2048          # paged KV pool size (blocks of block_tokens)
+    buffer_blocks: int = 1024       # DRAM buffer pool size (blocks, all layers)
+    prefill_token_quota: int = 4096  # compute quota per prefill step; longer misses are chunked
+    max_decode_batch: int = 64
+    max_context: int = 0            # 0 = the model's max_position
+
+    def validate(self) -> None:
+        for name in ("hbm_blocks", "buffer_blocks", "prefill_token_quota", "max_decode_batch"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"engine.{name}", v, "must be a positive integer")
+        _check(self.max_context >= 0, "engine.max_context", self.max_context, "must be >= 0")
+
+
+@dataclass
+class TransportConfig:
+    backend: str = "auto"
+    token: str = "dualpath-local"   # cluster secret checked by HMAC at connect
+    bulk_chunk_bytes: int = 1 << 20
+    latency_share: float = 0.99     # share of the link reserved for latency traffic when both run
+    connections_per_peer: int = 1
+
+    def validate(self) -> None:
+        _check(self.backend in BACKENDS, "transport.backend", self.backend, f"expected one of {BACKENDS}")
+        _check(0.0 <= self.latency_share < 1.0, "transport.latency_share", self.latency_share,
+               "must be in [0, 1)")
+        _check(self.bulk_chunk_bytes >= 4096, "transport.bulk_chunk_bytes", self.bulk_chunk_bytes,
+               "must be >= 4096")
+        _check(self.connections_per_peer >= 1, "transport.connections_per_peer",
+               self.connections_per_peer, "must be >= 1")
+
+
+@dataclass
+class SchedulerConfig:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    control_port: int = 7000
+    policy: str = "dualpath"
+    heartbeat_s: float = 0.2
+    dead_after_s: float = 3.0
+
+    def validate(self) -> None:
+        _check(self.policy in POLICIES, "scheduler.policy", self.policy, f"expected one of {POLICIES}")
+        _check(self.heartbeat_s > 0, "scheduler.heartbeat_s", self.heartbeat_s, "must be > 0")
+        _check(self.dead_after_s > self.heartbeat_s, "scheduler.dead_after_s", self.dead_after_s,
+               "must exceed heartbeat_s")
+
+
+@dataclass
+class ClusterConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    engines: list[EngineSpec] = field(default_factory=list)
+
+    def validate(self) -> "ClusterConfig":
+        for part in (self.model, self.store, self.engine, self.transport, self.scheduler):
+            part.validate()
+        for i, e in enumerate(self.engines):
+            e.validate(i)
+        names = [e.name for e in self.engines]
+        dup = {n for n in names if names.count(n) > 1}
+        _check(not dup, "engines", sorted(dup), "two engines of one role on one node; give each its own node")
+        return self
+
+    def find_engine(self, role: str, node: int) -> EngineSpec:
+        for e in self.engines:
+            if e.role == role and e.node == node:
+                return e
+        raise ConfigError(f"no engine with role={role!r} node={node} in config "
+                          f"(have {[e.name for e in self.engines]})")
+
+
+def local_cluster(prefill: int = 1, decode: int = 2, base_port: int = 7100, **overrides: Any) -> ClusterConfig:
+    """The embedded default: P prefill and D decode engines on this host, each its own node
+    (so each has its own emulated storage NIC, as on a real cluster)."""
+    engines = [EngineSpec("prefill", node=i, port=base_port + i) for i in range(prefill)]
+    engines += [EngineSpec("decode", node=prefill + i, port=base_port + prefill + i) for i in range(decode)]
+    cfg = ClusterConfig(engines=engines)
+    for dotted, value in overrides.items():
+        set_field(cfg, dotted, value)
+    return cfg
+
+
+def set_field(cfg: ClusterConfig, dotted: str, value: Any) -> None:
+    """Set e.g. 'store.snic_read_gbps' on a config, converting the value to the field's type."""
+    section, _, name = dotted.partition(".")
+    part = getattr(cfg, section, None)
+    if part is None or not dataclasses.is_dataclass(part) or not hasattr(part, name):
+        raise ConfigError(f"unknown config field '{dotted}'")
+    current = getattr(part, name)
+    if current is not None and value is not None and not isinstance(value, type(current)):
+        try:
+            value = type(current)(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config field '{dotted}' = {value!r}: expected {type(current).__name__}") from e
+    setattr(part, name, value)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config field '{where}.{key}' (known: {sorted(known)})")
+    obj = cls(**data)
+    for f in dataclasses.fields(cls):
+        v = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and v is not None and isinstance(default, (int, float, str, bool)):
+            ok = isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))
+            _check(ok, f"{where}.{f.name}", v, f"expected {type(default).__name__}")
+    return obj
+
+
+def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    sections = {"model": ModelSpec, "store": StoreConfig, "engine": EngineConfig,
+                "transport": TransportConfig, "scheduler": SchedulerConfig}
+    for key in raw:
+        if key not in sections and key != "engines":
+            raise ConfigError(f"unknown config section '{key}' (known: {sorted(sections) + ['engines']})")
+    kwargs = {k: _build(cls, raw.get(k, {}), k) for k, cls in sections.items()}
+    engines = [_build(EngineSpec, e, f"engines[{i}]") for i, e in enumerate(raw.get("engines", []))]
+    return ClusterConfig(engines=engines, **kwargs).validate()
+
+
+def dump_config(cfg: ClusterConfig) -> str:
+    """Serialise a config to TOML (what `dualpath up` hands to each process it starts)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    out: list[str] = []
+    for section in ("model", "store", "engine", "transport", "scheduler"):
+        out.append(f"[{section}]")
+        for k, v in dataclasses.asdict(getattr(cfg, section)).items():
+            if v is not None:
+                out.append(f"{k} = {fmt(v)}")
+        out.append("")
+    for e in cfg.engines:
+        out.append("[[engines]]")
+        out += [f"{k} = {fmt(v)}" for k, v in dataclasses.asdict(e).items()]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,428 @@
+"""A compact decoder with two attention kinds, run layer by layer over a paged KV pool.
+
+- GQA (Qwen2-style): q/k/v projections with bias, fewer KV heads than query heads.
+  Cache per token per layer: K and V of the KV heads, ``2 * n_kv_heads * head_dim`` values.
+- MLA (DeepSeek-V2/V3-style): optional low-rank q, a compressed KV latent ``c`` (``kv_lora_rank``)
+  and one decoupled RoPE key shared by all heads (``qk_rope_head_dim``).
+  Cache per token per layer: ``kv_lora_rank + qk_rope_head_dim`` values; no per-head K/V.
+
+Two ways to run it:
+
+- ``forward_reference(tokens)``: a plain forward without any cache, written in the textbook
+  ("naive") form. It is the oracle of every correctness test in the project.
+- ``embed`` → ``layer(l, h, batch, kv)`` for each layer → ``logits``: the serving path. New tokens of
+  several sequences are flattened into one batch; each layer first writes their KV into the paged
+  pool, then attends over everything the sequence holds in the pool (cached blocks included). An
+  engine can therefore wait for layer *l*'s cached KV to arrive before it calls layer *l*.
+  MLA uses the absorbed form here (``W_UK`` folded into the query, ``W_UV`` applied after the
+  latent attention), so the latent is attended directly.
+
+Dense MLP only (SwiGLU); DeepSeek MoE layers are not supported and are refused at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the decoder.
+
+    attn: "gqa" or "mla".
+    vocab_size, hidden_size, n_layers, n_heads, intermediate_size: the usual.
+    n_kv_heads, head_dim, qkv_bias: GQA only.
+    q_lora_rank: MLA low-rank query (None = a full q projection); kv_lora_rank: latent width;
+    qk_nope_head_dim / qk_rope_head_dim: per-head query split into non-rotary and rotary parts;
+    v_head_dim: per-head value width; rope_interleave: DeepSeek's interleaved rotary pairs.
+    softmax_scale: None = 1/sqrt(query head width).
+    """
+
+    attn: str = "gqa"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    intermediate_size: int = 128
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    qkv_bias: bool = True
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    rope_interleave: bool = False
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    max_position: int = 32768
+    tie_embeddings: bool = False
+    softmax_scale: float | None = None
+
+    @property
+    def kv_width(self) -> int:
+        """Cached values per token per layer."""
+        if self.attn == "gqa":
+            return 2 * self.n_kv_heads * self.head_dim
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim if self.attn == "gqa" else self.qk_rope_head_dim
+
+    @property
+    def scale(self) -> float:
+        if self.softmax_scale is not None:
+            return self.softmax_scale
+        qk = self.head_dim if self.attn == "gqa" else self.qk_nope_head_dim + self.qk_rope_head_dim
+        return qk ** -0.5
+
+    def validate(self) -> "ModelConfig":
+        if self.attn not in ("gqa", "mla"):
+            raise ValueError(f"model config 'attn' = {self.attn!r}: expected 'gqa' or 'mla'")
+        for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "intermediate_size", "max_position"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config '{name}' = {getattr(self, name)!r}: must be > 0")
+        if self.attn == "gqa" and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"model config 'n_kv_heads' = {self.n_kv_heads}: must divide n_heads = {self.n_heads}")
+        if self.rope_dim % 2:
+            raise ValueError(f"model config rotary dim = {self.rope_dim}: must be even")
+        return self
+
+
+@dataclass
+class Batch:
+    """New tokens of several sequences, flattened (N = total new tokens).
+
+    positions: LongTensor[N], absolute position of each new token.
+    slots: LongTensor[N], flat pool slot (block_id * block_tokens + offset) where its KV goes.
+    ctx_lens: tokens each sequence holds after this step (cached + new).
+    new_lens: new tokens of each sequence in this step.
+    block_tables: LongTensor[n_blocks] per sequence, covering ctx_lens tokens.
+    """
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    ctx_lens: list[int]
+    new_lens: list[int]
+    block_tables: list[torch.Tensor]
+
+    @staticmethod
+    def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device: torch.device | str) -> "Batch":
+        """seqs: (block_table, cached_tokens, new_tokens) for each sequence."""
+        positions, slots = [], []
+        for table, cached, new in seqs:
+            for p in range(cached, cached + new):
+                positions.append(p)
+                slots.append(table[p // block_tokens] * block_tokens + p % block_tokens)
+        return Batch(
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slots=torch.tensor(slots, dtype=torch.long, device=device),
+            ctx_lens=[c + n for _, c, n in seqs],
+            new_lens=[n for _, _, n in seqs],
+            block_tables=[torch.tensor(t, dtype=torch.long, device=device) for t, _, _ in seqs],
+        )
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.new_lens)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE in the rotate-half form. DeepSeek's interleaved pairs (x0,x1),(x2,x3).. are first
+    de-interleaved; q and k get the same permutation, so every q·k dot product is unchanged."""
+
+    def __init__(self, dim: int, theta: float, max_position: int, interleave: bool):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        t = torch.arange(max_position, dtype=torch.float64)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos().float(), persistent=False)
+        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.interleave = interleave
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [N, heads, dim], positions: [N]."""
+        if self.interleave:
+            x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _causal_mask(n_new: int, ctx: int, device: torch.device) -> torch.Tensor:
+    """[n_new, ctx] bool: new token i (at position ctx - n_new + i) sees keys 0..its position."""
+    q_pos = torch.arange(ctx - n_new, ctx, device=device).unsqueeze(1)
+    return torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
+
+
+def _gather(kv_layer: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tensor:
+    """kv_layer: [n_blocks, block_tokens, W] -> this sequence's first ctx tokens, [ctx, W]."""
+    return kv_layer[table].flatten(0, 1)[:ctx]
+
+
+def _gather_padded(kv_layer: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """All sequences' KV padded to the longest: ([B, Lmax, W], valid mask [B, Lmax])."""
+    bt = kv_layer.shape[1]
+    n_blocks = max(len(t) for t in batch.block_tables)
+    tables = torch.zeros(len(batch.block_tables), n_blocks, dtype=torch.long, device=kv_layer.device)
+    for i, t in enumerate(batch.block_tables):
+        tables[i, : len(t)] = t
+    kv = kv_layer[tables].flatten(1, 2)  # [B, n_blocks * bt, W]
+    lens = torch.tensor(batch.ctx_lens, device=kv_layer.device)
+    valid = torch.arange(n_blocks * bt, device=kv_layer.device).unsqueeze(0) < lens.unsqueeze(1)
+    return kv, valid
+
+
+class GQAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.n_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * d, h, bias=False)
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary):
+        c = self.cfg
+        q = rope(self.q_proj(x).view(-1, c.n_heads, c.head_dim), positions)
+        k = rope(self.k_proj(x).view(-1, c.n_kv_heads, c.head_dim), positions)
+        v = self.v_proj(x).view(-1, c.n_kv_heads, c.head_dim)
+        return q, k, v
+
+    def forward_reference(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        c = self.cfg
+        q, k, v = self._qkv(x, positions, rope)
+        rep = c.n_heads // c.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * c.scale
+        scores = scores.masked_fill(~_causal_mask(len(x), len(x), x.device), float("-inf"))
+        out = torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+        return self.o_proj(out.reshape(len(x), -1))
+
+    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """x: [N, hidden]; kv_layer: [n_blocks, block_tokens, 2 * n_kv * head_dim] (K then V)."""
+        c = self.cfg
+        q, k, v = self._qkv(x, batch.positions, rope)
+        kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([k.flatten(1), v.flatten(1)], -1).to(kv_layer.dtype)
+        rep = c.n_heads // c.n_kv_heads
+        if batch.is_decode and len(batch.new_lens) > 1:
+            kv, valid = _gather_padded(kv_layer, batch)  # [B, L, W]
+            kk, vv = kv.to(q.dtype).view(*kv.shape[:2], 2, c.n_kv_heads, c.head_dim).unbind(2)
+            qq = q.view(-1, c.n_kv_heads, rep, c.head_dim)  # [B, kvh, rep, d]
+            scores = torch.einsum("bgrd,blgd->bgrl", qq, kk) * c.scale
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+            out = torch.einsum("bgrl,blgd->bgrd", scores.softmax(-1, dtype=torch.float32).to(q.dtype), vv)
+            return self.o_proj(out.reshape(len(x), -1))
+        outs, start = [], 0
+        for table, ctx, n in zip(batch.block_tables, batch.ctx_lens, batch.new_lens):
+            kv = _gather(kv_layer, table, ctx).to(q.dtype).view(ctx, 2, c.n_kv_heads, c.head_dim)
+            kk, vv = kv[:, 0].repeat_interleave(rep, 1), kv[:, 1].repeat_interleave(rep, 1)
+            qi = q[start : start + n]
+            scores = torch.einsum("qhd,khd->hqk", qi, kk) * c.scale
+            scores = scores.masked_fill(~_causal_mask(n, ctx, x.device), float("-inf"))
+            outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(q.dtype), vv))
+            start += n
+        return self.o_proj(torch.cat(outs).reshape(len(x), -1))
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, H = cfg.hidden_size, cfg.n_heads
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, h, bias=False)
+
+    def _q(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary):
+        c = self.cfg
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(len(x), c.n_heads, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], -1)
+        return q_nope, rope(q_pe, positions)
+
+    def _latent(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary):
+        """-> (c_kv [N, kv_lora_rank] normalised latent, k_pe [N, rope_dim] rotated shared key)."""
+        c = self.cfg
+        ckv, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], -1)
+        return self.kv_a_layernorm(ckv), rope(k_pe.unsqueeze(1), positions).squeeze(1)
+
+    def forward_reference(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """Naive form: expand the latent into per-head K and V, then ordinary attention."""
+        c = self.cfg
+        q_nope, q_pe = self._q(x, positions, rope)
+        ckv, k_pe = self._latent(x, positions, rope)
+        kv = self.kv_b_proj(ckv).view(len(x), c.n_heads, -1)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], -1)
+        q = torch.cat([q_nope, q_pe], -1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, c.n_heads, -1)], -1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * c.scale
+        scores = scores.masked_fill(~_causal_mask(len(x), len(x), x.device), float("-inf"))
+        out = torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+        return self.o_proj(out.reshape(len(x), -1))
+
+    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """Absorbed form. kv_layer: [n_blocks, block_tokens, kv_lora_rank + rope_dim].
+
+        score_h(t) = (q_nope_h W_UK_h) · c_t + q_pe_h · k_pe_t;  out_h = (Σ_t p_h(t) c_t) W_UV_h
+        """
+        c = self.cfg
+        q_nope, q_pe = self._q(x, batch.positions, rope)
+        ckv, k_pe = self._latent(x, batch.positions, rope)
+        kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([ckv, k_pe], -1).to(kv_layer.dtype)
+        w = self.kv_b_proj.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]  # [H, nope, r], [H, v, r]
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)  # [N, H, r]
+        if batch.is_decode and len(batch.new_lens) > 1:
+            kv, valid = _gather_padded(kv_layer, batch)
+            kv = kv.to(q_lat.dtype)
+            lat, pe = kv[..., : c.kv_lora_rank], kv[..., c.kv_lora_rank :]
+            scores = (torch.einsum("bhr,blr->bhl", q_lat, lat) + torch.einsum("bhr,blr->bhl", q_pe, pe)) * c.scale
+            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+            o_lat = torch.einsum("bhl,blr->bhr", scores.softmax(-1, dtype=torch.float32).to(lat.dtype), lat)
+        else:
+            outs, start = [], 0
+            for table, ctx, n in zip(batch.block_tables, batch.ctx_lens, batch.new_lens):
+                kv = _gather(kv_layer, table, ctx).to(q_lat.dtype)
+                lat, pe = kv[:, : c.kv_lora_rank], kv[:, c.kv_lora_rank :]
+                ql, qp = q_lat[start : start + n], q_pe[start : start + n]
+                scores = (torch.einsum("nhr,tr->hnt", ql, lat) + torch.einsum("nhr,tr->hnt", qp, pe)) * c.scale
+                scores = scores.masked_fill(~_causal_mask(n, ctx, x.device), float("-inf"))
+                outs.append(torch.einsum("hnt,tr->nhr", scores.softmax(-1, dtype=torch.float32).to(lat.dtype), lat))
+                start += n
+            o_lat = torch.cat(outs)
+        out = torch.einsum("nhr,hvr->nhv", o_lat, w_uv)
+        return self.o_proj(out.reshape(len(x), -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = GQAttention(cfg) if cfg.attn == "gqa" else MLAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+
+class Model(nn.Module):
+    """Parameter names follow Hugging Face's (minus the leading ``model.``), so checkpoints load by name."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = Rotary(cfg.rope_dim, cfg.rope_theta, cfg.max_position, cfg.rope_interleave)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @torch.inference_mode()
+    def forward_reference(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids: LongTensor[T] -> logits FloatTensor[T, vocab]. No cache, no paging."""
+        positions = torch.arange(len(token_ids), device=token_ids.device)
+        h = self.embed_tokens(token_ids)
+        for layer in self.layers:
+            h = h + layer.self_attn.forward_reference(layer.input_layernorm(h), positions, self.rope)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.lm_head(self.norm(h)).float()
+
+    # -- serving path: one call per layer, so an engine can wait for layer l's KV before calling it --
+
+    @torch.inference_mode()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids)
+
+    @torch.inference_mode()
+    def layer(self, l: int, h: torch.Tensor, batch: Batch, kv_layer: torch.Tensor) -> torch.Tensor:
+        """Run layer l for the batch's new tokens; writes their KV into kv_layer first."""
+        layer = self.layers[l]
+        h = h + layer.self_attn(layer.input_layernorm(h), batch, kv_layer, self.rope)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h)).float()
+
+    @torch.inference_mode()
+    def forward_paged(self, token_ids: torch.Tensor, batch: Batch, kv: torch.Tensor) -> torch.Tensor:
+        """All layers at once (kv: [n_layers, n_blocks, block_tokens, W]); logits of every new token."""
+        h = self.embed(token_ids)
+        for l in range(self.cfg.n_layers):
+            h = self.layer(l, h, batch, kv[l])
+        return self.logits(h)
+
+
+def last_token_index(batch: Batch) -> list[int]:
+    """Index (into the flattened batch) of each sequence's last new token."""
+    out, end = [], 0
+    for n in batch.new_lens:
+        end += n
+        out.append(end - 1)
+    return out
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Dense matmul FLOPs per token (2 per multiply-add), attention scores excluded."""
+    h = cfg.hidden_size
+    if cfg.attn == "gqa":
+        attn = h * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    else:
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q = h * cfg.n_heads * qk if cfg.q_lora_rank is None else cfg.q_lora_rank * (h + cfg.n_heads * qk)
+        attn = q + h * cfg.kv_width + cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        attn += cfg.n_heads * cfg.v_head_dim * h
+    mlp = 3 * h * cfg.intermediate_size
+    return 2.0 * (cfg.n_layers * (attn + mlp) + h * cfg.vocab_size)
+
