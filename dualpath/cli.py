@@ -96,6 +96,24 @@ def bench_model(**kw) -> None:
     click.echo(f"wrote {kw['out']}")
 
 
+@bench.command("store")
+@click.option("--dir", "directory", default="/tmp", show_default=True, help="directory to test")
+@click.option("--block-mib", type=float, default=4.0, show_default=True, help="block size, all layers")
+@click.option("--blocks", type=int, default=256, show_default=True)
+@click.option("--layers", type=int, default=32, show_default=True)
+@click.option("--threads", type=int, default=4, show_default=True)
+@click.option("--out", default="runs/bench_store.json", show_default=True)
+def bench_store(**kw) -> None:
+    """Block store read/write GB/s vs. a raw sequential read of the same bytes (page cache)."""
+    from dualpath.bench.store_bench import run as run_bench
+
+    r = run_bench(**kw)
+    click.echo(f"blocks of {r['block_bytes'] / 2**20:.1f} MiB x {r['blocks']}: store read "
+               f"{r['store_read_GBps']:.2f} GB/s, write {r['store_write_GBps']:.2f} GB/s; raw sequential read "
+               f"{r['raw_sequential_read_GBps']:.2f} GB/s; read ratio {r['read_ratio']:.2f}")
+    click.echo(f"wrote {kw['out']}")
+
+
 def _print_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=2))
 

@@ -1,0 +1,100 @@
+"""The DRAM buffer pool of an engine (the PE buffer and the DE buffer of the paper).
+
+One page-locked host allocation (pinned when CUDA is available, so host-to-device copies are
+asynchronous and run at full speed), handed out per request in runs of whole blocks. A request's
+run is laid out layer-major, ``[n_layers, n_blocks, bytes_per_layer]``: storage reads scatter each
+block's layers into place, and layer l of all the request's blocks is one contiguous range, so
+one transport write or one host-to-device copy moves a whole layer.
+
+When the pool is exhausted ``alloc`` waits (back-pressure) until a release makes room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+
+
+class BufferTooLarge(ValueError):
+    """A request needs more blocks than the whole pool holds; waiting would never help."""
+
+
+@dataclass(frozen=True)
+class BufferRun:
+    offset_blocks: int
+    n_blocks: int
+
+
+class BufferPool:
+    def __init__(self, n_blocks: int, n_layers: int, bytes_per_layer: int, pin: bool | None = None):
+        self.n_blocks, self.n_layers, self.bytes_per_layer = n_blocks, n_layers, bytes_per_layer
+        self.block_bytes = n_layers * bytes_per_layer
+        pin = torch.cuda.is_available() if pin is None else pin
+        self.host = torch.empty(n_blocks * self.block_bytes, dtype=torch.uint8, pin_memory=pin)
+        self._free: list[tuple[int, int]] = [(0, n_blocks)]  # sorted (start, length) runs
+        self._changed = asyncio.Condition()  # binds to the running loop on first use
+
+    @property
+    def free_blocks(self) -> int:
+        return sum(n for _, n in self._free)
+
+    def try_alloc(self, n: int) -> BufferRun | None:
+        """First fit over free runs; None if no contiguous run of n blocks is free."""
+        if n > self.n_blocks:
+            raise BufferTooLarge(f"request needs {n} buffer blocks, the pool has {self.n_blocks}")
+        for i, (start, length) in enumerate(self._free):
+            if length >= n:
+                self._free[i] = (start + n, length - n)
+                if length == n:
+                    del self._free[i]
+                return BufferRun(start, n)
+        return None
+
+    async def alloc(self, n: int) -> BufferRun:
+        async with self._changed:
+            while (run := self.try_alloc(n)) is None:
+                await self._changed.wait()
+            return run
+
+    def release(self, run: BufferRun) -> None:
+        runs = sorted(self._free + [(run.offset_blocks, run.n_blocks)])
+        merged: list[tuple[int, int]] = []
+        for start, length in runs:  # coalesce neighbours so large runs become available again
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                assert not merged or merged[-1][0] + merged[-1][1] < start, "double release"
+                merged.append((start, length))
+        self._free = merged
+        try:
+            asyncio.get_running_loop().create_task(self._notify())
+        except RuntimeError:  # no event loop (synchronous use): nobody can be waiting
+            pass
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- views (zero-copy) --
+
+    def byte_range(self, run: BufferRun) -> tuple[int, int]:
+        """(offset, nbytes) of the run inside the pool's single allocation (for transport handles)."""
+        return run.offset_blocks * self.block_bytes, run.n_blocks * self.block_bytes
+
+    def view(self, run: BufferRun) -> torch.Tensor:
+        """uint8 [n_layers, n_blocks, bytes_per_layer] over the run."""
+        off, nbytes = self.byte_range(run)
+        return self.host[off : off + nbytes].view(self.n_layers, run.n_blocks, self.bytes_per_layer)
+
+    def layer_range(self, run: BufferRun, layer: int) -> tuple[int, int]:
+        """(offset, nbytes) of layer `layer` of all the run's blocks, inside the pool allocation."""
+        off, _ = self.byte_range(run)
+        return off + layer * run.n_blocks * self.bytes_per_layer, run.n_blocks * self.bytes_per_layer
+
+    def block_dests(self, run: BufferRun, i: int) -> list:
+        """Per-layer writable buffers of block i of the run: where a storage read scatters it."""
+        v = self.view(run)
+        return [v[l, i].numpy() for l in range(self.n_layers)]
+

@@ -1,0 +1,315 @@
+"""The block KV store: one file per block in a directory (local disk or a shared-FS mount).
+
+- Writes are atomic (temp file, fsync, rename): readers in other processes see a whole block or none.
+- Reads scatter each layer straight into the caller's buffers with one preadv (no extra copy)
+  and verify every layer's checksum. A bad block is a miss: the file is removed and counted, and no
+  exception reaches the caller (DESIGN.md §5: never wrong tokens).
+- A capacity limit evicts least-recently-used blocks.
+- A temp file left by a crash is ignored by readers and removed at start.
+
+``FileStore`` is the synchronous core (thread safe). ``AsyncStore`` runs it on a thread pool for
+the engines' event loops and applies the storage-NIC emulation (``snic.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from dualpath.storage.blockfile import (HEADER_BYTES, BlockFormatError, BlockShape, checksum, decode_header,
+                                        encode_header)
+from dualpath.storage.snic import SnicBucket
+
+TMP_SUFFIX = ".tmp"
+_HOST = socket.gethostname().replace(".", "_")
+STALE_TMP_S = 3600.0
+
+
+def _abandoned(path: str, name: str) -> bool:
+    """A temp file is torn (its writer crashed) if its writer process on this host is gone, or,
+    for writers on other hosts of a shared file system, if it is older than STALE_TMP_S.
+    A live writer's temp file is left alone."""
+    parts = name.split(TMP_SUFFIX + ".", 1)[-1].split(".")
+    if len(parts) == 3 and parts[0] == _HOST and parts[1].isdigit():
+        try:
+            os.kill(int(parts[1]), 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    try:
+        return time.time() - os.stat(path).st_mtime > STALE_TMP_S
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class StoreStats:
+    reads: int = 0
+    read_bytes: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    evictions: int = 0
+    torn_cleaned: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class FileStore:
+    def __init__(self, root: str, shape: BlockShape, capacity_bytes: int, fsync: bool = True):
+        self.root, self.shape, self.capacity, self.fsync = root, shape, capacity_bytes, fsync
+        self.stats = StoreStats()
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[bytes, int] = OrderedDict()  # key -> file bytes, oldest first
+        self._used = 0
+        os.makedirs(root, exist_ok=True)
+        self._scan()
+
+    # -- layout --
+
+    def path(self, key: bytes) -> str:
+        h = key.hex()
+        return os.path.join(self.root, h[:2], h + ".kv")
+
+    def _scan(self) -> None:
+        """Index the blocks already on disk (oldest first) and remove torn temp files."""
+        found = []
+        for sub in os.scandir(self.root):
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for f in os.scandir(sub.path):
+                if TMP_SUFFIX in f.name:
+                    if _abandoned(f.path, f.name):
+                        try:
+                            os.unlink(f.path)
+                            self.stats.torn_cleaned += 1
+                        except FileNotFoundError:
+                            pass
+                elif f.name.endswith(".kv"):
+                    st = f.stat()
+                    found.append((st.st_mtime, bytes.fromhex(f.name[:-3]), st.st_size))
+        for _, key, size in sorted(found):
+            self._lru[key] = size
+            self._used += size
+
+    # -- queries --
+
+    def contains(self, key: bytes) -> bool:
+        return os.path.exists(self.path(key))
+
+    def lookup(self, chain: list[bytes]) -> int:
+        """How many leading blocks of the chain are stored."""
+        n = 0
+        for key in chain:
+            if not self.contains(key):
+                break
+            n += 1
+        return n
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    # -- reads --
+
+    def _miss(self, key: bytes, path: str, corrupt: bool) -> bool:
+        with self._lock:
+            self.stats.misses += 1
+            if corrupt:
+                self.stats.corrupt += 1
+                self._used -= self._lru.pop(key, 0)
+        if corrupt:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return False
+
+    def read_into(self, key: bytes, dests: list) -> bool:
+        """Read all layers of a block; dests[l] is a writable buffer of bytes_per_layer bytes.
+        Returns False (a miss) if the block is absent, of another model/format, or corrupt."""
+        s = self.shape
+        assert len(dests) == s.n_layers
+        path = self.path(key)
+        header = bytearray(HEADER_BYTES)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return self._miss(key, path, corrupt=False)
+        try:
+            n = os.preadv(fd, [header, *dests], 0)
+        finally:
+            os.close(fd)
+        try:
+            if n != s.file_bytes:
+                raise BlockFormatError(f"size {n}, expected {s.file_bytes}")
+            crcs = decode_header(header, s, key)
+            for l, d in enumerate(dests):
+                if checksum(d) != crcs[l]:
+                    raise BlockFormatError(f"layer {l} checksum mismatch")
+        except BlockFormatError:
+            return self._miss(key, path, corrupt=True)
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.read_bytes += n - HEADER_BYTES
+            if key in self._lru:
+                self._lru.move_to_end(key)
+        return True
+
+    def read_layer(self, key: bytes, layer: int, dest) -> bool:
+        """Read one layer's slice only (one pread at its offset)."""
+        s = self.shape
+        path = self.path(key)
+        header = bytearray(HEADER_BYTES)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return self._miss(key, path, corrupt=False)
+        try:
+            os.preadv(fd, [header], 0)
+            n = os.preadv(fd, [dest], HEADER_BYTES + layer * s.bytes_per_layer)
+        finally:
+            os.close(fd)
+        try:
+            crcs = decode_header(bytes(header), s, key)
+            if n != s.bytes_per_layer or checksum(dest) != crcs[layer]:
+                raise BlockFormatError(f"layer {layer} short or checksum mismatch")
+        except BlockFormatError:
+            return self._miss(key, path, corrupt=True)
+        return True
+
+    # -- writes --
+
+    def write(self, key: bytes, layers: list) -> None:
+        """Atomically store a block; layers[l] holds bytes_per_layer bytes."""
+        s = self.shape
+        assert len(layers) == s.n_layers
+        views = [memoryview(x).cast("B") for x in layers]
+        assert all(len(v) == s.bytes_per_layer for v in views), "layer slice of the wrong size"
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}{TMP_SUFFIX}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        header = encode_header(s, key, [checksum(v) for v in views])
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            written, todo = 0, [header, *views]
+            while todo:  # writev may write less than asked on some file systems
+                n = os.writev(fd, todo)
+                written += n
+                while todo and n >= len(todo[0]):
+                    n -= len(todo[0])
+                    todo.pop(0)
+                if todo and n:
+                    todo[0] = memoryview(todo[0])[n:]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        with self._lock:
+            self.stats.writes += 1
+            self.stats.write_bytes += written - HEADER_BYTES
+            self._used += s.file_bytes - self._lru.pop(key, 0)
+            self._lru[key] = s.file_bytes
+        self._evict()
+
+    def _evict(self) -> None:
+        while True:
+            with self._lock:
+                if self._used <= self.capacity or not self._lru:
+                    return
+                key, size = self._lru.popitem(last=False)
+                self._used -= size
+                self.stats.evictions += 1
+            try:
+                os.unlink(self.path(key))
+            except FileNotFoundError:
+                pass
+
+
+class AsyncStore:
+    """The engines' view: async reads/writes on a thread pool, throttled by the emulated SNIC."""
+
+    def __init__(self, store: FileStore, read_bucket: SnicBucket, write_bucket: SnicBucket, io_threads: int = 8):
+        self.store, self.read_bucket, self.write_bucket = store, read_bucket, write_bucket
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="store-io")
+        self._threads = io_threads
+        self.pending_read_bytes = 0
+        self.pending_reads = 0
+
+    async def _throttled(self, bucket: SnicBucket, nbytes: int, fn, *args):
+        end = bucket.reserve(nbytes)
+        result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        delay = end - time.monotonic()
+        if delay > 0:  # the real I/O was faster than the emulated NIC allows
+            await asyncio.sleep(delay)
+        return result
+
+    async def read(self, key: bytes, dests: list) -> bool:
+        nbytes = self.store.shape.file_bytes
+        self.pending_read_bytes += nbytes
+        self.pending_reads += 1
+        try:
+            return await self._throttled(self.read_bucket, nbytes, self.store.read_into, key, dests)
+        finally:
+            self.pending_read_bytes -= nbytes
+            self.pending_reads -= 1
+
+    async def read_many(self, keys: list[bytes], dests: list[list]) -> list[bool]:
+        """Read a request's blocks: one reservation on the emulated NIC, and the blocks split into
+        one contiguous group per I/O thread (one thread hop per group, not per block)."""
+        if not keys:
+            return []
+        nbytes = self.store.shape.file_bytes * len(keys)
+        groups = min(len(keys), self._threads)
+        bounds = [len(keys) * g // groups for g in range(groups + 1)]
+
+        def read_group(lo: int, hi: int) -> list[bool]:
+            return [self.store.read_into(keys[i], dests[i]) for i in range(lo, hi)]
+
+        self.pending_read_bytes += nbytes
+        self.pending_reads += len(keys)
+        try:
+            end = self.read_bucket.reserve(nbytes)
+            loop = asyncio.get_running_loop()
+            parts = await asyncio.gather(*(loop.run_in_executor(self._pool, read_group, bounds[g], bounds[g + 1])
+                                           for g in range(groups)))
+            delay = end - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return [ok for part in parts for ok in part]
+        finally:
+            self.pending_read_bytes -= nbytes
+            self.pending_reads -= len(keys)
+
+    async def write(self, key: bytes, layers: list) -> None:
+        await self._throttled(self.write_bucket, self.store.shape.file_bytes, self.store.write, key, layers)
+
+    def read_queue_bytes(self) -> int:
+        """Storage read queue for the scheduler: the node's emulated NIC backlog when emulation is on
+        (it includes the other engines of the node), else this process's outstanding reads."""
+        return max(self.read_bucket.backlog_bytes(), self.pending_read_bytes)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.read_bucket.close()
+        self.write_bucket.close()
+
+
+def open_store(root: str, shape: BlockShape, capacity_bytes: int, node: int = 0, read_gbps: float = 0.0,
+               write_gbps: float = 0.0, io_threads: int = 8, fsync: bool = True) -> AsyncStore:
+    return AsyncStore(FileStore(root, shape, capacity_bytes, fsync),
+                      SnicBucket(root, node, "read", read_gbps), SnicBucket(root, node, "write", write_gbps),
+                      io_threads)
