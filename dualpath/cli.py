@@ -114,6 +114,23 @@ def bench_store(**kw) -> None:
     click.echo(f"wrote {kw['out']}")
 
 
+@bench.command("transport")
+@click.option("--backend", type=click.Choice(["tcp", "cuda", "verbs"]), default="tcp", show_default=True)
+@click.option("--seconds", type=float, default=1.0, show_default=True, help="per message size")
+@click.option("--out", default="runs/bench_transport.json", show_default=True)
+def bench_transport(**kw) -> None:
+    """Data-plane write GB/s (1-64 MiB) next to iperf3 (tcp) or a P2P tensor copy (cuda)."""
+    from dualpath.bench.transport_bench import run as run_bench
+
+    r = run_bench(**kw)
+    for mib, gbps in r["write_GBps_by_MiB"].items():
+        click.echo(f"{r['backend']} write {mib:>3} MiB: {gbps:.2f} GB/s")
+    ref = [k for k in r if k.endswith("_GBps") and k != "write_GBps_by_MiB"][0]
+    ratio = f"{r['best_ratio']:.2f}" if r["best_ratio"] else "n/a"
+    click.echo(f"{ref}: {r[ref]}  best ratio: {ratio}")
+    click.echo(f"wrote {kw['out']}")
+
+
 def _print_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=2))
 

@@ -128,7 +128,7 @@ class EngineConfig:
 class TransportConfig:
     backend: str = "auto"
     token: str = "dualpath-local"   # cluster secret checked by HMAC at connect
-    bulk_chunk_bytes: int = 1 << 20
+    bulk_chunk_bytes: int = 256 << 10
     latency_share: float = 0.99     # share of the link reserved for latency traffic when both run
     connections_per_peer: int = 1
 

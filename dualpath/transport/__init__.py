@@ -1,0 +1,48 @@
+"""Transport: control plane (msgpack frames) and data plane backends (tcp, verbs, cuda)."""
+
+from __future__ import annotations
+
+import logging
+
+from dualpath.transport.dataplane import TcpDataPlane, TransferError
+
+log = logging.getLogger(__name__)
+
+
+def available_backends() -> list[str]:
+    out = ["tcp"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out.append("cuda")
+    except ImportError:
+        pass
+    from dualpath.transport.verbs import rdma_devices
+
+    if rdma_devices():
+        out.append("verbs")
+    return out
+
+
+def make_dataplane(backend: str, name: str, token: str, **kwargs) -> TcpDataPlane:
+    """'auto' picks verbs where an RDMA device exists, else cuda where GPUs are visible, else tcp.
+    An explicit backend that cannot run here says why and falls back to tcp."""
+    have = available_backends()
+    if backend == "auto":
+        backend = "verbs" if "verbs" in have else ("cuda" if "cuda" in have else "tcp")
+    if backend not in have:
+        log.warning("transport backend %r is not available on this host (have %s); using tcp", backend, have)
+        backend = "tcp"
+    if backend == "cuda":
+        from dualpath.transport.cuda import CudaDataPlane
+
+        return CudaDataPlane(name, token, **kwargs)
+    if backend == "verbs":
+        from dualpath.transport.verbs import VerbsDataPlane
+
+        return VerbsDataPlane(name, token, **kwargs)
+    return TcpDataPlane(name, token, **kwargs)
+
+
+__all__ = ["TcpDataPlane", "TransferError", "make_dataplane", "available_backends"]

@@ -1,0 +1,102 @@
+"""`dualpath bench transport`: one-sided write GB/s between two processes, next to iperf3.
+
+The receiver runs in its own process (as a peer engine would); iperf3's single-stream loopback
+rate is measured in the same run as the reference. With --backend cuda on a host with two GPUs,
+the reference is a plain peer-to-peer tensor copy between the two GPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import shutil
+import subprocess
+import time
+
+import torch
+
+from dualpath.bench.common import write_json
+from dualpath.transport import make_dataplane
+
+TOKEN = "bench"
+SIZES_MIB = (1, 4, 16, 64)
+
+
+def _receiver(backend: str, device: str, q) -> None:
+    async def main():
+        dp = make_dataplane(backend, "rx", TOKEN)
+        await dp.start("127.0.0.1")
+        handle = dp.register(torch.zeros(64 << 20, dtype=torch.uint8, device=device))
+        q.put(handle)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def _sender(backend: str, device: str, handle: dict, seconds: float) -> dict[int, float]:
+    dp = make_dataplane(backend, "tx", TOKEN)
+    await dp.start("127.0.0.1")
+    src = torch.ones(64 << 20, dtype=torch.uint8, device=device)
+    rates = {}
+    for mib in SIZES_MIB:
+        n = mib << 20
+        await dp.write(src, handle, 0, n, "bulk")  # warm
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            await dp.write(src, handle, 0, n, "bulk")
+            count += 1
+        rates[mib] = count * n / (time.perf_counter() - t0) / 1e9
+    await dp.close()
+    return rates
+
+
+def _iperf3(seconds: float) -> float | None:
+    if shutil.which("iperf3") is None:
+        return None
+    server = subprocess.Popen(["iperf3", "-s", "-1", "-p", "5299"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", "5299", "-t", str(seconds), "-J"],
+                             capture_output=True, text=True, timeout=seconds + 20)
+        return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 8 / 1e9
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _p2p_copy_gbps() -> float | None:
+    if torch.cuda.device_count() < 2:
+        return None
+    a = torch.ones(64 << 20, dtype=torch.uint8, device="cuda:0")
+    b = torch.empty(64 << 20, dtype=torch.uint8, device="cuda:1")
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 50
+    for _ in range(n):
+        b.copy_(a)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    return n * (64 << 20) / (time.perf_counter() - t0) / 1e9
+
+
+def run(backend: str, seconds: float, out: str) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    rx_dev, tx_dev = ("cuda:1", "cuda:0") if backend == "cuda" else ("cpu", "cpu")
+    proc = ctx.Process(target=_receiver, args=(backend, rx_dev, q), daemon=True)
+    proc.start()
+    try:
+        handle = q.get(timeout=60)
+        rates = asyncio.run(_sender(backend, tx_dev, handle, seconds))
+    finally:
+        proc.kill()
+        proc.join()
+    reference = _p2p_copy_gbps() if backend == "cuda" else _iperf3(max(2.0, seconds))
+    ref_name = "p2p_tensor_copy_GBps" if backend == "cuda" else "iperf3_single_stream_GBps"
+    best = max(rates.values())
+    result = {"bench": "transport", "backend": backend, "write_GBps_by_MiB": rates, ref_name: reference,
+              "best_ratio": best / reference if reference else None}
+    write_json(out, result)
+    return result

@@ -1,0 +1,67 @@
+"""The `cuda` data plane: engines on GPUs of one host, writes as device-to-device copies (NVLink).
+
+A registered device tensor is described by its CUDA IPC handle (``torch.UntypedStorage._share_cuda_``,
+plain ints and bytes, msgpack-able; never pickle). The writer opens the peer's memory once, copies
+into it directly (peer-to-peer over NVLink where present), waits for the copy, then sends a
+notify-only frame on the TCP data plane so the receiver's completion fires after the bytes are in
+place. Host regions and host sources fall back to the TCP path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dualpath.transport.dataplane import TcpDataPlane, TransferError, as_bytes
+
+
+class CudaDataPlane(TcpDataPlane):
+    backend = "cuda"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._opened: dict[tuple, torch.Tensor] = {}
+        self._copy_streams: dict[int, torch.cuda.Stream] = {}
+
+    def register(self, tensor: torch.Tensor) -> dict:
+        handle = super().register(tensor)
+        flat = self.regions[handle["region"]].tensor
+        if flat.is_cuda:
+            storage = flat.untyped_storage()
+            dev, h, size, off, rc_h, rc_off, ev_h, ev_sync = storage._share_cuda_()
+            handle["ipc"] = [dev, h, size, off, rc_h, rc_off, ev_h, ev_sync]
+            handle["storage_offset"] = flat.storage_offset()
+        return handle
+
+    def _open(self, dst: dict) -> torch.Tensor:
+        key = (tuple(dst["addr"]), dst["region"])
+        t = self._opened.get(key)
+        if t is None:
+            dev, h, size, off, rc_h, rc_off, ev_h, ev_sync = dst["ipc"]
+            storage = torch.UntypedStorage._new_shared_cuda(dev, h, size, off, rc_h, rc_off, ev_h, ev_sync)
+            t = torch.empty(0, dtype=torch.uint8, device=f"cuda:{dev}").set_(storage)
+            t = t[dst["storage_offset"] : dst["storage_offset"] + dst["nbytes"]]
+            self._opened[key] = t
+        return t
+
+    async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
+                    traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
+        if "ipc" not in dst:
+            return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
+        if dst_offset < 0 or dst_offset + nbytes > dst["nbytes"]:
+            raise TransferError(f"write [{dst_offset}, {dst_offset + nbytes}) outside the "
+                                f"{dst['nbytes']}-byte destination")
+        target = self._open(dst)[dst_offset : dst_offset + nbytes]
+        source = as_bytes(src)[:nbytes]
+        dev = target.device.index if not source.is_cuda else source.device.index
+        stream = self._copy_streams.setdefault(dev, torch.cuda.Stream(device=dev))
+        with torch.cuda.stream(stream):
+            target.copy_(source, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+        while not event.query():  # poll rather than block the event loop
+            import asyncio
+
+            await asyncio.sleep(0)
+        await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout)

@@ -1,0 +1,358 @@
+"""The data plane: one-sided, RDMA-style writes of KV bytes between engines.
+
+    handle = dp.register(tensor)        # a serialisable descriptor of a local buffer
+    await dp.write(src, handle, offset, nbytes, "bulk", notify=...)   # on the peer: bytes land in
+                                                                        # place, then on_complete(notify)
+
+``TcpDataPlane`` is the backend that always works. Its receiver reads a write's payload straight
+into the registered destination (``sock_recv_into`` on a memoryview of the region: no
+intermediate copy) and reports completion only once every byte is in place, so a half-written
+destination is never reported complete. ``CudaDataPlane`` (cuda.py) and ``VerbsDataPlane``
+(verbs.py) reuse its connections for completions and move the bytes their own way.
+
+Traffic classes: ``latency`` (PE→DE handoff, control-sized messages) and ``bulk`` (path-B KV
+loading) use separate connections. Bulk is sent in chunks and, while latency traffic is in flight
+from this process, waits between chunks so latency traffic keeps ``latency_share`` of the link
+(the paper reserves 99% through InfiniBand virtual lanes; this is the TCP analogue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+import torch
+
+from dualpath.transport.control import _LEN, PROTOCOL, ProtocolError
+
+log = logging.getLogger(__name__)
+TRAFFIC_CLASSES = ("latency", "bulk")
+_HEADER_LIMIT = 1 << 16
+_SOCK_BUF = 4 << 20
+_RECV_SLICE = 256 << 10
+
+
+class TransferError(ConnectionError):
+    """A write failed: refused by the peer (bad handle, out of range) or the peer was lost."""
+
+
+@dataclass
+class Region:
+    id: int
+    tensor: torch.Tensor  # 1-D uint8
+    view: memoryview | None  # host regions only
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (no copy)."""
+    assert t.is_contiguous(), "registered/sent tensors must be contiguous"
+    return t.view(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.view(-1)
+
+
+def host_view(t: torch.Tensor) -> memoryview:
+    return memoryview(as_bytes(t).numpy())
+
+
+async def _recv_exact(loop, sock: socket.socket, view: memoryview) -> None:
+    while len(view):
+        # At most _RECV_SLICE per call: one huge copy would hold the event loop for a millisecond,
+        # and latency-class messages on the other connection would wait behind it.
+        n = await loop.sock_recv_into(sock, view[:_RECV_SLICE])
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        view = view[n:]
+
+
+async def _recv_frame(loop, sock: socket.socket) -> dict:
+    head = bytearray(4)
+    await _recv_exact(loop, sock, memoryview(head))
+    (n,) = _LEN.unpack(head)
+    if n > _HEADER_LIMIT:
+        raise ProtocolError(f"data-plane header of {n} bytes")
+    body = bytearray(n)
+    await _recv_exact(loop, sock, memoryview(body))
+    return msgpack.unpackb(body, raw=False)
+
+
+def _frame(obj: dict) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+
+
+class _PeerLink:
+    """One outgoing connection (per peer and traffic class) and the writes waiting for acks."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.lock = asyncio.Lock()
+        self.pending: dict[int, asyncio.Future] = {}
+        self.closed = False
+        self.reader = asyncio.create_task(self._read_acks())
+
+    async def _read_acks(self) -> None:
+        loop = asyncio.get_running_loop()
+        err: Exception = TransferError("peer lost")
+        try:
+            while True:
+                ack = await _recv_frame(loop, self.sock)
+                fut = self.pending.pop(ack["id"], None)
+                if fut is not None and not fut.done():
+                    if ack.get("err"):
+                        fut.set_exception(TransferError(ack["err"]))
+                    else:
+                        fut.set_result(None)
+        except (ConnectionError, OSError, ProtocolError, asyncio.IncompleteReadError) as e:
+            err = TransferError(f"peer lost mid-transfer: {e}")
+        finally:
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            self.pending.clear()
+            self.sock.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed and not self.reader.done()
+
+    def close(self) -> None:
+        self.closed = True
+        self.reader.cancel()
+        self.sock.close()
+
+
+class TcpDataPlane:
+    backend = "tcp"
+
+    def __init__(self, name: str, token: str, on_complete: Callable[[Any], None] | None = None,
+                 bulk_chunk_bytes: int = 256 << 10, latency_share: float = 0.99, host: str = "127.0.0.1"):
+        self.name, self.token, self.on_complete = name, token, on_complete or (lambda notify: None)
+        self.chunk, self.latency_share, self.host = bulk_chunk_bytes, latency_share, host
+        self.port = 0
+        self.regions: dict[int, Region] = {}
+        self._region_ids = itertools.count(1)
+        self._write_ids = itertools.count(1)
+        self._links: dict[tuple[str, int, str], _PeerLink] = {}
+        self._link_locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+        self._latency_inflight = 0
+        self._latency_idle = asyncio.Event()
+        self._latency_idle.set()
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.Task] = set()
+        self.bytes_received = 0
+        self.refused = 0
+
+    # -- registration --
+
+    def register(self, tensor: torch.Tensor) -> dict:
+        flat = as_bytes(tensor)
+        rid = next(self._region_ids)
+        self.regions[rid] = Region(rid, flat, host_view(flat) if flat.device.type == "cpu" else None)
+        return {"backend": self.backend, "addr": [self.host, self.port], "region": rid, "nbytes": flat.numel(),
+                "device": str(flat.device)}
+
+    def release(self, handle: dict) -> None:
+        self.regions.pop(handle["region"], None)
+
+    def _check(self, rid: int, off: int, n: int, need_host: bool = True) -> Region:
+        region = self.regions.get(rid)
+        if region is None:
+            raise TransferError(f"unknown or released region {rid} on {self.name}")
+        if off < 0 or n < 0 or off + n > region.tensor.numel():
+            raise TransferError(f"write [{off}, {off + n}) outside region {rid} of {region.tensor.numel()} bytes")
+        if need_host and region.view is None:
+            raise TransferError(f"region {rid} is device memory; the tcp backend writes host memory only")
+        return region
+
+    # -- receiving side --
+
+    async def start(self, host: str | None = None, port: int = 0) -> int:
+        self.host = host or self.host
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self._listener = sock
+        self._accept_task = asyncio.create_task(self._accept_loop())
+        return self.port
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            conn.setblocking(False)
+            _tune(conn)
+            t = asyncio.create_task(self._serve(conn))
+            self._conns.add(t)
+            t.add_done_callback(self._conns.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            nonce = os.urandom(16)
+            await loop.sock_sendall(sock, _frame({"v": PROTOCOL, "nonce": nonce}))
+            hello = await asyncio.wait_for(_recv_frame(loop, sock), 10)
+            mac = hmac.new(self.token.encode(), nonce, hashlib.sha256).digest()
+            if hello.get("v") != PROTOCOL or not hmac.compare_digest(hello.get("mac") or b"", mac):
+                self.refused += 1
+                log.warning("%s: refused data connection from %s: bad token or protocol", self.name,
+                            hello.get("name"))
+                return
+            await loop.sock_sendall(sock, _frame({"ok": True}))
+            scratch = memoryview(bytearray(1 << 20))
+            while True:
+                msg = await _recv_frame(loop, sock)
+                n = msg.get("n", 0)
+                try:
+                    region = self._check(msg["region"], msg.get("off", 0), n, need_host=msg["op"] == "w")
+                except TransferError as e:
+                    self.refused += 1
+                    while n:  # drain the payload so the stream stays in step
+                        k = min(n, len(scratch))
+                        await _recv_exact(loop, sock, scratch[:k])
+                        n -= k
+                    await loop.sock_sendall(sock, _frame({"id": msg["id"], "err": str(e)}))
+                    continue
+                if msg["op"] == "w" and n:
+                    await _recv_exact(loop, sock, region.view[msg["off"] : msg["off"] + n])
+                    self.bytes_received += n
+                if msg.get("last", True):
+                    self.on_complete(msg.get("notify"))  # every byte is in place
+                    await loop.sock_sendall(sock, _frame({"id": msg["id"]}))
+        except (ConnectionError, OSError, ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass  # the peer went away; nothing half-written was reported complete
+        finally:
+            sock.close()
+
+    # -- sending side --
+
+    async def _link(self, addr: tuple[str, int], tc: str) -> _PeerLink:
+        key = (addr[0], addr[1], tc)
+        lock = self._link_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            link = self._links.get(key)
+            if link is not None and link.alive:
+                return link
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            _tune(sock)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, addr), 5)
+                challenge = await asyncio.wait_for(_recv_frame(loop, sock), 5)
+                mac = hmac.new(self.token.encode(), challenge["nonce"], hashlib.sha256).digest()
+                await loop.sock_sendall(sock, _frame({"v": PROTOCOL, "name": self.name, "mac": mac}))
+                if not (await asyncio.wait_for(_recv_frame(loop, sock), 5)).get("ok"):
+                    raise TransferError(f"{addr} refused the data connection")
+            except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as e:
+                sock.close()
+                raise TransferError(f"cannot reach data plane at {addr[0]}:{addr[1]}: {e}") from e
+            link = self._links[key] = _PeerLink(sock)
+            return link
+
+    async def _yield_to_latency(self, chunk_seconds: float) -> None:
+        """Between bulk chunks: while latency traffic is in flight, hold back long enough that bulk
+        uses at most (1 - latency_share) of the link."""
+        if self._latency_inflight:
+            pause = chunk_seconds * self.latency_share / (1.0 - self.latency_share)
+            try:
+                await asyncio.wait_for(self._latency_idle.wait(), pause)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _send(self, src: memoryview, dst: dict, off: int, tc: str, notify: Any, op: str,
+                    timeout: float) -> None:
+        link = await self._link(tuple(dst["addr"]), tc)
+        loop = asyncio.get_running_loop()
+        wid = next(self._write_ids)
+        fut = loop.create_future()
+        link.pending[wid] = fut
+        n = len(src)
+        step = self.chunk if tc == "bulk" else max(n, 1)
+        pos = 0
+        try:
+            while True:
+                k = min(step, n - pos)
+                last = pos + k >= n
+                header = {"op": op, "id": wid, "region": dst["region"], "off": off + pos, "n": k if op == "w" else 0,
+                          "last": last, "notify": notify if last else None}
+                t0 = time.perf_counter()
+                async with link.lock:
+                    await loop.sock_sendall(link.sock, _frame(header))
+                    if k and op == "w":
+                        await loop.sock_sendall(link.sock, src[pos : pos + k])
+                pos += k
+                if last:
+                    break
+                if tc == "bulk":
+                    await self._yield_to_latency(time.perf_counter() - t0)
+            await asyncio.wait_for(fut, timeout)
+        except TransferError:  # refused by the peer (bad handle/range): the link itself is fine
+            raise
+        except (OSError, ConnectionError) as e:
+            link.close()
+            raise TransferError(f"write to {dst['addr']} failed: {e}") from e
+        except asyncio.TimeoutError:
+            link.close()
+            raise TransferError(f"write to {dst['addr']} not acknowledged within {timeout}s") from None
+        finally:
+            link.pending.pop(wid, None)
+
+    async def write(self, src: torch.Tensor | memoryview, dst: dict, dst_offset: int, nbytes: int,
+                    traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
+        """Write nbytes from src into the peer's region dst at dst_offset; returns once the bytes are
+        in place on the peer and its on_complete(notify) has run."""
+        if traffic_class not in TRAFFIC_CLASSES:
+            raise ValueError(f"traffic_class {traffic_class!r}: expected one of {TRAFFIC_CLASSES}")
+        if dst.get("nbytes") is not None and dst_offset + nbytes > dst["nbytes"]:
+            raise TransferError(f"write [{dst_offset}, {dst_offset + nbytes}) outside the "
+                                f"{dst['nbytes']}-byte destination")
+        view = self._source_view(src, nbytes)
+        if traffic_class == "latency":
+            self._latency_inflight += 1
+            self._latency_idle.clear()
+        try:
+            await self._send(view, dst, dst_offset, traffic_class, notify, "w", timeout)
+        finally:
+            if traffic_class == "latency":
+                self._latency_inflight -= 1
+                if not self._latency_inflight:
+                    self._latency_idle.set()
+
+    def _source_view(self, src: torch.Tensor | memoryview, nbytes: int) -> memoryview:
+        if isinstance(src, torch.Tensor):
+            flat = as_bytes(src)
+            if flat.device.type != "cpu":  # tcp moves host bytes: stage device data through host memory
+                flat = flat[:nbytes].cpu()
+            src = memoryview(flat.numpy())
+        src = memoryview(src).cast("B") if not isinstance(src, memoryview) else src.cast("B")
+        if len(src) < nbytes:
+            raise ValueError(f"source has {len(src)} bytes, {nbytes} requested")
+        return src[:nbytes]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in [getattr(self, "_accept_task", None), *self._conns]:
+            if t is not None:
+                t.cancel()
+        for link in self._links.values():
+            link.close()
+        if hasattr(self, "_listener"):
+            self._listener.close()
