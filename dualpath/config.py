@@ -26,7 +26,7 @@ from typing import Any
 
 ROLES = ("prefill", "decode")
 BACKENDS = ("auto", "tcp", "verbs", "cuda")
-POLICIES = ("pe-read", "de-read", "dualpath", "dualpath-split")
+POLICIES = ("pe-read", "de-read", "dualpath")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

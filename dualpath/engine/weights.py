@@ -128,37 +128,38 @@ def _load_hf_tensors(model: Model, path: Path) -> None:
             p.copy_(t.to(p.dtype))
 
 
-def fingerprint(model: Model, source: str) -> bytes:
-    """16 bytes naming the model's weights and architecture: part of every KV block's key and header,
-    so KV of one model is never served to another."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(source.encode())
-    h.update(repr(sorted(vars(model.cfg).items())).encode())
-    h.update(str(model.dtype).encode())
-    return h.digest()
+def model_identity(path_or_preset: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[ModelConfig, bytes]:
+    """(architecture, fingerprint) without loading weights: what the coordinator needs to hash blocks.
 
-
-def load_pretrained(path_or_preset: str, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, seed: int = 0) -> Model:
-    """A preset name (seeded random weights) or a Hugging Face checkpoint directory."""
+    The fingerprint (16 bytes) names weights, architecture and dtype. It is part of every KV block's
+    key and header, so KV of one model is never served to another."""
     if path_or_preset in PRESETS:
-        cfg = PRESETS[path_or_preset]
-        model = Model(ModelConfig(**vars(cfg)))
-        _init_random(model, seed)
-        source = f"preset:{path_or_preset}:seed={seed}"
+        cfg, source = ModelConfig(**vars(PRESETS[path_or_preset])), f"preset:{path_or_preset}:seed={seed}"
     else:
         path = Path(path_or_preset)
         if not path.is_dir():
             raise CheckpointError(f"{path_or_preset!r} is neither a preset ({', '.join(PRESETS)}) "
                                   "nor a checkpoint directory")
-        model = Model(config_from_hf(path))
-        _load_hf_tensors(model, path)
-        # Identify a checkpoint by its tensor files' names, sizes and mtimes (cheap, no full hash).
+        cfg = config_from_hf(path)
+        # A checkpoint is named by its tensor files' names, sizes and mtimes (cheap, no full hash).
         stats = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(path.glob("*.safetensors"))]
         source = f"hf:{path.resolve()}:{stats}"
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{source}|{sorted(vars(cfg).items())}|{dtype}".encode())
+    return cfg, h.digest()
+
+
+def load_pretrained(path_or_preset: str, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, seed: int = 0) -> Model:
+    """A preset name (seeded random weights) or a Hugging Face checkpoint directory."""
+    cfg, fp = model_identity(path_or_preset, dtype, seed)
+    model = Model(cfg)
+    if path_or_preset in PRESETS:
+        _init_random(model, seed)
+    else:
+        _load_hf_tensors(model, Path(path_or_preset))
     model = model.to(device=device, dtype=dtype).eval()
     # Rotary tables stay fp32 whatever the weights' dtype (rebuilt: a bf16 round trip would lose bits).
-    c = model.cfg
-    model.rope = Rotary(c.rope_dim, c.rope_theta, c.max_position, c.rope_interleave).to(device)
-    model.fingerprint = fingerprint(model, source)
+    model.rope = Rotary(cfg.rope_dim, cfg.rope_theta, cfg.max_position, cfg.rope_interleave).to(device)
+    model.fingerprint = fp
     return model

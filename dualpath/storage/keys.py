@@ -15,12 +15,15 @@ KEY_BYTES = 16
 
 def block_chain(tokens: list[int], fingerprint: bytes, block_tokens: int) -> list[bytes]:
     """Keys of every *full* block of tokens (a partial tail block has no key)."""
-    arr = np.asarray(tokens, dtype=np.int64)
-    keys, prev = [], b"\x00" * KEY_BYTES
+    keys: list[bytes] = []
     for i in range(len(tokens) // block_tokens):
-        h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
-        h.update(fingerprint)
-        h.update(arr[i * block_tokens : (i + 1) * block_tokens].tobytes())
-        prev = h.digest()
-        keys.append(prev)
+        keys.append(next_key(keys[-1] if keys else None, fingerprint, tokens[i * block_tokens : (i + 1) * block_tokens]))
     return keys
+
+
+def next_key(prev: bytes | None, fingerprint: bytes, block: list[int]) -> bytes:
+    """The key of the block after `prev` (None for the first block): extends a chain by one."""
+    h = hashlib.blake2b(prev or b"\x00" * KEY_BYTES, digest_size=KEY_BYTES)
+    h.update(fingerprint)
+    h.update(np.asarray(block, dtype=np.int64).tobytes())
+    return h.digest()

@@ -1,0 +1,224 @@
+"""The decode engine (DE): path-B reads, the merge of handed-off KV, continuous batching decode,
+token streaming, and asynchronous persistence of every block that becomes full (DESIGN.md §2 step 7).
+
+Per request the DE reserves, at admission, HBM blocks for prompt + max_tokens and a DRAM buffer run
+for the prompt's blocks. On path B it reads the hit blocks into slots [0, n_hit) of that run itself
+and writes them to the PE layer by layer (bulk class); the PE later fills the remaining slots. On
+path A the PE fills every slot. Either way the run ends up holding the whole prompt's KV, which is
+copied to HBM once (the merge) and persisted from host memory without a device round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dualpath.engine.buffers import BufferRun
+from dualpath.engine.kvcache import OutOfBlocks
+from dualpath.engine.model import Batch
+from dualpath.engine.runtime import Engine, sample
+from dualpath.sched.policy import DE_SIDE
+from dualpath.storage.keys import block_chain, next_key
+from dualpath.storage.persist import Persister
+from dualpath.transport.control import Connection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeSeq:
+    rid: str
+    tokens: list[int]  # prompt, then generated tokens
+    prompt_len: int
+    n_hit: int
+    read_side: str
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    eos_id: int | None
+    run: BufferRun | None = None
+    blocks: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)  # chain keys of the full blocks so far
+    hits_read: asyncio.Future | None = None
+    persisted: list[asyncio.Future] = field(default_factory=list)
+    cancelled: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class DecodeEngine(Engine):
+    role = "decode"
+
+    async def start(self) -> None:
+        self.seqs: dict[str, DecodeSeq] = {}
+        self.running: list[DecodeSeq] = []
+        self.wake = asyncio.Event()
+        await super().start()
+        self.persister = Persister(self.store, self.cfg.store.write_queue_blocks)
+        asyncio.create_task(self._decode_loop())
+
+    async def stop(self) -> None:
+        await self.persister.close()  # flush: every queued block reaches storage on a clean shutdown
+        await super().stop()
+
+    def load(self) -> dict[str, Any]:
+        tokens = sum(len(s.tokens) for s in self.seqs.values())
+        return {**super().load(), "running_decode_tokens": tokens, "persist_queue": self.persister.queued,
+                "persist_dropped": self.persister.dropped}
+
+    async def handle(self, conn: Connection, method: str, p: dict) -> Any:
+        if method == "admit":
+            return await self._admit(p)
+        if method == "load":
+            return await self._send_hits(self.seqs[p["rid"]], p["dst"])
+        if method == "prefilled":
+            return await self._merge(self.seqs[p["rid"]], p["first_token"])
+        if method == "abort":
+            seq = self.seqs.get(p["rid"])
+            if seq is not None:
+                seq.cancelled = True
+                if seq not in self.running:
+                    self._release(seq)
+            return {"ok": True}
+        return await super().handle(conn, method, p)
+
+    # -- admission and path-B reads --
+
+    async def _admit(self, p: dict) -> dict:
+        seq = DecodeSeq(p["rid"], list(p["tokens"]), len(p["tokens"]), p["n_hit"], p["read_side"], p["max_tokens"],
+                        p.get("temperature", 0.0), p.get("seed"), p.get("eos_id"))
+        try:
+            seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
+        except OutOfBlocks as e:
+            raise RuntimeError(f"{self.name} has no room for this request: {e}") from None
+        try:
+            seq.run = await asyncio.wait_for(self.buffer.alloc(self.pool.blocks_for(seq.prompt_len)), 30)
+        except BaseException:
+            self.pool.allocator.release(seq.blocks)
+            raise
+        seq.keys = block_chain(seq.tokens, self.model.fingerprint, self.bt)
+        self.seqs[seq.rid] = seq
+        if seq.read_side == DE_SIDE and seq.n_hit:
+            seq.hits_read = asyncio.ensure_future(self.read_blocks(seq.keys[: seq.n_hit], seq.run))
+        return self.run_handle(seq.run)
+
+    async def _send_hits(self, seq: DecodeSeq, dst: dict) -> dict:
+        """Path B: storage → our buffer (already under way) → the PE's buffer, one bulk write per layer."""
+        if not await seq.hits_read:
+            raise RuntimeError("retry: a hit block was missing or corrupt")
+        bpl, nb = self.buffer.bytes_per_layer, seq.run.n_blocks
+        for l in range(self.model.cfg.n_layers):
+            off, _ = self.buffer.layer_range(seq.run, l)
+            src = self.buffer.host[off : off + seq.n_hit * bpl]
+            dst_off = dst["offset"] + l * dst["n_blocks"] * bpl
+            await self.dataplane.write(src, dst["handle"], dst_off, seq.n_hit * bpl, "bulk",
+                                       notify={"rid": seq.rid, "layer": l})
+        self.metrics["path_b_sent_blocks"] += seq.n_hit
+        assert nb >= seq.n_hit
+        return {"ok": True}
+
+    # -- merge: handed-off KV into HBM, persist the prompt's new full blocks --
+
+    async def _merge(self, seq: DecodeSeq, first_token: int) -> dict:
+        nb, n_full = seq.run.n_blocks, seq.prompt_len // self.bt
+
+        def copy_in():
+            for l in range(self.model.cfg.n_layers):
+                self.buffer_to_hbm(seq.run, seq.blocks[:nb], l)
+
+        await self.in_compute(copy_in)
+        view = self.buffer.view(seq.run)
+        for b in range(seq.n_hit, n_full):  # hit blocks are stored already
+            fut = self.persister.submit(seq.keys[b], [view[l, b].numpy().copy() for l in range(view.shape[0])])
+            if fut is not None:
+                seq.persisted.append(fut)
+        self.buffer.release(seq.run)
+        seq.run = None
+        self._emit(seq, first_token)
+        if not self._finished(seq):
+            self.running.append(seq)
+            self.wake.set()
+        else:
+            asyncio.create_task(self._finish(seq))
+        return {"ok": True}
+
+    # -- continuous batching decode --
+
+    def _emit(self, seq: DecodeSeq, token: int) -> None:
+        seq.tokens.append(token)
+        self.coord.event("token", rid=seq.rid, token=token)
+
+    def _finished(self, seq: DecodeSeq) -> bool:
+        return (seq.cancelled or seq.generated >= seq.max_tokens
+                or (seq.eos_id is not None and seq.tokens[-1] == seq.eos_id))
+
+    async def _decode_loop(self) -> None:
+        while not self.stopping.is_set():
+            if not self.running:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            for seq in [s for s in self.running if self._finished(s)]:
+                self.running.remove(seq)
+                asyncio.create_task(self._finish(seq))
+            batch_seqs = self.running[: self.cfg.engine.max_decode_batch]
+            if not batch_seqs:
+                continue
+            try:
+                next_tokens = await self.in_compute(self._decode_step, batch_seqs)
+            except Exception as e:
+                log.exception("%s: decode step failed", self.name)
+                for seq in batch_seqs:
+                    self.running.remove(seq)
+                    self.coord.event("failed", rid=seq.rid, error=f"decode failed: {e}", retry=False)
+                    self._release(seq)
+                continue
+            for seq, tok in zip(batch_seqs, next_tokens):
+                self._persist_if_full(seq)  # the step computed KV of position len(tokens) - 1
+                self._emit(seq, tok)
+            await asyncio.sleep(0)  # let handoffs and control messages in between steps
+
+    def _decode_step(self, seqs: list[DecodeSeq]) -> list[int]:
+        batch = Batch.build([(s.blocks, len(s.tokens) - 1, 1) for s in seqs], self.bt, self.device)
+        ids = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
+        logits = self.model.forward_paged(ids, batch, self.pool.kv)
+        return [sample(logits[i], s.temperature, s.seed, len(s.tokens)) for i, s in enumerate(seqs)]
+
+    def _persist_if_full(self, seq: DecodeSeq) -> None:
+        """KV now exists for positions < len(tokens); persist the block that this step completed."""
+        computed = len(seq.tokens)
+        if computed % self.bt:
+            return
+        b = computed // self.bt - 1
+        if b < len(seq.keys):
+            return
+        seq.keys.append(next_key(seq.keys[-1] if seq.keys else None, self.model.fingerprint,
+                                 seq.tokens[b * self.bt : computed]))
+        data = self.pool.kv[:, seq.blocks[b]].contiguous().view(torch.uint8).cpu()  # [layers, bytes/layer]
+        fut = self.persister.submit(seq.keys[b], [data[l].numpy() for l in range(data.shape[0])])
+        if fut is not None:
+            seq.persisted.append(fut)
+
+    async def _finish(self, seq: DecodeSeq) -> None:
+        # Wait until the request's blocks are durable before reporting it done, so that the next turn
+        # of the same conversation is guaranteed to hit them.
+        if seq.persisted:
+            await asyncio.gather(*seq.persisted)
+        self.metrics["finished_requests"] += 1
+        self.coord.event("done", rid=seq.rid, cancelled=seq.cancelled)
+        self._release(seq)
+
+    def _release(self, seq: DecodeSeq) -> None:
+        if seq.run is not None:
+            self.buffer.release(seq.run)
+            seq.run = None
+        if seq.blocks:
+            self.pool.allocator.release(seq.blocks)
+            seq.blocks = []
+        self.seqs.pop(seq.rid, None)

@@ -1,0 +1,223 @@
+"""The prefill engine (PE): load the hit KV on path A or B, layer by layer, compute the miss tokens,
+sample the first token, and hand the KV to the decode engine (DESIGN.md §2 steps 4-6).
+
+A job's DRAM buffer run holds every block of its prompt, layer-major. Slots [0, n_hit) receive the
+hit KV: from storage (path A, this engine's SNIC) or from the DE over the compute network (path B,
+one bulk write per layer). Layer l is copied to HBM just before layer l is computed, so loading
+overlaps compute. After the last layer the new KV is copied back into the run and written to the
+DE's run (latency class): all blocks on path A, only the new ones on path B.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dualpath.engine.buffers import BufferRun
+from dualpath.engine.kvcache import OutOfBlocks
+from dualpath.engine.model import Batch, last_token_index
+from dualpath.engine.runtime import Engine, sample
+from dualpath.sched.policy import DE_SIDE
+from dualpath.storage.keys import block_chain
+from dualpath.transport.control import Connection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillJob:
+    rid: str
+    tokens: list[int]
+    n_hit: int  # leading blocks whose KV is loaded, not computed
+    read_side: str
+    de: str
+    de_dst: dict  # the DE's run: {"handle", "offset", "n_blocks"}
+    temperature: float
+    seed: int | None
+    run: BufferRun | None = None
+    blocks: list[int] = field(default_factory=list)
+    layer_ready: list[asyncio.Event] = field(default_factory=list)
+    computed: int = 0  # tokens whose KV is in HBM (hit tokens count once loaded)
+    loaded_to_hbm: bool = False
+    failed: str | None = None
+
+
+class PrefillEngine(Engine):
+    role = "prefill"
+
+    async def start(self) -> None:
+        self.jobs: dict[str, PrefillJob] = {}
+        self.ready: list[PrefillJob] = []
+        self.wake = asyncio.Event()
+        await super().start()
+        asyncio.create_task(self._step_loop())
+
+    def load(self) -> dict[str, Any]:
+        queued = sum(len(j.tokens) - j.computed for j in self.jobs.values())
+        return {**super().load(), "queued_prefill_tokens": queued}
+
+    async def handle(self, conn: Connection, method: str, p: dict) -> Any:
+        if method == "prefill":
+            job = PrefillJob(p["rid"], p["tokens"], p["n_hit"], p["read_side"], p["de"], p["de_dst"],
+                             p.get("temperature", 0.0), p.get("seed"))
+            self.jobs[job.rid] = job
+            asyncio.create_task(self._admit(job))
+            return {"accepted": True}
+        if method == "abort":
+            job = self.jobs.get(p["rid"])
+            if job:
+                job.failed = "aborted"
+            return {"ok": True}
+        return await super().handle(conn, method, p)
+
+    def on_write_complete(self, notify: Any) -> None:
+        """Path B: the DE wrote layer `layer` of a job's hit KV into our buffer."""
+        job = self.jobs.get(notify["rid"]) if isinstance(notify, dict) else None
+        if job is not None and job.layer_ready:
+            job.layer_ready[notify["layer"]].set()
+
+    # -- admission and loading --
+
+    async def _admit(self, job: PrefillJob) -> None:
+        n_layers = self.model.cfg.n_layers
+        job.layer_ready = [asyncio.Event() for _ in range(n_layers)]
+        try:
+            job.run = await self.buffer.alloc(self.pool.blocks_for(len(job.tokens)))
+            while True:
+                try:
+                    job.blocks = self.pool.allocator.alloc(self.pool.blocks_for(len(job.tokens)))
+                    break
+                except OutOfBlocks:
+                    await asyncio.sleep(0.01)
+            job.computed = job.n_hit * self.bt
+            if job.n_hit:
+                asyncio.create_task(self._load_hits(job))
+            else:
+                for ev in job.layer_ready:
+                    ev.set()
+            self.ready.append(job)
+            self.wake.set()
+        except Exception as e:
+            await self._fail(job, f"admission failed: {e}")
+
+    async def _load_hits(self, job: PrefillJob) -> None:
+        if job.read_side == DE_SIDE:
+            try:  # path B: the DE reads into its buffer and writes layer by layer into ours
+                de = await self.peer(job.de)
+                await de.request("load", timeout=120, rid=job.rid, dst=self.run_handle(job.run))
+                self.metrics["path_b_requests"] += 1
+                self.metrics["path_b_blocks"] += job.n_hit
+                return
+            except Exception as e:  # DESIGN §5: a path-B failure falls back to path A
+                log.warning("%s: path B for %s failed (%s); falling back to path A", self.name, job.rid, e)
+                self.metrics["path_b_fallbacks"] += 1
+        keys = block_chain(job.tokens[: job.n_hit * self.bt], self.model.fingerprint, self.bt)
+        if not await self.read_blocks(keys, job.run):
+            job.failed = "retry: a hit block was missing or corrupt"
+        else:
+            self.metrics["path_a_requests"] += 1
+            self.metrics["path_a_blocks"] += job.n_hit
+        for ev in job.layer_ready:
+            ev.set()
+
+    # -- the prefill step loop --
+
+    def _pick(self) -> list[tuple[PrefillJob, int]]:
+        """Jobs for this step within the compute quota; a long miss is chunked across steps."""
+        quota, picked = self.cfg.engine.prefill_token_quota, []
+        for job in list(self.ready):
+            if quota <= 0:
+                break
+            n = min(len(job.tokens) - job.computed, quota)
+            picked.append((job, n))
+            quota -= n
+        return picked
+
+    async def _step_loop(self) -> None:
+        while not self.stopping.is_set():
+            await self.wake.wait()
+            self.wake.clear()
+            while self.ready:
+                for job in [j for j in self.ready if j.failed]:
+                    self.ready.remove(job)
+                    await self._fail(job, job.failed)
+                picked = self._pick()
+                if picked:
+                    try:
+                        await self._step(picked)
+                    except Exception as e:
+                        log.exception("%s: prefill step failed", self.name)
+                        for job, _ in picked:
+                            job.failed = f"prefill step failed: {e}"
+
+    async def _step(self, picked: list[tuple[PrefillJob, int]]) -> None:
+        batch = Batch.build([(j.blocks, j.computed, n) for j, n in picked], self.bt, self.device)
+        ids = torch.tensor([t for j, n in picked for t in j.tokens[j.computed : j.computed + n]], device=self.device)
+        h = await self.in_compute(self.model.embed, ids)
+        for l in range(self.model.cfg.n_layers):
+            loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
+            for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
+                await j.layer_ready[l].wait()
+            if any(j.failed for j, _ in picked):
+                return
+
+            def run_layer(l=l, h=h):
+                for j in loading:
+                    self.buffer_to_hbm(j.run, j.blocks[: j.n_hit], l)
+                return self.model.layer(l, h, batch, self.pool.layer(l))
+
+            h = await self.in_compute(run_layer)
+        for j, _ in picked:
+            j.loaded_to_hbm = True
+        finished = [(j, i) for (j, n), i in zip(picked, last_token_index(batch)) if j.computed + n == len(j.tokens)]
+        logits = await self.in_compute(self.model.logits, h[[i for _, i in finished]]) if finished else None
+        for j, n in picked:
+            j.computed += n
+        for k, (job, _) in enumerate(finished):
+            self.ready.remove(job)
+            first = sample(logits[k], job.temperature, job.seed, len(job.tokens))
+            asyncio.create_task(self._handoff(job, first))
+
+    # -- handoff to the decode engine --
+
+    async def _handoff(self, job: PrefillJob, first_token: int) -> None:
+        try:
+            nb = job.run.n_blocks
+            start = job.n_hit if job.read_side == DE_SIDE else 0  # path B: the DE holds the hit blocks
+            await self.in_compute(self.hbm_to_buffer, job.run, job.blocks[start:], start)
+            bpl = self.buffer.bytes_per_layer
+            if start < nb:
+                writes = []
+                for l in range(self.model.cfg.n_layers):
+                    off, _ = self.buffer.layer_range(job.run, l)
+                    src = self.buffer.host[off + start * bpl : off + nb * bpl]
+                    dst_off = job.de_dst["offset"] + l * nb * bpl + start * bpl
+                    writes.append(self.dataplane.write(src, job.de_dst["handle"], dst_off, (nb - start) * bpl,
+                                                       "latency"))
+                await asyncio.gather(*writes)
+            self.metrics["handoff_blocks"] += nb - start
+            de = await self.peer(job.de)
+            await de.request("prefilled", rid=job.rid, first_token=first_token)
+            self.metrics["prefilled_requests"] += 1
+        except Exception as e:
+            await self._fail(job, f"handoff to {job.de} failed: {e}")
+            return
+        self._release(job)
+
+    def _release(self, job: PrefillJob) -> None:
+        if job.run is not None:
+            self.buffer.release(job.run)
+            job.run = None
+        if job.blocks:
+            self.pool.allocator.release(job.blocks)
+            job.blocks = []
+        self.jobs.pop(job.rid, None)
+
+    async def _fail(self, job: PrefillJob, why: str) -> None:
+        log.warning("%s: request %s failed: %s", self.name, job.rid, why)
+        self._release(job)
+        self.coord.event("failed", rid=job.rid, error=why, retry=why.startswith("retry"))

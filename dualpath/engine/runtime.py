@@ -1,0 +1,170 @@
+"""What every engine process has: the model, HBM pool, DRAM buffer, store, data plane, and its links
+to the coordinator and to peer engines. ``PrefillEngine`` and ``DecodeEngine`` build on it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from dualpath.config import ClusterConfig, EngineSpec
+from dualpath.engine.buffers import BufferPool, BufferRun
+from dualpath.engine.kvcache import KVPool
+from dualpath.engine.weights import load_pretrained
+from dualpath.storage.blockfile import BlockShape
+from dualpath.storage.store import open_store
+from dualpath.transport import make_dataplane
+from dualpath.transport.control import Connection, Server, connect
+
+log = logging.getLogger(__name__)
+
+
+def sample(logits: torch.Tensor, temperature: float, seed: int | None, position: int) -> int:
+    """Greedy at temperature 0; otherwise a draw seeded by (seed, position), so the PE (first token)
+    and the DE (the rest) draw the same sequence a single engine would."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    g = torch.Generator().manual_seed(((seed or 0) * 1_000_003 + position) & (2**63 - 1))
+    probs = torch.softmax(logits.float().cpu() / temperature, -1)
+    return int(torch.multinomial(probs, 1, generator=g))
+
+
+class Engine:
+    role = ""
+
+    def __init__(self, cfg: ClusterConfig, spec: EngineSpec):
+        self.cfg, self.spec, self.name = cfg, spec, spec.name
+        self.device = torch.device(spec.device)
+        self.dtype = getattr(torch, cfg.model.dtype)
+        self.bt = cfg.store.block_tokens
+        self.model = load_pretrained(cfg.model.weights or cfg.model.preset, self.device, self.dtype)
+        mc = self.model.cfg
+        self.pool = KVPool(mc, cfg.engine.hbm_blocks, self.bt, self.device, self.dtype)
+        bpl = self.pool.block_bytes_per_layer
+        self.buffer = BufferPool(cfg.engine.buffer_blocks, mc.n_layers, bpl)
+        self.shape = BlockShape(mc.n_layers, bpl, cfg.model.dtype, self.model.fingerprint)
+        self.metrics: Counter[str] = Counter()
+        # Model compute runs on one thread so the event loop keeps receiving KV while a layer runs.
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-compute")
+        self.peers: dict[str, Connection] = {}
+        self.peer_addrs: dict[str, tuple[str, int]] = {}
+        self.coord: Connection | None = None
+        self.stopping = asyncio.Event()
+
+    # -- start / stop --
+
+    async def start(self) -> None:
+        c = self.cfg
+        self.store = open_store(c.store.root, self.shape, int(c.store.capacity_gb * 1e9), node=self.spec.node,
+                                read_gbps=c.store.snic_read_gbps, write_gbps=c.store.snic_write_gbps,
+                                io_threads=c.store.io_threads)
+        self.dataplane = make_dataplane(c.transport.backend, self.name, c.transport.token,
+                                        on_complete=self.on_write_complete,
+                                        bulk_chunk_bytes=c.transport.bulk_chunk_bytes,
+                                        latency_share=c.transport.latency_share, host=self.spec.host)
+        await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
+        # One registered region over the whole DRAM buffer: every request's run is an offset into it.
+        self.buffer_handle = self.dataplane.register(self.buffer.host)
+        self.control = Server(c.transport.token, self.handle)
+        port = await self.control.start(self.spec.host, self.spec.port)
+        self.spec.port = port
+        self.coord = await self._connect_coordinator()
+        await self.coord.request("register", name=self.name, role=self.role, node=self.spec.node,
+                                 host=self.spec.host, port=port)
+        asyncio.create_task(self._heartbeat())
+        log.info("%s ready (device %s, backend %s)", self.name, self.device, self.dataplane.backend)
+
+    async def _connect_coordinator(self) -> Connection:
+        s = self.cfg.scheduler
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return await connect(s.host, s.control_port, self.cfg.transport.token, self.name, self.handle)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await self.dataplane.close()
+        await self.control.close()
+        self.store.close()
+        self.compute.shutdown(wait=False)
+
+    # -- load report --
+
+    def load(self) -> dict[str, Any]:
+        return {"read_queue_bytes": self.store.read_queue_bytes(), "free_buffer_blocks": self.buffer.free_blocks,
+                "free_hbm_blocks": self.pool.allocator.free, "metrics": dict(self.metrics)}
+
+    async def _heartbeat(self) -> None:
+        while not self.stopping.is_set():
+            if self.coord.closed.is_set():
+                log.error("%s lost the coordinator; stopping", self.name)
+                self.stopping.set()
+                return
+            self.coord.event("heartbeat", name=self.name, load=self.load())
+            await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
+
+    # -- peers --
+
+    async def peer(self, name: str) -> Connection:
+        conn = self.peers.get(name)
+        if conn is None or conn.closed.is_set():
+            if name not in self.peer_addrs:
+                self.peer_addrs.update({k: tuple(v) for k, v in (await self.coord.request("engines")).items()})
+            if name not in self.peer_addrs:
+                raise KeyError(f"unknown peer engine {name!r}")
+            host, port = self.peer_addrs[name]
+            conn = self.peers[name] = await connect(host, port, self.cfg.transport.token, self.name, self.handle)
+        return conn
+
+    # -- helpers shared by both roles --
+
+    def run_handle(self, run: BufferRun) -> dict:
+        """Where a peer writes into one of our buffer runs: our region plus the run's byte offset."""
+        off, nbytes = self.buffer.byte_range(run)
+        return {"handle": self.buffer_handle, "offset": off, "n_blocks": run.n_blocks}
+
+    async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0) -> bool:
+        """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run. False on any miss."""
+        dests = [self.buffer.block_dests(run, first + i) for i in range(len(keys))]
+        ok = await self.store.read_many(keys, dests)
+        self.metrics["storage_read_blocks"] += len(keys)
+        self.metrics["storage_read_bytes"] += len(keys) * self.shape.file_bytes
+        return all(ok)
+
+    def buffer_to_hbm(self, run: BufferRun, blocks: list[int], layer: int, lo: int = 0) -> None:
+        """Copy layer `layer` of run slots [lo, lo+len(blocks)) into the given HBM blocks (H2D)."""
+        if not blocks:
+            return
+        src = self.buffer.view(run)[layer, lo : lo + len(blocks)]
+        src = src.view(self.dtype).view(len(blocks), self.bt, self.model.cfg.kv_width)
+        idx = torch.tensor(blocks, device=self.device)
+        self.pool.layer(layer).index_copy_(0, idx, src.to(self.device, non_blocking=True))
+
+    def hbm_to_buffer(self, run: BufferRun, blocks: list[int], lo: int = 0) -> None:
+        """All layers of the given HBM blocks into run slots [lo, ...) (D2H)."""
+        if not blocks:
+            return
+        idx = torch.tensor(blocks, device=self.device)
+        dst = self.buffer.view(run)[:, lo : lo + len(blocks)]
+        data = self.pool.kv[:, idx].contiguous().view(torch.uint8).view(dst.shape)
+        dst.copy_(data.cpu() if data.is_cuda else data)
+
+    async def in_compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    # -- to be provided by the roles --
+
+    def on_write_complete(self, notify: Any) -> None:
+        pass
+
+    async def handle(self, conn: Connection, method: str, params: dict) -> Any:
+        raise ValueError(f"{self.name}: unknown method {method!r}")

@@ -1,0 +1,170 @@
+"""`dualpath up`: a whole cluster on this host, one subprocess per role, stopped together.
+
+``LocalCluster`` is also what the tests and benchmarks use: real processes on loopback, always
+stopped (SIGTERM, then SIGKILL after a grace period). If any process dies, the launcher says which
+one and why (its exit code and the end of its log) and stops the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from dualpath.config import ClusterConfig, ConfigError, default_store_root, dump_config, local_cluster
+
+
+class ClusterDied(RuntimeError):
+    """A cluster process exited; the message names it and quotes its log."""
+
+
+class LocalCluster:
+    def __init__(self, cfg: ClusterConfig, workdir: str | None = None, env: dict | None = None):
+        self.cfg = cfg.validate()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dualpath-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "cluster.toml"
+        self.config_path.write_text(dump_config(cfg))
+        self.env = {**os.environ, **(env or {})}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.scheduler.host}:{self.cfg.scheduler.http_port}"
+
+    def _spawn(self, name: str, role: str, node: int) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")
+        cmd = [sys.executable, "-m", "dualpath.cli", "run", "--role", role, "--node", str(node),
+               "--config", str(self.config_path)]
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def start(self, timeout: float = 120.0) -> "LocalCluster":
+        self._spawn("coordinator", "coordinator", 0)
+        for e in self.cfg.engines:
+            self._spawn(e.name, e.role, e.node)
+        deadline = time.monotonic() + timeout
+        want = sorted(e.name for e in self.cfg.engines)
+        while True:
+            self.check()
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                    if sorted(json.load(r)["engines"]) == want:
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ClusterDied(f"cluster not ready within {timeout}s; logs in {self.workdir}")
+            time.sleep(0.2)
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join((self.workdir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def check(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                tail = self.log_tail(name)
+                self.stop()
+                raise ClusterDied(f"{name} exited with code {p.returncode}; last lines of its log:\n{tail}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def complete(url: str, body: dict, timeout: float = 300.0) -> dict:
+    """POST /v1/completions (stdlib only, so the launcher and tests need no HTTP client)."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def demo_conversation(url: str, turns: int = 4, max_tokens: int = 24) -> list[dict]:
+    """An agent's conversation: each turn's prompt = the last prompt + its answer + a new tool output.
+    Turns continue by token ids (a random-weight model's ids need not round-trip through text), and
+    each turn names a policy so that both paths show."""
+    tokens = list(("You are a coding agent. Repository files follow.\n" + "def f(x):\n    return x * 2\n" * 40).encode())
+    policies = ["dualpath", "de-read", "pe-read", "dualpath"]
+    results = []
+    for turn in range(1, turns + 1):
+        policy = policies[(turn - 1) % len(policies)]
+        r = complete(url, {"prompt": tokens, "max_tokens": max_tokens, "temperature": 0, "dualpath_policy": policy})
+        results.append(r)
+        u, dp = r["usage"], r["dualpath"]
+        print(f"turn {turn}: prompt {u['prompt_tokens']:>5} tokens, cached {u['prompt_tokens_details']['cached_tokens']:>5}"
+              f" | policy {policy:<8} -> path {dp['path']} ({dp['read_side'].upper()} reads) PE={dp['pe']} "
+              f"DE={dp['de']} | ttft {dp['ttft_s'] * 1000:.0f} ms | {len(r['choices'][0]['token_ids'])} tokens out")
+        tokens = tokens + r["choices"][0]["token_ids"] + list((f"\n[tool output {turn}]\n" + "ok: all passed\n" * 12).encode())
+    return results
+
+
+def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None, dtype: str, device: str,
+                 policy: str, store_root: str | None, snic_gbps: float, backend: str, port: int, demo: bool,
+                 config_out: str | None) -> int:
+    cfg = local_cluster(n_prefill, n_decode, base_port=port + 2)
+    cfg.model.preset, cfg.model.weights, cfg.model.dtype = preset, weights, dtype
+    cfg.store.root = store_root or default_store_root()
+    cfg.store.snic_read_gbps = snic_gbps
+    cfg.transport.backend = backend
+    cfg.scheduler.policy, cfg.scheduler.http_port, cfg.scheduler.control_port = policy, port, port + 1
+    if device.startswith("cuda"):
+        for i, e in enumerate(cfg.engines):
+            e.device = f"cuda:{i}"
+    cfg.validate()
+    if config_out:
+        Path(config_out).write_text(dump_config(cfg))
+    cluster = LocalCluster(cfg)
+    print(f"starting {n_prefill} prefill + {n_decode} decode engines ({cfg.model.weights or preset}, "
+          f"policy {policy}); logs in {cluster.workdir}")
+    try:
+        cluster.start()
+    except ClusterDied as e:
+        print(f"dualpath up: {e}", file=sys.stderr)
+        return 1
+    print(f"API: {cluster.url}/v1/completions   (store: {cfg.store.root})")
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        if demo:
+            demo_conversation(cluster.url)
+            return 0
+        while not stopping:
+            cluster.check()
+            time.sleep(0.5)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except ClusterDied as e:
+        print(f"dualpath up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping the cluster")
+        cluster.stop()
+
+
+__all__ = ["LocalCluster", "ClusterDied", "complete", "demo_conversation", "launch_local", "ConfigError"]

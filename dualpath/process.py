@@ -1,0 +1,49 @@
+"""One cluster process: the coordinator or an engine, until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from dualpath.config import ClusterConfig
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+
+async def _main(cfg: ClusterConfig, role: str, node: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if role == "coordinator":
+        from dualpath.sched.coordinator import serve
+
+        await serve(cfg, stop)
+        return
+    spec = cfg.find_engine(role, node)
+    if role == "prefill":
+        from dualpath.engine.prefill import PrefillEngine as Cls
+    else:
+        from dualpath.engine.decode import DecodeEngine as Cls
+    engine = Cls(cfg, spec)
+    await engine.start()
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(engine.stopping.wait())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    await engine.stop()
+    if not stop.is_set():
+        raise SystemExit(f"{spec.name}: lost the coordinator")
+
+
+def run_process(cfg: ClusterConfig, role: str, node: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role}{node if role != 'coordinator' else ''} "
+                        "%(levelname)s %(name)s: %(message)s")
+    _event_loop_policy()
+    asyncio.run(_main(cfg, role, node))

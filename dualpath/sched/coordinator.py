@@ -1,0 +1,332 @@
+"""The coordinator: the HTTP API, engine registry, request table, prefix lookup, and scheduling.
+
+Life of a request here (DESIGN.md §2 steps 1-4):
+1. ``POST /v1/completions`` is validated (every user mistake is a 4xx naming it).
+2. The prompt's full blocks are hashed into a chain; the store says how many leading blocks it
+   holds: the hit. At least one token is always computed, so the PE can sample the first token.
+3. The policy (``policy.py``) picks PE, DE and the read side from the engines' live load.
+4. The DE is asked to admit (reserve a slot; start reading the hits on path B); the PE gets the
+   prefill job. Tokens stream back from the DE; the response reports the hit as ``cached_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from dualpath.config import POLICIES, ClusterConfig
+from dualpath.engine.tokenizer import load_tokenizer
+from dualpath.engine.weights import model_identity
+from dualpath.sched.policy import DE_SIDE, Decision, EngineLoad, NoEngine, RequestInfo, choose
+from dualpath.storage.blockfile import BlockShape
+from dualpath.storage.keys import block_chain
+from dualpath.storage.store import FileStore
+from dualpath.transport.control import Connection, Server
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """A client mistake: answered with 400 and this message."""
+
+
+@dataclass
+class EngineEntry:
+    name: str
+    role: str
+    node: int
+    addr: tuple[str, int]
+    conn: Connection
+    last_seen: float
+    load: dict = field(default_factory=dict)
+    assigned_read_bytes: int = 0  # reads assigned since the last heartbeat could reflect them
+
+
+@dataclass
+class RequestState:
+    rid: str
+    tokens: list[int]
+    params: dict
+    policy: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    decision: Decision | None = None
+    hit_blocks: int = 0
+    output: list[int] = field(default_factory=list)
+    attempts: int = 0
+    t_arrival: float = field(default_factory=time.monotonic)
+    t_first: float | None = None
+
+
+class Coordinator:
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        dtype = __import__("torch").__dict__[cfg.model.dtype]
+        self.model_cfg, self.fingerprint = model_identity(cfg.model.weights or cfg.model.preset, dtype)
+        self.tokenizer = load_tokenizer(cfg.model.weights, self.model_cfg.vocab_size)
+        self.bt = cfg.store.block_tokens
+        es = dtype.itemsize
+        shape = BlockShape(self.model_cfg.n_layers, self.bt * self.model_cfg.kv_width * es, cfg.model.dtype,
+                           self.fingerprint)
+        self.store = FileStore(cfg.store.root, shape, int(cfg.store.capacity_gb * 1e9))
+        self.block_bytes = shape.file_bytes
+        self.max_context = cfg.engine.max_context or self.model_cfg.max_position
+        self.engines: dict[str, EngineEntry] = {}
+        self.requests: dict[str, RequestState] = {}
+        self._ids = itertools.count(1)
+        self.stats = {"requests": 0, "path_a": 0, "path_b": 0, "rejected": 0, "retried": 0}
+
+    # ------------------------------------------------------------------ engine registry (control plane)
+
+    async def on_engine(self, conn: Connection, method: str, p: dict) -> Any:
+        if method == "register":
+            self.engines[p["name"]] = EngineEntry(p["name"], p["role"], p["node"], (p["host"], p["port"]), conn,
+                                                  time.monotonic())
+            log.info("engine %s registered (%s, node %d)", p["name"], p["role"], p["node"])
+            return {"ok": True}
+        if method == "engines":
+            return {e.name: list(e.addr) for e in self.engines.values()}
+        if method == "heartbeat":
+            e = self.engines.get(p["name"])
+            if e is not None:
+                e.load, e.last_seen, e.assigned_read_bytes = p["load"], time.monotonic(), 0
+            return None
+        req = self.requests.get(p.get("rid", ""))
+        if req is None:
+            return None
+        if method == "token":
+            req.queue.put_nowait(("token", p["token"]))
+        elif method == "done":
+            req.queue.put_nowait(("done", None))
+        elif method == "failed":
+            req.queue.put_nowait(("failed", p))
+        return None
+
+    def live_engines(self) -> list[EngineEntry]:
+        now = time.monotonic()
+        return [e for e in self.engines.values()
+                if not e.conn.closed.is_set() and now - e.last_seen < self.cfg.scheduler.dead_after_s]
+
+    def cluster_view(self) -> list[EngineLoad]:
+        return [EngineLoad(e.name, e.role, e.node,
+                           queued_prefill_tokens=e.load.get("queued_prefill_tokens", 0),
+                           running_decode_tokens=e.load.get("running_decode_tokens", 0),
+                           read_queue_bytes=e.load.get("read_queue_bytes", 0) + e.assigned_read_bytes,
+                           free_buffer_blocks=e.load.get("free_buffer_blocks", 0),
+                           free_hbm_blocks=e.load.get("free_hbm_blocks", 0))
+                for e in self.live_engines()]
+
+    # ------------------------------------------------------------------ validation
+
+    def parse(self, body: Any) -> tuple[list[int], dict, str]:
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            tokens = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            tokens = prompt
+            bad = [t for t in tokens if not 0 <= t < self.model_cfg.vocab_size]
+            if bad:
+                raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})")
+        else:
+            raise BadRequest("'prompt' must be a string or a list of token ids")
+        if not tokens:
+            raise BadRequest("'prompt' is empty")
+        max_tokens = body.get("max_tokens", 16)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise BadRequest(f"'max_tokens' must be a positive integer, got {max_tokens!r}")
+        if len(tokens) + max_tokens > self.max_context:
+            raise BadRequest(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                             f"limit of {self.max_context} tokens")
+        temperature = body.get("temperature", 0.0)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+            raise BadRequest(f"'temperature' must be a number >= 0, got {temperature!r}")
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise BadRequest(f"'seed' must be an integer, got {seed!r}")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest("'stop' must be a non-empty string or a list of them")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(f"'stream' must be true or false, got {stream!r}")
+        policy = body.get("dualpath_policy", self.cfg.scheduler.policy)
+        if policy not in POLICIES:
+            raise BadRequest(f"unknown 'dualpath_policy' {policy!r}; expected one of {list(POLICIES)}")
+        params = {"max_tokens": max_tokens, "temperature": float(temperature), "seed": seed, "stop": stop,
+                  "stream": stream}
+        return tokens, params, policy
+
+    # ------------------------------------------------------------------ scheduling
+
+    async def schedule(self, req: RequestState) -> None:
+        """Steps 2-4: prefix lookup, policy, then admit on the DE and submit to the PE."""
+        req.attempts += 1
+        chain = block_chain(req.tokens, self.fingerprint, self.bt)
+        # At least one token is computed: the PE needs the last prompt token's logits.
+        req.hit_blocks = min(self.store.lookup(chain), (len(req.tokens) - 1) // self.bt)
+        info = RequestInfo(len(req.tokens), req.hit_blocks, self.block_bytes, req.params["max_tokens"])
+        d = req.decision = choose(req.policy, info, self.cluster_view())
+        reader = self.engines[d.de if d.read_side == DE_SIDE else d.pe]
+        reader.assigned_read_bytes += info.read_bytes
+        self.stats["path_b" if d.read_side == DE_SIDE else "path_a"] += 1
+        common = {"rid": req.rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "read_side": d.read_side,
+                  "temperature": req.params["temperature"], "seed": req.params["seed"]}
+        de_dst = await self.engines[d.de].conn.request("admit", max_tokens=req.params["max_tokens"],
+                                                       eos_id=self.tokenizer.eos_id, **common)
+        await self.engines[d.pe].conn.request("prefill", de=d.de, de_dst=de_dst, **common)
+
+    async def generate(self, req: RequestState):
+        """Yields generated token ids; retries a request whose hit blocks vanished or whose engine died."""
+        self.requests[req.rid] = req
+        try:
+            while True:
+                try:
+                    await self.schedule(req)
+                except NoEngine as e:
+                    raise web.HTTPServiceUnavailable(text=json.dumps({"error": str(e)}),
+                                                     content_type="application/json")
+                while True:
+                    kind, value = await self._next_event(req)
+                    if kind == "token":
+                        if req.t_first is None:
+                            req.t_first = time.monotonic()
+                        req.output.append(value)
+                        yield value
+                    elif kind == "done":
+                        return
+                    else:  # failed
+                        break
+                if req.output or not value.get("retry") or req.attempts >= 3:
+                    raise RuntimeError(f"request failed: {value.get('error')}")
+                self.stats["retried"] += 1
+        finally:
+            self.requests.pop(req.rid, None)
+            if req.decision is not None:
+                for name in (req.decision.pe, req.decision.de):
+                    e = self.engines.get(name)
+                    if e is not None:
+                        e.conn.event("abort", rid=req.rid)
+
+    async def _next_event(self, req: RequestState) -> tuple[str, Any]:
+        """The next event, or a failure if an engine serving the request dies (heartbeat loss)."""
+        while True:
+            try:
+                return await asyncio.wait_for(req.queue.get(), self.cfg.scheduler.heartbeat_s * 2)
+            except asyncio.TimeoutError:
+                live = {e.name for e in self.live_engines()}
+                d = req.decision
+                if d is not None and not {d.pe, d.de} <= live:
+                    return "failed", {"error": f"engine {({d.pe, d.de} - live).pop()} died", "retry": True}
+
+    # ------------------------------------------------------------------ HTTP
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes([web.post("/v1/completions", self.http_completions), web.get("/v1/models", self.http_models),
+                        web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster)])
+        return app
+
+    async def http_completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._error(400, "request body is not valid JSON")
+        try:
+            tokens, params, policy = self.parse(body)
+        except BadRequest as e:
+            self.stats["rejected"] += 1
+            return self._error(400, str(e))
+        self.stats["requests"] += 1
+        req = RequestState(f"cmpl-{next(self._ids)}", tokens, params, policy)
+        if params["stream"]:
+            return await self._stream(request, req)
+        text = ""
+        try:
+            async for _ in self.generate(req):
+                text, hit_stop = self._apply_stop(req)
+                if hit_stop:
+                    break
+        except RuntimeError as e:
+            return self._error(500, str(e))
+        return web.json_response(self._body(req, text, "stop" if req.output else "length"))
+
+    async def _stream(self, request: web.Request, req: RequestState) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        sent = ""
+        try:
+            async for tok in self.generate(req):
+                text, hit_stop = self._apply_stop(req)
+                chunk = {"id": req.rid, "object": "text_completion",
+                         "choices": [{"index": 0, "text": text[len(sent):], "token_ids": [tok]}]}
+                sent = text
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if hit_stop:
+                    break
+            await resp.write(f"data: {json.dumps(self._body(req, sent, 'stop'))}\n\ndata: [DONE]\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            log.info("client of %s went away; its slot and buffers are freed", req.rid)  # generate()'s finally
+            raise
+        except RuntimeError as e:
+            await resp.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
+        return resp
+
+    def _apply_stop(self, req: RequestState) -> tuple[str, bool]:
+        text = self.tokenizer.decode(req.output)
+        for s in req.params["stop"]:
+            i = text.find(s)
+            if i >= 0:
+                return text[:i], True
+        return text, False
+
+    def _body(self, req: RequestState, text: str, finish: str) -> dict:
+        d = req.decision
+        return {"id": req.rid, "object": "text_completion", "model": self.cfg.model.weights or self.cfg.model.preset,
+                "choices": [{"index": 0, "text": text, "token_ids": req.output, "finish_reason": finish}],
+                "usage": {"prompt_tokens": len(req.tokens), "completion_tokens": len(req.output),
+                          "total_tokens": len(req.tokens) + len(req.output),
+                          "prompt_tokens_details": {"cached_tokens": req.hit_blocks * self.bt}},
+                "dualpath": {"pe": d.pe, "de": d.de, "read_side": d.read_side, "policy": req.policy,
+                             "path": "B" if d.read_side == DE_SIDE else "A",
+                             "ttft_s": (req.t_first or time.monotonic()) - req.t_arrival} if d else None}
+
+    @staticmethod
+    def _error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+
+    async def http_models(self, _: web.Request) -> web.Response:
+        name = self.cfg.model.weights or self.cfg.model.preset
+        return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "dualpath",
+                                                               "max_context": self.max_context}]})
+
+    async def http_health(self, _: web.Request) -> web.Response:
+        live = self.live_engines()
+        roles = {e.role for e in live}
+        ok = {"prefill", "decode"} <= roles
+        return web.json_response({"ok": ok, "engines": sorted(e.name for e in live)}, status=200 if ok else 503)
+
+    async def http_cluster(self, _: web.Request) -> web.Response:
+        return web.json_response({"stats": self.stats, "engines": {e.name: {"role": e.role, "node": e.node, **e.load}
+                                                                   for e in self.live_engines()}})
+
+
+async def serve(cfg: ClusterConfig, stop: asyncio.Event) -> None:
+    coord = Coordinator(cfg)
+    server = Server(cfg.transport.token, coord.on_engine)
+    await server.start(cfg.scheduler.host, cfg.scheduler.control_port)
+    runner = web.AppRunner(coord.app(), handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, cfg.scheduler.host, cfg.scheduler.http_port).start()
+    log.info("coordinator: API at http://%s:%d/v1/completions", cfg.scheduler.host, cfg.scheduler.http_port)
+    await stop.wait()
+    await runner.cleanup()
+    await server.close()
