@@ -131,6 +131,20 @@ def bench_transport(**kw) -> None:
     click.echo(f"wrote {kw['out']}")
 
 
+@bench.command("h2d")
+@click.option("--preset", default="small-mla", show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--blocks", type=int, default=512, show_default=True, help="blocks of 64 tokens (512 = 32K)")
+@click.option("--out", default="runs/bench_h2d.json", show_default=True)
+def bench_h2d(**kw) -> None:
+    """Pinned DRAM buffer -> paged HBM pool GB/s vs. the pinned copy peak (needs CUDA)."""
+    from dualpath.bench.h2d_bench import run as run_bench
+
+    r = run_bench(**kw)
+    click.echo(f"{r['bytes'] / 1e9:.2f} GB of KV: paged H2D {r['paged_h2d_GBps']:.1f} GB/s, pinned peak "
+               f"{r['pinned_copy_peak_GBps']:.1f} GB/s, ratio {r['ratio']:.2f}")
+
+
 def _print_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=2))
 
