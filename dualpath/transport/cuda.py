@@ -10,11 +10,16 @@ place. Host regions and host sources fall back to the TCP path.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import torch
 
 from dualpath.transport.dataplane import TcpDataPlane, TransferError, as_bytes
+
+# CUDA IPC handles cannot be opened by the process that made them: regions registered in this
+# process are found here instead (engines of one process, and the conformance tests).
+_LOCAL: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
 class CudaDataPlane(TcpDataPlane):
@@ -33,9 +38,16 @@ class CudaDataPlane(TcpDataPlane):
             dev, h, size, off, rc_h, rc_off, ev_h, ev_sync = storage._share_cuda_()
             handle["ipc"] = [dev, h, size, off, rc_h, rc_off, ev_h, ev_sync]
             handle["storage_offset"] = flat.storage_offset()
+            handle["pid"] = os.getpid()
+            _LOCAL[(os.getpid(), self.port, handle["region"])] = flat
         return handle
 
     def _open(self, dst: dict) -> torch.Tensor:
+        if dst.get("pid") == os.getpid():
+            local = _LOCAL.get((os.getpid(), dst["addr"][1], dst["region"]))
+            if local is None:
+                raise TransferError(f"unknown or released region {dst['region']}")
+            return local
         key = (tuple(dst["addr"]), dst["region"])
         t = self._opened.get(key)
         if t is None:
@@ -45,6 +57,10 @@ class CudaDataPlane(TcpDataPlane):
             t = t[dst["storage_offset"] : dst["storage_offset"] + dst["nbytes"]]
             self._opened[key] = t
         return t
+
+    def release(self, handle: dict) -> None:
+        _LOCAL.pop((os.getpid(), self.port, handle["region"]), None)
+        super().release(handle)
 
     async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
