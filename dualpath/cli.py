@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -143,10 +142,6 @@ def bench_h2d(**kw) -> None:
     r = run_bench(**kw)
     click.echo(f"{r['bytes'] / 1e9:.2f} GB of KV: paged H2D {r['paged_h2d_GBps']:.1f} GB/s, pinned peak "
                f"{r['pinned_copy_peak_GBps']:.1f} GB/s, ratio {r['ratio']:.2f}")
-
-
-def _print_json(obj: dict) -> None:
-    click.echo(json.dumps(obj, indent=2))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class DecodeEngine(Engine):
         """Path B: storage → our buffer (already under way) → the PE's buffer, one bulk write per layer."""
         if not await seq.hits_read:
             raise RuntimeError("retry: a hit block was missing or corrupt")
-        bpl, nb = self.buffer.bytes_per_layer, seq.run.n_blocks
+        bpl = self.buffer.bytes_per_layer
         for l in range(self.model.cfg.n_layers):
             off, _ = self.buffer.layer_range(seq.run, l)
             src = self.buffer.host[off : off + seq.n_hit * bpl]
@@ -120,7 +120,6 @@ class DecodeEngine(Engine):
             await self.dataplane.write(src, dst["handle"], dst_off, seq.n_hit * bpl, "bulk",
                                        notify={"rid": seq.rid, "layer": l})
         self.metrics["path_b_sent_blocks"] += seq.n_hit
-        assert nb >= seq.n_hit
         return {"ok": True}
 
     # -- merge: handed-off KV into HBM, persist the prompt's new full blocks --
@@ -215,10 +214,5 @@ class DecodeEngine(Engine):
         self._release(seq)
 
     def _release(self, seq: DecodeSeq) -> None:
-        if seq.run is not None:
-            self.buffer.release(seq.run)
-            seq.run = None
-        if seq.blocks:
-            self.pool.allocator.release(seq.blocks)
-            seq.blocks = []
+        self.free_request_memory(seq)
         self.seqs.pop(seq.rid, None)

@@ -209,12 +209,7 @@ class PrefillEngine(Engine):
         self._release(job)
 
     def _release(self, job: PrefillJob) -> None:
-        if job.run is not None:
-            self.buffer.release(job.run)
-            job.run = None
-        if job.blocks:
-            self.pool.allocator.release(job.blocks)
-            job.blocks = []
+        self.free_request_memory(job)
         self.jobs.pop(job.rid, None)
 
     async def _fail(self, job: PrefillJob, why: str) -> None:

@@ -158,6 +158,15 @@ class Engine:
         data = self.pool.kv[:, idx].contiguous().view(torch.uint8).view(dst.shape)
         dst.copy_(data.cpu() if data.is_cuda else data)
 
+    def free_request_memory(self, req) -> None:
+        """Give back a request's DRAM buffer run and HBM blocks (idempotent)."""
+        if req.run is not None:
+            self.buffer.release(req.run)
+            req.run = None
+        if req.blocks:
+            self.pool.allocator.release(req.blocks)
+            req.blocks = []
+
     async def in_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 

@@ -64,6 +64,18 @@ class StoreStats:
     extra: dict = field(default_factory=dict)
 
 
+def _preadv(path: str, reads: list[tuple[int, list]]) -> int | None:
+    """Scatter-read (offset, buffers) pieces of a file; total bytes read, or None if it is absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return sum(os.preadv(fd, bufs, off) for off, bufs in reads)
+    finally:
+        os.close(fd)
+
+
 class FileStore:
     def __init__(self, root: str, shape: BlockShape, capacity_bytes: int, fsync: bool = True):
         self.root, self.shape, self.capacity, self.fsync = root, shape, capacity_bytes, fsync
@@ -141,14 +153,9 @@ class FileStore:
         assert len(dests) == s.n_layers
         path = self.path(key)
         header = bytearray(HEADER_BYTES)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        n = _preadv(path, [(0, [header, *dests])])
+        if n is None:
             return self._miss(key, path, corrupt=False)
-        try:
-            n = os.preadv(fd, [header, *dests], 0)
-        finally:
-            os.close(fd)
         try:
             if n != s.file_bytes:
                 raise BlockFormatError(f"size {n}, expected {s.file_bytes}")
@@ -170,15 +177,10 @@ class FileStore:
         s = self.shape
         path = self.path(key)
         header = bytearray(HEADER_BYTES)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        n = _preadv(path, [(0, [header]), (HEADER_BYTES + layer * s.bytes_per_layer, [dest])])
+        if n is None:
             return self._miss(key, path, corrupt=False)
-        try:
-            os.preadv(fd, [header], 0)
-            n = os.preadv(fd, [dest], HEADER_BYTES + layer * s.bytes_per_layer)
-        finally:
-            os.close(fd)
+        n -= HEADER_BYTES
         try:
             crcs = decode_header(bytes(header), s, key)
             if n != s.bytes_per_layer or checksum(dest) != crcs[layer]:
