@@ -26,7 +26,7 @@ from typing import Any
 
 ROLES = ("prefill", "decode")
 BACKENDS = ("auto", "tcp", "verbs", "cuda")
-POLICIES = ("pe-read", "de-read", "dualpath")
+POLICIES = ("pe-read", "de-read", "dualpath", "dualpath-split")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

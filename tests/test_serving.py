@@ -61,7 +61,7 @@ def engine_counter(m: dict, key: str) -> int:
     return sum(e.get("metrics", {}).get(key, 0) for e in m["engines"].values())
 
 
-@pytest.mark.parametrize("policy", ["pe-read", "de-read", "dualpath"])
+@pytest.mark.parametrize("policy", ["pe-read", "de-read", "dualpath", "dualpath-split"])
 def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(cluster, policy):
     gen = torch.Generator().manual_seed(hash(policy) % 1000)
     tokens = torch.randint(0, 256, (53,), generator=gen).tolist()
@@ -87,6 +87,8 @@ def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(clu
     elif policy == "de-read":
         assert paths[1:] == ["B", "B"] and delta_b == 2 and delta_a == 0
         assert engine_counter(after, "path_b_sent_blocks") > engine_counter(before, "path_b_sent_blocks")
+    elif policy == "dualpath-split":  # an idle cluster: both queues empty, so each side reads half
+        assert paths[1:] == ["A+B", "A+B"] and delta_a == 2 and delta_b == 2
     else:
         assert delta_a + delta_b == 2
 

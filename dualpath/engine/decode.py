@@ -2,10 +2,11 @@
 token streaming, and asynchronous persistence of every block that becomes full (DESIGN.md §2 step 7).
 
 Per request the DE reserves, at admission, HBM blocks for prompt + max_tokens and a DRAM buffer run
-for the prompt's blocks. On path B it reads the hit blocks into slots [0, n_hit) of that run itself
-and writes them to the PE layer by layer (bulk class); the PE later fills the remaining slots. On
-path A the PE fills every slot. Either way the run ends up holding the whole prompt's KV, which is
-copied to HBM once (the merge) and persisted from host memory without a device round trip.
+for the prompt's blocks. On path B it reads its share of the hit blocks, slots [0, n_de) of that
+run, itself and writes them to the PE layer by layer (bulk class); the PE later fills the remaining
+slots. On path A (n_de = 0) the PE fills every slot. Either way the run ends up holding the whole
+prompt's KV, which is copied to HBM once (the merge) and persisted from host memory without a
+device round trip.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dualpath.engine.buffers import BufferRun
 from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.model import Batch
 from dualpath.engine.runtime import Engine, sample
-from dualpath.sched.policy import DE_SIDE
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
 from dualpath.transport.control import Connection
@@ -35,7 +35,7 @@ class DecodeSeq:
     tokens: list[int]  # prompt, then generated tokens
     prompt_len: int
     n_hit: int
-    read_side: str
+    n_de: int  # leading hit blocks this engine reads and sends to the PE (path B)
     max_tokens: int
     temperature: float
     seed: int | None
@@ -91,7 +91,7 @@ class DecodeEngine(Engine):
     # -- admission and path-B reads --
 
     async def _admit(self, p: dict) -> dict:
-        seq = DecodeSeq(p["rid"], list(p["tokens"]), len(p["tokens"]), p["n_hit"], p["read_side"], p["max_tokens"],
+        seq = DecodeSeq(p["rid"], list(p["tokens"]), len(p["tokens"]), p["n_hit"], p["n_de"], p["max_tokens"],
                         p.get("temperature", 0.0), p.get("seed"), p.get("eos_id"))
         try:
             seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
@@ -104,8 +104,8 @@ class DecodeEngine(Engine):
             raise
         seq.keys = block_chain(seq.tokens, self.model.fingerprint, self.bt)
         self.seqs[seq.rid] = seq
-        if seq.read_side == DE_SIDE and seq.n_hit:
-            seq.hits_read = asyncio.ensure_future(self.read_blocks(seq.keys[: seq.n_hit], seq.run))
+        if seq.n_de:
+            seq.hits_read = asyncio.ensure_future(self.read_blocks(seq.keys[: seq.n_de], seq.run))
         return self.run_handle(seq.run)
 
     async def _send_hits(self, seq: DecodeSeq, dst: dict) -> dict:
@@ -115,11 +115,11 @@ class DecodeEngine(Engine):
         bpl = self.buffer.bytes_per_layer
         for l in range(self.model.cfg.n_layers):
             off, _ = self.buffer.layer_range(seq.run, l)
-            src = self.buffer.host[off : off + seq.n_hit * bpl]
+            src = self.buffer.host[off : off + seq.n_de * bpl]
             dst_off = dst["offset"] + l * dst["n_blocks"] * bpl
-            await self.dataplane.write(src, dst["handle"], dst_off, seq.n_hit * bpl, "bulk",
+            await self.dataplane.write(src, dst["handle"], dst_off, seq.n_de * bpl, "bulk",
                                        notify={"rid": seq.rid, "layer": l})
-        self.metrics["path_b_sent_blocks"] += seq.n_hit
+        self.metrics["path_b_sent_blocks"] += seq.n_de
         return {"ok": True}
 
     # -- merge: handed-off KV into HBM, persist the prompt's new full blocks --

@@ -1,11 +1,12 @@
-"""The prefill engine (PE): load the hit KV on path A or B, layer by layer, compute the miss tokens,
-sample the first token, and hand the KV to the decode engine (DESIGN.md §2 steps 4-6).
+"""The prefill engine (PE): load the hit KV on path A and/or B, layer by layer, compute the miss
+tokens, sample the first token, and hand the KV to the decode engine (DESIGN.md §2 steps 4-6).
 
 A job's DRAM buffer run holds every block of its prompt, layer-major. Slots [0, n_hit) receive the
-hit KV: from storage (path A, this engine's SNIC) or from the DE over the compute network (path B,
-one bulk write per layer). Layer l is copied to HBM just before layer l is computed, so loading
-overlaps compute. After the last layer the new KV is copied back into the run and written to the
-DE's run (latency class): all blocks on path A, only the new ones on path B.
+hit KV: slots [0, n_de) from the DE over the compute network (path B, one bulk write per layer),
+slots [n_de, n_hit) from storage through this engine's SNIC (path A). The policy sets n_de: 0 (path
+A), n_hit (path B) or in between (a split read). Layer l is copied to HBM just before layer l is
+computed, so loading overlaps compute. After the last layer the new KV is copied back into the run
+and written to the DE's run (latency class): every block the DE did not read itself, [n_de, end).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dualpath.engine.buffers import BufferRun
 from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.engine.runtime import Engine, sample
-from dualpath.sched.policy import DE_SIDE
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
 
@@ -33,14 +33,15 @@ class PrefillJob:
     rid: str
     tokens: list[int]
     n_hit: int  # leading blocks whose KV is loaded, not computed
-    read_side: str
+    n_de: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
     de: str
     de_dst: dict  # the DE's run: {"handle", "offset", "n_blocks"}
     temperature: float
     seed: int | None
     run: BufferRun | None = None
     blocks: list[int] = field(default_factory=list)
-    layer_ready: list[asyncio.Event] = field(default_factory=list)
+    path_a_done: asyncio.Event = field(default_factory=asyncio.Event)  # storage reads land all layers at once
+    path_b_layer: list[asyncio.Event] = field(default_factory=list)  # the DE's writes land layer by layer
     computed: int = 0  # tokens whose KV is in HBM (hit tokens count once loaded)
     loaded_to_hbm: bool = False
     failed: str | None = None
@@ -62,7 +63,7 @@ class PrefillEngine(Engine):
 
     async def handle(self, conn: Connection, method: str, p: dict) -> Any:
         if method == "prefill":
-            job = PrefillJob(p["rid"], p["tokens"], p["n_hit"], p["read_side"], p["de"], p["de_dst"],
+            job = PrefillJob(p["rid"], p["tokens"], p["n_hit"], p["n_de"], p["de"], p["de_dst"],
                              p.get("temperature", 0.0), p.get("seed"))
             self.jobs[job.rid] = job
             asyncio.create_task(self._admit(job))
@@ -77,14 +78,13 @@ class PrefillEngine(Engine):
     def on_write_complete(self, notify: Any) -> None:
         """Path B: the DE wrote layer `layer` of a job's hit KV into our buffer."""
         job = self.jobs.get(notify["rid"]) if isinstance(notify, dict) else None
-        if job is not None and job.layer_ready:
-            job.layer_ready[notify["layer"]].set()
+        if job is not None and job.path_b_layer:
+            job.path_b_layer[notify["layer"]].set()
 
     # -- admission and loading --
 
     async def _admit(self, job: PrefillJob) -> None:
-        n_layers = self.model.cfg.n_layers
-        job.layer_ready = [asyncio.Event() for _ in range(n_layers)]
+        job.path_b_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         try:
             job.run = await self.buffer.alloc(self.pool.blocks_for(len(job.tokens)))
             while True:
@@ -94,35 +94,40 @@ class PrefillEngine(Engine):
                 except OutOfBlocks:
                     await asyncio.sleep(0.01)
             job.computed = job.n_hit * self.bt
-            if job.n_hit:
-                asyncio.create_task(self._load_hits(job))
-            else:
-                for ev in job.layer_ready:
-                    ev.set()
+            asyncio.create_task(self._read_path_a(job, job.n_de, job.n_hit, [job.path_a_done]))
+            asyncio.create_task(self._read_path_b(job))
             self.ready.append(job)
             self.wake.set()
         except Exception as e:
             await self._fail(job, f"admission failed: {e}")
 
-    async def _load_hits(self, job: PrefillJob) -> None:
-        if job.read_side == DE_SIDE:
-            try:  # path B: the DE reads into its buffer and writes layer by layer into ours
-                de = await self.peer(job.de)
-                await de.request("load", timeout=120, rid=job.rid, dst=self.run_handle(job.run))
-                self.metrics["path_b_requests"] += 1
-                self.metrics["path_b_blocks"] += job.n_hit
-                return
-            except Exception as e:  # DESIGN §5: a path-B failure falls back to path A
-                log.warning("%s: path B for %s failed (%s); falling back to path A", self.name, job.rid, e)
-                self.metrics["path_b_fallbacks"] += 1
-        keys = block_chain(job.tokens[: job.n_hit * self.bt], self.model.fingerprint, self.bt)
-        if not await self.read_blocks(keys, job.run):
-            job.failed = "retry: a hit block was missing or corrupt"
-        else:
-            self.metrics["path_a_requests"] += 1
-            self.metrics["path_a_blocks"] += job.n_hit
-        for ev in job.layer_ready:
+    async def _read_path_a(self, job: PrefillJob, lo: int, hi: int, done: list[asyncio.Event]) -> None:
+        """Storage → our buffer, hit blocks [lo, hi); then set the events (all layers arrive together)."""
+        if hi > lo:
+            keys = block_chain(job.tokens[: hi * self.bt], self.model.fingerprint, self.bt)[lo:]
+            if not await self.read_blocks(keys, job.run, first=lo):
+                job.failed = "retry: a hit block was missing or corrupt"
+            else:
+                self.metrics["path_a_requests"] += 1
+                self.metrics["path_a_blocks"] += hi - lo
+        for ev in done:
             ev.set()
+
+    async def _read_path_b(self, job: PrefillJob) -> None:
+        """Hit blocks [0, n_de): the DE reads them and writes them into our buffer layer by layer."""
+        if job.n_de == 0:
+            for ev in job.path_b_layer:
+                ev.set()
+            return
+        try:
+            de = await self.peer(job.de)
+            await de.request("load", timeout=120, rid=job.rid, dst=self.run_handle(job.run))
+            self.metrics["path_b_requests"] += 1
+            self.metrics["path_b_blocks"] += job.n_de
+        except Exception as e:  # DESIGN §5: a path-B failure falls back to path A
+            log.warning("%s: path B for %s failed (%s); falling back to path A", self.name, job.rid, e)
+            self.metrics["path_b_fallbacks"] += 1
+            await self._read_path_a(job, 0, job.n_de, job.path_b_layer)
 
     # -- the prefill step loop --
 
@@ -161,7 +166,8 @@ class PrefillEngine(Engine):
         for l in range(self.model.cfg.n_layers):
             loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
             for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
-                await j.layer_ready[l].wait()
+                await j.path_a_done.wait()
+                await j.path_b_layer[l].wait()
             if any(j.failed for j, _ in picked):
                 return
 
@@ -187,7 +193,7 @@ class PrefillEngine(Engine):
     async def _handoff(self, job: PrefillJob, first_token: int) -> None:
         try:
             nb = job.run.n_blocks
-            start = job.n_hit if job.read_side == DE_SIDE else 0  # path B: the DE holds the hit blocks
+            start = job.n_de  # the DE holds the blocks it read itself
             await self.in_compute(self.hbm_to_buffer, job.run, job.blocks[start:], start)
             bpl = self.buffer.bytes_per_layer
             if start < nb:

@@ -24,7 +24,7 @@ from aiohttp import web
 from dualpath.config import POLICIES, ClusterConfig
 from dualpath.engine.tokenizer import load_tokenizer
 from dualpath.engine.weights import model_identity
-from dualpath.sched.policy import DE_SIDE, Decision, EngineLoad, NoEngine, RequestInfo, choose
+from dualpath.sched.policy import Decision, EngineLoad, NoEngine, RequestInfo, choose
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
@@ -80,7 +80,7 @@ class Coordinator:
         self.engines: dict[str, EngineEntry] = {}
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count(1)
-        self.stats = {"requests": 0, "path_a": 0, "path_b": 0, "rejected": 0, "retried": 0}
+        self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0}
 
     # ------------------------------------------------------------------ engine registry (control plane)
 
@@ -175,10 +175,10 @@ class Coordinator:
         req.hit_blocks = min(self.store.lookup(chain), (len(req.tokens) - 1) // self.bt)
         info = RequestInfo(len(req.tokens), req.hit_blocks, self.block_bytes, req.params["max_tokens"])
         d = req.decision = choose(req.policy, info, self.cluster_view())
-        reader = self.engines[d.de if d.read_side == DE_SIDE else d.pe]
-        reader.assigned_read_bytes += info.read_bytes
-        self.stats["path_b" if d.read_side == DE_SIDE else "path_a"] += 1
-        common = {"rid": req.rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "read_side": d.read_side,
+        self.engines[d.pe].assigned_read_bytes += d.pe_blocks * self.block_bytes
+        self.engines[d.de].assigned_read_bytes += d.de_blocks * self.block_bytes
+        self.stats[f"path_{d.path}"] += 1
+        common = {"rid": req.rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
                   "temperature": req.params["temperature"], "seed": req.params["seed"]}
         de_dst = await self.engines[d.de].conn.request("admit", max_tokens=req.params["max_tokens"],
                                                        eos_id=self.tokenizer.eos_id, **common)
@@ -295,8 +295,8 @@ class Coordinator:
                 "usage": {"prompt_tokens": len(req.tokens), "completion_tokens": len(req.output),
                           "total_tokens": len(req.tokens) + len(req.output),
                           "prompt_tokens_details": {"cached_tokens": req.hit_blocks * self.bt}},
-                "dualpath": {"pe": d.pe, "de": d.de, "read_side": d.read_side, "policy": req.policy,
-                             "path": "B" if d.read_side == DE_SIDE else "A",
+                "dualpath": {"pe": d.pe, "de": d.de, "read_side": d.read_side, "policy": req.policy, "path": d.path,
+                             "read_bytes": {"pe": d.pe_blocks * self.block_bytes, "de": d.de_blocks * self.block_bytes},
                              "ttft_s": (req.t_first or time.monotonic()) - req.t_arrival} if d else None}
 
     @staticmethod

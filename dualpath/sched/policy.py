@@ -1,16 +1,26 @@
 """Scheduling policies: pure functions from a request and the cluster's load to a Decision.
 
 No I/O here, so the coordinator and any simulator share them, and tests call them directly.
-The paper's policy (``dualpath``): pick the PE with the fewest queued prefill tokens and the DE
-with the fewest running decode tokens, then read the hit KV on whichever of the two has the
-shorter storage read queue, so every storage NIC in the cluster serves as one pool.
+
+A request's hit blocks are read from storage either by its prefill engine (path A) or by its
+decode engine (path B, then sent to the PE over the compute network). The Decision says how many
+of the leading hit blocks the DE reads (``de_blocks``); the PE reads the rest. Policies:
+
+- ``pe-read``: classic PD disaggregation; the PE reads everything (path A).
+- ``de-read``: the DE reads everything (path B).
+- ``dualpath`` (the paper's, §6.1): pick the PE with the fewest queued prefill tokens and, among
+  the DEs whose decode load stays balanced, the one with the shortest storage read queue; then the
+  whole read goes to whichever of the two has the shorter queue. Every storage NIC in the cluster
+  serves as one pool.
+- ``dualpath-split`` (beyond the paper, which names it as future work): same engines, but the
+  hit blocks are split so that both read queues drain at the same time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PE_SIDE, DE_SIDE = "pe", "de"
+PE_SIDE, DE_SIDE, SPLIT = "pe", "de", "split"
 
 
 @dataclass(frozen=True)
@@ -43,30 +53,66 @@ class RequestInfo:
 class Decision:
     pe: str
     de: str
-    read_side: str  # PE_SIDE (path A) or DE_SIDE (path B)
+    hit_blocks: int
+    de_blocks: int  # leading hit blocks read by the DE (path B); the PE reads the rest (path A)
+
+    @property
+    def pe_blocks(self) -> int:
+        return self.hit_blocks - self.de_blocks
+
+    @property
+    def read_side(self) -> str:
+        if self.de_blocks == 0:
+            return PE_SIDE
+        return DE_SIDE if self.pe_blocks == 0 else SPLIT
+
+    @property
+    def path(self) -> str:
+        return {PE_SIDE: "A", DE_SIDE: "B", SPLIT: "A+B"}[self.read_side]
 
 
 class NoEngine(RuntimeError):
     """No live engine of a needed role."""
 
 
-def _pick(engines: list[EngineLoad], role: str, key) -> EngineLoad:
+def _engines(engines: list[EngineLoad], role: str) -> list[EngineLoad]:
     live = [e for e in engines if e.role == role]
     if not live:
         raise NoEngine(f"no live {role} engine")
-    return min(live, key=lambda e: (key(e), e.name))
+    return live
+
+
+def _least(engines: list[EngineLoad], key) -> EngineLoad:
+    return min(engines, key=lambda e: (key(e), e.name))
+
+
+def _balanced_decode_engines(des: list[EngineLoad], req: RequestInfo) -> list[EngineLoad]:
+    """DEs that could take this request without running more than one request's worth of tokens
+    beyond the least loaded DE: the read-queue choice must not unbalance decoding."""
+    floor = min(e.running_decode_tokens for e in des)
+    return [e for e in des if e.running_decode_tokens <= floor + req.prompt_tokens + req.max_tokens]
+
+
+def split_blocks(req: RequestInfo, pe: EngineLoad, de: EngineLoad) -> int:
+    """Blocks for the DE such that both queues drain together (equal storage-NIC rates assumed):
+    pe_queue + (hit - x) * b == de_queue + x * b."""
+    b = req.block_bytes
+    x = (req.hit_blocks * b + pe.read_queue_bytes - de.read_queue_bytes) / (2 * b)
+    return max(0, min(req.hit_blocks, round(x)))
 
 
 def choose(policy: str, req: RequestInfo, engines: list[EngineLoad]) -> Decision:
-    pe = _pick(engines, "prefill", lambda e: e.queued_prefill_tokens)
-    de = _pick(engines, "decode", lambda e: e.running_decode_tokens)
-    if req.hit_blocks == 0 or policy == "pe-read":
-        side = PE_SIDE
-    elif policy == "de-read":
-        side = DE_SIDE
-    elif policy == "dualpath":
-        # Shorter storage read queue reads; a tie goes to the PE (path A needs no compute-network hop).
-        side = DE_SIDE if de.read_queue_bytes < pe.read_queue_bytes else PE_SIDE
+    pes, des = _engines(engines, "prefill"), _engines(engines, "decode")
+    pe = _least(pes, lambda e: (e.queued_prefill_tokens, e.read_queue_bytes))
+    if policy in ("pe-read", "de-read"):
+        de = _least(des, lambda e: e.running_decode_tokens)
+        de_blocks = req.hit_blocks if policy == "de-read" else 0
+    elif policy in ("dualpath", "dualpath-split"):
+        de = _least(_balanced_decode_engines(des, req), lambda e: (e.read_queue_bytes, e.running_decode_tokens))
+        if policy == "dualpath-split":
+            de_blocks = split_blocks(req, pe, de)
+        else:  # the shorter queue reads all; a tie goes to the PE (path A needs no compute-network hop)
+            de_blocks = req.hit_blocks if de.read_queue_bytes < pe.read_queue_bytes else 0
     else:
         raise ValueError(f"unknown policy {policy!r}")
-    return Decision(pe.name, de.name, side)
+    return Decision(pe.name, de.name, req.hit_blocks, de_blocks)

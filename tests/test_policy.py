@@ -1,0 +1,50 @@
+"""Scheduling policies are pure functions: checked directly on hand-made cluster views."""
+
+import pytest
+
+from dualpath.sched.policy import DE_SIDE, PE_SIDE, SPLIT, EngineLoad, NoEngine, RequestInfo, choose
+
+MB = 1 << 20
+REQ = RequestInfo(prompt_tokens=8000, hit_blocks=100, block_bytes=MB, max_tokens=64)
+
+
+def view(pe_queue=0, de_queues=(0, 0), de_tokens=(0, 0)) -> list[EngineLoad]:
+    pe = EngineLoad("pe0", "prefill", 0, read_queue_bytes=pe_queue)
+    return [pe] + [EngineLoad(f"de{i}", "decode", i + 1, read_queue_bytes=q, running_decode_tokens=t)
+                   for i, (q, t) in enumerate(zip(de_queues, de_tokens))]
+
+
+def test_baselines_read_on_one_side_whatever_the_queues():
+    busy_pe = view(pe_queue=500 * MB)
+    assert choose("pe-read", REQ, busy_pe).read_side == PE_SIDE
+    assert choose("de-read", REQ, view(de_queues=(500 * MB, 500 * MB))).read_side == DE_SIDE
+
+
+def test_dualpath_reads_on_the_shorter_queue_and_picks_the_idlest_balanced_de():
+    d = choose("dualpath", REQ, view(pe_queue=300 * MB, de_queues=(200 * MB, 50 * MB)))
+    assert (d.de, d.read_side, d.de_blocks, d.path) == ("de1", DE_SIDE, 100, "B")
+    d = choose("dualpath", REQ, view(pe_queue=10 * MB, de_queues=(200 * MB, 50 * MB)))
+    assert (d.read_side, d.de_blocks, d.path) == (PE_SIDE, 0, "A")
+
+
+def test_dualpath_does_not_unbalance_decoding_for_a_shorter_read_queue():
+    # de1 has the shorter queue but runs far more than one request's tokens beyond de0.
+    d = choose("dualpath", REQ, view(pe_queue=300 * MB, de_queues=(200 * MB, 0), de_tokens=(0, 50_000)))
+    assert d.de == "de0" and d.read_side == DE_SIDE
+
+
+def test_split_equalises_the_drain_times_of_both_queues():
+    d = choose("dualpath-split", REQ, view(pe_queue=40 * MB, de_queues=(0, 0)))
+    assert d.read_side == SPLIT and d.path == "A+B"
+    assert 40 * MB + d.pe_blocks * MB == d.de_blocks * MB  # 70 blocks on the DE, 30 on the PE
+    assert choose("dualpath-split", REQ, view(pe_queue=500 * MB)).de_blocks == 100  # clamped: all on the DE
+
+
+def test_no_hit_means_no_read_and_a_missing_role_is_an_error():
+    cold = RequestInfo(prompt_tokens=100, hit_blocks=0, block_bytes=MB, max_tokens=8)
+    for policy in ("pe-read", "de-read", "dualpath", "dualpath-split"):
+        assert choose(policy, cold, view()).de_blocks == 0
+    with pytest.raises(NoEngine):
+        choose("dualpath", REQ, [EngineLoad("pe0", "prefill", 0)])
+    with pytest.raises(ValueError):
+        choose("fastest", REQ, view())
