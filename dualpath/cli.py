@@ -144,5 +144,100 @@ def bench_h2d(**kw) -> None:
                f"{r['pinned_copy_peak_GBps']:.1f} GB/s, ratio {r['ratio']:.2f}")
 
 
+@bench.command("agentic")
+@click.option("--agents", type=int, default=16, show_default=True)
+@click.option("--turns", type=int, default=12, show_default=True)
+@click.option("--first-prompt", type=(int, int), default=(16_000, 24_000), show_default=True, help="token range")
+@click.option("--tool-output", type=(int, int), default=(200, 1_000), show_default=True, help="token range")
+@click.option("--answer", type=(int, int), default=(32, 128), show_default=True, help="token range")
+@click.option("--min-hit-ratio", type=float, default=0.95, show_default=True)
+@click.option("--block-tokens", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="runs/agentic.jsonl", show_default=True)
+def bench_agentic(out: str, **kw) -> None:
+    """Generate a seeded agentic workload (JSONL, one turn per line)."""
+    from pathlib import Path
+
+    from dualpath.bench.workload import AgenticSpec, agentic, hit_ratios, write_jsonl
+
+    spec = AgenticSpec(**kw)
+    sessions = agentic(spec)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(sessions, out)
+    hits = hit_ratios(sessions, spec.block_tokens)
+    click.echo(f"{len(sessions)} agents x {spec.turns} turns -> {out}; hit ratio after the first turn: "
+               f"min {min(hits, default=0):.3f}, mean {sum(hits) / max(1, len(hits)):.3f}")
+
+
+@bench.command("run")
+@click.option("--workload", "path", required=True, help="JSONL: agentic (bench agentic) or a Mooncake trace")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="a running cluster (dualpath up)")
+@click.option("--policy", type=click.Choice(POLICIES), default="dualpath", show_default=True)
+@click.option("--mode", type=click.Choice(["offline", "online"]), default="offline", show_default=True)
+@click.option("--rate", type=float, default=None, help="online: Poisson session arrivals per second "
+              "(default: the workload's own arrival times)")
+@click.option("--concurrency", type=int, default=0, show_default=True, help="sessions in flight (0 = all)")
+@click.option("--limit", type=int, default=None, help="Mooncake: first N requests")
+@click.option("--trace-block-tokens", type=int, default=512, show_default=True,
+              help="Mooncake: tokens per hash block (< 512 shrinks prompts, keeping the reuse)")
+@click.option("--time-scale", type=float, default=1.0, show_default=True, help="Mooncake: stretch arrivals")
+@click.option("--warmup-turns", type=int, default=0, show_default=True)
+@click.option("--ttft-slo", type=float, default=None, help="seconds; reports SLO attainment")
+@click.option("--snic-gbps", type=float, default=0.0, help="the cluster's emulated SNIC rate, for utilisation")
+@click.option("--out", default="runs/bench_run.json", show_default=True)
+def bench_run(path, url, policy, mode, rate, concurrency, limit, trace_block_tokens, time_scale, warmup_turns,
+              ttft_slo, snic_gbps, out) -> None:
+    """Replay a workload against a running cluster; prints a summary and writes JSON."""
+    import asyncio
+
+    from dualpath.bench import report
+    from dualpath.bench.common import write_json
+    from dualpath.bench.driver import run
+    from dualpath.bench.workload import poisson_arrivals, read_jsonl
+
+    try:
+        sessions = read_jsonl(path, limit=limit, block_tokens=trace_block_tokens, time_scale=time_scale)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    if rate:
+        sessions = poisson_arrivals(sessions, rate)
+    r = asyncio.run(run(url, sessions, policy, mode, trace_block_tokens, concurrency, warmup_turns))
+    s = report.summarize(r, snic_gbps, ttft_slo)
+    click.echo(report.table([s], [("policy", "policy"), ("mode", "mode"), ("seconds", "duration_s"),
+                                  ("requests", "requests"), ("failed", "failed"), ("tokens/s", "tokens_per_s"),
+                                  ("hit ratio", "hit_ratio"), ("TTFT p50", "ttft_s.p50"), ("TTFT p99", "ttft_s.p99"),
+                                  ("TPOT p50", "tpot_s.p50"), ("SLO", "slo_attainment")]))
+    write_json(out, {"summary": s, "run": r.to_json()})
+    click.echo(f"wrote {out}")
+
+
+@bench.command("repro")
+@click.option("--out-dir", default="runs/repro", show_default=True)
+@click.option("--prefill", "n_prefill", type=int, default=1, show_default=True)
+@click.option("--decode", "n_decode", type=int, default=2, show_default=True)
+@click.option("--model", "preset", default="tiny-gqa", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda (engine i on cuda:i)")
+@click.option("--snic-gbps", type=float, default=0.008, show_default=True,
+              help="emulated storage-NIC read rate per node")
+@click.option("--online/--no-online", default=True, show_default=True, help="also the arrival-rate sweep")
+@click.option("--unbounded/--no-unbounded", default=True, show_default=True,
+              help="also a run without storage emulation")
+@click.option("--ttft-slo", "ttft_slo_s", type=float, default=1.5, show_default=True)
+@click.option("--agents", type=int, default=16, show_default=True)
+@click.option("--port", "base_port", type=int, default=18000, show_default=True)
+def bench_repro(online: bool, agents: int, **kw) -> None:
+    """The headline: pe-read vs de-read vs dualpath (vs dualpath-split) on one workload, storage-bound."""
+    import dataclasses
+
+    from dualpath.bench.repro import ReproConfig, main as repro
+
+    rc = ReproConfig(**kw)
+    rc.workload = dataclasses.replace(rc.workload, agents=agents)
+    if not online:
+        rc.online_policies = ()
+    repro(rc)
+
+
 if __name__ == "__main__":
     main()

@@ -174,6 +174,16 @@ def _causal_mask(n_new: int, ctx: int, device: torch.device) -> torch.Tensor:
     return torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Prefill attention of n new queries [n, H, d] over ctx keys/values [ctx, G, d] (G divides H),
+    the new tokens being the last n of the context. SDPA's fused kernels keep it fast."""
+    n, ctx = len(q), len(k)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=_causal_mask(n, ctx, q.device), scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(0, 1)
+
+
 def _gather(kv_layer: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tensor:
     """kv_layer: [n_blocks, block_tokens, W] -> this sequence's first ctx tokens, [ctx, W]."""
     return kv_layer[table].flatten(0, 1)[:ctx]
@@ -236,11 +246,7 @@ class GQAttention(nn.Module):
         outs, start = [], 0
         for table, ctx, n in zip(batch.block_tables, batch.ctx_lens, batch.new_lens):
             kv = _gather(kv_layer, table, ctx).to(q.dtype).view(ctx, 2, c.n_kv_heads, c.head_dim)
-            kk, vv = kv[:, 0].repeat_interleave(rep, 1), kv[:, 1].repeat_interleave(rep, 1)
-            qi = q[start : start + n]
-            scores = torch.einsum("qhd,khd->hqk", qi, kk) * c.scale
-            scores = scores.masked_fill(~_causal_mask(n, ctx, x.device), float("-inf"))
-            outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(q.dtype), vv))
+            outs.append(_attend(q[start : start + n], kv[:, 0], kv[:, 1], c.scale))
             start += n
         return self.o_proj(torch.cat(outs).reshape(len(x), -1))
 
@@ -308,14 +314,12 @@ class MLAttention(nn.Module):
             scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
             o_lat = torch.einsum("bhl,blr->bhr", scores.softmax(-1, dtype=torch.float32).to(lat.dtype), lat)
         else:
-            outs, start = [], 0
+            # Absorbed MLA is multi-query attention over the cached rows: key = [latent, rope part]
+            # (one head shared by all), value = the latent, query = [q_lat, q_pe].
+            q_cat, outs, start = torch.cat([q_lat, q_pe], -1), [], 0
             for table, ctx, n in zip(batch.block_tables, batch.ctx_lens, batch.new_lens):
                 kv = _gather(kv_layer, table, ctx).to(q_lat.dtype)
-                lat, pe = kv[:, : c.kv_lora_rank], kv[:, c.kv_lora_rank :]
-                ql, qp = q_lat[start : start + n], q_pe[start : start + n]
-                scores = (torch.einsum("nhr,tr->hnt", ql, lat) + torch.einsum("nhr,tr->hnt", qp, pe)) * c.scale
-                scores = scores.masked_fill(~_causal_mask(n, ctx, x.device), float("-inf"))
-                outs.append(torch.einsum("hnt,tr->nhr", scores.softmax(-1, dtype=torch.float32).to(lat.dtype), lat))
+                outs.append(_attend(q_cat[start : start + n], kv[:, None], kv[:, None, : c.kv_lora_rank], c.scale))
                 start += n
             o_lat = torch.cat(outs)
         out = torch.einsum("nhr,hvr->nhv", o_lat, w_uv)

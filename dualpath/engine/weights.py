@@ -18,10 +18,10 @@ from dualpath.engine.model import Model, ModelConfig, Rotary
 PRESETS: dict[str, ModelConfig] = {
     # CI-sized: a few hundred thousand parameters, fp32 on a laptop CPU in milliseconds.
     "tiny-gqa": ModelConfig(attn="gqa", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4,
-                            n_kv_heads=2, head_dim=16, intermediate_size=128, max_position=8192),
+                            n_kv_heads=2, head_dim=16, intermediate_size=128, max_position=65536),
     "tiny-mla": ModelConfig(attn="mla", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4,
                             q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                            v_head_dim=16, intermediate_size=128, rope_interleave=True, max_position=8192),
+                            v_head_dim=16, intermediate_size=128, rope_interleave=True, max_position=65536),
     # GPU benchmarks. Attention shapes of Qwen2.5-0.5B and DeepSeek-V2-Lite (random weights,
     # a 32K vocabulary instead of their 150K/100K to keep the embedding small).
     "small-gqa": ModelConfig(attn="gqa", vocab_size=32768, hidden_size=896, n_layers=24, n_heads=14,

@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,9 @@ class EngineEntry:
     conn: Connection
     last_seen: float
     load: dict = field(default_factory=dict)
-    assigned_read_bytes: int = 0  # reads assigned since the last heartbeat could reflect them
+    # Work assigned since the last heartbeat (which cannot reflect it yet), so that a burst of
+    # requests does not all go to the engine that looked idlest at the last heartbeat.
+    assigned: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -95,7 +98,7 @@ class Coordinator:
         if method == "heartbeat":
             e = self.engines.get(p["name"])
             if e is not None:
-                e.load, e.last_seen, e.assigned_read_bytes = p["load"], time.monotonic(), 0
+                e.load, e.last_seen, e.assigned = p["load"], time.monotonic(), Counter()
             return None
         req = self.requests.get(p.get("rid", ""))
         if req is None:
@@ -114,10 +117,8 @@ class Coordinator:
                 if not e.conn.closed.is_set() and now - e.last_seen < self.cfg.scheduler.dead_after_s]
 
     def cluster_view(self) -> list[EngineLoad]:
-        return [EngineLoad(e.name, e.role, e.node,
-                           queued_prefill_tokens=e.load.get("queued_prefill_tokens", 0),
-                           running_decode_tokens=e.load.get("running_decode_tokens", 0),
-                           read_queue_bytes=e.load.get("read_queue_bytes", 0) + e.assigned_read_bytes,
+        fields = ("queued_prefill_tokens", "running_decode_tokens", "read_queue_bytes")
+        return [EngineLoad(e.name, e.role, e.node, **{f: e.load.get(f, 0) + e.assigned[f] for f in fields},
                            free_buffer_blocks=e.load.get("free_buffer_blocks", 0),
                            free_hbm_blocks=e.load.get("free_hbm_blocks", 0))
                 for e in self.live_engines()]
@@ -175,8 +176,11 @@ class Coordinator:
         req.hit_blocks = min(self.store.lookup(chain), (len(req.tokens) - 1) // self.bt)
         info = RequestInfo(len(req.tokens), req.hit_blocks, self.block_bytes, req.params["max_tokens"])
         d = req.decision = choose(req.policy, info, self.cluster_view())
-        self.engines[d.pe].assigned_read_bytes += d.pe_blocks * self.block_bytes
-        self.engines[d.de].assigned_read_bytes += d.de_blocks * self.block_bytes
+        pe, de = self.engines[d.pe], self.engines[d.de]
+        pe.assigned["read_queue_bytes"] += d.pe_blocks * self.block_bytes
+        pe.assigned["queued_prefill_tokens"] += len(req.tokens) - req.hit_blocks * self.bt
+        de.assigned["read_queue_bytes"] += d.de_blocks * self.block_bytes
+        de.assigned["running_decode_tokens"] += len(req.tokens) + req.params["max_tokens"]
         self.stats[f"path_{d.path}"] += 1
         common = {"rid": req.rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
                   "temperature": req.params["temperature"], "seed": req.params["seed"]}

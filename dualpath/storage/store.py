@@ -54,7 +54,7 @@ def _abandoned(path: str, name: str) -> bool:
 @dataclass
 class StoreStats:
     reads: int = 0
-    read_bytes: int = 0
+    read_bytes: int = 0  # whole files, headers included: what the storage NIC carries
     misses: int = 0
     corrupt: int = 0
     writes: int = 0
@@ -167,7 +167,7 @@ class FileStore:
             return self._miss(key, path, corrupt=True)
         with self._lock:
             self.stats.reads += 1
-            self.stats.read_bytes += n - HEADER_BYTES
+            self.stats.read_bytes += n
             if key in self._lru:
                 self._lru.move_to_end(key)
         return True
@@ -222,7 +222,7 @@ class FileStore:
         os.replace(tmp, path)
         with self._lock:
             self.stats.writes += 1
-            self.stats.write_bytes += written - HEADER_BYTES
+            self.stats.write_bytes += written
             self._used += s.file_bytes - self._lru.pop(key, 0)
             self._lru[key] = s.file_bytes
         self._evict()
