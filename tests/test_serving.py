@@ -15,6 +15,9 @@ import aiohttp
 import pytest
 import torch
 
+from dualpath.bench.driver import run as bench_run
+from dualpath.bench.report import summarize
+from dualpath.bench.workload import AgenticSpec, agentic, read_jsonl
 from dualpath.config import local_cluster
 from dualpath.engine.weights import load_pretrained
 from dualpath.launcher import LocalCluster, complete
@@ -166,3 +169,30 @@ def test_client_disconnect_mid_stream_frees_slot_and_buffers(cluster):
         time.sleep(0.2)
     else:
         pytest.fail(f"decode engines still hold the request: {m}")
+
+
+def test_bench_driver_offline_agents_hit_their_history_and_are_timed(cluster):
+    sessions = agentic(AgenticSpec(agents=3, turns=3, first_prompt=(300, 400), tool_output=(5, 20), answer=(3, 6),
+                                   min_hit_ratio=0.8, block_tokens=BT, seed=7))
+    r = asyncio.run(bench_run(cluster.url, sessions, "dualpath", warmup_turns=1, progress=False, salt=1))
+    assert len(r.records) == 3 * 2 and all(rec.error is None for rec in r.records)
+    for rec in r.records:
+        assert rec.cached_tokens >= rec.prompt_tokens - 20 - 6 - BT  # everything but the new tool output
+        assert 0 <= rec.t_send < rec.t_first <= rec.t_done <= r.duration
+        assert rec.output_tokens == sessions[rec.session].turns[rec.turn].output_tokens
+        assert rec.path in ("A", "B") and rec.read_bytes_pe + rec.read_bytes_de > 0
+    s = summarize(r)
+    assert s["failed"] == 0 and s["hit_ratio"] > 0.8 and len(r.samples) >= 1
+    assert sum(v["read_bytes"] for v in s["nodes"].values()) > 0
+
+
+def test_bench_driver_online_sends_at_arrival_times_and_replays_a_trace(cluster, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": t, "input_length": n, "output_length": 3, "hash_ids": ids}) + "\n"
+                             for t, n, ids in [(0, 1300, [0, 1, 2]), (300, 1450, [0, 1, 3]), (600, 700, [4, 5])]))
+    sessions = read_jsonl(trace, block_tokens=16)
+    r = asyncio.run(bench_run(cluster.url, sessions, "pe-read", "online", trace_block_tokens=16, progress=False))
+    assert [rec.error for rec in r.records] == [None] * 3
+    by_session = {rec.session: rec for rec in r.records}
+    assert by_session[1].t_send >= 0.3 and by_session[2].t_send >= 0.6
+    assert by_session[1].cached_tokens == 32  # hash ids 0 and 1 are shared with request 0: two 16-token blocks

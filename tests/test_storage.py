@@ -148,6 +148,29 @@ async def test_snic_throttle_rate_is_accurate(tmp_path):
     assert 0.9 * 0.05e9 <= read_rate <= 1.1 * 0.05e9, read_rate
 
 
+async def test_layerwise_read_announces_each_layer_as_it_lands_and_stops_at_a_corrupt_one(tmp_path):
+    shape = BlockShape(4, 1 << 18, "uint8", FP)  # 4 layers of 256 KiB per block
+    astore = open_store(str(tmp_path), shape, 1 << 33, node=0, read_gbps=0.1)
+    keys = block_chain(list(range(64 * 6)), FP, 64)
+    for i, k in enumerate(keys):
+        astore.store.write(k, layers_for(i, shape))
+    outs, seen = [empty(shape) for _ in keys], []
+    t0 = time.monotonic()
+    ok = await astore.read_many(keys, outs, lambda l: seen.append((l, time.monotonic() - t0)))
+    assert ok == [True] * 6 and [l for l, _ in seen] == [0, 1, 2, 3]
+    assert all((o == e).all() for out, i in zip(outs, range(6)) for o, e in zip(out, layers_for(i, shape)))
+    layer_s = 6 * shape.bytes_per_layer / 0.1e9  # ~16 ms per layer on the emulated NIC
+    assert seen[0][1] < seen[-1][1] - 2 * layer_s  # layer 0 is announced well before the last one
+    with open(astore.store.path(keys[3]), "r+b") as f:  # corrupt layer 2 of block 3
+        f.seek(HEADER_BYTES + 2 * shape.bytes_per_layer + 5)
+        f.write(b"\xff\x00\xff")
+    seen.clear()
+    ok = await astore.read_many(keys, [empty(shape) for _ in keys], lambda l: seen.append((l, 0)))
+    assert ok == [True, True, True, False, True, True]
+    assert [l for l, _ in seen] in ([], [0], [0, 1])  # never the corrupt layer or any after it
+    astore.close()
+
+
 async def test_read_queue_is_visible_while_throttled(tmp_path):
     shape = BlockShape(1, 1 << 20, "uint8", FP)
     astore = open_store(str(tmp_path), shape, 1 << 33, node=3, read_gbps=0.02)

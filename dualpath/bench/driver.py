@@ -179,6 +179,7 @@ async def run(url: str, sessions: list[Session], policy: str, mode: str = "offli
 
         await asyncio.gather(*(one(s, c) for s, c in zip(sessions, contexts)))
         t1 = time.monotonic()
+        await asyncio.sleep(0.5)  # engines report their counters by heartbeat: let the last one in
         stop.set()
         await sampler
         bar.close()

@@ -43,7 +43,9 @@ class DecodeSeq:
     run: BufferRun | None = None
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # chain keys of the full blocks so far
-    hits_read: asyncio.Future | None = None
+    hit_layers: list[asyncio.Event] = field(default_factory=list)  # path B: set when layer l is read, or on a miss
+    layers_read: int = 0  # layers of our path-B read that are in and verified
+    io: list[asyncio.Task] = field(default_factory=list)  # reads into our run
     persisted: list[asyncio.Future] = field(default_factory=list)
     cancelled: bool = False
 
@@ -105,15 +107,27 @@ class DecodeEngine(Engine):
         seq.keys = block_chain(seq.tokens, self.model.fingerprint, self.bt)
         self.seqs[seq.rid] = seq
         if seq.n_de:
-            seq.hits_read = asyncio.ensure_future(self.read_blocks(seq.keys[: seq.n_de], seq.run))
+            seq.hit_layers = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
+            seq.io.append(asyncio.create_task(self._read_hits(seq)))
         return self.run_handle(seq.run)
 
+    async def _read_hits(self, seq: DecodeSeq) -> None:
+        def on_layer(l: int) -> None:
+            seq.layers_read = l + 1
+            seq.hit_layers[l].set()
+
+        await self.read_blocks(seq.keys[: seq.n_de], seq.run, on_layer=on_layer)
+        for ev in seq.hit_layers:  # on a miss, wake _send_hits to report it
+            ev.set()
+
     async def _send_hits(self, seq: DecodeSeq, dst: dict) -> dict:
-        """Path B: storage → our buffer (already under way) → the PE's buffer, one bulk write per layer."""
-        if not await seq.hits_read:
-            raise RuntimeError("retry: a hit block was missing or corrupt")
+        """Path B: storage → our buffer (already under way) → the PE's buffer, one bulk write per layer
+        as soon as that layer is read, so the PE can compute layer 0 while later layers travel."""
         bpl = self.buffer.bytes_per_layer
         for l in range(self.model.cfg.n_layers):
+            await seq.hit_layers[l].wait()
+            if seq.layers_read <= l:
+                raise RuntimeError("retry: a hit block was missing or corrupt")
             off, _ = self.buffer.layer_range(seq.run, l)
             src = self.buffer.host[off : off + seq.n_de * bpl]
             dst_off = dst["offset"] + l * dst["n_blocks"] * bpl

@@ -40,8 +40,9 @@ class PrefillJob:
     seed: int | None
     run: BufferRun | None = None
     blocks: list[int] = field(default_factory=list)
-    path_a_done: asyncio.Event = field(default_factory=asyncio.Event)  # storage reads land all layers at once
-    path_b_layer: list[asyncio.Event] = field(default_factory=list)  # the DE's writes land layer by layer
+    io: list[asyncio.Task] = field(default_factory=list)  # reads and path-B loads into our run
+    path_a_layer: list[asyncio.Event] = field(default_factory=list)  # layer l of our storage reads is in
+    path_b_layer: list[asyncio.Event] = field(default_factory=list)  # layer l of the DE's writes is in
     computed: int = 0  # tokens whose KV is in HBM (hit tokens count once loaded)
     loaded_to_hbm: bool = False
     failed: str | None = None
@@ -84,6 +85,7 @@ class PrefillEngine(Engine):
     # -- admission and loading --
 
     async def _admit(self, job: PrefillJob) -> None:
+        job.path_a_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         job.path_b_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         try:
             job.run = await self.buffer.alloc(self.pool.blocks_for(len(job.tokens)))
@@ -94,23 +96,23 @@ class PrefillEngine(Engine):
                 except OutOfBlocks:
                     await asyncio.sleep(0.01)
             job.computed = job.n_hit * self.bt
-            asyncio.create_task(self._read_path_a(job, job.n_de, job.n_hit, [job.path_a_done]))
-            asyncio.create_task(self._read_path_b(job))
+            job.io = [asyncio.create_task(self._read_path_a(job, job.n_de, job.n_hit, job.path_a_layer)),
+                      asyncio.create_task(self._read_path_b(job))]
             self.ready.append(job)
             self.wake.set()
         except Exception as e:
             await self._fail(job, f"admission failed: {e}")
 
-    async def _read_path_a(self, job: PrefillJob, lo: int, hi: int, done: list[asyncio.Event]) -> None:
-        """Storage → our buffer, hit blocks [lo, hi); then set the events (all layers arrive together)."""
+    async def _read_path_a(self, job: PrefillJob, lo: int, hi: int, layers: list[asyncio.Event]) -> None:
+        """Storage → our buffer, hit blocks [lo, hi), setting layers[l] as each layer lands."""
         if hi > lo:
             keys = block_chain(job.tokens[: hi * self.bt], self.model.fingerprint, self.bt)[lo:]
-            if not await self.read_blocks(keys, job.run, first=lo):
+            if not await self.read_blocks(keys, job.run, first=lo, on_layer=lambda l: layers[l].set()):
                 job.failed = "retry: a hit block was missing or corrupt"
             else:
                 self.metrics["path_a_requests"] += 1
                 self.metrics["path_a_blocks"] += hi - lo
-        for ev in done:
+        for ev in layers:  # nothing to read, or a miss: the step loop must not wait (it checks job.failed)
             ev.set()
 
     async def _read_path_b(self, job: PrefillJob) -> None:
@@ -166,7 +168,7 @@ class PrefillEngine(Engine):
         for l in range(self.model.cfg.n_layers):
             loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
             for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
-                await j.path_a_done.wait()
+                await j.path_a_layer[l].wait()
                 await j.path_b_layer[l].wait()
             if any(j.failed for j, _ in picked):
                 return

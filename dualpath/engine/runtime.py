@@ -134,10 +134,11 @@ class Engine:
         off, nbytes = self.buffer.byte_range(run)
         return {"handle": self.buffer_handle, "offset": off, "n_blocks": run.n_blocks}
 
-    async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0) -> bool:
-        """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run. False on any miss."""
+    async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:
+        """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run, layer by layer
+        (``on_layer(l)`` once layer l of all of them is in). False on any miss."""
         dests = [self.buffer.block_dests(run, first + i) for i in range(len(keys))]
-        ok = await self.store.read_many(keys, dests)
+        ok = await self.store.read_many(keys, dests, on_layer)
         self.metrics["storage_read_blocks"] += len(keys)
         self.metrics["storage_read_bytes"] += len(keys) * self.shape.file_bytes
         return all(ok)
@@ -161,7 +162,14 @@ class Engine:
         dst.copy_(data.cpu() if data.is_cuda else data)
 
     def free_request_memory(self, req) -> None:
-        """Give back a request's DRAM buffer run and HBM blocks (idempotent)."""
+        """Give back a request's DRAM buffer run and HBM blocks (idempotent). While a read or a
+        peer's write into its run is still under way (an abort mid-load), wait for it: the run must
+        not be handed to another request while bytes still land in it."""
+        pending = [t for t in req.io if not t.done()]
+        if pending:
+            asyncio.gather(*pending, return_exceptions=True).add_done_callback(
+                lambda _: self.free_request_memory(req))
+            return
         if req.run is not None:
             self.buffer.release(req.run)
             req.run = None

@@ -1,8 +1,8 @@
 """The block KV store: one file per block in a directory (local disk or a shared-FS mount).
 
 - Writes are atomic (temp file, fsync, rename): readers in other processes see a whole block or none.
-- Reads scatter each layer straight into the caller's buffers with one preadv (no extra copy)
-  and verify every layer's checksum. A bad block is a miss: the file is removed and counted, and no
+- Reads land each layer straight in the caller's buffers (no extra copy) and verify every
+  layer's checksum; a request's blocks are read layer by layer, so compute can start early. A bad block is a miss: the file is removed and counted, and no
   exception reaches the caller (DESIGN.md §5: never wrong tokens).
 - A capacity limit evicts least-recently-used blocks.
 - A temp file left by a crash is ignored by readers and removed at start.
@@ -172,21 +172,37 @@ class FileStore:
                 self._lru.move_to_end(key)
         return True
 
-    def read_layer(self, key: bytes, layer: int, dest) -> bool:
-        """Read one layer's slice only (one pread at its offset)."""
-        s = self.shape
+    def read_checksums(self, key: bytes) -> list[int] | None:
+        """A block's header: its per-layer checksums, or None (a miss) if absent or not ours."""
         path = self.path(key)
         header = bytearray(HEADER_BYTES)
-        n = _preadv(path, [(0, [header]), (HEADER_BYTES + layer * s.bytes_per_layer, [dest])])
+        if _preadv(path, [(0, [header])]) is None:
+            self._miss(key, path, corrupt=False)
+            return None
+        try:
+            sums = decode_header(bytes(header), self.shape, key)
+        except BlockFormatError:
+            self._miss(key, path, corrupt=True)
+            return None
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.read_bytes += HEADER_BYTES
+        return sums
+
+    def read_layer(self, key: bytes, layer: int, dest, sums: list[int] | None = None) -> bool:
+        """Read one layer's slice only (one pread at its offset), checked against the header's
+        checksums (read first unless given). False (a miss) if absent, short or corrupt."""
+        sums = sums if sums is not None else self.read_checksums(key)
+        if sums is None:
+            return False
+        path = self.path(key)
+        n = _preadv(path, [(HEADER_BYTES + layer * self.shape.bytes_per_layer, [dest])])
         if n is None:
             return self._miss(key, path, corrupt=False)
-        n -= HEADER_BYTES
-        try:
-            crcs = decode_header(bytes(header), s, key)
-            if n != s.bytes_per_layer or checksum(dest) != crcs[layer]:
-                raise BlockFormatError(f"layer {layer} short or checksum mismatch")
-        except BlockFormatError:
+        if n != self.shape.bytes_per_layer or checksum(dest) != sums[layer]:
             return self._miss(key, path, corrupt=True)
+        with self._lock:
+            self.stats.read_bytes += n
         return True
 
     # -- writes --
@@ -269,29 +285,55 @@ class AsyncStore:
             self.pending_read_bytes -= nbytes
             self.pending_reads -= 1
 
-    async def read_many(self, keys: list[bytes], dests: list[list]) -> list[bool]:
-        """Read a request's blocks: one reservation on the emulated NIC, and the blocks split into
-        one contiguous group per I/O thread (one thread hop per group, not per block)."""
+    async def read_many(self, keys: list[bytes], dests: list[list], on_layer=None) -> list[bool]:
+        """Read a request's blocks layer by layer: the headers, then layer 0 of every block, then
+        layer 1, ... (each a contiguous slice of its file). ``on_layer(l)`` is called as soon as
+        layer l of every block is in place and verified, so the PE can compute layer 0 while later
+        layers still load (path A, DESIGN.md §2). After a miss no further layer is announced.
+        Every layer is one reservation on the emulated NIC; its blocks are split into one contiguous
+        group per I/O thread (one thread hop per group, not per block)."""
         if not keys:
             return []
-        nbytes = self.store.shape.file_bytes * len(keys)
+        shape, loop = self.store.shape, asyncio.get_running_loop()
         groups = min(len(keys), self._threads)
-        bounds = [len(keys) * g // groups for g in range(groups + 1)]
+        bounds = [(len(keys) * g // groups, len(keys) * (g + 1) // groups) for g in range(groups)]
+        sums: list[list[int] | None] = [None] * len(keys)
 
-        def read_group(lo: int, hi: int) -> list[bool]:
-            return [self.store.read_into(keys[i], dests[i]) for i in range(lo, hi)]
+        def read_headers(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                sums[i] = self.store.read_checksums(keys[i])
 
+        def read_layer(layer: int, lo: int, hi: int) -> None:
+            for i in range(lo, hi):  # each thread owns its slice of `sums`
+                if sums[i] is not None and not self.store.read_layer(keys[i], layer, dests[i][layer], sums[i]):
+                    sums[i] = None
+
+        async def on_nic(end: float, *futures) -> None:
+            await asyncio.gather(*futures)
+            delay = end - time.monotonic()
+            if delay > 0:  # the real I/O was faster than the emulated NIC allows
+                await asyncio.sleep(delay)
+
+        nbytes = shape.file_bytes * len(keys)
         self.pending_read_bytes += nbytes
         self.pending_reads += len(keys)
         try:
-            end = self.read_bucket.reserve(nbytes)
-            loop = asyncio.get_running_loop()
-            parts = await asyncio.gather(*(loop.run_in_executor(self._pool, read_group, bounds[g], bounds[g + 1])
-                                           for g in range(groups)))
-            delay = end - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            return [ok for part in parts for ok in part]
+            end = self.read_bucket.reserve(HEADER_BYTES * len(keys))
+            await on_nic(end, *(loop.run_in_executor(self._pool, read_headers, lo, hi) for lo, hi in bounds))
+            if None in sums:
+                return [x is not None for x in sums]
+            # Queue every layer now (the thread pool runs them in order) and announce them as they land.
+            ends = [self.read_bucket.reserve(shape.bytes_per_layer * len(keys)) for _ in range(shape.n_layers)]
+            reads = [[loop.run_in_executor(self._pool, read_layer, l, lo, hi) for lo, hi in bounds]
+                     for l in range(shape.n_layers)]
+            for l in range(shape.n_layers):
+                await on_nic(ends[l], *reads[l])
+                if None in sums:
+                    await asyncio.gather(*(f for layer in reads[l + 1 :] for f in layer))
+                    break
+                if on_layer is not None:
+                    on_layer(l)
+            return [x is not None for x in sums]
         finally:
             self.pending_read_bytes -= nbytes
             self.pending_reads -= len(keys)
