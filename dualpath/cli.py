@@ -239,5 +239,65 @@ def bench_repro(online: bool, agents: int, **kw) -> None:
     repro(rc)
 
 
+def _cluster_bench_options(fn):
+    for opt in reversed([
+        click.option("--model", "preset", default="tiny-gqa", show_default=True),
+        click.option("--dtype", default="float32", show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, or cuda (engine i on cuda:i)"),
+        click.option("--port", type=int, default=18500, show_default=True)]):
+        fn = opt(fn)
+    return fn
+
+
+@bench.command("agreement")
+@_cluster_bench_options
+@click.option("--turns", type=int, default=3, show_default=True)
+@click.option("--prompt-tokens", type=int, default=1500, show_default=True)
+@click.option("--append-tokens", type=int, default=200, show_default=True)
+@click.option("--max-tokens", type=int, default=32, show_default=True)
+@click.option("--out", default="runs/bench_agreement.json", show_default=True)
+def bench_agreement(**kw) -> None:
+    """1P1D conversations on every path vs. forward_reference: greedy token agreement."""
+    from dualpath.bench.agreement_bench import run as run_bench
+
+    r = run_bench(policies=("pe-read", "de-read", "dualpath-split"), **kw)
+    for p, v in r["policies"].items():
+        click.echo(f"{p:<15} paths {'/'.join(v['paths'])}: {v['agree']}/{v['generated']} generated tokens agree "
+                   f"({v['agreement']:.2%})")
+    click.echo(f"wrote {kw['out']}")
+
+
+@bench.command("overlap")
+@_cluster_bench_options
+@click.option("--cached", type=int, default=32768, show_default=True, help="cached context tokens")
+@click.option("--new", type=int, default=512, show_default=True, help="new tokens")
+@click.option("--out", default="runs/bench_overlap.json", show_default=True)
+def bench_overlap(**kw) -> None:
+    """PE prefill with a long cached context vs. max(load only, compute only)."""
+    from dualpath.bench.overlap_bench import run as run_bench
+
+    r = run_bench(**kw)
+    click.echo(f"{r['cached_tokens']} cached + {r['new_tokens']} new tokens: prefill {r['prefill_s'] * 1e3:.1f} ms; "
+               f"load only {r['load_only_s'] * 1e3:.1f} ms, compute only {r['compute_only_s'] * 1e3:.1f} ms; "
+               f"ratio to the larger {r['ratio_to_max']:.2f} (no overlap would be {r['sum_ratio_to_max']:.2f})")
+    click.echo(f"wrote {kw['out']}")
+
+
+@bench.command("interference")
+@_cluster_bench_options
+@click.option("--context", type=int, default=8192, show_default=True, help="background contexts (path B)")
+@click.option("--decode-tokens", type=int, default=200, show_default=True)
+@click.option("--out", default="runs/bench_interference.json", show_default=True)
+def bench_interference(**kw) -> None:
+    """Decode TPOT alone vs. while path-B loads run through the same DE."""
+    from dualpath.bench.interference_bench import run as run_bench
+
+    r = run_bench(**kw)
+    click.echo(f"TPOT alone {r['tpot_alone_s'] * 1e3:.2f} ms, with path-B loading "
+               f"{r['tpot_with_path_b_s'] * 1e3:.2f} ms ({r['increase']:+.1%}); "
+               f"{r['background_tokens_loaded_per_s']:,.0f} tokens/s loaded on path B meanwhile")
+    click.echo(f"wrote {kw['out']}")
+
+
 if __name__ == "__main__":
     main()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 
 from dualpath.config import ClusterConfig
 
@@ -43,6 +45,8 @@ async def _main(cfg: ClusterConfig, role: str, node: int) -> None:
 
 
 def run_process(cfg: ClusterConfig, role: str, node: int) -> None:
+    if os.environ.get("DUALPATH_SWITCH_INTERVAL_S"):  # experiment: GIL hand-over latency
+        sys.setswitchinterval(float(os.environ["DUALPATH_SWITCH_INTERVAL_S"]))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role}{node if role != 'coordinator' else ''} "
                         "%(levelname)s %(name)s: %(message)s")
     _event_loop_policy()

@@ -45,3 +45,20 @@ def write_json(path: str | os.PathLike[str], result: dict[str, Any]) -> Path:
     result = {"host": host_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
     p.write_text(json.dumps(result, indent=2))
     return p
+
+
+def bench_cluster(n_prefill: int, n_decode: int, preset: str, dtype: str, device: str, port: int, store_root: str,
+                  snic_gbps: float = 0.0, block_tokens: int = 64):
+    """A local cluster config for benchmarks: HTTP API on `port`, engines on the ports after it,
+    engine i on cuda:i when `device` is "cuda", pools sized for long contexts."""
+    from dualpath.config import local_cluster
+
+    cfg = local_cluster(n_prefill, n_decode, base_port=port + 2)
+    cfg.model.preset, cfg.model.dtype = preset, dtype
+    cfg.store.root, cfg.store.block_tokens, cfg.store.snic_read_gbps = store_root, block_tokens, snic_gbps
+    cfg.scheduler.http_port, cfg.scheduler.control_port = port, port + 1
+    cfg.engine.hbm_blocks, cfg.engine.buffer_blocks = 4096, 2048
+    if device.startswith("cuda"):
+        for i, e in enumerate(cfg.engines):
+            e.device = f"cuda:{i}"
+    return cfg.validate()

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dualpath.bench import report
+from dualpath.bench.common import bench_cluster
 from dualpath.bench.driver import RunResult, run
 from dualpath.bench.workload import AgenticSpec, agentic, hit_ratios, poisson_arrivals, write_jsonl
-from dualpath.config import ClusterConfig, local_cluster
+from dualpath.config import ClusterConfig
 from dualpath.launcher import LocalCluster
 
 
@@ -57,15 +58,8 @@ class ReproConfig:
 
 
 def cluster_config(rc: ReproConfig, snic_gbps: float, store_root: str) -> ClusterConfig:
-    cfg = local_cluster(rc.n_prefill, rc.n_decode, base_port=rc.base_port + 2)
-    cfg.model.preset, cfg.model.dtype = rc.preset, rc.dtype
-    cfg.store.root, cfg.store.block_tokens, cfg.store.snic_read_gbps = store_root, rc.block_tokens, snic_gbps
-    cfg.scheduler.http_port, cfg.scheduler.control_port = rc.base_port, rc.base_port + 1
-    cfg.engine.hbm_blocks, cfg.engine.buffer_blocks = 4096, 2048
-    if rc.device.startswith("cuda"):
-        for i, e in enumerate(cfg.engines):
-            e.device = f"cuda:{i}"
-    return cfg.validate()
+    return bench_cluster(rc.n_prefill, rc.n_decode, rc.preset, rc.dtype, rc.device, rc.base_port, store_root,
+                         snic_gbps, rc.block_tokens)
 
 
 def run_on_fresh_cluster(rc: ReproConfig, sessions, policy: str, mode: str, snic_gbps: float) -> RunResult:
