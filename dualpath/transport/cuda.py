@@ -29,6 +29,7 @@ class CudaDataPlane(TcpDataPlane):
         super().__init__(*args, **kwargs)
         self._opened: dict[tuple, torch.Tensor] = {}
         self._copy_streams: dict[int, torch.cuda.Stream] = {}
+        self._peer_enabled: set[tuple[int, int]] = set()
 
     def register(self, tensor: torch.Tensor) -> dict:
         handle = super().register(tensor)
@@ -58,6 +59,17 @@ class CudaDataPlane(TcpDataPlane):
             self._opened[key] = t
         return t
 
+    def _enable_peer_access(self, src_dev: int, dst_dev: int) -> None:
+        """Let the source device write the destination's memory directly. Without this the driver
+        stages a copy into another process's (IPC) memory: measured 37 GB/s instead of 355 GB/s
+        over NVLink on H200s. Torch enables only the direction it needs for its own tensors."""
+        if (src_dev, dst_dev) in self._peer_enabled:
+            return
+        self._peer_enabled.add((src_dev, dst_dev))
+        # torch exposes no call for it, but a copy *into* a tensor on src_dev *from* one on dst_dev
+        # makes torch enable src_dev's access to dst_dev's memory (and keep it enabled).
+        torch.empty(1, device=f"cuda:{src_dev}").copy_(torch.zeros(1, device=f"cuda:{dst_dev}"))
+
     def release(self, handle: dict) -> None:
         _LOCAL.pop((os.getpid(), self.port, handle["region"]), None)
         super().release(handle)
@@ -71,15 +83,9 @@ class CudaDataPlane(TcpDataPlane):
                                 f"{dst['nbytes']}-byte destination")
         target = self._open(dst)[dst_offset : dst_offset + nbytes]
         source = as_bytes(src)[:nbytes]
-        # Issue the copy on the destination device, with peer access enabled, so it runs as one
-        # direct NVLink transfer rather than being staged through host memory.
         dev = target.device.index
         if source.is_cuda and source.device.index != dev:
-            try:
-                with torch.cuda.device(dev):
-                    torch.cuda.cudart().cudaDeviceEnablePeerAccess(source.device.index, 0)
-            except Exception:
-                pass  # already enabled, or no peer access: the copy still works, only slower
+            self._enable_peer_access(source.device.index, dev)
         stream = self._copy_streams.setdefault(dev, torch.cuda.Stream(device=dev))
         with torch.cuda.device(dev), torch.cuda.stream(stream):
             target.copy_(source, non_blocking=True)
