@@ -70,6 +70,8 @@ async def _recv_exact(loop, sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionError("peer closed the connection")
         view = view[n:]
+        if len(view):  # likewise: data waiting means no suspension, so let the other connections in
+            await asyncio.sleep(0)
 
 
 async def _recv_frame(loop, sock: socket.socket) -> dict:
@@ -275,6 +277,10 @@ class TcpDataPlane:
                 await asyncio.wait_for(self._latency_idle.wait(), pause)
             except asyncio.TimeoutError:
                 pass
+        else:
+            # sock_sendall returns without suspending while the socket has room: yield, so that a
+            # latency write that is about to start is not held behind a run of bulk chunks.
+            await asyncio.sleep(0)
 
     async def _send(self, src: memoryview, dst: dict, off: int, tc: str, notify: Any, op: str,
                     timeout: float) -> None:
