@@ -141,8 +141,8 @@ async def _sample_cluster(http, url: str, t0: float, samples: list, stop: asynci
 
 
 async def run(url: str, sessions: list[Session], policy: str, mode: str = "offline",
-              trace_block_tokens: int = 512, concurrency: int = 0, warmup_turns: int = 0, salt: int = 0, progress: bool = True,
-              sample_every: float = 0.25, timeout: float = 3600) -> RunResult:
+              trace_block_tokens: int = 512, concurrency: int = 0, warmup_turns: int = 0, salt: int = 0,
+              progress: bool = True, sample_every: float = 0.25, timeout: float = 3600) -> RunResult:
     """Run a workload; `concurrency` caps the sessions in flight (0 = all of them).
 
     The first `warmup_turns` turns of every session run before the clock starts and are not

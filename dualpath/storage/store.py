@@ -2,8 +2,9 @@
 
 - Writes are atomic (temp file, fsync, rename): readers in other processes see a whole block or none.
 - Reads land each layer straight in the caller's buffers (no extra copy) and verify every
-  layer's checksum; a request's blocks are read layer by layer, so compute can start early. A bad block is a miss: the file is removed and counted, and no
-  exception reaches the caller (DESIGN.md §5: never wrong tokens).
+  layer's checksum; a request's blocks are read in spans of layers, so compute can start early.
+  A bad block is a miss: the file is removed and counted, and no exception reaches the caller
+  (DESIGN.md §5: never wrong tokens).
 - A capacity limit evicts least-recently-used blocks.
 - A temp file left by a crash is ignored by readers and removed at start.
 
@@ -30,6 +31,7 @@ from dualpath.storage.snic import SnicBucket
 TMP_SUFFIX = ".tmp"
 _HOST = socket.gethostname().replace(".", "_")
 STALE_TMP_S = 3600.0
+LAYER_SPANS = 4  # a request's blocks are read in this many spans of layers, each announced on arrival
 
 
 def _abandoned(path: str, name: str) -> bool:
@@ -189,21 +191,25 @@ class FileStore:
             self.stats.read_bytes += HEADER_BYTES
         return sums
 
-    def read_layer(self, key: bytes, layer: int, dest, sums: list[int] | None = None) -> bool:
-        """Read one layer's slice only (one pread at its offset), checked against the header's
-        checksums (read first unless given). False (a miss) if absent, short or corrupt."""
+    def read_layers(self, key: bytes, first: int, dests: list, sums: list[int] | None = None) -> bool:
+        """Read layers [first, first + len(dests)) only: one contiguous slice of the file, one
+        preadv. Checked against the header's checksums (read first unless given). False (a miss)
+        if absent, short or corrupt."""
         sums = sums if sums is not None else self.read_checksums(key)
         if sums is None:
             return False
-        path = self.path(key)
-        n = _preadv(path, [(HEADER_BYTES + layer * self.shape.bytes_per_layer, [dest])])
+        path, bpl = self.path(key), self.shape.bytes_per_layer
+        n = _preadv(path, [(HEADER_BYTES + first * bpl, dests)])
         if n is None:
             return self._miss(key, path, corrupt=False)
-        if n != self.shape.bytes_per_layer or checksum(dest) != sums[layer]:
+        if n != len(dests) * bpl or any(checksum(d) != sums[first + i] for i, d in enumerate(dests)):
             return self._miss(key, path, corrupt=True)
         with self._lock:
             self.stats.read_bytes += n
         return True
+
+    def read_layer(self, key: bytes, layer: int, dest, sums: list[int] | None = None) -> bool:
+        return self.read_layers(key, layer, [dest], sums)
 
     # -- writes --
 
@@ -286,12 +292,12 @@ class AsyncStore:
             self.pending_reads -= 1
 
     async def read_many(self, keys: list[bytes], dests: list[list], on_layer=None) -> list[bool]:
-        """Read a request's blocks layer by layer: the headers, then layer 0 of every block, then
-        layer 1, ... (each a contiguous slice of its file). ``on_layer(l)`` is called as soon as
-        layer l of every block is in place and verified, so the PE can compute layer 0 while later
-        layers still load (path A, DESIGN.md §2). After a miss no further layer is announced.
-        Every layer is one reservation on the emulated NIC; its blocks are split into one contiguous
-        group per I/O thread (one thread hop per group, not per block)."""
+        """Read a request's blocks layer by layer: the headers, then the first span of layers of
+        every block, then the next span, ... (each a contiguous slice of its file). ``on_layer(l)``
+        is called as soon as layer l of every block is in place and verified, so the PE can compute
+        layer 0 while later layers still load (path A, DESIGN.md §2). After a miss no further layer
+        is announced. Every span is one reservation on the emulated NIC; its blocks are split into
+        one contiguous group per I/O thread (one thread hop per group, not per block)."""
         if not keys:
             return []
         shape, loop = self.store.shape, asyncio.get_running_loop()
@@ -303,9 +309,10 @@ class AsyncStore:
             for i in range(lo, hi):
                 sums[i] = self.store.read_checksums(keys[i])
 
-        def read_layer(layer: int, lo: int, hi: int) -> None:
+        def read_span(span: range, lo: int, hi: int) -> None:
             for i in range(lo, hi):  # each thread owns its slice of `sums`
-                if sums[i] is not None and not self.store.read_layer(keys[i], layer, dests[i][layer], sums[i]):
+                if sums[i] is not None and not self.store.read_layers(keys[i], span.start,
+                                                                      dests[i][span.start : span.stop], sums[i]):
                     sums[i] = None
 
         async def on_nic(end: float, *futures) -> None:
@@ -322,17 +329,22 @@ class AsyncStore:
             await on_nic(end, *(loop.run_in_executor(self._pool, read_headers, lo, hi) for lo, hi in bounds))
             if None in sums:
                 return [x is not None for x in sums]
-            # Queue every layer now (the thread pool runs them in order) and announce them as they land.
-            ends = [self.read_bucket.reserve(shape.bytes_per_layer * len(keys)) for _ in range(shape.n_layers)]
-            reads = [[loop.run_in_executor(self._pool, read_layer, l, lo, hi) for lo, hi in bounds]
-                     for l in range(shape.n_layers)]
-            for l in range(shape.n_layers):
-                await on_nic(ends[l], *reads[l])
+            # Queue every span of layers now (the thread pool runs them in order) and announce the
+            # layers of each span as it lands. Spans rather than single layers: one preadv per block
+            # per span keeps the Python work (and the GIL time) per byte small.
+            spans = [range(shape.n_layers * g // LAYER_SPANS, shape.n_layers * (g + 1) // LAYER_SPANS)
+                     for g in range(LAYER_SPANS)]
+            spans = [sp for sp in spans if len(sp)]
+            ends = [self.read_bucket.reserve(shape.bytes_per_layer * len(sp) * len(keys)) for sp in spans]
+            reads = [[loop.run_in_executor(self._pool, read_span, sp, lo, hi) for lo, hi in bounds] for sp in spans]
+            for k, sp in enumerate(spans):
+                await on_nic(ends[k], *reads[k])
                 if None in sums:
-                    await asyncio.gather(*(f for layer in reads[l + 1 :] for f in layer))
+                    await asyncio.gather(*(f for later in reads[k + 1 :] for f in later))
                     break
                 if on_layer is not None:
-                    on_layer(l)
+                    for l in sp:
+                        on_layer(l)
             return [x is not None for x in sums]
         finally:
             self.pending_read_bytes -= nbytes
