@@ -74,6 +74,7 @@ class StoreConfig:
     snic_write_gbps: float = 0.0
     write_queue_blocks: int = 1024  # write-behind queue depth before back-pressure
     io_threads: int = 8
+    read_spans: int = 4  # a request's blocks are read in this many spans of layers (see store.read_many)
 
     def validate(self) -> None:
         _check(self.capacity_gb > 0, "store.capacity_gb", self.capacity_gb, "must be > 0")
@@ -83,6 +84,7 @@ class StoreConfig:
         _check(self.snic_write_gbps >= 0, "store.snic_write_gbps", self.snic_write_gbps, "must be >= 0")
         _check(self.write_queue_blocks > 0, "store.write_queue_blocks", self.write_queue_blocks, "must be > 0")
         _check(self.io_threads > 0, "store.io_threads", self.io_threads, "must be > 0")
+        _check(self.read_spans > 0, "store.read_spans", self.read_spans, "must be > 0")
 
 
 @dataclass

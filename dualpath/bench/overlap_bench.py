@@ -41,12 +41,14 @@ def _best(fn, repeat: int = 3) -> float:
     return min(times)
 
 
-def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, out: str) -> dict:
+def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, out: str, io_threads: int = 8,
+        read_spans: int = 4) -> dict:
     bt, rng = 64, random.Random(0)
     turn1 = [rng.randrange(256) for _ in range(cached)]
     with tempfile.TemporaryDirectory(prefix="dualpath-overlap-") as work:
         store_root = f"{work}/store"
         cfg = bench_cluster(1, 1, preset, dtype, device, port, store_root)
+        cfg.store.io_threads, cfg.store.read_spans = io_threads, read_spans
         with LocalCluster(cfg, f"{work}/run") as c:
             r1 = complete(c.url, {"prompt": turn1, "max_tokens": 1, "dualpath_policy": "pe-read"})
             context = turn1 + r1["choices"][0]["token_ids"]
@@ -68,7 +70,8 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
         buf = BufferPool(n_blocks, mc.n_layers, pool.block_bytes_per_layer)
         run_ = buf.try_alloc(n_blocks)
         shape = BlockShape(mc.n_layers, pool.block_bytes_per_layer, dtype, model.fingerprint)
-        store = open_store(store_root, shape, 1 << 40, io_threads=cfg.store.io_threads)
+        store = open_store(store_root, shape, 1 << 40, io_threads=cfg.store.io_threads,
+                           read_spans=cfg.store.read_spans)
         keys = block_chain(prompt, model.fingerprint, bt)[:hit_blocks]
         table = list(range(n_blocks))
         hbm_ids = torch.tensor(table[:hit_blocks], device=dev)
@@ -96,7 +99,8 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
         t_load, t_compute = _best(load_only), _best(compute_only)
         store.close()
     overlapped = min(prefill_s)
-    result = {"bench": "overlap", "preset": preset, "dtype": dtype, "device": str(dev),
+    result = {"bench": "overlap", "preset": preset, "dtype": dtype, "device": str(dev), "io_threads": io_threads,
+              "read_spans": read_spans,
               "cached_tokens": hit_blocks * bt, "new_tokens": len(prompt) - hit_blocks * bt,
               "prefill_s": overlapped, "prefill_s_runs": prefill_s, "load_only_s": t_load,
               "compute_only_s": t_compute, "ratio_to_max": overlapped / max(t_load, t_compute),

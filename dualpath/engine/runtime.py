@@ -62,7 +62,7 @@ class Engine:
         c = self.cfg
         self.store = open_store(c.store.root, self.shape, int(c.store.capacity_gb * 1e9), node=self.spec.node,
                                 read_gbps=c.store.snic_read_gbps, write_gbps=c.store.snic_write_gbps,
-                                io_threads=c.store.io_threads)
+                                io_threads=c.store.io_threads, read_spans=c.store.read_spans)
         self.dataplane = make_dataplane(c.transport.backend, self.name, c.transport.token,
                                         on_complete=self.on_write_complete,
                                         bulk_chunk_bytes=c.transport.bulk_chunk_bytes,

@@ -31,7 +31,6 @@ from dualpath.storage.snic import SnicBucket
 TMP_SUFFIX = ".tmp"
 _HOST = socket.gethostname().replace(".", "_")
 STALE_TMP_S = 3600.0
-LAYER_SPANS = 4  # a request's blocks are read in this many spans of layers, each announced on arrival
 
 
 def _abandoned(path: str, name: str) -> bool:
@@ -266,10 +265,12 @@ class FileStore:
 class AsyncStore:
     """The engines' view: async reads/writes on a thread pool, throttled by the emulated SNIC."""
 
-    def __init__(self, store: FileStore, read_bucket: SnicBucket, write_bucket: SnicBucket, io_threads: int = 8):
+    def __init__(self, store: FileStore, read_bucket: SnicBucket, write_bucket: SnicBucket, io_threads: int = 8,
+                 read_spans: int = 4):
         self.store, self.read_bucket, self.write_bucket = store, read_bucket, write_bucket
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="store-io")
         self._threads = io_threads
+        self._spans = read_spans  # fewer: less Python (GIL) time per byte; more: earlier first layer
         self.pending_read_bytes = 0
         self.pending_reads = 0
 
@@ -332,8 +333,8 @@ class AsyncStore:
             # Queue every span of layers now (the thread pool runs them in order) and announce the
             # layers of each span as it lands. Spans rather than single layers: one preadv per block
             # per span keeps the Python work (and the GIL time) per byte small.
-            spans = [range(shape.n_layers * g // LAYER_SPANS, shape.n_layers * (g + 1) // LAYER_SPANS)
-                     for g in range(LAYER_SPANS)]
+            n_spans = min(self._spans, shape.n_layers)
+            spans = [range(shape.n_layers * g // n_spans, shape.n_layers * (g + 1) // n_spans) for g in range(n_spans)]
             spans = [sp for sp in spans if len(sp)]
             ends = [self.read_bucket.reserve(shape.bytes_per_layer * len(sp) * len(keys)) for sp in spans]
             reads = [[loop.run_in_executor(self._pool, read_span, sp, lo, hi) for lo, hi in bounds] for sp in spans]
@@ -365,7 +366,7 @@ class AsyncStore:
 
 
 def open_store(root: str, shape: BlockShape, capacity_bytes: int, node: int = 0, read_gbps: float = 0.0,
-               write_gbps: float = 0.0, io_threads: int = 8, fsync: bool = True) -> AsyncStore:
+               write_gbps: float = 0.0, io_threads: int = 8, fsync: bool = True, read_spans: int = 4) -> AsyncStore:
     return AsyncStore(FileStore(root, shape, capacity_bytes, fsync),
                       SnicBucket(root, node, "read", read_gbps), SnicBucket(root, node, "write", write_gbps),
-                      io_threads)
+                      io_threads, read_spans)
