@@ -60,7 +60,7 @@ def _run() -> RunResult:
     samples = [{"t": t, "engines": {"pe0": {"node": 0, "role": "prefill", "read_bytes": int(t * 4e6), "write_bytes": 0},
                                     "de0": {"node": 1, "role": "decode", "read_bytes": int(t * 2e6),
                                             "write_bytes": int(t * 1e6)}}} for t in (0.0, 5.0, 10.0)]
-    return RunResult("dualpath", "offline", 0.0, 10.0, recs, samples)
+    return RunResult("dualpath", "offline", 10.0, recs, samples)
 
 
 def test_summary_percentiles_paths_and_storage_nic_utilisation():

@@ -54,14 +54,9 @@ class RequestRecord:
 class RunResult:
     policy: str
     mode: str
-    started: float
-    finished: float
+    duration: float  # seconds from the first timed request to the last answer
     records: list[RequestRecord]
     samples: list[dict] = field(default_factory=list)  # {"t": s, "engines": {name: {node, read_bytes, write_bytes}}}
-
-    @property
-    def duration(self) -> float:
-        return self.finished - self.started
 
     def to_json(self) -> dict:
         return {"policy": self.policy, "mode": self.mode, "duration_s": self.duration,
@@ -187,4 +182,4 @@ async def run(url: str, sessions: list[Session], policy: str, mode: str = "offli
         r.t_send -= t0
         r.t_first = None if r.t_first is None else r.t_first - t0
         r.t_done = None if r.t_done is None else r.t_done - t0
-    return RunResult(policy, mode, 0.0, t1 - t0, records, samples)
+    return RunResult(policy, mode, t1 - t0, records, samples)
