@@ -6,6 +6,7 @@ is a hit; and each path was really taken (engine metrics, not assumed)."""
 
 import asyncio
 import json
+import random
 import socket
 import time
 import urllib.error
@@ -26,12 +27,18 @@ BT = 16
 
 
 def _free_port_block(n: int = 12) -> int:
+    """A base port such that base..base+n and the engines' data ports (+1000) are all free. Drawn
+    below Linux's ephemeral range, so that outgoing connections cannot take them meanwhile."""
+    rng = random.Random()
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n + 1000 < 65000:
+        base = rng.randrange(20000, 30000)
+        try:
+            for port in [*range(base, base + n), *range(base + 1000, base + 1000 + n)]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
             return base
+        except OSError:
+            continue
 
 
 @pytest.fixture(scope="module", params=["tiny-gqa", "tiny-mla"])
