@@ -249,6 +249,13 @@ def _cluster_bench_options(fn):
     return fn
 
 
+def _store_read_options(fn):
+    """How engines read the store: the trade-off between load/compute overlap and decode TPOT."""
+    fn = click.option("--read-spans", type=int, default=4, show_default=True, help="spans of layers per read")(fn)
+    return click.option("--io-threads", type=int, default=8, show_default=True,
+                        help="store I/O threads per engine")(fn)
+
+
 @bench.command("agreement")
 @_cluster_bench_options
 @click.option("--turns", type=int, default=3, show_default=True)
@@ -271,8 +278,7 @@ def bench_agreement(**kw) -> None:
 @_cluster_bench_options
 @click.option("--cached", type=int, default=32768, show_default=True, help="cached context tokens")
 @click.option("--new", type=int, default=512, show_default=True, help="new tokens")
-@click.option("--io-threads", type=int, default=8, show_default=True, help="store I/O threads per engine")
-@click.option("--read-spans", type=int, default=4, show_default=True, help="spans of layers per read")
+@_store_read_options
 @click.option("--out", default="runs/bench_overlap.json", show_default=True)
 def bench_overlap(**kw) -> None:
     """PE prefill with a long cached context vs. max(load only, compute only)."""
@@ -289,8 +295,7 @@ def bench_overlap(**kw) -> None:
 @_cluster_bench_options
 @click.option("--context", type=int, default=8192, show_default=True, help="background contexts (path B)")
 @click.option("--decode-tokens", type=int, default=200, show_default=True)
-@click.option("--io-threads", type=int, default=8, show_default=True, help="store I/O threads per engine")
-@click.option("--read-spans", type=int, default=4, show_default=True, help="spans of layers per read")
+@_store_read_options
 @click.option("--out", default="runs/bench_interference.json", show_default=True)
 def bench_interference(**kw) -> None:
     """Decode TPOT alone vs. while path-B loads run through the same DE."""
