@@ -193,3 +193,30 @@ def test_unavailable_backend_falls_back_to_tcp(caplog):
     if dp is None:
         pytest.skip("this host has an RDMA device")
     assert dp.backend == "tcp" and "not available" in caplog.text
+
+
+async def test_cuda_backend_writes_same_host_buffers_by_memory_copy():
+    """The cuda backend's host path (it needs no GPU): a peer's shared DRAM buffer is mapped and
+    written with one copy, no payload crosses the socket; a buffer of another host goes over tcp."""
+    from dualpath.engine.buffers import BufferPool
+    from dualpath.transport.cuda import CudaDataPlane
+
+    done = []
+    a, b = CudaDataPlane("a", TOKEN), CudaDataPlane("b", TOKEN, on_complete=done.append)
+    await a.start("127.0.0.1")
+    await b.start("127.0.0.1")
+    try:
+        buf = BufferPool(n_blocks=4, n_layers=2, bytes_per_layer=1 << 16, pin=False, shared=True)
+        handle = b.register(buf.host, share_path=buf.share_path)
+        src = torch.randint(0, 256, (100_000,), dtype=torch.uint8)
+        await a.write(src, handle, 4096, 100_000, "bulk", notify={"layer": 1})
+        assert done == [{"layer": 1}] and torch.equal(buf.host[4096:104096], src)
+        assert b.bytes_received == 0  # the bytes did not travel over the socket
+        with pytest.raises(TransferError, match="outside"):
+            await a.write(src, handle, buf.host.numel() - 10, 100_000, "latency")
+        elsewhere = {**handle, "shm": {**handle["shm"], "host": "another-host"}}
+        await a.write(src[:5000], elsewhere, 0, 5000, "latency", notify="tcp")
+        assert done[-1] == "tcp" and b.bytes_received == 5000 and torch.equal(buf.host[:5000], src[:5000])
+    finally:
+        await a.close()
+        await b.close()

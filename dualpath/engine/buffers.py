@@ -1,7 +1,10 @@
 """The DRAM buffer pool of an engine (the PE buffer and the DE buffer of the paper).
 
 One page-locked host allocation (pinned when CUDA is available, so host-to-device copies are
-asynchronous and run at full speed), handed out per request in runs of whole blocks. A request's
+asynchronous and run at full speed), handed out per request in runs of whole blocks. With
+``shared=True`` the allocation is an anonymous shared-memory file that other engines of the same
+host can map (``share_path``): the cuda data plane then moves path-B and handoff bytes between two
+engines' buffers with one memory copy instead of a socket (transport/cuda.py). A request's
 run is laid out layer-major, ``[n_layers, n_blocks, bytes_per_layer]``: storage reads scatter each
 block's layers into place, and layer l of all the request's blocks is one contiguous range, so
 one transport write or one host-to-device copy moves a whole layer.
@@ -12,9 +15,19 @@ When the pool is exhausted ``alloc`` waits (back-pressure) until a release makes
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 
 import torch
+
+
+def _shared_memory(nbytes: int) -> tuple[torch.Tensor, str]:
+    """An anonymous memory file (memfd: nothing is left behind when the process dies), mapped
+    shared. Another process of this host maps the same pages through /proc/<pid>/fd/<fd>."""
+    fd = os.memfd_create("dualpath-buffer")
+    os.ftruncate(fd, max(nbytes, 1))
+    host = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=nbytes, dtype=torch.uint8)
+    return host, f"/proc/{os.getpid()}/fd/{fd}"
 
 
 class BufferTooLarge(ValueError):
@@ -28,11 +41,21 @@ class BufferRun:
 
 
 class BufferPool:
-    def __init__(self, n_blocks: int, n_layers: int, bytes_per_layer: int, pin: bool | None = None):
+    def __init__(self, n_blocks: int, n_layers: int, bytes_per_layer: int, pin: bool | None = None,
+                 shared: bool = False):
         self.n_blocks, self.n_layers, self.bytes_per_layer = n_blocks, n_layers, bytes_per_layer
         self.block_bytes = n_layers * bytes_per_layer
         pin = torch.cuda.is_available() if pin is None else pin
-        self.host = torch.empty(n_blocks * self.block_bytes, dtype=torch.uint8, pin_memory=pin)
+        nbytes = n_blocks * self.block_bytes
+        self.share_path: str | None = None
+        if shared and hasattr(os, "memfd_create"):
+            self.host, self.share_path = _shared_memory(nbytes)
+            if pin:  # page-lock the mapping in place, as pin_memory would have allocated it
+                err = int(torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), nbytes, 0))
+                if err:
+                    raise RuntimeError(f"cudaHostRegister of the {nbytes}-byte buffer failed (error {err})")
+        else:
+            self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         self._free: list[tuple[int, int]] = [(0, n_blocks)]  # sorted (start, length) runs
         self._changed = asyncio.Condition()  # binds to the running loop on first use
 

@@ -142,8 +142,11 @@ class DecodeEngine(Engine):
         nb, n_full = seq.run.n_blocks, seq.prompt_len // self.bt
 
         def copy_in():
+            blocks = self.hbm_index(seq.blocks[:nb])
             for l in range(self.model.cfg.n_layers):
-                self.buffer_to_hbm(seq.run, seq.blocks[:nb], l)
+                self.buffer_to_hbm(seq.run, blocks, l)
+            if self.h2d_stream is not None:  # the run is released next: the copies must be done reading it
+                self.h2d_stream.synchronize()
 
         await self.in_compute(copy_in)
         view = self.buffer.view(seq.run)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -176,10 +177,12 @@ def _causal_mask(n_new: int, ctx: int, device: torch.device) -> torch.Tensor:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Prefill attention of n new queries [n, H, d] over ctx keys/values [ctx, G, d] (G divides H),
-    the new tokens being the last n of the context. SDPA's fused kernels keep it fast."""
+    the new tokens being the last n of the context: causal, aligned to the lower right (query i sees
+    keys up to ctx - n + i). Given as a CausalBias rather than an [n, ctx] mask, SDPA can run its
+    fused kernels (flash / memory-efficient) instead of materialising every score."""
     n, ctx = len(q), len(k)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=_causal_mask(n, ctx, q.device), scale=scale,
+                                         attn_mask=causal_lower_right(n, ctx), scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(0, 1)
 
@@ -318,8 +321,10 @@ class MLAttention(nn.Module):
             # (one head shared by all), value = the latent, query = [q_lat, q_pe].
             q_cat, outs, start = torch.cat([q_lat, q_pe], -1), [], 0
             for table, ctx, n in zip(batch.block_tables, batch.ctx_lens, batch.new_lens):
-                kv = _gather(kv_layer, table, ctx).to(q_lat.dtype)
-                outs.append(_attend(q_cat[start : start + n], kv[:, None], kv[:, None, : c.kv_lora_rank], c.scale))
+                kv = _gather(kv_layer, table, ctx).to(q_lat.dtype)[:, None].expand(-1, c.n_heads, -1)
+                # expanded (a view, no copy) rather than enable_gqa: the memory-efficient kernel, the
+                # fused one that takes MLA's 576-wide heads, does not take grouped heads
+                outs.append(_attend(q_cat[start : start + n], kv, kv[..., : c.kv_lora_rank], c.scale))
                 start += n
             o_lat = torch.cat(outs)
         out = torch.einsum("nhr,hvr->nhv", o_lat, w_uv)

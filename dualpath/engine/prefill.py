@@ -168,8 +168,9 @@ class PrefillEngine(Engine):
         batch = Batch.build([(j.blocks, j.computed, n) for j, n in picked], self.bt, self.device)
         ids = torch.tensor([t for j, n in picked for t in j.tokens[j.computed : j.computed + n]], device=self.device)
         h = await self.in_compute(self.model.embed, ids)
+        loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
+        hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.n_hit]) for j in loading}
         for l in range(self.model.cfg.n_layers):
-            loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
             for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
                 await j.path_a_layer[l].wait()
                 await j.path_b_layer[l].wait()
@@ -178,7 +179,7 @@ class PrefillEngine(Engine):
 
             def run_layer(l=l, h=h):
                 for j in loading:
-                    self.buffer_to_hbm(j.run, j.blocks[: j.n_hit], l)
+                    self.buffer_to_hbm(j.run, hit_blocks[j.rid], l)
                 return self.model.layer(l, h, batch, self.pool.layer(l))
 
             h = await self.in_compute(run_layer)

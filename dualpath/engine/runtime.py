@@ -46,11 +46,12 @@ class Engine:
         mc = self.model.cfg
         self.pool = KVPool(mc, cfg.engine.hbm_blocks, self.bt, self.device, self.dtype)
         bpl = self.pool.block_bytes_per_layer
-        self.buffer = BufferPool(cfg.engine.buffer_blocks, mc.n_layers, bpl)
+        self.buffer = BufferPool(cfg.engine.buffer_blocks, mc.n_layers, bpl, shared=True)
         self.shape = BlockShape(mc.n_layers, bpl, cfg.model.dtype, self.model.fingerprint)
         self.metrics: Counter[str] = Counter()
         # Model compute runs on one thread so the event loop keeps receiving KV while a layer runs.
         self.compute = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-compute")
+        self.h2d_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.peers: dict[str, Connection] = {}
         self.peer_addrs: dict[str, tuple[str, int]] = {}
         self.coord: Connection | None = None
@@ -69,7 +70,7 @@ class Engine:
                                         latency_share=c.transport.latency_share, host=self.spec.host)
         await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
         # One registered region over the whole DRAM buffer: every request's run is an offset into it.
-        self.buffer_handle = self.dataplane.register(self.buffer.host)
+        self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path)
         self.control = Server(c.transport.token, self.handle)
         port = await self.control.start(self.spec.host, self.spec.port)
         self.spec.port = port
@@ -143,14 +144,26 @@ class Engine:
         self.metrics["storage_read_bytes"] += len(keys) * self.shape.file_bytes
         return all(ok)
 
-    def buffer_to_hbm(self, run: BufferRun, blocks: list[int], layer: int, lo: int = 0) -> None:
-        """Copy layer `layer` of run slots [lo, lo+len(blocks)) into the given HBM blocks (H2D)."""
-        if not blocks:
+    def hbm_index(self, blocks: list[int]) -> torch.Tensor:
+        """HBM block ids as a device tensor, made once per request (not once per layer)."""
+        return torch.tensor(blocks, dtype=torch.long, device=self.device)
+
+    def buffer_to_hbm(self, run: BufferRun, blocks: torch.Tensor, layer: int, lo: int = 0) -> None:
+        """Copy layer `layer` of run slots [lo, lo+len(blocks)) into the given HBM blocks (H2D).
+        On CUDA the copy runs on its own stream, and the compute stream waits for it there (not the
+        host): the copy of layer l+1 overlaps the compute of layer l."""
+        if not len(blocks):
             return
         src = self.buffer.view(run)[layer, lo : lo + len(blocks)]
         src = src.view(self.dtype).view(len(blocks), self.bt, self.model.cfg.kv_width)
-        idx = torch.tensor(blocks, device=self.device)
-        self.pool.layer(layer).index_copy_(0, idx, src.to(self.device, non_blocking=True))
+        if self.h2d_stream is None:
+            self.pool.layer(layer).index_copy_(0, blocks, src)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.h2d_stream.wait_stream(compute)  # `blocks` (and the pool's earlier users) are ordered first
+        with torch.cuda.stream(self.h2d_stream):
+            self.pool.layer(layer).index_copy_(0, blocks, src.to(self.device, non_blocking=True))
+        compute.wait_stream(self.h2d_stream)
 
     def hbm_to_buffer(self, run: BufferRun, blocks: list[int], lo: int = 0) -> None:
         """All layers of the given HBM blocks into run slots [lo, ...) (D2H)."""

@@ -4,18 +4,39 @@ A registered device tensor is described by its CUDA IPC handle (``torch.UntypedS
 plain ints and bytes, msgpack-able; never pickle). The writer opens the peer's memory once, copies
 into it directly (peer-to-peer over NVLink where present), waits for the copy, then sends a
 notify-only frame on the TCP data plane so the receiver's completion fires after the bytes are in
-place. Host regions and host sources fall back to the TCP path.
+place.
+
+Host regions registered with a ``share_path`` (the engines' DRAM buffers, engine/buffers.py) are
+mapped by a writer of the same host and written with one memory copy, run on a copy thread: it
+holds no GIL and no event loop, so path-B traffic does not slow the DE's decode steps the way a
+socket loop in the same process does. Other host regions fall back to the TCP path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from dualpath.transport.dataplane import TcpDataPlane, TransferError, as_bytes
+from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, TransferError, as_bytes
+
+log = logging.getLogger(__name__)
+
+def _host_id() -> str:
+    """Same host id = same kernel: a /proc/<pid>/fd path of one is a path of the other."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{socket.gethostname()}:{f.read().strip()}"
+    except OSError:
+        return socket.gethostname()
+
+
+HOST_ID = _host_id()
 
 # CUDA IPC handles cannot be opened by the process that made them: regions registered in this
 # process are found here instead (engines of one process, and the conformance tests).
@@ -30,10 +51,16 @@ class CudaDataPlane(TcpDataPlane):
         self._opened: dict[tuple, torch.Tensor] = {}
         self._copy_streams: dict[int, torch.cuda.Stream] = {}
         self._peer_enabled: set[tuple[int, int]] = set()
+        self._mapped: dict[tuple, torch.Tensor | None] = {}
+        # one copy thread per traffic class: a handoff copy never queues behind path-B bulk copies
+        self._copiers = {tc: ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-copy-{tc}")
+                         for tc in TRAFFIC_CLASSES}
 
-    def register(self, tensor: torch.Tensor) -> dict:
+    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
         handle = super().register(tensor)
         flat = self.regions[handle["region"]].tensor
+        if share_path is not None and not flat.is_cuda:
+            handle["shm"] = {"path": share_path, "host": HOST_ID}
         if flat.is_cuda:
             storage = flat.untyped_storage()
             dev, h, size, off, rc_h, rc_off, ev_h, ev_sync = storage._share_cuda_()
@@ -59,6 +86,21 @@ class CudaDataPlane(TcpDataPlane):
             self._opened[key] = t
         return t
 
+    def _map_shared(self, dst: dict) -> torch.Tensor | None:
+        """The peer's shared host region mapped here, or None (another host, or not mappable: tcp)."""
+        shm = dst.get("shm")
+        if shm is None or shm["host"] != HOST_ID:
+            return None
+        key = (tuple(dst["addr"]), dst["region"])
+        if key not in self._mapped:
+            try:
+                self._mapped[key] = torch.from_file(shm["path"], shared=True, size=dst["nbytes"],
+                                                    dtype=torch.uint8)
+            except (OSError, RuntimeError) as e:
+                log.warning("%s: cannot map %s's buffer (%s); writing to it over tcp", self.name, dst["addr"], e)
+                self._mapped[key] = None
+        return self._mapped[key]
+
     def _enable_peer_access(self, src_dev: int, dst_dev: int) -> None:
         """Let the source device write the destination's memory directly. Without this the driver
         stages a copy into another process's (IPC) memory: measured 37 GB/s instead of 355 GB/s
@@ -74,13 +116,28 @@ class CudaDataPlane(TcpDataPlane):
         _LOCAL.pop((os.getpid(), self.port, handle["region"]), None)
         super().release(handle)
 
+    async def close(self) -> None:
+        await super().close()
+        for pool in self._copiers.values():
+            pool.shutdown(wait=False)
+
     async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
-        if "ipc" not in dst:
+        if "ipc" not in dst and (mapped := self._map_shared(dst)) is None:
             return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
+        if traffic_class not in TRAFFIC_CLASSES:
+            raise ValueError(f"traffic_class {traffic_class!r}: expected one of {TRAFFIC_CLASSES}")
         if dst_offset < 0 or dst_offset + nbytes > dst["nbytes"]:
             raise TransferError(f"write [{dst_offset}, {dst_offset + nbytes}) outside the "
                                 f"{dst['nbytes']}-byte destination")
+        if "ipc" not in dst:  # same-host host memory: one copy on the class's copy thread
+            source = as_bytes(src) if isinstance(src, torch.Tensor) else torch.frombuffer(src, dtype=torch.uint8)
+            target, source = mapped[dst_offset : dst_offset + nbytes], source[:nbytes]
+            if len(source) < nbytes:
+                raise ValueError(f"source has {len(source)} bytes, {nbytes} requested")
+            await asyncio.get_running_loop().run_in_executor(self._copiers[traffic_class], target.copy_, source)
+            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout)
+            return
         target = self._open(dst)[dst_offset : dst_offset + nbytes]
         source = as_bytes(src)[:nbytes]
         dev = target.device.index

@@ -160,7 +160,9 @@ class TcpDataPlane:
 
     # -- registration --
 
-    def register(self, tensor: torch.Tensor) -> dict:
+    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
+        """share_path: where another process of this host can map the (host) tensor; the cuda
+        backend copies into such regions directly, tcp always sends over its socket."""
         flat = as_bytes(tensor)
         rid = next(self._region_ids)
         self.regions[rid] = Region(rid, flat, host_view(flat) if flat.device.type == "cpu" else None)

@@ -58,7 +58,7 @@ class VerbsDataPlane(TcpDataPlane):
         self.mrs: dict[int, Any] = {}
         self.qps: dict[tuple, Any] = {}
 
-    def register(self, tensor: torch.Tensor) -> dict:
+    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
         from pyverbs.mr import MR
 
         handle = super().register(tensor)
