@@ -269,8 +269,12 @@ def bench_agreement(**kw) -> None:
 
     r = run_bench(policies=("pe-read", "de-read", "dualpath-split"), **kw)
     for p, v in r["policies"].items():
-        click.echo(f"{p:<15} paths {'/'.join(v['paths'])}: {v['agree']}/{v['generated']} generated tokens agree "
-                   f"({v['agreement']:.2%})")
+        line = (f"{p:<15} paths {'/'.join(v['paths'])}: {v['agree']}/{v['generated']} generated tokens agree "
+                f"({v['agreement']:.2%})")
+        if "within_noise" in v:
+            line += (f"; vs fp32: {v['exact_agreement']:.2%} exact (the bf16 reference itself: "
+                     f"{v['reference_exact_agreement']:.2%}), {v['within_noise']:.2%} within bf16 noise")
+        click.echo(line)
     click.echo(f"wrote {kw['out']}")
 
 
