@@ -50,7 +50,8 @@ def write_json(path: str | os.PathLike[str], result: dict[str, Any]) -> Path:
 def bench_cluster(n_prefill: int, n_decode: int, preset: str, dtype: str, device: str, port: int, store_root: str,
                   snic_gbps: float = 0.0, block_tokens: int = 64):
     """A local cluster config for benchmarks: HTTP API on `port`, engines on the ports after it,
-    engine i on cuda:i when `device` is "cuda", pools sized for long contexts."""
+    engine i on cuda:i when `device` is "cuda" (engines share GPUs round-robin when there are fewer
+    GPUs than engines), pools sized for long contexts."""
     from dualpath.config import local_cluster
 
     cfg = local_cluster(n_prefill, n_decode, base_port=port + 2)
@@ -59,6 +60,8 @@ def bench_cluster(n_prefill: int, n_decode: int, preset: str, dtype: str, device
     cfg.scheduler.http_port, cfg.scheduler.control_port = port, port + 1
     cfg.engine.hbm_blocks, cfg.engine.buffer_blocks = 4096, 2048
     if device.startswith("cuda"):
+        import torch
+
         for i, e in enumerate(cfg.engines):
-            e.device = f"cuda:{i}"
+            e.device = f"cuda:{i % torch.cuda.device_count()}"
     return cfg.validate()

@@ -181,10 +181,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     keys up to ctx - n + i). Given as a CausalBias rather than an [n, ctx] mask, SDPA can run its
     fused kernels (flash / memory-efficient) instead of materialising every score."""
     n, ctx = len(q), len(k)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=causal_lower_right(n, ctx), scale=scale,
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, len, d]: fused kernels want 4-D
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, ctx), scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def _gather(kv_layer: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tensor:
