@@ -220,7 +220,7 @@ def test_buffer_views_are_zero_copy_and_layer_major():
     pool = BufferPool(n_blocks=4, n_layers=3, bytes_per_layer=8, pin=False)
     pool.host.zero_()
     run = pool.try_alloc(2)
-    dests = pool.block_dests(run, 1)
+    (dests,) = pool.block_dests(run, 1)
     dests[2][:] = 7  # writes through to the pool
     off, n = pool.layer_range(run, 2)
     assert n == 16 and (pool.host[off + 8 : off + 16] == 7).all() and (pool.host[off : off + 8] == 0).all()

@@ -77,7 +77,7 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
         hbm_ids = torch.tensor(table[:hit_blocks], device=dev)
 
         def load_only():
-            ok = asyncio.run(store.read_many(keys, [buf.block_dests(run_, i) for i in range(hit_blocks)]))
+            ok = asyncio.run(store.read_many(keys, buf.block_dests(run_, 0, hit_blocks)))
             assert all(ok), "a stored block could not be read back"
             view = buf.view(run_)
             for l in range(mc.n_layers):

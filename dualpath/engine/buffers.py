@@ -56,6 +56,7 @@ class BufferPool:
                     raise RuntimeError(f"cudaHostRegister of the {nbytes}-byte buffer failed (error {err})")
         else:
             self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self._host_np = self.host.numpy()
         self._free: list[tuple[int, int]] = [(0, n_blocks)]  # sorted (start, length) runs
         self._changed = asyncio.Condition()  # binds to the running loop on first use
 
@@ -116,8 +117,12 @@ class BufferPool:
         off, _ = self.byte_range(run)
         return off + layer * run.n_blocks * self.bytes_per_layer, run.n_blocks * self.bytes_per_layer
 
-    def block_dests(self, run: BufferRun, i: int) -> list:
-        """Per-layer writable buffers of block i of the run: where a storage read scatters it."""
-        v = self.view(run)
-        return [v[l, i].numpy() for l in range(self.n_layers)]
+    def block_dests(self, run: BufferRun, first: int, count: int = 1) -> list[list]:
+        """For blocks first..first+count-1 of the run, the per-layer writable buffers a storage read
+        scatters each block into. Numpy row views of one array: a long context has thousands of
+        blocks times layers of them, and making each a torch view first would cost the event loop
+        (and the GIL) tens of milliseconds."""
+        off, nbytes = self.byte_range(run)
+        v = self._host_np[off : off + nbytes].reshape(self.n_layers, run.n_blocks, self.bytes_per_layer)
+        return [list(v[:, i]) for i in range(first, first + count)]
 

@@ -138,7 +138,7 @@ class Engine:
     async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:
         """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run, layer by layer
         (``on_layer(l)`` once layer l of all of them is in). False on any miss."""
-        dests = [self.buffer.block_dests(run, first + i) for i in range(len(keys))]
+        dests = self.buffer.block_dests(run, first, len(keys))
         ok = await self.store.read_many(keys, dests, on_layer)
         self.metrics["storage_read_blocks"] += len(keys)
         self.metrics["storage_read_bytes"] += len(keys) * self.shape.file_bytes
