@@ -118,6 +118,7 @@ class EngineConfig:
     prefill_token_quota: int = 4096  # compute quota per prefill step; longer misses are chunked
     max_decode_batch: int = 64
     max_context: int = 0            # 0 = the model's max_position
+    cuda_graphs: bool = True        # decode steps replayed from CUDA graphs (on CUDA devices)
 
     def validate(self) -> None:
         for name in ("hbm_blocks", "buffer_blocks", "prefill_token_quota", "max_decode_batch"):

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from dualpath.engine.buffers import BufferRun
+from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
-from dualpath.engine.model import Batch
 from dualpath.engine.runtime import Engine, sample
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
@@ -61,6 +61,9 @@ class DecodeEngine(Engine):
         self.seqs: dict[str, DecodeSeq] = {}
         self.running: list[DecodeSeq] = []
         self.wake = asyncio.Event()
+        # one HBM block no request owns: the padding rows of a bucketed decode step write there
+        self.graphs = DecodeGraphs(self.model, self.pool.kv, self.bt, self.pool.allocator.alloc(1)[0],
+                                   capture=self.cfg.engine.cuda_graphs)
         await super().start()
         self.persister = Persister(self.store, self.cfg.store.write_queue_blocks)
         asyncio.create_task(self._decode_loop())
@@ -201,9 +204,7 @@ class DecodeEngine(Engine):
             await asyncio.sleep(0)  # let handoffs and control messages in between steps
 
     def _decode_step(self, seqs: list[DecodeSeq]) -> list[int]:
-        batch = Batch.build([(s.blocks, len(s.tokens) - 1, 1) for s in seqs], self.bt, self.device)
-        ids = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
-        logits = self.model.forward_paged(ids, batch, self.pool.kv)
+        logits = self.graphs.run([(s.tokens[-1], len(s.tokens) - 1, s.blocks) for s in seqs])
         return [sample(logits[i], s.temperature, s.seed, len(s.tokens)) for i, s in enumerate(seqs)]
 
     def _persist_if_full(self, seq: DecodeSeq) -> None:

@@ -104,6 +104,9 @@ class Batch:
     ctx_lens: tokens each sequence holds after this step (cached + new).
     new_lens: new tokens of each sequence in this step.
     block_tables: LongTensor[n_blocks] per sequence, covering ctx_lens tokens.
+    tables, lens: a decode batch may give its block tables already padded, LongTensor[B, max_blocks],
+        and its context lengths as LongTensor[B] instead (the CUDA-graph decode, engine/graphs.py:
+        every tensor of a captured step is a fixed buffer, nothing is built from Python lists).
     """
 
     positions: torch.Tensor
@@ -111,6 +114,8 @@ class Batch:
     ctx_lens: list[int]
     new_lens: list[int]
     block_tables: list[torch.Tensor]
+    tables: torch.Tensor | None = None
+    lens: torch.Tensor | None = None
 
     @staticmethod
     def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device: torch.device | str) -> "Batch":
@@ -131,6 +136,11 @@ class Batch:
     @property
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.new_lens)
+
+    @property
+    def padded(self) -> bool:
+        """Attend over padded block tables (a decode batch of several sequences, or a static one)."""
+        return self.tables is not None or (self.is_decode and len(self.new_lens) > 1)
 
 
 class RMSNorm(nn.Module):
@@ -195,12 +205,16 @@ def _gather(kv_layer: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tens
 def _gather_padded(kv_layer: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """All sequences' KV padded to the longest: ([B, Lmax, W], valid mask [B, Lmax])."""
     bt = kv_layer.shape[1]
-    n_blocks = max(len(t) for t in batch.block_tables)
-    tables = torch.zeros(len(batch.block_tables), n_blocks, dtype=torch.long, device=kv_layer.device)
-    for i, t in enumerate(batch.block_tables):
-        tables[i, : len(t)] = t
+    if batch.tables is not None:
+        tables, lens = batch.tables, batch.lens
+    else:
+        tables = torch.zeros(len(batch.block_tables), max(len(t) for t in batch.block_tables), dtype=torch.long,
+                             device=kv_layer.device)
+        for i, t in enumerate(batch.block_tables):
+            tables[i, : len(t)] = t
+        lens = torch.tensor(batch.ctx_lens, device=kv_layer.device)
+    n_blocks = tables.shape[1]
     kv = kv_layer[tables].flatten(1, 2)  # [B, n_blocks * bt, W]
-    lens = torch.tensor(batch.ctx_lens, device=kv_layer.device)
     valid = torch.arange(n_blocks * bt, device=kv_layer.device).unsqueeze(0) < lens.unsqueeze(1)
     return kv, valid
 
@@ -238,7 +252,7 @@ class GQAttention(nn.Module):
         q, k, v = self._qkv(x, batch.positions, rope)
         kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([k.flatten(1), v.flatten(1)], -1).to(kv_layer.dtype)
         rep = c.n_heads // c.n_kv_heads
-        if batch.is_decode and len(batch.new_lens) > 1:
+        if batch.padded:
             kv, valid = _gather_padded(kv_layer, batch)  # [B, L, W]
             kk, vv = kv.to(q.dtype).view(*kv.shape[:2], 2, c.n_kv_heads, c.head_dim).unbind(2)
             qq = q.view(-1, c.n_kv_heads, rep, c.head_dim)  # [B, kvh, rep, d]
@@ -309,7 +323,7 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]  # [H, nope, r], [H, v, r]
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)  # [N, H, r]
-        if batch.is_decode and len(batch.new_lens) > 1:
+        if batch.padded:
             kv, valid = _gather_padded(kv_layer, batch)
             kv = kv.to(q_lat.dtype)
             lat, pe = kv[..., : c.kv_lora_rank], kv[..., c.kv_lora_rank :]
