@@ -220,3 +220,16 @@ async def test_cuda_backend_writes_same_host_buffers_by_memory_copy():
     finally:
         await a.close()
         await b.close()
+
+
+async def test_rdma_queue_pair_request_to_a_tcp_peer_is_refused_clearly(pair):
+    """The verbs handshake travels on the data-plane link; a peer without an RDMA device answers
+    with an error (the writer then knows to use its tcp path), and the link stays usable."""
+    a, b, done, backend = pair
+    if backend == "verbs":
+        pytest.skip("this peer has an RDMA device")
+    with pytest.raises(TransferError, match="without an RDMA device"):
+        await a.ask(("127.0.0.1", b.port), "bulk", {"op": "qp", "tc": "bulk", "info": {"qpn": 1, "lid": 0, "gid": "::"}})
+    handle = b.register(_dest(backend, 4096))
+    await a.write(torch.ones(100, dtype=torch.uint8), handle, 0, 100, "bulk", notify="after")
+    assert done == ["after"]

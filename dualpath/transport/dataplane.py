@@ -117,7 +117,7 @@ class _PeerLink:
                     if ack.get("err"):
                         fut.set_exception(TransferError(ack["err"]))
                     else:
-                        fut.set_result(None)
+                        fut.set_result(ack)
         except (ConnectionError, OSError, ProtocolError, asyncio.IncompleteReadError) as e:
             err = TransferError(f"peer lost mid-transfer: {e}")
         finally:
@@ -222,6 +222,13 @@ class TcpDataPlane:
             scratch = memoryview(bytearray(1 << 20))
             while True:
                 msg = await _recv_frame(loop, sock)
+                if msg["op"] == "qp":  # a verbs writer's queue-pair handshake (verbs.py)
+                    try:
+                        reply = {"id": msg["id"], "qp": self.accept_qp(msg["info"], msg["tc"])}
+                    except Exception as e:
+                        reply = {"id": msg["id"], "err": f"{self.name} cannot take an RDMA queue pair: {e}"}
+                    await loop.sock_sendall(sock, _frame(reply))
+                    continue
                 n = msg.get("n", 0)
                 try:
                     region = self._check(msg["region"], msg.get("off", 0), n, need_host=msg["op"] == "w")
@@ -244,7 +251,25 @@ class TcpDataPlane:
         finally:
             sock.close()
 
+    def accept_qp(self, info: dict, traffic_class: str) -> dict:
+        """A peer's RDMA queue pair wants one of ours (verbs.py overrides this)."""
+        raise TransferError(f"{self.name} runs the {self.backend} data plane, without an RDMA device")
+
     # -- sending side --
+
+    async def ask(self, addr: tuple[str, int], traffic_class: str, msg: dict, timeout: float = 10.0) -> dict:
+        """A request on the data-plane link to the peer at addr; returns its reply frame."""
+        link = await self._link(tuple(addr), traffic_class)
+        wid = next(self._write_ids)
+        fut = link.pending[wid] = asyncio.get_running_loop().create_future()
+        try:
+            async with link.lock:
+                await asyncio.get_running_loop().sock_sendall(link.sock, _frame({**msg, "id": wid}))
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TransferError(f"{addr} did not answer {msg.get('op')!r} within {timeout}s") from None
+        finally:
+            link.pending.pop(wid, None)
 
     async def _link(self, addr: tuple[str, int], tc: str) -> _PeerLink:
         key = (addr[0], addr[1], tc)
