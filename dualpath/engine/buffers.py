@@ -56,7 +56,6 @@ class BufferPool:
                     raise RuntimeError(f"cudaHostRegister of the {nbytes}-byte buffer failed (error {err})")
         else:
             self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-        self._host_np = self.host.numpy()
         self._free: list[tuple[int, int]] = [(0, n_blocks)]  # sorted (start, length) runs
         self._changed = asyncio.Condition()  # binds to the running loop on first use
 
@@ -122,7 +121,6 @@ class BufferPool:
         scatters each block into. Numpy row views of one array: a long context has thousands of
         blocks times layers of them, and making each a torch view first would cost the event loop
         (and the GIL) tens of milliseconds."""
-        off, nbytes = self.byte_range(run)
-        v = self._host_np[off : off + nbytes].reshape(self.n_layers, run.n_blocks, self.bytes_per_layer)
+        v = self.view(run).numpy()
         return [list(v[:, i]) for i in range(first, first + count)]
 

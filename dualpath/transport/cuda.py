@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, TransferError, as_bytes
+from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, TransferError, as_bytes, check_write
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +123,11 @@ class CudaDataPlane(TcpDataPlane):
 
     async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
-        if "ipc" not in dst and (mapped := self._map_shared(dst)) is None:
+        mapped = None if "ipc" in dst else self._map_shared(dst)
+        if "ipc" not in dst and mapped is None:
             return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
-        if traffic_class not in TRAFFIC_CLASSES:
-            raise ValueError(f"traffic_class {traffic_class!r}: expected one of {TRAFFIC_CLASSES}")
-        if dst_offset < 0 or dst_offset + nbytes > dst["nbytes"]:
-            raise TransferError(f"write [{dst_offset}, {dst_offset + nbytes}) outside the "
-                                f"{dst['nbytes']}-byte destination")
-        if "ipc" not in dst:  # same-host host memory: one copy on the class's copy thread
+        check_write(dst, dst_offset, nbytes, traffic_class)
+        if mapped is not None:  # same-host host memory: one copy on the class's copy thread
             source = as_bytes(src) if isinstance(src, torch.Tensor) else torch.frombuffer(src, dtype=torch.uint8)
             target, source = mapped[dst_offset : dst_offset + nbytes], source[:nbytes]
             if len(source) < nbytes:

@@ -96,6 +96,15 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
 
 
+def check_write(dst: dict, dst_offset: int, nbytes: int, traffic_class: str) -> None:
+    """What every backend refuses before moving a byte: an unknown class, a range outside the handle."""
+    if traffic_class not in TRAFFIC_CLASSES:
+        raise ValueError(f"traffic_class {traffic_class!r}: expected one of {TRAFFIC_CLASSES}")
+    if dst_offset < 0 or ("nbytes" in dst and dst_offset + nbytes > dst["nbytes"]):
+        raise TransferError(f"write [{dst_offset}, {dst_offset + nbytes}) outside the "
+                            f"{dst.get('nbytes')}-byte destination")
+
+
 class _PeerLink:
     """One outgoing connection (per peer and traffic class) and the writes waiting for acks."""
 
@@ -351,11 +360,7 @@ class TcpDataPlane:
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
         """Write nbytes from src into the peer's region dst at dst_offset; returns once the bytes are
         in place on the peer and its on_complete(notify) has run."""
-        if traffic_class not in TRAFFIC_CLASSES:
-            raise ValueError(f"traffic_class {traffic_class!r}: expected one of {TRAFFIC_CLASSES}")
-        if dst.get("nbytes") is not None and dst_offset + nbytes > dst["nbytes"]:
-            raise TransferError(f"write [{dst_offset}, {dst_offset + nbytes}) outside the "
-                                f"{dst['nbytes']}-byte destination")
+        check_write(dst, dst_offset, nbytes, traffic_class)
         view = self._source_view(src, nbytes)
         if traffic_class == "latency":
             self._latency_inflight += 1

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dualpath.transport.dataplane import TcpDataPlane, TransferError, as_bytes
+from dualpath.transport.dataplane import TcpDataPlane, TransferError, as_bytes, check_write
 
 log = logging.getLogger(__name__)
 SERVICE_LEVEL = {"latency": 0, "bulk": 1}
@@ -167,11 +167,7 @@ class VerbsDataPlane(TcpDataPlane):
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
         if "rkey" not in dst or not isinstance(src, torch.Tensor) or src.is_cuda:
             return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
-        if traffic_class not in SERVICE_LEVEL:
-            raise ValueError(f"traffic_class {traffic_class!r}: expected one of {tuple(SERVICE_LEVEL)}")
-        if dst_offset < 0 or dst_offset + nbytes > dst["nbytes"]:
-            raise TransferError(f"write [{dst_offset}, {dst_offset + nbytes}) outside the "
-                                f"{dst['nbytes']}-byte destination")
+        check_write(dst, dst_offset, nbytes, traffic_class)
         from pyverbs.wr import SGE, SendWR
 
         flat = as_bytes(src)
