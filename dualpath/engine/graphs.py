@@ -76,7 +76,8 @@ class DecodeGraphs:
         pad = b - len(seqs)
         ids = [tok for tok, _, _ in seqs] + [0] * pad
         positions = [pos for _, pos, _ in seqs] + [0] * pad
-        slots = [blocks[pos // self.bt] * self.bt + pos % self.bt for _, pos, blocks in seqs] + [self.scratch * self.bt] * pad
+        slots = [blocks[pos // self.bt] * self.bt + pos % self.bt for _, pos, blocks in seqs]
+        slots += [self.scratch * self.bt] * pad
         lens = [pos + 1 for _, pos, _ in seqs] + [1] * pad
         tables = []
         for _, pos, blocks in seqs:
