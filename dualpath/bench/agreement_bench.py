@@ -45,6 +45,7 @@ def run(preset: str, dtype: str, device: str, policies: tuple[str, ...], turns: 
                     tokens = tokens + out_ids + [rng.randrange(256) for _ in range(append_tokens)]
                 conversations[policy] = (tokens, generated, paths)
     model = load_pretrained(preset, device.split(",")[0] if device != "cpu" else "cpu", getattr(torch, dtype))
+    exact_model = copy.deepcopy(model).float() if model.dtype != torch.float32 else None  # same weights, fp32
     result = {"bench": "agreement", "preset": preset, "dtype": dtype, "device": device, "policies": {}}
     for policy, (tokens, generated, paths) in conversations.items():
         ids = torch.tensor(tokens, device=model.device)
@@ -53,19 +54,17 @@ def run(preset: str, dtype: str, device: str, policies: tuple[str, ...], turns: 
         entry = {"generated": len(generated), "paths": paths, "final_tokens": len(tokens),
                  "agree": sum(int(ref[p - 1].argmax()) == tokens[p] for p in generated)}
         entry["agreement"] = entry["agree"] / len(generated)
-        if model.dtype != torch.float32:
-            entry.update(_against_exact(model, ids, ref, tokens, generated))
+        if exact_model is not None:
+            entry.update(_against_exact(exact_model, ids, ref, tokens, generated))
         result["policies"][policy] = entry
     write_json(out, result)
     return result
 
 
-def _against_exact(model, ids: torch.Tensor, ref: torch.Tensor, tokens: list[int], generated: list[int]) -> dict:
+def _against_exact(exact_model, ids: torch.Tensor, ref: torch.Tensor, tokens: list[int], generated: list[int]) -> dict:
     """Served tokens against the same weights run in fp32 (see the module docstring)."""
-    exact_model = copy.deepcopy(model).float()
     with torch.no_grad():
         exact = exact_model.forward_reference(ids).cpu()
-    del exact_model
     noise = (ref - exact).abs().amax(-1)  # per position: how far plain bf16 rounding moved the logits
     within = sum(float(exact[p - 1, tokens[p]]) >= float(exact[p - 1].max() - 2 * noise[p - 1]) for p in generated)
     n = len(generated)
