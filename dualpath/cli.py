@@ -100,7 +100,7 @@ def bench_model(**kw) -> None:
 @click.option("--block-mib", type=float, default=4.0, show_default=True, help="block size, all layers")
 @click.option("--blocks", type=int, default=256, show_default=True)
 @click.option("--layers", type=int, default=32, show_default=True)
-@click.option("--threads", type=int, default=4, show_default=True)
+@click.option("--readers", type=int, default=4, show_default=True, help="reader processes (and write threads)")
 @click.option("--out", default="runs/bench_store.json", show_default=True)
 def bench_store(**kw) -> None:
     """Block store read/write GB/s vs. a raw sequential read of the same bytes (page cache)."""
@@ -252,8 +252,8 @@ def _cluster_bench_options(fn):
 def _store_read_options(fn):
     """How engines read the store: the trade-off between load/compute overlap and decode TPOT."""
     fn = click.option("--read-spans", type=int, default=4, show_default=True, help="spans of layers per read")(fn)
-    return click.option("--io-threads", type=int, default=8, show_default=True,
-                        help="store I/O threads per engine")(fn)
+    return click.option("--readers", type=int, default=8, show_default=True,
+                        help="storage reader processes per engine")(fn)
 
 
 @bench.command("agreement")

@@ -73,7 +73,8 @@ class StoreConfig:
     snic_read_gbps: float = 0.0
     snic_write_gbps: float = 0.0
     write_queue_blocks: int = 1024  # write-behind queue depth before back-pressure
-    io_threads: int = 8
+    readers: int = 4  # reader processes per engine (storage/readers.py)
+    write_threads: int = 4  # persistence writes, on threads of the engine process
     read_spans: int = 4  # a request's blocks are read in this many spans of layers (see store.read_many)
 
     def validate(self) -> None:
@@ -83,7 +84,8 @@ class StoreConfig:
         _check(self.snic_read_gbps >= 0, "store.snic_read_gbps", self.snic_read_gbps, "must be >= 0")
         _check(self.snic_write_gbps >= 0, "store.snic_write_gbps", self.snic_write_gbps, "must be >= 0")
         _check(self.write_queue_blocks > 0, "store.write_queue_blocks", self.write_queue_blocks, "must be > 0")
-        _check(self.io_threads > 0, "store.io_threads", self.io_threads, "must be > 0")
+        _check(self.readers > 0, "store.readers", self.readers, "must be > 0")
+        _check(self.write_threads > 0, "store.write_threads", self.write_threads, "must be > 0")
         _check(self.read_spans > 0, "store.read_spans", self.read_spans, "must be > 0")
 
 

@@ -130,6 +130,18 @@ def test_concurrent_processes_never_see_partial_blocks(tmp_path):
     assert results == [(0, 0)] * 4
 
 
+async def attached(astore, shape: BlockShape, n_blocks: int) -> tuple[BufferPool, object]:
+    """A shared DRAM buffer run of n_blocks, with the store's reader processes mapped onto it."""
+    buf = BufferPool(n_blocks, shape.n_layers, shape.bytes_per_layer, pin=False, shared=True)
+    await astore.attach(buf.share_path, buf.host.numel())
+    return buf, buf.try_alloc(n_blocks)
+
+
+def blocks_in(buf: BufferPool, run) -> list[list[np.ndarray]]:
+    v = buf.view(run).numpy()
+    return [[v[l, i] for l in range(v.shape[0])] for i in range(v.shape[1])]
+
+
 async def test_snic_throttle_rate_is_accurate(tmp_path):
     shape = BlockShape(2, 1 << 20, "uint8", FP)  # 2 MiB blocks
     astore = open_store(str(tmp_path), shape, 1 << 33, node=0, read_gbps=0.05, write_gbps=0.05)
@@ -138,37 +150,61 @@ async def test_snic_throttle_rate_is_accurate(tmp_path):
     t0 = time.monotonic()
     await asyncio.gather(*(astore.write(k, data) for k in keys))
     write_rate = 30 * shape.file_bytes / (time.monotonic() - t0)
+    buf, run = await attached(astore, shape, 30)
     t0 = time.monotonic()
-    outs = [empty(shape) for _ in keys]
-    oks = await asyncio.gather(*(astore.read(k, o) for k, o in zip(keys, outs)))
+    oks = await asyncio.gather(*(astore.read_many([k], buf.slot_dests(run, i)) for i, k in enumerate(keys)))
     read_rate = 30 * shape.file_bytes / (time.monotonic() - t0)
-    astore.close()
-    assert all(oks)
+    await astore.close()
+    assert all(ok == [True] for ok in oks)
+    assert all((o == e).all() for o, e in zip(blocks_in(buf, run)[7], data))
     assert 0.9 * 0.05e9 <= write_rate <= 1.1 * 0.05e9, write_rate
     assert 0.9 * 0.05e9 <= read_rate <= 1.1 * 0.05e9, read_rate
 
 
 async def test_layerwise_read_announces_each_layer_as_it_lands_and_stops_at_a_corrupt_one(tmp_path):
     shape = BlockShape(4, 1 << 18, "uint8", FP)  # 4 layers of 256 KiB per block
-    astore = open_store(str(tmp_path), shape, 1 << 33, node=0, read_gbps=0.1)
+    astore = open_store(str(tmp_path), shape, 1 << 33, node=0, read_gbps=0.1, readers=2)
     keys = block_chain(list(range(64 * 6)), FP, 64)
     for i, k in enumerate(keys):
         astore.store.write(k, layers_for(i, shape))
-    outs, seen = [empty(shape) for _ in keys], []
+    buf, run = await attached(astore, shape, 6)
+    seen = []
     t0 = time.monotonic()
-    ok = await astore.read_many(keys, outs, lambda l: seen.append((l, time.monotonic() - t0)))
+    ok = await astore.read_many(keys, buf.slot_dests(run, 0), lambda l: seen.append((l, time.monotonic() - t0)))
     assert ok == [True] * 6 and [l for l, _ in seen] == [0, 1, 2, 3]
-    assert all((o == e).all() for out, i in zip(outs, range(6)) for o, e in zip(out, layers_for(i, shape)))
+    assert all((o == e).all() for i, out in enumerate(blocks_in(buf, run)) for o, e in zip(out, layers_for(i, shape)))
     layer_s = 6 * shape.bytes_per_layer / 0.1e9  # ~16 ms per layer on the emulated NIC
     assert seen[0][1] < seen[-1][1] - 2 * layer_s  # layer 0 is announced well before the last one
     with open(astore.store.path(keys[3]), "r+b") as f:  # corrupt layer 2 of block 3
         f.seek(HEADER_BYTES + 2 * shape.bytes_per_layer + 5)
         f.write(b"\xff\x00\xff")
     seen.clear()
-    ok = await astore.read_many(keys, [empty(shape) for _ in keys], lambda l: seen.append((l, 0)))
+    ok = await astore.read_many(keys, buf.slot_dests(run, 0), lambda l: seen.append((l, 0)))
     assert ok == [True, True, True, False, True, True]
     assert [l for l, _ in seen] in ([], [0], [0, 1])  # never the corrupt layer or any after it
-    astore.close()
+    assert astore.store.stats.corrupt == 1 and not os.path.exists(astore.store.path(keys[3]))
+    await astore.close()
+
+
+async def test_a_reader_process_that_dies_costs_its_reads_not_the_store(tmp_path):
+    astore = open_store(str(tmp_path), SHAPE, 1 << 30, readers=2)
+    keys = block_chain(list(range(64 * 4)), FP, 64)
+    for i, k in enumerate(keys):
+        astore.store.write(k, layers_for(i))
+    buf, run = await attached(astore, SHAPE, 4)
+    victim = astore._readers[0].proc
+    victim.kill()
+    victim.wait()
+    # Its blocks (the first two) are misses if the death is noticed mid-read, never an exception;
+    # then a new reader replaces it.
+    ok = await astore.read_many(keys, buf.slot_dests(run, 0))
+    assert ok[2:] == [True, True]
+    buf.host.zero_()
+    ok = await astore.read_many(keys, buf.slot_dests(run, 0))
+    assert ok == [True] * 4 and astore._readers[0].proc.pid != victim.pid
+    assert all((o == e).all() for i, out in enumerate(blocks_in(buf, run)) for o, e in zip(out, layers_for(i)))
+    await astore.close()
+    assert all(r.proc.poll() is not None for r in astore._readers)  # closing stops every reader
 
 
 async def test_read_queue_is_visible_while_throttled(tmp_path):
@@ -177,12 +213,13 @@ async def test_read_queue_is_visible_while_throttled(tmp_path):
     keys = block_chain(list(range(64 * 10)), FP, 64)
     for k in keys:
         astore.store.write(k, layers_for(1, shape))
-    reads = [asyncio.create_task(astore.read(k, empty(shape))) for k in keys]
+    buf, run = await attached(astore, shape, 10)
+    reads = [asyncio.create_task(astore.read_many([k], buf.slot_dests(run, i))) for i, k in enumerate(keys)]
     await asyncio.sleep(0.05)
     assert astore.read_queue_bytes() > 5 * shape.file_bytes
     await asyncio.gather(*reads)
     assert astore.read_queue_bytes() == 0
-    astore.close()
+    await astore.close()
 
 
 async def test_write_behind_persists_and_flushes(tmp_path):
@@ -195,7 +232,7 @@ async def test_write_behind_persists_and_flushes(tmp_path):
     await p.close()
     assert all(f.result() for f in accepted)
     assert astore.store.lookup(keys) == len(accepted)
-    astore.close()
+    await astore.close()
 
 
 async def test_buffer_pool_exhaustion_waits_and_release_frees():
@@ -220,7 +257,8 @@ def test_buffer_views_are_zero_copy_and_layer_major():
     pool = BufferPool(n_blocks=4, n_layers=3, bytes_per_layer=8, pin=False)
     pool.host.zero_()
     run = pool.try_alloc(2)
-    (dests,) = pool.block_dests(run, 1)
-    dests[2][:] = 7  # writes through to the pool
+    dest = pool.slot_dests(run, 1)  # where a storage read puts slot 1
     off, n = pool.layer_range(run, 2)
-    assert n == 16 and (pool.host[off + 8 : off + 16] == 7).all() and (pool.host[off : off + 8] == 0).all()
+    assert n == 16 and dest.offset + 2 * dest.layer_stride == off + 8
+    pool.view(run)[2, 1] = 7  # views write through to the pool
+    assert (pool.host[off + 8 : off + 16] == 7).all() and (pool.host[off : off + 8] == 0).all()

@@ -55,11 +55,11 @@ async def _measure(url: str, decode_body: dict, background: list[dict]) -> tuple
 
 
 def run(preset: str, dtype: str, device: str, context: int, decode_tokens: int, port: int, out: str,
-        io_threads: int = 8, read_spans: int = 4) -> dict:
+        readers: int = 8, read_spans: int = 4) -> dict:
     rng = random.Random(1)
     with tempfile.TemporaryDirectory(prefix="dualpath-interf-") as work:
         cfg = bench_cluster(1, 1, preset, dtype, device, port, f"{work}/store")
-        cfg.store.io_threads, cfg.store.read_spans = io_threads, read_spans
+        cfg.store.readers, cfg.store.read_spans = readers, read_spans
         with LocalCluster(cfg, f"{work}/run") as c:
             # Background: four long contexts, stored once; later turns add 16 tokens and read the rest
             # on path B (max_tokens 1: no decoding, so only the loading traffic competes).
@@ -78,7 +78,7 @@ def run(preset: str, dtype: str, device: str, context: int, decode_tokens: int, 
     tpot_alone = statistics.median(alone + alone2)
     tpot_busy = statistics.median(busy)
     duration = sum(busy)
-    result = {"bench": "interference", "preset": preset, "dtype": dtype, "device": device, "io_threads": io_threads,
+    result = {"bench": "interference", "preset": preset, "dtype": dtype, "device": device, "readers": readers,
               "read_spans": read_spans,
               "background_context_tokens": context, "decode_tokens": decode_tokens,
               "tpot_alone_s": tpot_alone, "tpot_with_path_b_s": tpot_busy,

@@ -41,14 +41,24 @@ def _best(fn, repeat: int = 3) -> float:
     return min(times)
 
 
-def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, out: str, io_threads: int = 8,
+async def _best_async(fn, repeat: int = 3) -> float:
+    await fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        await fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, out: str, readers: int = 8,
         read_spans: int = 4) -> dict:
     bt, rng = 64, random.Random(0)
     turn1 = [rng.randrange(256) for _ in range(cached)]
     with tempfile.TemporaryDirectory(prefix="dualpath-overlap-") as work:
         store_root = f"{work}/store"
         cfg = bench_cluster(1, 1, preset, dtype, device, port, store_root)
-        cfg.store.io_threads, cfg.store.read_spans = io_threads, read_spans
+        cfg.store.readers, cfg.store.read_spans = readers, read_spans
         with LocalCluster(cfg, f"{work}/run") as c:
             r1 = complete(c.url, {"prompt": turn1, "max_tokens": 1, "dualpath_policy": "pe-read"})
             context = turn1 + r1["choices"][0]["token_ids"]
@@ -67,23 +77,30 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
         mc = model.cfg
         n_blocks = -(-len(prompt) // bt)
         pool = KVPool(mc, n_blocks + 1, bt, dev, td)
-        buf = BufferPool(n_blocks, mc.n_layers, pool.block_bytes_per_layer)
+        buf = BufferPool(n_blocks, mc.n_layers, pool.block_bytes_per_layer, shared=True)  # as the PE's
         run_ = buf.try_alloc(n_blocks)
         shape = BlockShape(mc.n_layers, pool.block_bytes_per_layer, dtype, model.fingerprint)
-        store = open_store(store_root, shape, 1 << 40, io_threads=cfg.store.io_threads,
-                           read_spans=cfg.store.read_spans)
+        store = open_store(store_root, shape, 1 << 40, readers=cfg.store.readers, read_spans=cfg.store.read_spans)
         keys = block_chain(prompt, model.fingerprint, bt)[:hit_blocks]
         table = list(range(n_blocks))
         hbm_ids = torch.tensor(table[:hit_blocks], device=dev)
 
-        def load_only():
-            ok = asyncio.run(store.read_many(keys, buf.block_dests(run_, 0, hit_blocks)))
-            assert all(ok), "a stored block could not be read back"
-            view = buf.view(run_)
-            for l in range(mc.n_layers):
-                src = view[l, :hit_blocks].view(td).view(hit_blocks, bt, mc.kv_width)
-                pool.layer(l).index_copy_(0, hbm_ids, src.to(dev, non_blocking=True))
-            sync(dev)
+        async def load_only_s() -> float:
+            await store.attach(buf.share_path, buf.host.numel())
+
+            async def load_only():
+                ok = await store.read_many(keys, buf.slot_dests(run_, 0))
+                assert all(ok), "a stored block could not be read back"
+                view = buf.view(run_)
+                for l in range(mc.n_layers):
+                    src = view[l, :hit_blocks].view(td).view(hit_blocks, bt, mc.kv_width)
+                    pool.layer(l).index_copy_(0, hbm_ids, src.to(dev, non_blocking=True))
+                sync(dev)
+
+            try:
+                return await _best_async(load_only)
+            finally:
+                await store.close()
 
         batch = Batch.build([(table, hit_blocks * bt, len(prompt) - hit_blocks * bt)], bt, dev)
         ids = torch.tensor(prompt[hit_blocks * bt:], device=dev)
@@ -96,10 +113,9 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
                 model.logits(h[-1:])
             sync(dev)
 
-        t_load, t_compute = _best(load_only), _best(compute_only)
-        store.close()
+        t_load, t_compute = asyncio.run(load_only_s()), _best(compute_only)
     overlapped = min(prefill_s)
-    result = {"bench": "overlap", "preset": preset, "dtype": dtype, "device": str(dev), "io_threads": io_threads,
+    result = {"bench": "overlap", "preset": preset, "dtype": dtype, "device": str(dev), "readers": readers,
               "read_spans": read_spans,
               "cached_tokens": hit_blocks * bt, "new_tokens": len(prompt) - hit_blocks * bt,
               "prefill_s": overlapped, "prefill_s_runs": prefill_s, "load_only_s": t_load,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dualpath.storage.store import SlotDests
+
 
 def _shared_memory(nbytes: int) -> tuple[torch.Tensor, str]:
     """An anonymous memory file (memfd: nothing is left behind when the process dies), mapped
@@ -116,11 +118,8 @@ class BufferPool:
         off, _ = self.byte_range(run)
         return off + layer * run.n_blocks * self.bytes_per_layer, run.n_blocks * self.bytes_per_layer
 
-    def block_dests(self, run: BufferRun, first: int, count: int = 1) -> list[list]:
-        """For blocks first..first+count-1 of the run, the per-layer writable buffers a storage read
-        scatters each block into. Numpy row views of one array: a long context has thousands of
-        blocks times layers of them, and making each a torch view first would cost the event loop
-        (and the GIL) tens of milliseconds."""
-        v = self.view(run).numpy()
-        return [list(v[:, i]) for i in range(first, first + count)]
-
+    def slot_dests(self, run: BufferRun, first: int) -> SlotDests:
+        """Where a storage read puts blocks first, first+1, ... of the run: the byte offset of
+        slot `first`'s layer 0 in the pool allocation, and the distance between two layers."""
+        off, _ = self.byte_range(run)
+        return SlotDests(off + first * self.bytes_per_layer, run.n_blocks * self.bytes_per_layer)

@@ -63,7 +63,12 @@ class Engine:
         c = self.cfg
         self.store = open_store(c.store.root, self.shape, int(c.store.capacity_gb * 1e9), node=self.spec.node,
                                 read_gbps=c.store.snic_read_gbps, write_gbps=c.store.snic_write_gbps,
-                                io_threads=c.store.io_threads, read_spans=c.store.read_spans)
+                                readers=c.store.readers, read_spans=c.store.read_spans,
+                                write_threads=c.store.write_threads)
+        if self.buffer.share_path is None:
+            raise RuntimeError("the DRAM buffer is not shared memory (no memfd): the store's reader processes "
+                               "cannot map it")
+        await self.store.attach(self.buffer.share_path, self.buffer.host.numel())
         self.dataplane = make_dataplane(c.transport.backend, self.name, c.transport.token,
                                         on_complete=self.on_write_complete,
                                         bulk_chunk_bytes=c.transport.bulk_chunk_bytes,
@@ -95,7 +100,7 @@ class Engine:
         self.stopping.set()
         await self.dataplane.close()
         await self.control.close()
-        self.store.close()
+        await self.store.close()
         self.compute.shutdown(wait=False)
 
     # -- load report --
@@ -138,8 +143,7 @@ class Engine:
     async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:
         """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run, layer by layer
         (``on_layer(l)`` once layer l of all of them is in). False on any miss."""
-        dests = self.buffer.block_dests(run, first, len(keys))
-        ok = await self.store.read_many(keys, dests, on_layer)
+        ok = await self.store.read_many(keys, self.buffer.slot_dests(run, first), on_layer)
         self.metrics["storage_read_blocks"] += len(keys)
         self.metrics["storage_read_bytes"] += len(keys) * self.shape.file_bytes
         return all(ok)

@@ -8,8 +8,9 @@
 - A capacity limit evicts least-recently-used blocks.
 - A temp file left by a crash is ignored by readers and removed at start.
 
-``FileStore`` is the synchronous core (thread safe). ``AsyncStore`` runs it on a thread pool for
-the engines' event loops and applies the storage-NIC emulation (``snic.py``).
+``FileStore`` is the synchronous core (thread safe). ``AsyncStore`` is the engines' asynchronous
+view: reads run in reader processes that write into the engine's shared DRAM buffer
+(``readers.py``), writes on a thread pool, both behind the storage-NIC emulation (``snic.py``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from dataclasses import dataclass, field
 
 from dualpath.storage.blockfile import (HEADER_BYTES, BlockFormatError, BlockShape, checksum, decode_header,
                                         encode_header)
+from dualpath.storage.readers import Reader, ReaderLost
 from dualpath.storage.snic import SnicBucket
 
 TMP_SUFFIX = ".tmp"
 _HOST = socket.gethostname().replace(".", "_")
 STALE_TMP_S = 3600.0
+OK, ABSENT, CORRUPT = 0, 1, 2  # the outcome of reading a block (or a span of its layers)
 
 
 def _abandoned(path: str, name: str) -> bool:
@@ -50,6 +53,15 @@ def _abandoned(path: str, name: str) -> bool:
         return time.time() - os.stat(path).st_mtime > STALE_TMP_S
     except FileNotFoundError:
         return False
+
+
+@dataclass(frozen=True)
+class SlotDests:
+    """Where read_many puts a request's blocks in the attached buffer: layer l of block i at
+    ``offset + i * bytes_per_layer + l * layer_stride`` (a buffer run is layer-major)."""
+
+    offset: int
+    layer_stride: int
 
 
 @dataclass
@@ -78,14 +90,15 @@ def _preadv(path: str, reads: list[tuple[int, list]]) -> int | None:
 
 
 class FileStore:
-    def __init__(self, root: str, shape: BlockShape, capacity_bytes: int, fsync: bool = True):
+    def __init__(self, root: str, shape: BlockShape, capacity_bytes: int, fsync: bool = True, scan: bool = True):
         self.root, self.shape, self.capacity, self.fsync = root, shape, capacity_bytes, fsync
         self.stats = StoreStats()
         self._lock = threading.Lock()
         self._lru: OrderedDict[bytes, int] = OrderedDict()  # key -> file bytes, oldest first
         self._used = 0
         os.makedirs(root, exist_ok=True)
-        self._scan()
+        if scan:  # a reader process (reads only) skips the index
+            self._scan()
 
     # -- layout --
 
@@ -134,18 +147,30 @@ class FileStore:
 
     # -- reads --
 
-    def _miss(self, key: bytes, path: str, corrupt: bool) -> bool:
-        with self._lock:
-            self.stats.misses += 1
-            if corrupt:
-                self.stats.corrupt += 1
-                self._used -= self._lru.pop(key, 0)
+    def _miss(self, key: bytes, path: str, corrupt: bool) -> int:
         if corrupt:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        return False
+        code = CORRUPT if corrupt else ABSENT
+        self.account(key, code, 0)
+        return code
+
+    def account(self, key: bytes, code: int, nbytes: int) -> None:
+        """Count a read's outcome (also for reads a reader process did on this store's behalf). A
+        block found corrupt has been removed; one found absent was evicted by another process:
+        either way it leaves the index."""
+        with self._lock:
+            self.stats.read_bytes += nbytes
+            if code == OK:
+                self.stats.reads += 1
+                if key in self._lru:
+                    self._lru.move_to_end(key)
+                return
+            self.stats.misses += 1
+            self.stats.corrupt += code == CORRUPT
+            self._used -= self._lru.pop(key, 0)
 
     def read_into(self, key: bytes, dests: list) -> bool:
         """Read all layers of a block; dests[l] is a writable buffer of bytes_per_layer bytes.
@@ -156,7 +181,8 @@ class FileStore:
         header = bytearray(HEADER_BYTES)
         n = _preadv(path, [(0, [header, *dests])])
         if n is None:
-            return self._miss(key, path, corrupt=False)
+            self._miss(key, path, corrupt=False)
+            return False
         try:
             if n != s.file_bytes:
                 raise BlockFormatError(f"size {n}, expected {s.file_bytes}")
@@ -165,50 +191,36 @@ class FileStore:
                 if checksum(d) != crcs[l]:
                     raise BlockFormatError(f"layer {l} checksum mismatch")
         except BlockFormatError:
-            return self._miss(key, path, corrupt=True)
-        with self._lock:
-            self.stats.reads += 1
-            self.stats.read_bytes += n
-            if key in self._lru:
-                self._lru.move_to_end(key)
+            self._miss(key, path, corrupt=True)
+            return False
+        self.account(key, OK, n)
         return True
 
-    def read_checksums(self, key: bytes) -> list[int] | None:
-        """A block's header: its per-layer checksums, or None (a miss) if absent or not ours."""
+    def read_checksums(self, key: bytes) -> tuple[int, list[int] | None]:
+        """A block's header: (OK, its per-layer checksums), or (ABSENT or CORRUPT, None)."""
         path = self.path(key)
         header = bytearray(HEADER_BYTES)
         if _preadv(path, [(0, [header])]) is None:
-            self._miss(key, path, corrupt=False)
-            return None
+            return self._miss(key, path, corrupt=False), None
         try:
-            sums = decode_header(bytes(header), self.shape, key)
+            return OK, decode_header(bytes(header), self.shape, key)
         except BlockFormatError:
-            self._miss(key, path, corrupt=True)
-            return None
-        with self._lock:
-            self.stats.reads += 1
-            self.stats.read_bytes += HEADER_BYTES
-        return sums
+            return self._miss(key, path, corrupt=True), None
 
-    def read_layers(self, key: bytes, first: int, dests: list, sums: list[int] | None = None) -> bool:
+    def read_layers(self, key: bytes, first: int, dests: list, sums: list[int]) -> int:
         """Read layers [first, first + len(dests)) only: one contiguous slice of the file, one
-        preadv. Checked against the header's checksums (read first unless given). False (a miss)
-        if absent, short or corrupt."""
-        sums = sums if sums is not None else self.read_checksums(key)
-        if sums is None:
-            return False
+        preadv, checked against the header's checksums. OK, or ABSENT / CORRUPT (a miss)."""
         path, bpl = self.path(key), self.shape.bytes_per_layer
         n = _preadv(path, [(HEADER_BYTES + first * bpl, dests)])
         if n is None:
             return self._miss(key, path, corrupt=False)
         if n != len(dests) * bpl or any(checksum(d) != sums[first + i] for i, d in enumerate(dests)):
             return self._miss(key, path, corrupt=True)
-        with self._lock:
-            self.stats.read_bytes += n
-        return True
+        return OK
 
-    def read_layer(self, key: bytes, layer: int, dest, sums: list[int] | None = None) -> bool:
-        return self.read_layers(key, layer, [dest], sums)
+    def read_layer(self, key: bytes, layer: int, dest) -> bool:
+        code, sums = self.read_checksums(key)
+        return code == OK and self.read_layers(key, layer, [dest], sums) == OK
 
     # -- writes --
 
@@ -263,110 +275,107 @@ class FileStore:
 
 
 class AsyncStore:
-    """The engines' view: async reads/writes on a thread pool, throttled by the emulated SNIC."""
+    """The engines' view: reads by reader processes straight into the engine's shared buffer
+    (readers.py), writes on a thread pool; both throttled by the emulated SNIC."""
 
-    def __init__(self, store: FileStore, read_bucket: SnicBucket, write_bucket: SnicBucket, io_threads: int = 8,
-                 read_spans: int = 4):
+    def __init__(self, store: FileStore, read_bucket: SnicBucket, write_bucket: SnicBucket, readers: int = 4,
+                 read_spans: int = 4, write_threads: int = 4):
         self.store, self.read_bucket, self.write_bucket = store, read_bucket, write_bucket
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="store-io")
-        self._threads = io_threads
-        self._spans = read_spans  # fewer: less Python (GIL) time per byte; more: earlier first layer
+        self._pool = ThreadPoolExecutor(write_threads, thread_name_prefix="store-write")
+        self._n_readers = readers
+        self._readers: list[Reader] = []
+        self._spans = read_spans  # fewer: fewer messages and syscalls; more: an earlier first layer
         self.pending_read_bytes = 0
         self.pending_reads = 0
 
-    async def _throttled(self, bucket: SnicBucket, nbytes: int, fn, *args):
-        end = bucket.reserve(nbytes)
-        result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        delay = end - time.monotonic()
-        if delay > 0:  # the real I/O was faster than the emulated NIC allows
-            await asyncio.sleep(delay)
-        return result
+    async def attach(self, buffer_path: str, buffer_bytes: int) -> None:
+        """Start the reader processes over the engine's DRAM buffer (a mappable shared file)."""
+        s = self.store.shape
+        hello = {"root": self.store.root, "shape": [s.n_layers, s.bytes_per_layer, s.dtype, s.fingerprint],
+                 "buffer": buffer_path, "buffer_bytes": buffer_bytes}
+        self._readers = [Reader(hello) for _ in range(self._n_readers)]
+        await self._live_readers()
 
-    async def read(self, key: bytes, dests: list) -> bool:
-        nbytes = self.store.shape.file_bytes
-        self.pending_read_bytes += nbytes
-        self.pending_reads += 1
-        try:
-            return await self._throttled(self.read_bucket, nbytes, self.store.read_into, key, dests)
-        finally:
-            self.pending_read_bytes -= nbytes
-            self.pending_reads -= 1
+    async def _live_readers(self) -> list[Reader]:
+        """The readers, each restarted if its process died (its reads then counted as misses)."""
+        if not self._readers:
+            raise RuntimeError("the store has no buffer attached: call attach() first")
+        await asyncio.gather(*(r.ensure_running() for r in self._readers))
+        return self._readers
 
-    async def read_many(self, keys: list[bytes], dests: list[list], on_layer=None) -> list[bool]:
-        """Read a request's blocks layer by layer: the headers, then the first span of layers of
-        every block, then the next span, ... (each a contiguous slice of its file). ``on_layer(l)``
-        is called as soon as layer l of every block is in place and verified, so the PE can compute
-        layer 0 while later layers still load (path A, DESIGN.md §2). After a miss no further layer
-        is announced. Every span is one reservation on the emulated NIC; its blocks are split into
-        one contiguous group per I/O thread (one thread hop per group, not per block)."""
+    async def read_many(self, keys: list[bytes], dest: SlotDests, on_layer=None) -> list[bool]:
+        """Read a request's blocks into the attached buffer, layer by layer: the headers and the
+        first span of layers of every block, then the next span, ... (each a contiguous slice of
+        its file). ``on_layer(l)`` is called as soon as layer l of every block is in place and
+        verified, so the PE can compute layer 0 while later layers still load (path A, DESIGN.md
+        §2). After a miss no further layer is announced. The blocks are split into one contiguous
+        group per reader process; every span is one reservation on the emulated NIC."""
         if not keys:
             return []
-        shape, loop = self.store.shape, asyncio.get_running_loop()
-        groups = min(len(keys), self._threads)
+        shape, bpl = self.store.shape, self.store.shape.bytes_per_layer
+        readers = await self._live_readers()
+        n_spans = min(self._spans, shape.n_layers)
+        spans = [range(shape.n_layers * k // n_spans, shape.n_layers * (k + 1) // n_spans) for k in range(n_spans)]
+        groups = min(len(keys), len(readers))
         bounds = [(len(keys) * g // groups, len(keys) * (g + 1) // groups) for g in range(groups)]
-        sums: list[list[int] | None] = [None] * len(keys)
-
-        def read_headers(lo: int, hi: int) -> None:
-            for i in range(lo, hi):
-                sums[i] = self.store.read_checksums(keys[i])
-
-        def read_span(span: range, lo: int, hi: int) -> None:
-            for i in range(lo, hi):  # each thread owns its slice of `sums`
-                if sums[i] is not None and not self.store.read_layers(keys[i], span.start,
-                                                                      dests[i][span.start : span.stop], sums[i]):
-                    sums[i] = None
-
-        async def on_nic(end: float, *futures) -> None:
-            await asyncio.gather(*futures)
-            delay = end - time.monotonic()
-            if delay > 0:  # the real I/O was faster than the emulated NIC allows
-                await asyncio.sleep(delay)
-
+        codes = bytearray(len(keys))  # OK until a span says otherwise
         nbytes = shape.file_bytes * len(keys)
         self.pending_read_bytes += nbytes
         self.pending_reads += len(keys)
         try:
-            end = self.read_bucket.reserve(HEADER_BYTES * len(keys))
-            await on_nic(end, *(loop.run_in_executor(self._pool, read_headers, lo, hi) for lo, hi in bounds))
-            if None in sums:
-                return [x is not None for x in sums]
-            # Queue every span of layers now (the thread pool runs them in order) and announce the
-            # layers of each span as it lands. Spans rather than single layers: one preadv per block
-            # per span keeps the Python work (and the GIL time) per byte small.
-            n_spans = min(self._spans, shape.n_layers)
-            spans = [range(shape.n_layers * g // n_spans, shape.n_layers * (g + 1) // n_spans) for g in range(n_spans)]
-            spans = [sp for sp in spans if len(sp)]
-            ends = [self.read_bucket.reserve(shape.bytes_per_layer * len(sp) * len(keys)) for sp in spans]
-            reads = [[loop.run_in_executor(self._pool, read_span, sp, lo, hi) for lo, hi in bounds] for sp in spans]
+            ends = [self.read_bucket.reserve(bpl * len(sp) * len(keys) + (HEADER_BYTES * len(keys) if k == 0 else 0))
+                    for k, sp in enumerate(spans)]
+            futures = []  # [group][span]
+            for r, (lo, hi) in zip(readers, bounds):
+                try:
+                    futures.append(r.submit(keys[lo:hi], dest.offset + lo * bpl, dest.layer_stride, spans))
+                except ReaderLost:
+                    futures.append([])
+                    codes[lo:hi] = bytes([ABSENT]) * (hi - lo)
             for k, sp in enumerate(spans):
-                await on_nic(ends[k], *reads[k])
-                if None in sums:
-                    await asyncio.gather(*(f for later in reads[k + 1 :] for f in later))
-                    break
+                for (lo, hi), fs in zip(bounds, futures):
+                    if fs:  # a reader's codes are cumulative: a block that failed keeps its code
+                        try:
+                            codes[lo:hi] = await fs[k]
+                        except ReaderLost:
+                            codes[lo:hi] = bytes([ABSENT]) * (hi - lo)
+                if any(codes):  # a miss: wait for the other spans (their bytes still land), announce no more
+                    continue
+                delay = ends[k] - time.monotonic()
+                if delay > 0:  # the real I/O was faster than the emulated NIC allows
+                    await asyncio.sleep(delay)
                 if on_layer is not None:
                     for l in sp:
                         on_layer(l)
-            return [x is not None for x in sums]
+            for key, code in zip(keys, codes):
+                self.store.account(key, code, shape.file_bytes if code == OK else 0)
+            return [c == OK for c in codes]
         finally:
             self.pending_read_bytes -= nbytes
             self.pending_reads -= len(keys)
 
     async def write(self, key: bytes, layers: list) -> None:
-        await self._throttled(self.write_bucket, self.store.shape.file_bytes, self.store.write, key, layers)
+        end = self.write_bucket.reserve(self.store.shape.file_bytes)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.store.write, key, layers)
+        delay = end - time.monotonic()
+        if delay > 0:  # the real I/O was faster than the emulated NIC allows
+            await asyncio.sleep(delay)
 
     def read_queue_bytes(self) -> int:
         """Storage read queue for the scheduler: the node's emulated NIC backlog when emulation is on
         (it includes the other engines of the node), else this process's outstanding reads."""
         return max(self.read_bucket.backlog_bytes(), self.pending_read_bytes)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await asyncio.gather(*(r.stop() for r in self._readers))
         self._pool.shutdown(wait=True)
         self.read_bucket.close()
         self.write_bucket.close()
 
 
 def open_store(root: str, shape: BlockShape, capacity_bytes: int, node: int = 0, read_gbps: float = 0.0,
-               write_gbps: float = 0.0, io_threads: int = 8, fsync: bool = True, read_spans: int = 4) -> AsyncStore:
+               write_gbps: float = 0.0, readers: int = 4, fsync: bool = True, read_spans: int = 4,
+               write_threads: int = 4) -> AsyncStore:
     return AsyncStore(FileStore(root, shape, capacity_bytes, fsync),
                       SnicBucket(root, node, "read", read_gbps), SnicBucket(root, node, "write", write_gbps),
-                      io_threads, read_spans)
+                      readers, read_spans, write_threads)

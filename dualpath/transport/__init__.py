@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from dualpath.transport.dataplane import TcpDataPlane, TransferError
+if TYPE_CHECKING:  # the data plane needs torch; the control plane (and the store's readers) must not
+    from dualpath.transport.dataplane import TcpDataPlane
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ def available_backends() -> list[str]:
     return out
 
 
-def make_dataplane(backend: str, name: str, token: str, **kwargs) -> TcpDataPlane:
+def make_dataplane(backend: str, name: str, token: str, **kwargs) -> "TcpDataPlane":
     """'auto' picks verbs where an RDMA device exists, else cuda where GPUs are visible, else tcp.
     An explicit backend that cannot run here says why and falls back to tcp."""
     have = available_backends()
@@ -42,7 +44,9 @@ def make_dataplane(backend: str, name: str, token: str, **kwargs) -> TcpDataPlan
         from dualpath.transport.verbs import VerbsDataPlane
 
         return VerbsDataPlane(name, token, **kwargs)
+    from dualpath.transport.dataplane import TcpDataPlane
+
     return TcpDataPlane(name, token, **kwargs)
 
 
-__all__ = ["TcpDataPlane", "TransferError", "make_dataplane", "available_backends"]
+__all__ = ["make_dataplane", "available_backends"]

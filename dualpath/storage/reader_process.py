@@ -1,0 +1,68 @@
+"""A storage reader process: reads blocks into an engine's shared buffer (protocol: readers.py).
+
+It imports neither torch nor the transport package, so it starts in a few tens of milliseconds."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import sys
+
+import msgpack
+
+from dualpath.storage.blockfile import BlockShape
+from dualpath.storage.store import OK, FileStore
+
+
+def _send_frame(sock: socket.socket, obj: dict) -> None:
+    body = msgpack.packb(obj, use_bin_type=True)
+    sock.sendall(len(body).to_bytes(4, "big") + body)
+
+
+def _recv_frame(sock: socket.socket) -> dict | None:
+    head = sock.recv(4, socket.MSG_WAITALL)
+    if len(head) < 4:
+        return None  # the engine closed the socket
+    n = int.from_bytes(head, "big")
+    body = bytearray(n)
+    view, got = memoryview(body), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            return None
+        got += k
+    return msgpack.unpackb(body, raw=False)
+
+
+def serve(sock: socket.socket) -> None:
+    hello = _recv_frame(sock)
+    if hello is None:
+        return
+    try:
+        shape = BlockShape(*hello["shape"])
+        store = FileStore(hello["root"], shape, capacity_bytes=1 << 62, scan=False)  # reads only: no index
+        fd = os.open(hello["buffer"], os.O_RDWR)
+        mem = memoryview(mmap.mmap(fd, hello["buffer_bytes"]))
+        os.close(fd)
+    except (OSError, ValueError, TypeError) as e:
+        _send_frame(sock, {"error": f"{type(e).__name__}: {e}"})
+        return
+    _send_frame(sock, {"ready": True})
+    bpl = shape.bytes_per_layer
+    while (msg := _recv_frame(sock)) is not None:
+        keys, offset, stride = msg["keys"], msg["offset"], msg["stride"]
+        codes, sums = bytearray(len(keys)), [None] * len(keys)
+        for i, key in enumerate(keys):
+            codes[i], sums[i] = store.read_checksums(key)
+        for k, (first, count) in enumerate(msg["spans"]):
+            for i, key in enumerate(keys):
+                if codes[i] == OK:
+                    at = offset + i * bpl + first * stride
+                    dests = [mem[at + j * stride : at + j * stride + bpl] for j in range(count)]
+                    codes[i] = store.read_layers(key, first, dests, sums[i])
+            _send_frame(sock, {"id": msg["id"], "span": k, "codes": bytes(codes)})
+
+
+if __name__ == "__main__":
+    serve(socket.socket(fileno=int(sys.argv[1])))
