@@ -147,11 +147,12 @@ class DecodeEngine(Engine):
         def copy_in():
             blocks = self.hbm_index(seq.blocks[:nb])
             for l in range(self.model.cfg.n_layers):
-                self.buffer_to_hbm(seq.run, blocks, l)
-            if self.h2d_stream is not None:  # the run is released next: the copies must be done reading it
-                self.h2d_stream.synchronize()
+                self.buffer_to_hbm(seq.run, blocks, l, compute_waits=False)
 
+        # The running batch's decode steps do not wait for these copies (they do not read these
+        # blocks): the request joins the batch, and its run is released, once the copies are done.
         await self.in_compute(copy_in)
+        await self.copies_done()
         view = self.buffer.view(seq.run)
         for b in range(seq.n_hit, n_full):  # hit blocks are stored already
             fut = self.persister.submit(seq.keys[b], [view[l, b].numpy().copy() for l in range(view.shape[0])])

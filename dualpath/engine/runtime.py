@@ -149,13 +149,20 @@ class Engine:
         return all(ok)
 
     def hbm_index(self, blocks: list[int]) -> torch.Tensor:
-        """HBM block ids as a device tensor, made once per request (not once per layer)."""
-        return torch.tensor(blocks, dtype=torch.long, device=self.device)
+        """HBM block ids as a device tensor, made once per request (not once per layer). On CUDA the
+        copy stream is ordered after all compute enqueued so far here: whatever earlier work still
+        touches these blocks (a failed step's, say) is done before buffer_to_hbm overwrites them."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        if self.h2d_stream is not None:
+            self.h2d_stream.wait_stream(torch.cuda.current_stream(self.device))
+        return index
 
-    def buffer_to_hbm(self, run: BufferRun, blocks: torch.Tensor, layer: int, lo: int = 0) -> None:
-        """Copy layer `layer` of run slots [lo, lo+len(blocks)) into the given HBM blocks (H2D).
-        On CUDA the copy runs on its own stream, and the compute stream waits for it there (not the
-        host): the copy of layer l+1 overlaps the compute of layer l."""
+    def buffer_to_hbm(self, run: BufferRun, blocks: torch.Tensor, layer: int, lo: int = 0,
+                      compute_waits: bool = True) -> None:
+        """Copy layer `layer` of run slots [lo, lo+len(blocks)) into the given HBM blocks (index from
+        hbm_index) (H2D). On CUDA the copy runs on its own stream and the compute stream waits for
+        it there (not the host), so the copy of layer l+1 overlaps the compute of layer l. With
+        compute_waits=False the caller waits instead (``copies_done``) before computing on them."""
         if not len(blocks):
             return
         src = self.buffer.view(run)[layer, lo : lo + len(blocks)]
@@ -163,11 +170,20 @@ class Engine:
         if self.h2d_stream is None:
             self.pool.layer(layer).index_copy_(0, blocks, src)
             return
-        compute = torch.cuda.current_stream(self.device)
-        self.h2d_stream.wait_stream(compute)  # `blocks` (and the pool's earlier users) are ordered first
         with torch.cuda.stream(self.h2d_stream):
             self.pool.layer(layer).index_copy_(0, blocks, src.to(self.device, non_blocking=True))
-        compute.wait_stream(self.h2d_stream)
+        if compute_waits:
+            torch.cuda.current_stream(self.device).wait_stream(self.h2d_stream)
+
+    async def copies_done(self) -> None:
+        """Wait, without holding up the compute thread or stream, until every host-to-device copy
+        enqueued so far has finished (and its source buffer may be reused)."""
+        if self.h2d_stream is None:
+            return
+        done = torch.cuda.Event()
+        done.record(self.h2d_stream)
+        while not done.query():
+            await asyncio.sleep(0.0005)
 
     def hbm_to_buffer(self, run: BufferRun, blocks: list[int], lo: int = 0) -> None:
         """All layers of the given HBM blocks into run slots [lo, ...) (D2H)."""
