@@ -72,9 +72,13 @@ def run(preset: str, dtype: str, device: str, context: int, decode_tokens: int, 
                        "dualpath_policy": "de-read"} for ctx in background]
             decode = {"prompt": [rng.randrange(256) for _ in range(1024)], "max_tokens": decode_tokens,
                       "temperature": 0, "dualpath_policy": "pe-read"}
-            alone, _ = asyncio.run(_measure(c.url, decode, []))
-            busy, n_bg = asyncio.run(_measure(c.url, decode, bodies))
-            alone2, _ = asyncio.run(_measure(c.url, decode, []))  # again, to see the noise floor
+            try:
+                alone, _ = asyncio.run(_measure(c.url, decode, []))
+                busy, n_bg = asyncio.run(_measure(c.url, decode, bodies))
+                alone2, _ = asyncio.run(_measure(c.url, decode, []))  # again, to see the noise floor
+            except RuntimeError as e:
+                logs = "".join(f"\n-- {x.name} log --\n{c.log_tail(x.name, 30)}" for x in cfg.engines)
+                raise RuntimeError(f"{e}{logs}") from None
     tpot_alone = statistics.median(alone + alone2)
     tpot_busy = statistics.median(busy)
     duration = sum(busy)

@@ -47,6 +47,7 @@ class PrefillJob:
     computed: int = 0  # tokens whose KV is in HBM (hit tokens count once loaded)
     loaded_to_hbm: bool = False
     t_admit: float = field(default_factory=time.monotonic)
+    t_loaded: list[float] = field(default_factory=list)  # when the step reached layer l with its hit KV in
     failed: str | None = None
 
 
@@ -57,13 +58,15 @@ class PrefillEngine(Engine):
         self.jobs: dict[str, PrefillJob] = {}
         self.ready: list[PrefillJob] = []
         self.wake = asyncio.Event()
-        self.last_prefill_s = 0.0  # admission to first token of the latest job (bench overlap reads it)
+        # The latest job's timeline, from admission (bench overlap reads it): its first token, and
+        # when the first and the last layer of its hit KV were in our buffer.
+        self.last_prefill = {"total_s": 0.0, "first_layer_loaded_s": 0.0, "last_layer_loaded_s": 0.0}
         await super().start()
         asyncio.create_task(self._step_loop())
 
     def load(self) -> dict[str, Any]:
         queued = sum(len(j.tokens) - j.computed for j in self.jobs.values())
-        return {**super().load(), "queued_prefill_tokens": queued, "last_prefill_s": self.last_prefill_s}
+        return {**super().load(), "queued_prefill_tokens": queued, "last_prefill": self.last_prefill}
 
     async def handle(self, conn: Connection, method: str, p: dict) -> Any:
         if method == "prefill":
@@ -174,6 +177,7 @@ class PrefillEngine(Engine):
             for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
                 await j.path_a_layer[l].wait()
                 await j.path_b_layer[l].wait()
+                j.t_loaded.append(time.monotonic())
             if any(j.failed for j, _ in picked):
                 return
 
@@ -192,7 +196,9 @@ class PrefillEngine(Engine):
         for k, (job, _) in enumerate(finished):
             self.ready.remove(job)
             first = sample(logits[k], job.temperature, job.seed, len(job.tokens))
-            self.last_prefill_s = time.monotonic() - job.t_admit
+            loaded = [t - job.t_admit for t in job.t_loaded] or [0.0]
+            self.last_prefill = {"total_s": time.monotonic() - job.t_admit, "first_layer_loaded_s": loaded[0],
+                                 "last_layer_loaded_s": loaded[-1]}
             asyncio.create_task(self._handoff(job, first))
 
     # -- handoff to the decode engine --
