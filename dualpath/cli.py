@@ -251,7 +251,7 @@ def _cluster_bench_options(fn):
 
 def _store_read_options(fn):
     """How engines read the store: the trade-off between load/compute overlap and decode TPOT."""
-    fn = click.option("--read-spans", type=int, default=4, show_default=True, help="spans of layers per read")(fn)
+    fn = click.option("--read-spans", type=int, default=8, show_default=True, help="spans of layers per read")(fn)
     return click.option("--readers", type=int, default=8, show_default=True,
                         help="storage reader processes per engine")(fn)
 

@@ -75,7 +75,7 @@ class StoreConfig:
     write_queue_blocks: int = 1024  # write-behind queue depth before back-pressure
     readers: int = 4  # reader processes per engine (storage/readers.py)
     write_threads: int = 4  # persistence writes, on threads of the engine process
-    read_spans: int = 4  # a request's blocks are read in this many spans of layers (see store.read_many)
+    read_spans: int = 8  # a request's blocks are read in this many spans of layers (see store.read_many)
 
     def validate(self) -> None:
         _check(self.capacity_gb > 0, "store.capacity_gb", self.capacity_gb, "must be > 0")

@@ -12,7 +12,7 @@ from dualpath.engine.buffers import BufferPool, BufferTooLarge
 from dualpath.storage.blockfile import HEADER_BYTES, BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.persist import Persister
-from dualpath.storage.store import FileStore, open_store
+from dualpath.storage.store import FileStore, layer_spans, open_store
 
 FP = b"model-A-finger!!"
 SHAPE = BlockShape(n_layers=3, bytes_per_layer=4096, dtype="float32", fingerprint=FP)
@@ -159,6 +159,16 @@ async def test_snic_throttle_rate_is_accurate(tmp_path):
     assert all((o == e).all() for o, e in zip(blocks_in(buf, run)[7], data))
     assert 0.9 * 0.05e9 <= write_rate <= 1.1 * 0.05e9, write_rate
     assert 0.9 * 0.05e9 <= read_rate <= 1.1 * 0.05e9, read_rate
+
+
+def test_layer_spans_cover_every_layer_once_with_layer_0_first_and_alone():
+    for n_layers in (1, 2, 3, 24, 27, 61):
+        for n_spans in (1, 2, 4, 8, 100):
+            spans = layer_spans(n_layers, n_spans)
+            assert [l for sp in spans for l in sp] == list(range(n_layers))
+            assert len(spans) == min(n_spans, n_layers) and all(len(sp) for sp in spans)
+            if n_spans > 1:
+                assert spans[0] == range(1)
 
 
 async def test_layerwise_read_announces_each_layer_as_it_lands_and_stops_at_a_corrupt_one(tmp_path):

@@ -55,7 +55,7 @@ async def _measure(url: str, decode_body: dict, background: list[dict]) -> tuple
 
 
 def run(preset: str, dtype: str, device: str, context: int, decode_tokens: int, port: int, out: str,
-        readers: int = 8, read_spans: int = 4) -> dict:
+        readers: int = 8, read_spans: int = 8) -> dict:
     rng = random.Random(1)
     with tempfile.TemporaryDirectory(prefix="dualpath-interf-") as work:
         cfg = bench_cluster(1, 1, preset, dtype, device, port, f"{work}/store")

@@ -52,7 +52,7 @@ async def _best_async(fn, repeat: int = 5) -> float:
 
 
 def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, out: str, readers: int = 8,
-        read_spans: int = 4) -> dict:
+        read_spans: int = 8) -> dict:
     bt, rng = 64, random.Random(0)
     turn1 = [rng.randrange(256) for _ in range(cached)]
     with tempfile.TemporaryDirectory(prefix="dualpath-overlap-") as work:

@@ -155,6 +155,9 @@ class Engine:
         index = torch.tensor(blocks, dtype=torch.long, device=self.device)
         if self.h2d_stream is not None:
             self.h2d_stream.wait_stream(torch.cuda.current_stream(self.device))
+            # Made on the compute stream, read on the copy stream: without this the allocator could
+            # hand its memory to the next decode step while a copy still reads it as its index.
+            index.record_stream(self.h2d_stream)
         return index
 
     def buffer_to_hbm(self, run: BufferRun, blocks: torch.Tensor, layer: int, lo: int = 0,

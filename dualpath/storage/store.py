@@ -274,17 +274,27 @@ class FileStore:
                 pass
 
 
+def layer_spans(n_layers: int, n_spans: int) -> list[range]:
+    """How read_many groups a block's layers: layer 0 alone first, so that compute can start as soon as
+    possible, then the rest in n_spans - 1 nearly equal spans (fewer spans: fewer syscalls and
+    messages; more: each layer announced closer to when it lands)."""
+    if n_spans <= 1 or n_layers == 1:
+        return [range(n_layers)]
+    rest, k = n_layers - 1, min(n_spans - 1, n_layers - 1)
+    return [range(1)] + [range(1 + rest * i // k, 1 + rest * (i + 1) // k) for i in range(k)]
+
+
 class AsyncStore:
     """The engines' view: reads by reader processes straight into the engine's shared buffer
     (readers.py), writes on a thread pool; both throttled by the emulated SNIC."""
 
     def __init__(self, store: FileStore, read_bucket: SnicBucket, write_bucket: SnicBucket, readers: int = 4,
-                 read_spans: int = 4, write_threads: int = 4):
+                 read_spans: int = 8, write_threads: int = 4):
         self.store, self.read_bucket, self.write_bucket = store, read_bucket, write_bucket
         self._pool = ThreadPoolExecutor(write_threads, thread_name_prefix="store-write")
         self._n_readers = readers
         self._readers: list[Reader] = []
-        self._spans = read_spans  # fewer: fewer messages and syscalls; more: an earlier first layer
+        self._spans = read_spans  # see layer_spans
         self.pending_read_bytes = 0
         self.pending_reads = 0
 
@@ -314,8 +324,7 @@ class AsyncStore:
             return []
         shape, bpl = self.store.shape, self.store.shape.bytes_per_layer
         readers = await self._live_readers()
-        n_spans = min(self._spans, shape.n_layers)
-        spans = [range(shape.n_layers * k // n_spans, shape.n_layers * (k + 1) // n_spans) for k in range(n_spans)]
+        spans = layer_spans(shape.n_layers, self._spans)
         groups = min(len(keys), len(readers))
         bounds = [(len(keys) * g // groups, len(keys) * (g + 1) // groups) for g in range(groups)]
         codes = bytearray(len(keys))  # OK until a span says otherwise
@@ -374,7 +383,7 @@ class AsyncStore:
 
 
 def open_store(root: str, shape: BlockShape, capacity_bytes: int, node: int = 0, read_gbps: float = 0.0,
-               write_gbps: float = 0.0, readers: int = 4, fsync: bool = True, read_spans: int = 4,
+               write_gbps: float = 0.0, readers: int = 4, fsync: bool = True, read_spans: int = 8,
                write_threads: int = 4) -> AsyncStore:
     return AsyncStore(FileStore(root, shape, capacity_bytes, fsync),
                       SnicBucket(root, node, "read", read_gbps), SnicBucket(root, node, "write", write_gbps),
