@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +54,12 @@ class BufferPool:
         if shared and hasattr(os, "memfd_create"):
             self.host, self.share_path = _shared_memory(nbytes)
             if pin:  # page-lock the mapping in place, as pin_memory would have allocated it
-                err = int(torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), nbytes, 0))
+                cudart, ptr = torch.cuda.cudart(), self.host.data_ptr()
+                err = int(cudart.cudaHostRegister(ptr, nbytes, 0))
                 if err:
                     raise RuntimeError(f"cudaHostRegister of the {nbytes}-byte buffer failed (error {err})")
+                # Unregister with the pool: a later allocation at the same address could not be pinned.
+                weakref.finalize(self, cudart.cudaHostUnregister, ptr)
         else:
             self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         self._free: list[tuple[int, int]] = [(0, n_blocks)]  # sorted (start, length) runs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,12 +43,15 @@ class PrefillJob:
     run: BufferRun | None = None
     blocks: list[int] = field(default_factory=list)
     io: list[asyncio.Task] = field(default_factory=list)  # reads and path-B loads into our run
-    path_a_layer: list[asyncio.Event] = field(default_factory=list)  # layer l of our storage reads is in
-    path_b_layer: list[asyncio.Event] = field(default_factory=list)  # layer l of the DE's writes is in
+    # Layer l of our storage reads / of the DE's writes is in our buffer. Threading events: the
+    # compute thread waits on them, the event loop sets them.
+    path_a_layer: list[threading.Event] = field(default_factory=list)
+    path_b_layer: list[threading.Event] = field(default_factory=list)
     computed: int = 0  # tokens whose KV is in HBM (hit tokens count once loaded)
     loaded_to_hbm: bool = False
     t_admit: float = field(default_factory=time.monotonic)
-    t_loaded: list[float] = field(default_factory=list)  # when the step reached layer l with its hit KV in
+    t_landed: dict[int, float] = field(default_factory=dict)  # layer -> when our storage read of it was in
+    t_reached: list[float] = field(default_factory=list)  # when the step could run layer l (its hit KV in)
     failed: str | None = None
 
 
@@ -58,9 +62,9 @@ class PrefillEngine(Engine):
         self.jobs: dict[str, PrefillJob] = {}
         self.ready: list[PrefillJob] = []
         self.wake = asyncio.Event()
-        # The latest job's timeline, from admission (bench overlap reads it): its first token, and
-        # when the first and the last layer of its hit KV were in our buffer.
-        self.last_prefill = {"total_s": 0.0, "first_layer_loaded_s": 0.0, "last_layer_loaded_s": 0.0}
+        # The latest job's timeline, from admission (bench overlap reads it): its first token, when
+        # the step could run each layer, and when each layer of our storage reads (path A) was in.
+        self.last_prefill = {"total_s": 0.0, "reached_s": [], "landed_s": []}
         await super().start()
         asyncio.create_task(self._step_loop())
 
@@ -91,8 +95,8 @@ class PrefillEngine(Engine):
     # -- admission and loading --
 
     async def _admit(self, job: PrefillJob) -> None:
-        job.path_a_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
-        job.path_b_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
+        job.path_a_layer = [threading.Event() for _ in range(self.model.cfg.n_layers)]
+        job.path_b_layer = [threading.Event() for _ in range(self.model.cfg.n_layers)]
         try:
             job.run = await self.buffer.alloc(self.pool.blocks_for(len(job.tokens)))
             while True:
@@ -109,11 +113,15 @@ class PrefillEngine(Engine):
         except Exception as e:
             await self._fail(job, f"admission failed: {e}")
 
-    async def _read_path_a(self, job: PrefillJob, lo: int, hi: int, layers: list[asyncio.Event]) -> None:
+    async def _read_path_a(self, job: PrefillJob, lo: int, hi: int, layers: list[threading.Event]) -> None:
         """Storage → our buffer, hit blocks [lo, hi), setting layers[l] as each layer lands."""
         if hi > lo:
             keys = block_chain(job.tokens[: hi * self.bt], self.model.fingerprint, self.bt)[lo:]
-            if not await self.read_blocks(keys, job.run, first=lo, on_layer=lambda l: layers[l].set()):
+            def landed(l: int) -> None:
+                job.t_landed.setdefault(l, time.monotonic())
+                layers[l].set()
+
+            if not await self.read_blocks(keys, job.run, first=lo, on_layer=landed):
                 job.failed = "retry: a hit block was missing or corrupt"
             else:
                 self.metrics["path_a_requests"] += 1
@@ -170,23 +178,31 @@ class PrefillEngine(Engine):
     async def _step(self, picked: list[tuple[PrefillJob, int]]) -> None:
         batch = Batch.build([(j.blocks, j.computed, n) for j, n in picked], self.bt, self.device)
         ids = torch.tensor([t for j, n in picked for t in j.tokens[j.computed : j.computed + n]], device=self.device)
-        h = await self.in_compute(self.model.embed, ids)
         loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
         hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.n_hit]) for j in loading}
-        for l in range(self.model.cfg.n_layers):
-            for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
-                await j.path_a_layer[l].wait()
-                await j.path_b_layer[l].wait()
-                j.t_loaded.append(time.monotonic())
-            if any(j.failed for j, _ in picked):
-                return
 
-            def run_layer(l=l, h=h):
+        def run_layers() -> torch.Tensor | None:
+            """On the compute thread, layer after layer with no hop through the event loop: layer l
+            runs as soon as layer l of every job's hit KV is in our buffer (its copy to HBM is
+            enqueued right before it). None if a job failed meanwhile."""
+            h = self.model.embed(ids)
+            for l in range(self.model.cfg.n_layers):
+                for j in loading:
+                    for landed in (j.path_a_layer[l], j.path_b_layer[l]):
+                        while not landed.wait(0.05):
+                            if j.failed:
+                                return None
+                    j.t_reached.append(time.monotonic())
+                if any(j.failed for j, _ in picked):
+                    return None
                 for j in loading:
                     self.buffer_to_hbm(j.run, hit_blocks[j.rid], l)
-                return self.model.layer(l, h, batch, self.pool.layer(l))
+                h = self.model.layer(l, h, batch, self.pool.layer(l))
+            return h
 
-            h = await self.in_compute(run_layer)
+        h = await self.in_compute(run_layers)
+        if h is None:
+            return
         for j, _ in picked:
             j.loaded_to_hbm = True
         finished = [(j, i) for (j, n), i in zip(picked, last_token_index(batch)) if j.computed + n == len(j.tokens)]
@@ -196,9 +212,9 @@ class PrefillEngine(Engine):
         for k, (job, _) in enumerate(finished):
             self.ready.remove(job)
             first = sample(logits[k], job.temperature, job.seed, len(job.tokens))
-            loaded = [t - job.t_admit for t in job.t_loaded] or [0.0]
-            self.last_prefill = {"total_s": time.monotonic() - job.t_admit, "first_layer_loaded_s": loaded[0],
-                                 "last_layer_loaded_s": loaded[-1]}
+            self.last_prefill = {"total_s": time.monotonic() - job.t_admit,
+                                 "reached_s": [round(t - job.t_admit, 5) for t in job.t_reached],
+                                 "landed_s": [round(t - job.t_admit, 5) for _, t in sorted(job.t_landed.items())]}
             asyncio.create_task(self._handoff(job, first))
 
     # -- handoff to the decode engine --
