@@ -106,10 +106,10 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
         ids = torch.tensor(prompt[hit_blocks * bt:], device=dev)
 
         def compute_only():
-            with torch.no_grad():
-                h = model.embed(ids)
+            with torch.no_grad():  # as the PE runs a step: rotary tables once, then layer after layer
+                h, tables = model.embed(ids), model.rope_tables(batch)
                 for l in range(mc.n_layers):
-                    h = model.layer(l, h, batch, pool.layer(l))
+                    h = model.layer(l, h, batch, pool.layer(l), tables)
                 model.logits(h[-1:])
             sync(dev)
 

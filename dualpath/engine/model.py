@@ -150,9 +150,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalised in fp32 (as the Qwen2 / DeepSeek reference code does), then back to x's dtype
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -169,12 +168,15 @@ class Rotary(nn.Module):
         self.register_buffer("sin", emb.sin().float(), persistent=False)
         self.interleave = interleave
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [N, heads, dim], positions: [N]."""
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at the positions, [N, 1, dim] each: made once per step, used by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [N, heads, dim], tables: from ``tables`` for the N positions."""
         if self.interleave:
             x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        cos, sin = tables
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -229,16 +231,16 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * d, h, bias=False)
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary):
+    def _qkv(self, x: torch.Tensor, rope: Rotary, tables):
         c = self.cfg
-        q = rope(self.q_proj(x).view(-1, c.n_heads, c.head_dim), positions)
-        k = rope(self.k_proj(x).view(-1, c.n_kv_heads, c.head_dim), positions)
+        q = rope(self.q_proj(x).view(-1, c.n_heads, c.head_dim), tables)
+        k = rope(self.k_proj(x).view(-1, c.n_kv_heads, c.head_dim), tables)
         v = self.v_proj(x).view(-1, c.n_kv_heads, c.head_dim)
         return q, k, v
 
     def forward_reference(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary) -> torch.Tensor:
         c = self.cfg
-        q, k, v = self._qkv(x, positions, rope)
+        q, k, v = self._qkv(x, rope, rope.tables(positions, x.dtype))
         rep = c.n_heads // c.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * c.scale
@@ -246,10 +248,10 @@ class GQAttention(nn.Module):
         out = torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
         return self.o_proj(out.reshape(len(x), -1))
 
-    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, tables) -> torch.Tensor:
         """x: [N, hidden]; kv_layer: [n_blocks, block_tokens, 2 * n_kv * head_dim] (K then V)."""
         c = self.cfg
-        q, k, v = self._qkv(x, batch.positions, rope)
+        q, k, v = self._qkv(x, rope, tables)
         kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([k.flatten(1), v.flatten(1)], -1).to(kv_layer.dtype)
         rep = c.n_heads // c.n_kv_heads
         if batch.padded:
@@ -285,23 +287,24 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, h, bias=False)
 
-    def _q(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary):
+    def _q(self, x: torch.Tensor, rope: Rotary, tables):
         c = self.cfg
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(len(x), c.n_heads, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], -1)
-        return q_nope, rope(q_pe, positions)
+        return q_nope, rope(q_pe, tables)
 
-    def _latent(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary):
+    def _latent(self, x: torch.Tensor, rope: Rotary, tables):
         """-> (c_kv [N, kv_lora_rank] normalised latent, k_pe [N, rope_dim] rotated shared key)."""
         c = self.cfg
         ckv, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], -1)
-        return self.kv_a_layernorm(ckv), rope(k_pe.unsqueeze(1), positions).squeeze(1)
+        return self.kv_a_layernorm(ckv), rope(k_pe.unsqueeze(1), tables).squeeze(1)
 
     def forward_reference(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary) -> torch.Tensor:
         """Naive form: expand the latent into per-head K and V, then ordinary attention."""
         c = self.cfg
-        q_nope, q_pe = self._q(x, positions, rope)
-        ckv, k_pe = self._latent(x, positions, rope)
+        tables = rope.tables(positions, x.dtype)
+        q_nope, q_pe = self._q(x, rope, tables)
+        ckv, k_pe = self._latent(x, rope, tables)
         kv = self.kv_b_proj(ckv).view(len(x), c.n_heads, -1)
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], -1)
@@ -311,14 +314,14 @@ class MLAttention(nn.Module):
         out = torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
         return self.o_proj(out.reshape(len(x), -1))
 
-    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, tables) -> torch.Tensor:
         """Absorbed form. kv_layer: [n_blocks, block_tokens, kv_lora_rank + rope_dim].
 
         score_h(t) = (q_nope_h W_UK_h) · c_t + q_pe_h · k_pe_t;  out_h = (Σ_t p_h(t) c_t) W_UV_h
         """
         c = self.cfg
-        q_nope, q_pe = self._q(x, batch.positions, rope)
-        ckv, k_pe = self._latent(x, batch.positions, rope)
+        q_nope, q_pe = self._q(x, rope, tables)
+        ckv, k_pe = self._latent(x, rope, tables)
         kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([ckv, k_pe], -1).to(kv_layer.dtype)
         w = self.kv_b_proj.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]  # [H, nope, r], [H, v, r]
@@ -404,10 +407,16 @@ class Model(nn.Module):
         return self.embed_tokens(token_ids)
 
     @torch.inference_mode()
-    def layer(self, l: int, h: torch.Tensor, batch: Batch, kv_layer: torch.Tensor) -> torch.Tensor:
+    def rope_tables(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's rotary tables, to make once per step and pass to every ``layer`` call."""
+        return self.rope.tables(batch.positions, self.dtype)
+
+    @torch.inference_mode()
+    def layer(self, l: int, h: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, tables=None) -> torch.Tensor:
         """Run layer l for the batch's new tokens; writes their KV into kv_layer first."""
         layer = self.layers[l]
-        h = h + layer.self_attn(layer.input_layernorm(h), batch, kv_layer, self.rope)
+        tables = self.rope_tables(batch) if tables is None else tables
+        h = h + layer.self_attn(layer.input_layernorm(h), batch, kv_layer, self.rope, tables)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     @torch.inference_mode()
@@ -417,9 +426,9 @@ class Model(nn.Module):
     @torch.inference_mode()
     def forward_paged(self, token_ids: torch.Tensor, batch: Batch, kv: torch.Tensor) -> torch.Tensor:
         """All layers at once (kv: [n_layers, n_blocks, block_tokens, W]); logits of every new token."""
-        h = self.embed(token_ids)
+        h, tables = self.embed(token_ids), self.rope_tables(batch)
         for l in range(self.cfg.n_layers):
-            h = self.layer(l, h, batch, kv[l])
+            h = self.layer(l, h, batch, kv[l], tables)
         return self.logits(h)
 
 

@@ -185,7 +185,7 @@ class PrefillEngine(Engine):
             """On the compute thread, layer after layer with no hop through the event loop: layer l
             runs as soon as layer l of every job's hit KV is in our buffer (its copy to HBM is
             enqueued right before it). None if a job failed meanwhile."""
-            h = self.model.embed(ids)
+            h, tables = self.model.embed(ids), self.model.rope_tables(batch)
             for l in range(self.model.cfg.n_layers):
                 for j in loading:
                     for landed in (j.path_a_layer[l], j.path_b_layer[l]):
@@ -197,7 +197,7 @@ class PrefillEngine(Engine):
                     return None
                 for j in loading:
                     self.buffer_to_hbm(j.run, hit_blocks[j.rid], l)
-                h = self.model.layer(l, h, batch, self.pool.layer(l))
+                h = self.model.layer(l, h, batch, self.pool.layer(l), tables)
             return h
 
         h = await self.in_compute(run_layers)
