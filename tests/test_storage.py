@@ -12,6 +12,7 @@ from dualpath.engine.buffers import BufferPool, BufferTooLarge
 from dualpath.storage.blockfile import HEADER_BYTES, BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.persist import Persister
+from dualpath.storage.readers import ReaderLost
 from dualpath.storage.store import FileStore, layer_spans, open_store
 
 FP = b"model-A-finger!!"
@@ -215,6 +216,22 @@ async def test_a_reader_process_that_dies_costs_its_reads_not_the_store(tmp_path
     assert all((o == e).all() for i, out in enumerate(blocks_in(buf, run)) for o, e in zip(out, layers_for(i)))
     await astore.close()
     assert all(r.proc.poll() is not None for r in astore._readers)  # closing stops every reader
+
+
+async def test_reads_that_do_not_fit_the_buffer_or_an_unmappable_buffer_are_refused(tmp_path):
+    astore = open_store(str(tmp_path), SHAPE, 1 << 30, readers=1)
+    keys = block_chain(list(range(64 * 3)), FP, 64)
+    for i, k in enumerate(keys):
+        astore.store.write(k, layers_for(i))
+    buf, run = await attached(astore, SHAPE, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        await astore.read_many(keys, buf.slot_dests(run, 0))  # 3 blocks into a run of 2
+    assert astore.store.lookup(keys) == 3  # nothing was taken for corrupt and deleted
+    await astore.close()
+    other = open_store(str(tmp_path), SHAPE, 1 << 30, readers=1)
+    with pytest.raises(ReaderLost, match="could not start: FileNotFoundError"):
+        await other.attach(str(tmp_path / "no-such-buffer"), 4096)
+    await other.close()
 
 
 async def test_read_queue_is_visible_while_throttled(tmp_path):

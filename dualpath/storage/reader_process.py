@@ -49,7 +49,14 @@ def serve(sock: socket.socket) -> None:
         _send_frame(sock, {"error": f"{type(e).__name__}: {e}"})
         return
     _send_frame(sock, {"ready": True})
-    bpl = shape.bytes_per_layer
+    try:
+        _read_requests(sock, store, mem)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the engine went away mid-read: nobody is waiting for the rest
+
+
+def _read_requests(sock: socket.socket, store: FileStore, mem: memoryview) -> None:
+    bpl = store.shape.bytes_per_layer
     while (msg := _recv_frame(sock)) is not None:
         keys, offset, stride = msg["keys"], msg["offset"], msg["stride"]
         codes, sums = bytearray(len(keys)), [None] * len(keys)

@@ -294,6 +294,7 @@ class AsyncStore:
         self._pool = ThreadPoolExecutor(write_threads, thread_name_prefix="store-write")
         self._n_readers = readers
         self._readers: list[Reader] = []
+        self._buffer_bytes = 0
         self._spans = read_spans  # see layer_spans
         self.pending_read_bytes = 0
         self.pending_reads = 0
@@ -304,6 +305,7 @@ class AsyncStore:
         hello = {"root": self.store.root, "shape": [s.n_layers, s.bytes_per_layer, s.dtype, s.fingerprint],
                  "buffer": buffer_path, "buffer_bytes": buffer_bytes}
         self._readers = [Reader(hello) for _ in range(self._n_readers)]
+        self._buffer_bytes = buffer_bytes
         await self._live_readers()
 
     async def _live_readers(self) -> list[Reader]:
@@ -324,6 +326,10 @@ class AsyncStore:
             return []
         shape, bpl = self.store.shape, self.store.shape.bytes_per_layer
         readers = await self._live_readers()
+        end = dest.offset + (len(keys) - 1) * bpl + (shape.n_layers - 1) * dest.layer_stride + bpl
+        if dest.offset < 0 or dest.layer_stride < len(keys) * bpl or end > self._buffer_bytes:
+            # checked here: a reader would see a short read, take it for a corrupt block and delete it
+            raise ValueError(f"{len(keys)} blocks at {dest} do not fit the {self._buffer_bytes}-byte buffer")
         spans = layer_spans(shape.n_layers, self._spans)
         groups = min(len(keys), len(readers))
         bounds = [(len(keys) * g // groups, len(keys) * (g + 1) // groups) for g in range(groups)]
