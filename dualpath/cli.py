@@ -292,10 +292,10 @@ def bench_overlap(**kw) -> None:
     click.echo(f"{r['cached_tokens']} cached + {r['new_tokens']} new tokens: prefill {r['prefill_s'] * 1e3:.1f} ms; "
                f"load only {r['load_only_s'] * 1e3:.1f} ms, compute only {r['compute_only_s'] * 1e3:.1f} ms; "
                f"ratio to the larger {r['ratio_to_max']:.2f} (no overlap would be {r['sum_ratio_to_max']:.2f})")
-    landed, reached = r["prefill_layer_landed_s"], r["prefill_layer_reached_s"]
-    if landed and reached:
+    landed, started = r["prefill_layer_landed_s"], r["prefill_layer_started_s"]
+    if landed and started:
         click.echo(f"in the prefill, hit KV layer 0 / last landed at {landed[0] * 1e3:.1f} / {landed[-1] * 1e3:.1f} ms; "
-                   f"the step reached them at {reached[0] * 1e3:.1f} / {reached[-1] * 1e3:.1f} ms")
+                   f"the compute thread started them at {started[0] * 1e3:.1f} / {started[-1] * 1e3:.1f} ms")
     click.echo(f"wrote {kw['out']}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,15 +42,15 @@ class PrefillJob:
     run: BufferRun | None = None
     blocks: list[int] = field(default_factory=list)
     io: list[asyncio.Task] = field(default_factory=list)  # reads and path-B loads into our run
-    # Layer l of our storage reads / of the DE's writes is in our buffer. Threading events: the
-    # compute thread waits on them, the event loop sets them.
-    path_a_layer: list[threading.Event] = field(default_factory=list)
-    path_b_layer: list[threading.Event] = field(default_factory=list)
+    # Layer l of our storage reads / of the DE's writes is in our buffer (set on the event loop; the
+    # compute thread only reads them, in run_layers)
+    path_a_layer: list[asyncio.Event] = field(default_factory=list)
+    path_b_layer: list[asyncio.Event] = field(default_factory=list)
     computed: int = 0  # tokens whose KV is in HBM (hit tokens count once loaded)
     loaded_to_hbm: bool = False
     t_admit: float = field(default_factory=time.monotonic)
     t_landed: dict[int, float] = field(default_factory=dict)  # layer -> when our storage read of it was in
-    t_reached: list[float] = field(default_factory=list)  # when the step could run layer l (its hit KV in)
+    t_started: list[float] = field(default_factory=list)  # when the compute thread started layer l
     failed: str | None = None
 
 
@@ -63,8 +62,8 @@ class PrefillEngine(Engine):
         self.ready: list[PrefillJob] = []
         self.wake = asyncio.Event()
         # The latest job's timeline, from admission (bench overlap reads it): its first token, when
-        # the step could run each layer, and when each layer of our storage reads (path A) was in.
-        self.last_prefill = {"total_s": 0.0, "reached_s": [], "landed_s": []}
+        # the compute thread started each layer, and when each layer of our storage reads was in.
+        self.last_prefill = {"total_s": 0.0, "started_s": [], "landed_s": []}
         await super().start()
         asyncio.create_task(self._step_loop())
 
@@ -95,8 +94,8 @@ class PrefillEngine(Engine):
     # -- admission and loading --
 
     async def _admit(self, job: PrefillJob) -> None:
-        job.path_a_layer = [threading.Event() for _ in range(self.model.cfg.n_layers)]
-        job.path_b_layer = [threading.Event() for _ in range(self.model.cfg.n_layers)]
+        job.path_a_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
+        job.path_b_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         try:
             job.run = await self.buffer.alloc(self.pool.blocks_for(len(job.tokens)))
             while True:
@@ -113,10 +112,11 @@ class PrefillEngine(Engine):
         except Exception as e:
             await self._fail(job, f"admission failed: {e}")
 
-    async def _read_path_a(self, job: PrefillJob, lo: int, hi: int, layers: list[threading.Event]) -> None:
+    async def _read_path_a(self, job: PrefillJob, lo: int, hi: int, layers: list[asyncio.Event]) -> None:
         """Storage → our buffer, hit blocks [lo, hi), setting layers[l] as each layer lands."""
         if hi > lo:
             keys = block_chain(job.tokens[: hi * self.bt], self.model.fingerprint, self.bt)[lo:]
+
             def landed(l: int) -> None:
                 job.t_landed.setdefault(l, time.monotonic())
                 layers[l].set()
@@ -180,29 +180,33 @@ class PrefillEngine(Engine):
         ids = torch.tensor([t for j, n in picked for t in j.tokens[j.computed : j.computed + n]], device=self.device)
         loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
         hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.n_hit]) for j in loading}
+        n_layers = self.model.cfg.n_layers
 
-        def run_layers() -> torch.Tensor | None:
-            """On the compute thread, layer after layer with no hop through the event loop: layer l
-            runs as soon as layer l of every job's hit KV is in our buffer (its copy to HBM is
-            enqueued right before it). None if a job failed meanwhile."""
-            h, tables = self.model.embed(ids), self.model.rope_tables(batch)
-            for l in range(self.model.cfg.n_layers):
+        def landed(l: int) -> bool:
+            return all(j.path_a_layer[l].is_set() and j.path_b_layer[l].is_set() for j in loading)
+
+        def run_layers(l: int, h: torch.Tensor) -> tuple[int, torch.Tensor]:
+            """On the compute thread: layers l, l+1, ... back to back for as long as their hit KV is in
+            our buffer (each layer's copy to HBM enqueued right before it); returns the first layer
+            it could not run yet. The thread never waits for KV: other work (a finished job's
+            handoff) can use it meanwhile, and the event loop waits instead."""
+            while l < n_layers and landed(l) and not any(j.failed for j, _ in picked):
                 for j in loading:
-                    for landed in (j.path_a_layer[l], j.path_b_layer[l]):
-                        while not landed.wait(0.05):
-                            if j.failed:
-                                return None
-                    j.t_reached.append(time.monotonic())
-                if any(j.failed for j, _ in picked):
-                    return None
-                for j in loading:
+                    j.t_started.append(time.monotonic())
                     self.buffer_to_hbm(j.run, hit_blocks[j.rid], l)
                 h = self.model.layer(l, h, batch, self.pool.layer(l), tables)
-            return h
+                l += 1
+            return l, h
 
-        h = await self.in_compute(run_layers)
-        if h is None:
-            return
+        h, tables = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_tables(batch)))
+        l = 0
+        while l < n_layers:
+            for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
+                await j.path_a_layer[l].wait()
+                await j.path_b_layer[l].wait()
+            if any(j.failed for j, _ in picked):
+                return
+            l, h = await self.in_compute(run_layers, l, h)
         for j, _ in picked:
             j.loaded_to_hbm = True
         finished = [(j, i) for (j, n), i in zip(picked, last_token_index(batch)) if j.computed + n == len(j.tokens)]
@@ -213,7 +217,7 @@ class PrefillEngine(Engine):
             self.ready.remove(job)
             first = sample(logits[k], job.temperature, job.seed, len(job.tokens))
             self.last_prefill = {"total_s": time.monotonic() - job.t_admit,
-                                 "reached_s": [round(t - job.t_admit, 5) for t in job.t_reached],
+                                 "started_s": [round(t - job.t_admit, 5) for t in job.t_started],
                                  "landed_s": [round(t - job.t_admit, 5) for _, t in sorted(job.t_landed.items())]}
             asyncio.create_task(self._handoff(job, first))
 

@@ -142,8 +142,13 @@ class Engine:
 
     async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:
         """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run, layer by layer
-        (``on_layer(l)`` once layer l of all of them is in). False on any miss."""
-        ok = await self.store.read_many(keys, self.buffer.slot_dests(run, first), on_layer)
+        (``on_layer(l)`` once layer l of all of them is in). False on any miss, and on a read that
+        failed outright (no reader process could start, say): the request is retried, never stuck."""
+        try:
+            ok = await self.store.read_many(keys, self.buffer.slot_dests(run, first), on_layer)
+        except Exception as e:
+            log.error("%s: storage read of %d blocks failed: %s", self.name, len(keys), e)
+            return False
         self.metrics["storage_read_blocks"] += len(keys)
         self.metrics["storage_read_bytes"] += len(keys) * self.shape.file_bytes
         return all(ok)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class ReaderLost(ConnectionError):
-    """A reader process died with reads outstanding; those blocks count as not read."""
+    """A reader process is not running: it could not start, or it died (its outstanding reads fail)."""
 
 
 class Reader:
