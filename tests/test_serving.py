@@ -7,7 +7,9 @@ is a hit; and each path was really taken (engine metrics, not assumed)."""
 import asyncio
 import json
 import random
+import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -203,3 +205,39 @@ def test_bench_driver_online_sends_at_arrival_times_and_replays_a_trace(cluster,
     by_session = {rec.session: rec for rec in r.records}
     assert by_session[1].t_send >= 0.3 and by_session[2].t_send >= 0.6
     assert by_session[1].cached_tokens == 32  # hash ids 0 and 1 are shared with request 0: two 16-token blocks
+
+
+def test_engines_stop_promptly_on_sigterm_while_a_prefill_loads_from_slow_storage(tmp_path):
+    port = _free_port_block()
+    cfg = local_cluster(1, 1, base_port=port + 2)
+    cfg.model.preset = "tiny-gqa"
+    cfg.store.root, cfg.store.block_tokens = str(tmp_path / "store"), BT
+    cfg.store.snic_read_gbps = 0.0002  # an emulated 200 KB/s storage NIC: the next turn loads for seconds
+    cfg.scheduler.http_port, cfg.scheduler.control_port = port, port + 1
+    cfg.engine.hbm_blocks, cfg.engine.buffer_blocks, cfg.engine.max_context = 512, 256, 2048
+    c = LocalCluster(cfg, str(tmp_path / "run")).start()
+    try:
+        prompt = [random.randrange(256) for _ in range(1024)]
+        context = prompt + complete(c.url, {"prompt": prompt, "max_tokens": 1})["choices"][0]["token_ids"]
+        turn2 = threading.Thread(target=lambda: _ignore_errors(complete, c.url, {"prompt": context + [1, 2, 3],
+                                                                                  "max_tokens": 1,
+                                                                                  "dualpath_policy": "pe-read"}),
+                                 daemon=True)
+        turn2.start()
+        deadline = time.monotonic() + 30
+        while cluster_metrics(c)["engines"]["pe0"]["read_queue_bytes"] == 0:  # the PE is loading
+            assert time.monotonic() < deadline, "the second turn never started loading"
+            time.sleep(0.05)
+    finally:
+        t0 = time.monotonic()
+        c.stop(grace=15)
+    assert time.monotonic() - t0 < 10
+    assert all(p.returncode in (0, -signal.SIGTERM) for p in c.procs.values()), {
+        n: p.returncode for n, p in c.procs.items()}
+
+
+def _ignore_errors(fn, *args):
+    try:
+        fn(*args)
+    except Exception:
+        pass  # the cluster is being stopped under it
