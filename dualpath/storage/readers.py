@@ -2,12 +2,12 @@
 
 Why processes: reading a block is a preadv (which releases the GIL) and a checksum per layer (which,
 at tens of KiB per layer, does not). On threads of the engine process those steps contend for the
-GIL with the event loop and with the model's kernel launches, so loading and compute slow each
-other down instead of overlapping (a 32K-token prefill took 162 ms on an H200 with reader threads,
-41 ms on an H100 with reader processes; runs/gpu/). A reader
-process has a GIL of its own; the engine sends it one small message per request and gets one back
-per span of layers. The bytes never pass through the engine: the reader maps the engine's buffer
-(memfd shared memory, engine/buffers.py) and preadv writes into it.
+GIL with the event loop and with the model's kernel launches, so loading and compute slow each other
+down instead of overlapping (a 32K-token prefill took 162 ms on an H200 with reader threads, 41 ms
+on an H100 with reader processes; runs/gpu/). A reader process has a GIL of its own; the engine
+sends it one small message per request and gets one back per span of layers. The bytes never pass
+through the engine: the reader maps the engine's buffer (memfd shared memory, engine/buffers.py) and
+preadv writes into it.
 
 Protocol: length-prefixed msgpack frames (transport/control.py's framing) over a socketpair.
 
