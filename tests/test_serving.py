@@ -24,6 +24,9 @@ from dualpath.bench.workload import AgenticSpec, agentic, read_jsonl
 from dualpath.config import local_cluster
 from dualpath.engine.weights import load_pretrained
 from dualpath.launcher import LocalCluster, complete
+from dualpath.storage.blockfile import HEADER_BYTES, BlockShape
+from dualpath.storage.keys import block_chain
+from dualpath.storage.store import FileStore
 
 BT = 16
 
@@ -103,6 +106,29 @@ def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(clu
         assert paths[1:] == ["A+B", "A+B"] and delta_a == 2 and delta_b == 2
     else:
         assert delta_a + delta_b == 2
+
+
+@pytest.mark.parametrize("policy", ["pe-read", "de-read"])
+def test_a_corrupt_stored_block_is_a_miss_and_the_turn_still_gives_the_reference_tokens(cluster, policy):
+    gen = torch.Generator().manual_seed(7 + len(policy))
+    tokens = torch.randint(0, 256, (120,), generator=gen).tolist()
+    r = complete(cluster.url, {"prompt": tokens, "max_tokens": 4, "temperature": 0})
+    context = tokens + r["choices"][0]["token_ids"]
+    keys = block_chain(context, cluster.model.fingerprint, BT)
+    store = FileStore(cluster.cfg.store.root, BlockShape(1, 1, "float32", b""), 1 << 40, scan=False)
+    with open(store.path(keys[3]), "r+b") as f:  # flip bytes inside block 3's KV (its header stays valid)
+        f.seek(HEADER_BYTES + 100)
+        f.write(bytes(b ^ 0xFF for b in f.read(8)))
+    turn2 = context + torch.randint(0, 256, (10,), generator=gen).tolist()
+    r = complete(cluster.url, {"prompt": turn2, "max_tokens": 6, "temperature": 0, "dualpath_policy": policy})
+    assert r["choices"][0]["token_ids"] == greedy_reference(cluster.model, turn2, 6)
+    # The reader found the bad block and removed it; the retried turn recomputed from block 3 on
+    # and persisted it again, so the next turn hits every full block.
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 3 * BT
+    turn3 = turn2 + r["choices"][0]["token_ids"] + [5, 6, 7]
+    r = complete(cluster.url, {"prompt": turn3, "max_tokens": 4, "temperature": 0, "dualpath_policy": policy})
+    assert r["choices"][0]["token_ids"] == greedy_reference(cluster.model, turn3, 4)
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == (len(turn3) - 4) // BT * BT
 
 
 def test_sampling_with_a_seed_is_reproducible(cluster):
