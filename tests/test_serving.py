@@ -129,6 +129,7 @@ def test_a_corrupt_stored_block_is_a_miss_and_the_turn_still_gives_the_reference
     r = complete(cluster.url, {"prompt": turn3, "max_tokens": 4, "temperature": 0, "dualpath_policy": policy})
     assert r["choices"][0]["token_ids"] == greedy_reference(cluster.model, turn3, 4)
     assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == (len(turn3) - 4) // BT * BT
+    assert_decode_engines_idle(cluster)  # the failed attempt's decode slot and buffer were given back
 
 
 def test_sampling_with_a_seed_is_reproducible(cluster):
@@ -195,15 +196,19 @@ def test_client_disconnect_mid_stream_frees_slot_and_buffers(cluster):
                         break  # hang up mid-stream
 
     asyncio.run(run())
-    deadline = time.monotonic() + 10
+    assert_decode_engines_idle(cluster)
+
+
+def assert_decode_engines_idle(c, timeout: float = 10) -> None:
+    """Every decode slot and DRAM buffer block is free again (within a few heartbeats)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = cluster_metrics(cluster)
+        m = cluster_metrics(c)
         de = [e for e in m["engines"].values() if e["role"] == "decode"]
         if all(e["running_decode_tokens"] == 0 and e["free_buffer_blocks"] == 256 for e in de):
-            break
+            return
         time.sleep(0.2)
-    else:
-        pytest.fail(f"decode engines still hold the request: {m}")
+    pytest.fail(f"decode engines still hold a request: {m}")
 
 
 def test_bench_driver_offline_agents_hit_their_history_and_are_timed(cluster):

@@ -66,6 +66,12 @@ class RequestState:
     t_arrival: float = field(default_factory=time.monotonic)
     t_first: float | None = None
 
+    @property
+    def attempt_rid(self) -> str:
+        """The id the engines know this attempt by: a retry is a new request to them, so a late
+        abort of the failed attempt can never hit the retry, even on the same engines."""
+        return f"{self.rid}.{self.attempts}"
+
 
 class Coordinator:
     def __init__(self, cfg: ClusterConfig):
@@ -171,6 +177,7 @@ class Coordinator:
     async def schedule(self, req: RequestState) -> None:
         """Steps 2-4: prefix lookup, policy, then admit on the DE and submit to the PE."""
         req.attempts += 1
+        self.requests[req.attempt_rid] = req
         chain = block_chain(req.tokens, self.fingerprint, self.bt)
         # At least one token is computed: the PE needs the last prompt token's logits.
         req.hit_blocks = min(self.store.lookup(chain), (len(req.tokens) - 1) // self.bt)
@@ -182,7 +189,7 @@ class Coordinator:
         de.assigned["read_queue_bytes"] += d.de_blocks * self.block_bytes
         de.assigned["running_decode_tokens"] += len(req.tokens) + req.params["max_tokens"]
         self.stats[f"path_{d.path}"] += 1
-        common = {"rid": req.rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
+        common = {"rid": req.attempt_rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
                   "temperature": req.params["temperature"], "seed": req.params["seed"]}
         de_dst = await self.engines[d.de].conn.request("admit", max_tokens=req.params["max_tokens"],
                                                        eos_id=self.tokenizer.eos_id, **common)
@@ -190,7 +197,6 @@ class Coordinator:
 
     async def generate(self, req: RequestState):
         """Yields generated token ids; retries a request whose hit blocks vanished or whose engine died."""
-        self.requests[req.rid] = req
         try:
             while True:
                 try:
@@ -212,13 +218,18 @@ class Coordinator:
                 if req.output or not value.get("retry") or req.attempts >= 3:
                     raise RuntimeError(f"request failed: {value.get('error')}")
                 self.stats["retried"] += 1
+                self._end_attempt(req)  # its DE slot and buffers are freed before the retry takes new ones
         finally:
-            self.requests.pop(req.rid, None)
-            if req.decision is not None:
-                for name in (req.decision.pe, req.decision.de):
-                    e = self.engines.get(name)
-                    if e is not None:
-                        e.conn.event("abort", rid=req.rid)
+            self._end_attempt(req)
+
+    def _end_attempt(self, req: RequestState) -> None:
+        """Forget the current attempt and tell its engines to drop whatever they still hold for it."""
+        if self.requests.pop(req.attempt_rid, None) is None or req.decision is None:
+            return
+        for name in (req.decision.pe, req.decision.de):
+            e = self.engines.get(name)
+            if e is not None:
+                e.conn.event("abort", rid=req.attempt_rid)
 
     async def _next_event(self, req: RequestState) -> tuple[str, Any]:
         """The next event, or a failure if an engine serving the request dies (heartbeat loss)."""
