@@ -294,8 +294,9 @@ def bench_overlap(**kw) -> None:
                f"ratio to the larger {r['ratio_to_max']:.2f} (no overlap would be {r['sum_ratio_to_max']:.2f})")
     landed, started = r["prefill_layer_landed_s"], r["prefill_layer_started_s"]
     if landed and started:
-        click.echo(f"in the prefill, hit KV layer 0 / last landed at {landed[0] * 1e3:.1f} / {landed[-1] * 1e3:.1f} ms; "
-                   f"the compute thread started them at {started[0] * 1e3:.1f} / {started[-1] * 1e3:.1f} ms")
+        click.echo(f"in the prefill, hit KV layer 0 / last landed at {landed[0] * 1e3:.1f} / "
+                   f"{landed[-1] * 1e3:.1f} ms; the compute thread started them at {started[0] * 1e3:.1f} / "
+                   f"{started[-1] * 1e3:.1f} ms")
     click.echo(f"wrote {kw['out']}")
 
 

@@ -120,8 +120,8 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
               "read_spans": read_spans,
               "cached_tokens": hit_blocks * bt, "new_tokens": len(prompt) - hit_blocks * bt,
               "prefill_s": overlapped, "prefill_s_runs": [t["total_s"] for t in timelines],
-              "prefill_layer_landed_s": best["landed_s"], "prefill_layer_started_s": best["started_s"], "load_only_s": t_load,
-              "compute_only_s": t_compute, "ratio_to_max": overlapped / max(t_load, t_compute),
+              "prefill_layer_landed_s": best["landed_s"], "prefill_layer_started_s": best["started_s"],
+              "load_only_s": t_load, "compute_only_s": t_compute, "ratio_to_max": overlapped / max(t_load, t_compute),
               "sum_ratio_to_max": (t_load + t_compute) / max(t_load, t_compute)}
     write_json(out, result)
     return result
