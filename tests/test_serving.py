@@ -272,3 +272,35 @@ def _ignore_errors(fn, *args):
         fn(*args)
     except Exception:
         pass  # the cluster is being stopped under it
+
+
+def test_a_decode_engine_that_dies_while_loading_path_b_costs_a_retry_not_the_request(tmp_path):
+    port = _free_port_block()
+    cfg = local_cluster(1, 2, base_port=port + 2)
+    cfg.model.preset = "tiny-gqa"
+    cfg.store.root, cfg.store.block_tokens = str(tmp_path / "store"), BT
+    cfg.store.snic_read_gbps = 0.0002  # an emulated 200 KB/s storage NIC: path B loads for seconds
+    cfg.scheduler.http_port, cfg.scheduler.control_port = port, port + 1
+    cfg.engine.hbm_blocks, cfg.engine.buffer_blocks, cfg.engine.max_context = 512, 256, 2048
+    with LocalCluster(cfg, str(tmp_path / "run")) as c:
+        model = load_pretrained("tiny-gqa")
+        prompt = [random.randrange(256) for _ in range(1024)]
+        context = prompt + complete(c.url, {"prompt": prompt, "max_tokens": 1})["choices"][0]["token_ids"]
+        turn2 = context + [1, 2, 3]
+        result = {}
+        t = threading.Thread(target=lambda: result.update(complete(c.url, {
+            "prompt": turn2, "max_tokens": 5, "temperature": 0, "dualpath_policy": "de-read"})))
+        t.start()
+        deadline = time.monotonic() + 30
+        while True:  # find the DE that is loading the hit blocks, and kill it mid-load
+            loading = [n for n, e in cluster_metrics(c)["engines"].items()
+                       if e["role"] == "decode" and e["read_queue_bytes"] > 0]
+            if loading:
+                break
+            assert time.monotonic() < deadline, "no decode engine started loading"
+            time.sleep(0.05)
+        c.procs[loading[0]].kill()
+        t.join(120)
+        assert result["choices"][0]["token_ids"] == greedy_reference(model, turn2, 5)
+        assert result["dualpath"]["de"] != loading[0]
+        assert cluster_metrics(c)["stats"]["retried"] >= 1
