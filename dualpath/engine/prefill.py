@@ -242,8 +242,8 @@ class PrefillEngine(Engine):
             de = await self.peer(job.de)
             await de.request("prefilled", rid=job.rid, first_token=first_token)
             self.metrics["prefilled_requests"] += 1
-        except Exception as e:
-            await self._fail(job, f"handoff to {job.de} failed: {e}")
+        except Exception as e:  # the DE died or dropped the link: another DE may take the request
+            await self._fail(job, f"retry: handoff to {job.de} failed: {e}")
             return
         self._release(job)
 
