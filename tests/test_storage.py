@@ -28,6 +28,14 @@ def empty(shape: BlockShape = SHAPE) -> list[np.ndarray]:
     return [np.zeros(shape.bytes_per_layer, np.uint8) for _ in range(shape.n_layers)]
 
 
+def stored(store: FileStore, n_blocks: int) -> list[bytes]:
+    """Keys of n_blocks chained blocks, block i written with layers_for(i)."""
+    keys = block_chain(list(range(64 * n_blocks)), FP, 64)
+    for i, k in enumerate(keys):
+        store.write(k, layers_for(i, store.shape))
+    return keys
+
+
 def test_chain_keys_depend_on_prefix_and_model():
     a = block_chain(list(range(200)), FP, 64)
     b = block_chain(list(range(200)), b"other-model-fp!!", 64)
@@ -175,9 +183,7 @@ def test_layer_spans_cover_every_layer_once_with_layer_0_first_and_alone():
 async def test_layerwise_read_announces_each_layer_as_it_lands_and_stops_at_a_corrupt_one(tmp_path):
     shape = BlockShape(4, 1 << 18, "uint8", FP)  # 4 layers of 256 KiB per block
     astore = open_store(str(tmp_path), shape, 1 << 33, node=0, read_gbps=0.1, readers=2)
-    keys = block_chain(list(range(64 * 6)), FP, 64)
-    for i, k in enumerate(keys):
-        astore.store.write(k, layers_for(i, shape))
+    keys = stored(astore.store, 6)
     buf, run = await attached(astore, shape, 6)
     seen = []
     t0 = time.monotonic()
@@ -199,9 +205,7 @@ async def test_layerwise_read_announces_each_layer_as_it_lands_and_stops_at_a_co
 
 async def test_a_reader_process_that_dies_costs_its_reads_not_the_store(tmp_path):
     astore = open_store(str(tmp_path), SHAPE, 1 << 30, readers=2)
-    keys = block_chain(list(range(64 * 4)), FP, 64)
-    for i, k in enumerate(keys):
-        astore.store.write(k, layers_for(i))
+    keys = stored(astore.store, 4)
     buf, run = await attached(astore, SHAPE, 4)
     victim = astore._readers[0].proc
     victim.kill()
@@ -220,9 +224,7 @@ async def test_a_reader_process_that_dies_costs_its_reads_not_the_store(tmp_path
 
 async def test_reads_that_do_not_fit_the_buffer_or_an_unmappable_buffer_are_refused(tmp_path):
     astore = open_store(str(tmp_path), SHAPE, 1 << 30, readers=1)
-    keys = block_chain(list(range(64 * 3)), FP, 64)
-    for i, k in enumerate(keys):
-        astore.store.write(k, layers_for(i))
+    keys = stored(astore.store, 3)
     buf, run = await attached(astore, SHAPE, 2)
     with pytest.raises(ValueError, match="do not fit"):
         await astore.read_many(keys, buf.slot_dests(run, 0))  # 3 blocks into a run of 2
