@@ -181,6 +181,7 @@ class PrefillEngine(Engine):
         loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
         hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.n_hit]) for j in loading}
         n_layers = self.model.cfg.n_layers
+        h, tables = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_tables(batch)))
 
         def landed(l: int) -> bool:
             return all(j.path_a_layer[l].is_set() and j.path_b_layer[l].is_set() for j in loading)
@@ -198,7 +199,6 @@ class PrefillEngine(Engine):
                 l += 1
             return l, h
 
-        h, tables = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_tables(batch)))
         l = 0
         while l < n_layers:
             for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs

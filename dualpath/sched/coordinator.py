@@ -191,9 +191,9 @@ class Coordinator:
         self.stats[f"path_{d.path}"] += 1
         common = {"rid": req.attempt_rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
                   "temperature": req.params["temperature"], "seed": req.params["seed"]}
-        de_dst = await self.engines[d.de].conn.request("admit", max_tokens=req.params["max_tokens"],
-                                                       eos_id=self.tokenizer.eos_id, **common)
-        await self.engines[d.pe].conn.request("prefill", de=d.de, de_dst=de_dst, **common)
+        de_dst = await de.conn.request("admit", max_tokens=req.params["max_tokens"], eos_id=self.tokenizer.eos_id,
+                                       **common)
+        await pe.conn.request("prefill", de=d.de, de_dst=de_dst, **common)
 
     async def generate(self, req: RequestState):
         """Yields generated token ids; retries a request whose hit blocks vanished or whose engine died."""

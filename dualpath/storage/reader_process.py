@@ -1,6 +1,6 @@
 """A storage reader process: reads blocks into an engine's shared buffer (protocol: readers.py).
 
-It imports neither torch nor the transport package, so it starts in a few tens of milliseconds."""
+It imports no torch (only the control plane's framing), so it starts in a few tens of milliseconds."""
 
 from __future__ import annotations
 
@@ -13,11 +13,7 @@ import msgpack
 
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import OK, FileStore
-
-
-def _send_frame(sock: socket.socket, obj: dict) -> None:
-    body = msgpack.packb(obj, use_bin_type=True)
-    sock.sendall(len(body).to_bytes(4, "big") + body)
+from dualpath.transport.control import pack
 
 
 def _recv_frame(sock: socket.socket) -> dict | None:
@@ -46,9 +42,9 @@ def serve(sock: socket.socket) -> None:
         mem = memoryview(mmap.mmap(fd, hello["buffer_bytes"]))
         os.close(fd)
     except (OSError, ValueError, TypeError) as e:
-        _send_frame(sock, {"error": f"{type(e).__name__}: {e}"})
+        sock.sendall(pack({"error": f"{type(e).__name__}: {e}"}))
         return
-    _send_frame(sock, {"ready": True})
+    sock.sendall(pack({"ready": True}))
     try:
         _read_requests(sock, store, mem)
     except (BrokenPipeError, ConnectionResetError):
@@ -68,7 +64,7 @@ def _read_requests(sock: socket.socket, store: FileStore, mem: memoryview) -> No
                     at = offset + i * bpl + first * stride
                     dests = [mem[at + j * stride : at + j * stride + bpl] for j in range(count)]
                     codes[i] = store.read_layers(key, first, dests, sums[i])
-            _send_frame(sock, {"id": msg["id"], "span": k, "codes": bytes(codes)})
+            sock.sendall(pack({"id": msg["id"], "span": k, "codes": bytes(codes)}))
 
 
 if __name__ == "__main__":

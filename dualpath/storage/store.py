@@ -284,6 +284,13 @@ def layer_spans(n_layers: int, n_spans: int) -> list[range]:
     return [range(1)] + [range(1 + rest * i // k, 1 + rest * (i + 1) // k) for i in range(k)]
 
 
+async def _nic_done(end: float) -> None:
+    """Wait until the emulated NIC's reservation ends: the real I/O may have been faster."""
+    delay = end - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
 class AsyncStore:
     """The engines' view: reads by reader processes straight into the engine's shared buffer
     (readers.py), writes on a thread pool; both throttled by the emulated SNIC."""
@@ -312,7 +319,7 @@ class AsyncStore:
         """The readers, each restarted if its process died (its reads then counted as misses)."""
         if not self._readers:
             raise RuntimeError("the store has no buffer attached: call attach() first")
-        await asyncio.gather(*(r.ensure_running() for r in self._readers))
+        await asyncio.gather(*(r.ensure_running() for r in self._readers if not r.alive))
         return self._readers
 
     async def read_many(self, keys: list[bytes], dest: SlotDests, on_layer=None) -> list[bool]:
@@ -356,9 +363,7 @@ class AsyncStore:
                             codes[lo:hi] = bytes([ABSENT]) * (hi - lo)
                 if any(codes):  # a miss: wait for the other spans (their bytes still land), announce no more
                     continue
-                delay = ends[k] - time.monotonic()
-                if delay > 0:  # the real I/O was faster than the emulated NIC allows
-                    await asyncio.sleep(delay)
+                await _nic_done(ends[k])
                 if on_layer is not None:
                     for l in sp:
                         on_layer(l)
@@ -372,9 +377,7 @@ class AsyncStore:
     async def write(self, key: bytes, layers: list) -> None:
         end = self.write_bucket.reserve(self.store.shape.file_bytes)
         await asyncio.get_running_loop().run_in_executor(self._pool, self.store.write, key, layers)
-        delay = end - time.monotonic()
-        if delay > 0:  # the real I/O was faster than the emulated NIC allows
-            await asyncio.sleep(delay)
+        await _nic_done(end)
 
     def read_queue_bytes(self) -> int:
         """Storage read queue for the scheduler: the node's emulated NIC backlog when emulation is on
