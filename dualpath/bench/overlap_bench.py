@@ -31,17 +31,7 @@ from dualpath.storage.keys import block_chain
 from dualpath.storage.store import open_store
 
 
-def _best(fn, repeat: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-async def _best_async(fn, repeat: int = 5) -> float:
+async def _best(fn, repeat: int = 5) -> float:
     await fn()  # warm-up
     times = []
     for _ in range(repeat):
@@ -98,14 +88,14 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
                 sync(dev)
 
             try:
-                return await _best_async(load_only)
+                return await _best(load_only)
             finally:
                 await store.close()
 
         batch = Batch.build([(table, hit_blocks * bt, len(prompt) - hit_blocks * bt)], bt, dev)
         ids = torch.tensor(prompt[hit_blocks * bt:], device=dev)
 
-        def compute_only():
+        async def compute_only():
             with torch.no_grad():  # as the PE runs a step: rotary tables once, then layer after layer
                 h, tables = model.embed(ids), model.rope_tables(batch)
                 for l in range(mc.n_layers):
@@ -113,7 +103,7 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
                 model.logits(h[-1:])
             sync(dev)
 
-        t_load, t_compute = asyncio.run(load_only_s()), _best(compute_only)
+        t_load, t_compute = asyncio.run(load_only_s()), asyncio.run(_best(compute_only))
     best = min(timelines, key=lambda t: t["total_s"])
     overlapped = best["total_s"]
     result = {"bench": "overlap", "preset": preset, "dtype": dtype, "device": str(dev), "readers": readers,
