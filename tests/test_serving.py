@@ -46,15 +46,20 @@ def _free_port_block(n: int = 12) -> int:
             continue
 
 
-@pytest.fixture(scope="module", params=["tiny-gqa", "tiny-mla"])
-def cluster(request, tmp_path_factory):
+def cluster_config(n_decode: int, preset: str, store_root: str, snic_read_gbps: float = 0.0):
+    """1P<n_decode>D on free loopback ports, small pools, BT-token blocks."""
     port = _free_port_block()
-    cfg = local_cluster(1, 2, base_port=port + 2)
-    cfg.model.preset = request.param
-    cfg.store.root = str(tmp_path_factory.mktemp("store"))
-    cfg.store.block_tokens = BT
+    cfg = local_cluster(1, n_decode, base_port=port + 2)
+    cfg.model.preset = preset
+    cfg.store.root, cfg.store.block_tokens, cfg.store.snic_read_gbps = store_root, BT, snic_read_gbps
     cfg.scheduler.http_port, cfg.scheduler.control_port = port, port + 1
     cfg.engine.hbm_blocks, cfg.engine.buffer_blocks, cfg.engine.max_context = 512, 256, 2048
+    return cfg
+
+
+@pytest.fixture(scope="module", params=["tiny-gqa", "tiny-mla"])
+def cluster(request, tmp_path_factory):
+    cfg = cluster_config(2, request.param, str(tmp_path_factory.mktemp("store")))
     with LocalCluster(cfg, str(tmp_path_factory.mktemp("run"))) as c:
         c.model = load_pretrained(request.param)
         yield c
@@ -239,13 +244,8 @@ def test_bench_driver_online_sends_at_arrival_times_and_replays_a_trace(cluster,
 
 
 def test_engines_stop_promptly_on_sigterm_while_a_prefill_loads_from_slow_storage(tmp_path):
-    port = _free_port_block()
-    cfg = local_cluster(1, 1, base_port=port + 2)
-    cfg.model.preset = "tiny-gqa"
-    cfg.store.root, cfg.store.block_tokens = str(tmp_path / "store"), BT
-    cfg.store.snic_read_gbps = 0.0002  # an emulated 200 KB/s storage NIC: the next turn loads for seconds
-    cfg.scheduler.http_port, cfg.scheduler.control_port = port, port + 1
-    cfg.engine.hbm_blocks, cfg.engine.buffer_blocks, cfg.engine.max_context = 512, 256, 2048
+    # an emulated 200 KB/s storage NIC: the next turn loads for seconds
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"), snic_read_gbps=0.0002)
     c = LocalCluster(cfg, str(tmp_path / "run")).start()
     try:
         prompt = [random.randrange(256) for _ in range(1024)]
@@ -255,16 +255,24 @@ def test_engines_stop_promptly_on_sigterm_while_a_prefill_loads_from_slow_storag
                                                                                   "dualpath_policy": "pe-read"}),
                                  daemon=True)
         turn2.start()
-        deadline = time.monotonic() + 30
-        while cluster_metrics(c)["engines"]["pe0"]["read_queue_bytes"] == 0:  # the PE is loading
-            assert time.monotonic() < deadline, "the second turn never started loading"
-            time.sleep(0.05)
+        assert loading_engines(c, "prefill") == ["pe0"]
     finally:
         t0 = time.monotonic()
         c.stop(grace=15)
     assert time.monotonic() - t0 < 10
     assert all(p.returncode in (0, -signal.SIGTERM) for p in c.procs.values()), {
         n: p.returncode for n, p in c.procs.items()}
+
+
+def loading_engines(c, role: str, timeout: float = 30) -> list[str]:
+    """The engines of a role with storage reads queued, once there are any."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loading = [n for n, e in cluster_metrics(c)["engines"].items() if e["role"] == role and e["read_queue_bytes"]]
+        if loading:
+            return loading
+        assert time.monotonic() < deadline, f"no {role} engine started loading"
+        time.sleep(0.05)
 
 
 def _ignore_errors(fn, *args):
@@ -275,13 +283,8 @@ def _ignore_errors(fn, *args):
 
 
 def test_a_decode_engine_that_dies_while_loading_path_b_costs_a_retry_not_the_request(tmp_path):
-    port = _free_port_block()
-    cfg = local_cluster(1, 2, base_port=port + 2)
-    cfg.model.preset = "tiny-gqa"
-    cfg.store.root, cfg.store.block_tokens = str(tmp_path / "store"), BT
-    cfg.store.snic_read_gbps = 0.0002  # an emulated 200 KB/s storage NIC: path B loads for seconds
-    cfg.scheduler.http_port, cfg.scheduler.control_port = port, port + 1
-    cfg.engine.hbm_blocks, cfg.engine.buffer_blocks, cfg.engine.max_context = 512, 256, 2048
+    # an emulated 200 KB/s storage NIC: path B loads for seconds
+    cfg = cluster_config(2, "tiny-gqa", str(tmp_path / "store"), snic_read_gbps=0.0002)
     with LocalCluster(cfg, str(tmp_path / "run")) as c:
         model = load_pretrained("tiny-gqa")
         prompt = [random.randrange(256) for _ in range(1024)]
@@ -291,14 +294,7 @@ def test_a_decode_engine_that_dies_while_loading_path_b_costs_a_retry_not_the_re
         t = threading.Thread(target=lambda: result.update(complete(c.url, {
             "prompt": turn2, "max_tokens": 5, "temperature": 0, "dualpath_policy": "de-read"})))
         t.start()
-        deadline = time.monotonic() + 30
-        while True:  # find the DE that is loading the hit blocks, and kill it mid-load
-            loading = [n for n, e in cluster_metrics(c)["engines"].items()
-                       if e["role"] == "decode" and e["read_queue_bytes"] > 0]
-            if loading:
-                break
-            assert time.monotonic() < deadline, "no decode engine started loading"
-            time.sleep(0.05)
+        loading = loading_engines(c, "decode")  # the DE reading the hit blocks: kill it mid-load
         c.procs[loading[0]].kill()
         t.join(120)
         assert result["choices"][0]["token_ids"] == greedy_reference(model, turn2, 5)
