@@ -149,8 +149,7 @@ class Engine:
         except Exception as e:
             log.error("%s: storage read of %d blocks failed: %s", self.name, len(keys), e)
             return False
-        self.metrics["storage_read_blocks"] += len(keys)
-        self.metrics["storage_read_bytes"] += len(keys) * self.shape.file_bytes
+        self.metrics["storage_read_blocks"] += len(keys)  # the bytes actually read: load()'s storage_read_bytes
         return all(ok)
 
     def hbm_index(self, blocks: list[int]) -> torch.Tensor:
