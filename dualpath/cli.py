@@ -226,13 +226,17 @@ def bench_run(path, url, policy, mode, rate, concurrency, limit, trace_block_tok
 @click.option("--ttft-slo", "ttft_slo_s", type=float, default=1.5, show_default=True)
 @click.option("--agents", type=int, default=16, show_default=True)
 @click.option("--port", "base_port", type=int, default=18000, show_default=True)
-def bench_repro(online: bool, agents: int, **kw) -> None:
+@click.option("--policies", default=",".join(POLICIES), show_default=True, help="comma-separated; pe-read is the base")
+def bench_repro(online: bool, agents: int, policies: str, **kw) -> None:
     """The headline: pe-read vs de-read vs dualpath (vs dualpath-split) on one workload, storage-bound."""
     import dataclasses
 
     from dualpath.bench.repro import ReproConfig, main as repro
 
-    rc = ReproConfig(**kw)
+    chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
+    if "pe-read" not in chosen or not set(chosen) <= set(POLICIES):
+        _fail(f"--policies {policies!r}: a comma-separated subset of {', '.join(POLICIES)} that includes pe-read")
+    rc = ReproConfig(policies=chosen, **kw)
     rc.workload = dataclasses.replace(rc.workload, agents=agents)
     if not online:
         rc.online_policies = ()
@@ -315,6 +319,19 @@ def bench_interference(**kw) -> None:
                f"{r['tpot_with_path_b_s'] * 1e3:.2f} ms ({r['increase']:+.1%}); "
                f"{r['background_tokens_loaded_per_s']:,.0f} tokens/s loaded on path B meanwhile")
     click.echo(f"wrote {kw['out']}")
+
+
+@bench.command("gpu")
+@click.option("--out-dir", default="runs/gpu/acceptance", show_default=True)
+@click.option("--only", multiple=True, help="run only these steps (tests, demo, agreement, h2d, transport, "
+              "overlap, interference, repro); repeatable")
+@click.option("--port", type=int, default=18700, show_default=True, help="HTTP port of the clusters it starts")
+@click.option("--step-timeout", "step_timeout_s", type=float, default=600, show_default=True, help="seconds")
+def bench_gpu(out_dir: str, only: tuple[str, ...], port: int, step_timeout_s: float) -> None:
+    """GPU acceptance: tests, a 1P(n-1)D demo and every GPU figure against its target; one table."""
+    from dualpath.bench.gpu_acceptance import run as run_bench
+
+    sys.exit(run_bench(out_dir, only, port, step_timeout_s))
 
 
 if __name__ == "__main__":

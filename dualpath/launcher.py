@@ -133,8 +133,9 @@ def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None
     cfg.transport.backend = backend
     cfg.scheduler.policy, cfg.scheduler.http_port, cfg.scheduler.control_port = policy, port, port + 1
     if device.startswith("cuda"):
-        for i, e in enumerate(cfg.engines):
-            e.device = f"cuda:{i}"
+        from dualpath.device import spread_over_gpus  # torch only when asked for GPUs
+
+        spread_over_gpus(cfg.engines)
     cfg.validate()
     if config_out:
         Path(config_out).write_text(dump_config(cfg))

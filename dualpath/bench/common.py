@@ -53,6 +53,7 @@ def bench_cluster(n_prefill: int, n_decode: int, preset: str, dtype: str, device
     engine i on cuda:i when `device` is "cuda" (engines share GPUs round-robin when there are fewer
     GPUs than engines), pools sized for long contexts."""
     from dualpath.config import local_cluster
+    from dualpath.device import spread_over_gpus
 
     cfg = local_cluster(n_prefill, n_decode, base_port=port + 2)
     cfg.model.preset, cfg.model.dtype = preset, dtype
@@ -60,8 +61,5 @@ def bench_cluster(n_prefill: int, n_decode: int, preset: str, dtype: str, device
     cfg.scheduler.http_port, cfg.scheduler.control_port = port, port + 1
     cfg.engine.hbm_blocks, cfg.engine.buffer_blocks = 4096, 2048
     if device.startswith("cuda"):
-        import torch
-
-        for i, e in enumerate(cfg.engines):
-            e.device = f"cuda:{i % torch.cuda.device_count()}"
+        spread_over_gpus(cfg.engines)
     return cfg.validate()

@@ -84,7 +84,8 @@ def _p2p_copy_gbps() -> float | None:
 def run(backend: str, seconds: float, out: str) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    rx_dev, tx_dev = ("cuda:1", "cuda:0") if backend == "cuda" else ("cpu", "cpu")
+    # receiver on the second GPU where there is one (on one GPU both share it)
+    rx_dev, tx_dev = (f"cuda:{min(1, torch.cuda.device_count() - 1)}", "cuda:0") if backend == "cuda" else ("cpu", "cpu")
     proc = ctx.Process(target=_receiver, args=(backend, rx_dev, q), daemon=True)
     proc.start()
     try:

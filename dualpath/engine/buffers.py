@@ -55,7 +55,8 @@ class BufferPool:
             self.host, self.share_path = _shared_memory(nbytes)
             if pin:  # page-lock the mapping in place, as pin_memory would have allocated it
                 cudart, ptr = torch.cuda.cudart(), self.host.data_ptr()
-                err = int(cudart.cudaHostRegister(ptr, nbytes, 0))
+                # cudaHostRegisterPortable (1): pinned for every device's context, not only the current one
+                err = int(cudart.cudaHostRegister(ptr, nbytes, 1))
                 if err:
                     raise RuntimeError(f"cudaHostRegister of the {nbytes}-byte buffer failed (error {err})")
                 # Unregister with the pool: a later allocation at the same address could not be pinned.

@@ -7,12 +7,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from dualpath.config import ClusterConfig, EngineSpec
+from dualpath.device import device_threads, make_current
 from dualpath.engine.buffers import BufferPool, BufferRun
 from dualpath.engine.kvcache import KVPool
 from dualpath.engine.weights import load_pretrained
@@ -40,6 +40,7 @@ class Engine:
     def __init__(self, cfg: ClusterConfig, spec: EngineSpec):
         self.cfg, self.spec, self.name = cfg, spec, spec.name
         self.device = torch.device(spec.device)
+        make_current(self.device)  # this thread runs the event loop: its CUDA work goes to our GPU too
         self.dtype = getattr(torch, cfg.model.dtype)
         self.bt = cfg.store.block_tokens
         self.model = load_pretrained(cfg.model.weights or cfg.model.preset, self.device, self.dtype)
@@ -50,7 +51,7 @@ class Engine:
         self.shape = BlockShape(mc.n_layers, bpl, cfg.model.dtype, self.model.fingerprint)
         self.metrics: Counter[str] = Counter()
         # Model compute runs on one thread so the event loop keeps receiving KV while a layer runs.
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-compute")
+        self.compute = device_threads(1, f"{self.name}-compute", self.device)
         self.h2d_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.peers: dict[str, Connection] = {}
         self.peer_addrs: dict[str, tuple[str, int]] = {}
@@ -72,7 +73,8 @@ class Engine:
         self.dataplane = make_dataplane(c.transport.backend, self.name, c.transport.token,
                                         on_complete=self.on_write_complete,
                                         bulk_chunk_bytes=c.transport.bulk_chunk_bytes,
-                                        latency_share=c.transport.latency_share, host=self.spec.host)
+                                        latency_share=c.transport.latency_share, host=self.spec.host,
+                                        device=self.device)
         await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
         # One registered region over the whole DRAM buffer: every request's run is an offset into it.
         self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path)

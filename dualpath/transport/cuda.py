@@ -18,11 +18,11 @@ import asyncio
 import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from dualpath.device import device_threads
 from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, TransferError, as_bytes, check_write
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,7 @@ class CudaDataPlane(TcpDataPlane):
         self._peer_enabled: set[tuple[int, int]] = set()
         self._mapped: dict[tuple, torch.Tensor | None] = {}
         # one copy thread per traffic class: a handoff copy never queues behind path-B bulk copies
-        self._copiers = {tc: ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-copy-{tc}")
-                         for tc in TRAFFIC_CLASSES}
+        self._copiers = {tc: device_threads(1, f"{self.name}-copy-{tc}", self.device) for tc in TRAFFIC_CLASSES}
 
     def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
         handle = super().register(tensor)
@@ -140,7 +139,9 @@ class CudaDataPlane(TcpDataPlane):
         dev = target.device.index
         if source.is_cuda and source.device.index != dev:
             self._enable_peer_access(source.device.index, dev)
-        stream = self._copy_streams.setdefault(dev, torch.cuda.Stream(device=dev))
+        stream = self._copy_streams.get(dev)
+        if stream is None:  # made once: setdefault(dev, Stream()) made (and dropped) a stream per write
+            stream = self._copy_streams[dev] = torch.cuda.Stream(device=dev)
         with torch.cuda.device(dev), torch.cuda.stream(stream):
             target.copy_(source, non_blocking=True)
         event = torch.cuda.Event()

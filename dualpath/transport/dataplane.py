@@ -150,8 +150,10 @@ class TcpDataPlane:
     backend = "tcp"
 
     def __init__(self, name: str, token: str, on_complete: Callable[[Any], None] | None = None,
-                 bulk_chunk_bytes: int = 256 << 10, latency_share: float = 0.99, host: str = "127.0.0.1"):
+                 bulk_chunk_bytes: int = 256 << 10, latency_share: float = 0.99, host: str = "127.0.0.1",
+                 device: torch.device | str = "cpu"):
         self.name, self.token, self.on_complete = name, token, on_complete or (lambda notify: None)
+        self.device = torch.device(device)  # the owning engine's: threads we start make it current
         self.chunk, self.latency_share, self.host = bulk_chunk_bytes, latency_share, host
         self.port = 0
         self.regions: dict[int, Region] = {}
