@@ -255,12 +255,17 @@ class TcpDataPlane:
                     await _recv_exact(loop, sock, region.view[msg["off"] : msg["off"] + n])
                     self.bytes_received += n
                 if msg.get("last", True):
+                    await self._landed(msg)
                     self.on_complete(msg.get("notify"))  # every byte is in place
                     await loop.sock_sendall(sock, _frame({"id": msg["id"]}))
         except (ConnectionError, OSError, ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away; nothing half-written was reported complete
         finally:
             sock.close()
+
+    async def _landed(self, msg: dict) -> None:
+        """Return once the bytes of the write that `msg` ends are in place. Over tcp they came in the
+        frames themselves; the cuda plane waits for the writer's copy (cuda.py)."""
 
     def accept_qp(self, info: dict, traffic_class: str) -> dict:
         """A peer's RDMA queue pair wants one of ours (verbs.py overrides this)."""
@@ -321,7 +326,7 @@ class TcpDataPlane:
             await asyncio.sleep(0)
 
     async def _send(self, src: memoryview, dst: dict, off: int, tc: str, notify: Any, op: str,
-                    timeout: float) -> None:
+                    timeout: float, landed_event: Any = None) -> None:
         link = await self._link(tuple(dst["addr"]), tc)
         loop = asyncio.get_running_loop()
         wid = next(self._write_ids)
@@ -336,6 +341,8 @@ class TcpDataPlane:
                 last = pos + k >= n
                 header = {"op": op, "id": wid, "region": dst["region"], "off": off + pos, "n": k if op == "w" else 0,
                           "last": last, "notify": notify if last else None}
+                if last and landed_event is not None:
+                    header["event"] = landed_event
                 t0 = time.perf_counter()
                 async with link.lock:
                     await loop.sock_sendall(link.sock, _frame(header))
