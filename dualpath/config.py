@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,22 +130,48 @@ class EngineConfig:
         _check(self.max_context >= 0, "engine.max_context", self.max_context, "must be >= 0")
 
 
+OLD_FIXED_TOKEN = "dualpath-local"  # every cluster once shared it: anyone knowing it could join any cluster
+TOKEN_ENV = "DUALPATH_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
 @dataclass
 class TransportConfig:
     backend: str = "auto"
-    token: str = "dualpath-local"   # cluster secret checked by HMAC at connect
+    # The cluster secret, proved by HMAC when a control or data connection opens (docs/SECURITY.md).
+    # A config file gives it here, in token_file, or through $DUALPATH_TOKEN; `dualpath up` makes one.
+    token: str = ""
+    token_file: str = ""
     bulk_chunk_bytes: int = 256 << 10
     latency_share: float = 0.99     # share of the link reserved for latency traffic when both run
-    connections_per_peer: int = 1
+
+    def resolve_token(self) -> None:
+        """token, else the first line of token_file, else $DUALPATH_TOKEN."""
+        if not self.token and self.token_file:
+            try:
+                self.token = Path(self.token_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"config field 'transport.token_file' = {self.token_file!r}: {e.strerror}") from e
+        if not self.token:
+            self.token = os.environ.get(TOKEN_ENV, "").strip()
 
     def validate(self) -> None:
+        _check(bool(self.token), "transport.token", "", f"the cluster secret is not set: give transport.token or "
+               f"transport.token_file in the config, or ${TOKEN_ENV} (make one with: python3 -c "
+               f"'import secrets; print(secrets.token_hex(16))')")
+        _check(self.token != OLD_FIXED_TOKEN, "transport.token", self.token,
+               "the old fixed default is public and refused; generate a secret for this cluster")
+        _check(len(self.token) >= MIN_TOKEN_CHARS, "transport.token", "<hidden>",
+               f"too short: a cluster secret has at least {MIN_TOKEN_CHARS} characters")
         _check(self.backend in BACKENDS, "transport.backend", self.backend, f"expected one of {BACKENDS}")
         _check(0.0 <= self.latency_share < 1.0, "transport.latency_share", self.latency_share,
                "must be in [0, 1)")
         _check(self.bulk_chunk_bytes >= 4096, "transport.bulk_chunk_bytes", self.bulk_chunk_bytes,
                "must be >= 4096")
-        _check(self.connections_per_peer >= 1, "transport.connections_per_peer",
-               self.connections_per_peer, "must be >= 1")
 
 
 @dataclass
@@ -196,6 +223,7 @@ def local_cluster(prefill: int = 1, decode: int = 2, base_port: int = 7100, **ov
     engines = [EngineSpec("prefill", node=i, port=base_port + i) for i in range(prefill)]
     engines += [EngineSpec("decode", node=prefill + i, port=base_port + prefill + i) for i in range(decode)]
     cfg = ClusterConfig(engines=engines)
+    cfg.transport.token = new_token()  # a fresh secret per cluster
     for dotted, value in overrides.items():
         set_field(cfg, dotted, value)
     return cfg
@@ -245,7 +273,16 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
             raise ConfigError(f"unknown config section '{key}' (known: {sorted(sections) + ['engines']})")
     kwargs = {k: _build(cls, raw.get(k, {}), k) for k, cls in sections.items()}
     engines = [_build(EngineSpec, e, f"engines[{i}]") for i, e in enumerate(raw.get("engines", []))]
+    kwargs["transport"].resolve_token()
     return ClusterConfig(engines=engines, **kwargs).validate()
+
+
+def write_config(cfg: ClusterConfig, path: str | os.PathLike[str]) -> None:
+    """The config as TOML, readable by this user only: it holds the cluster secret."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(dump_config(cfg))
 
 
 def dump_config(cfg: ClusterConfig) -> str:

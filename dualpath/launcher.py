@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from dualpath.config import ClusterConfig, ConfigError, default_store_root, dump_config, local_cluster
+from dualpath.config import ClusterConfig, ConfigError, default_store_root, local_cluster, write_config
 
 
 class ClusterDied(RuntimeError):
@@ -31,7 +31,7 @@ class LocalCluster:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dualpath-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "cluster.toml"
-        self.config_path.write_text(dump_config(cfg))
+        write_config(cfg, self.config_path)
         self.env = {**os.environ, **(env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -138,7 +138,7 @@ def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None
         spread_over_gpus(cfg.engines)
     cfg.validate()
     if config_out:
-        Path(config_out).write_text(dump_config(cfg))
+        write_config(cfg, config_out)
     cluster = LocalCluster(cfg)
     print(f"starting {n_prefill} prefill + {n_decode} decode engines ({cfg.model.weights or preset}, "
           f"policy {policy}); logs in {cluster.workdir}")

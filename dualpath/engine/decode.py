@@ -41,6 +41,7 @@ class DecodeSeq:
     seed: int | None
     eos_id: int | None
     run: BufferRun | None = None
+    grant: dict | None = None  # the PE's leave to write its handoff into our run
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # chain keys of the full blocks so far
     hit_layers: list[asyncio.Event] = field(default_factory=list)  # path B: set when layer l is read, or on a miss
@@ -112,7 +113,7 @@ class DecodeEngine(Engine):
         if seq.n_de:
             seq.hit_layers = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
             seq.io.append(asyncio.create_task(self._read_hits(seq)))
-        return self.run_handle(seq.run)
+        return self.run_handle(seq, p["pe"])
 
     async def _read_hits(self, seq: DecodeSeq) -> None:
         def on_layer(l: int) -> None:

@@ -40,6 +40,7 @@ class PrefillJob:
     temperature: float
     seed: int | None
     run: BufferRun | None = None
+    grant: dict | None = None  # the DE's leave to write path B into our run
     blocks: list[int] = field(default_factory=list)
     io: list[asyncio.Task] = field(default_factory=list)  # reads and path-B loads into our run
     # Layer l of our storage reads / of the DE's writes is in our buffer (set on the event loop; the
@@ -137,7 +138,7 @@ class PrefillEngine(Engine):
             return
         try:
             de = await self.peer(job.de)
-            await de.request("load", timeout=120, rid=job.rid, dst=self.run_handle(job.run))
+            await de.request("load", timeout=120, rid=job.rid, dst=self.run_handle(job, job.de))
             self.metrics["path_b_requests"] += 1
             self.metrics["path_b_blocks"] += job.n_de
         except Exception as e:  # DESIGN §5: a path-B failure falls back to path A

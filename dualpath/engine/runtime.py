@@ -77,7 +77,8 @@ class Engine:
                                         device=self.device)
         await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
         # One registered region over the whole DRAM buffer: every request's run is an offset into it.
-        self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path)
+        self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path,
+                                                     granted_only=True)
         self.control = Server(c.transport.token, self.handle)
         port = await self.control.start(self.spec.host, self.spec.port)
         self.spec.port = port
@@ -137,10 +138,12 @@ class Engine:
 
     # -- helpers shared by both roles --
 
-    def run_handle(self, run: BufferRun) -> dict:
-        """Where a peer writes into one of our buffer runs: our region plus the run's byte offset."""
-        off, nbytes = self.buffer.byte_range(run)
-        return {"handle": self.buffer_handle, "offset": off, "n_blocks": run.n_blocks}
+    def run_handle(self, req, peer: str) -> dict:
+        """Where `peer` writes into a request's buffer run: our region, granted to that peer for the
+        run's bytes only (revoked with the request's memory), plus the run's byte offset."""
+        off, nbytes = self.buffer.byte_range(req.run)
+        req.grant = self.dataplane.grant(self.buffer_handle, off, nbytes, peer)
+        return {"handle": req.grant, "offset": off, "n_blocks": req.run.n_blocks}
 
     async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:
         """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run, layer by layer
@@ -212,6 +215,9 @@ class Engine:
             asyncio.gather(*pending, return_exceptions=True).add_done_callback(
                 lambda _: self.free_request_memory(req))
             return
+        if req.grant is not None:
+            self.dataplane.revoke(req.grant)
+            req.grant = None
         if req.run is not None:
             self.buffer.release(req.run)
             req.run = None

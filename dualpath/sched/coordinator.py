@@ -95,20 +95,17 @@ class Coordinator:
 
     async def on_engine(self, conn: Connection, method: str, p: dict) -> Any:
         if method == "register":
-            self.engines[p["name"]] = EngineEntry(p["name"], p["role"], p["node"], (p["host"], p["port"]), conn,
-                                                  time.monotonic())
-            log.info("engine %s registered (%s, node %d)", p["name"], p["role"], p["node"])
-            return {"ok": True}
+            return self._register(conn, p)
         if method == "engines":
             return {e.name: list(e.addr) for e in self.engines.values()}
         if method == "heartbeat":
             e = self.engines.get(p["name"])
-            if e is not None:
+            if e is not None and e.conn is conn:
                 e.load, e.last_seen, e.assigned = p["load"], time.monotonic(), Counter()
             return None
         req = self.requests.get(p.get("rid", ""))
-        if req is None:
-            return None
+        if req is None or req.decision is None or conn.peer_name not in (req.decision.pe, req.decision.de):
+            return None  # gone, or not this engine's request to speak for
         if method == "token":
             req.queue.put_nowait(("token", p["token"]))
         elif method == "done":
@@ -116,6 +113,21 @@ class Coordinator:
         elif method == "failed":
             req.queue.put_nowait(("failed", p))
         return None
+
+    def _register(self, conn: Connection, p: dict) -> dict:
+        """An engine joins under the name it logged in with; a name held by a live connection is
+        not taken over (a second registration once silently replaced the real engine)."""
+        name = p["name"]
+        if name != conn.peer_name:
+            raise PermissionError(f"logged in as {conn.peer_name!r}, cannot register as {name!r}")
+        held = self.engines.get(name)
+        if held is not None and held.conn is not conn and not held.conn.closed.is_set():
+            log.warning("refused a second registration of %s from %s: it is live", name,
+                        conn.writer.get_extra_info("peername"))
+            raise PermissionError(f"engine {name} is already registered and live")
+        self.engines[name] = EngineEntry(name, p["role"], p["node"], (p["host"], p["port"]), conn, time.monotonic())
+        log.info("engine %s registered (%s, node %d)", name, p["role"], p["node"])
+        return {"ok": True}
 
     def live_engines(self) -> list[EngineEntry]:
         now = time.monotonic()
@@ -192,7 +204,7 @@ class Coordinator:
         common = {"rid": req.attempt_rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
                   "temperature": req.params["temperature"], "seed": req.params["seed"]}
         de_dst = await de.conn.request("admit", max_tokens=req.params["max_tokens"], eos_id=self.tokenizer.eos_id,
-                                       **common)
+                                       pe=d.pe, **common)
         await pe.conn.request("prefill", de=d.de, de_dst=de_dst, **common)
 
     async def generate(self, req: RequestState):

@@ -26,6 +26,9 @@ import msgpack
 
 PROTOCOL = 1
 MAX_FRAME = 64 << 20
+# Frames before login: a handshake is under 100 bytes, and a peer that has not proved the secret
+# must not make us buffer megabytes (four 64 MiB frames once doubled the coordinator's memory).
+LOGIN_MAX_FRAME = 4096
 _LEN = struct.Struct(">I")
 log = logging.getLogger(__name__)
 
@@ -145,7 +148,7 @@ class Connection:
 async def _server_handshake(reader, writer, token: str, max_frame: int) -> str:
     nonce = os.urandom(16)
     writer.write(pack({"v": PROTOCOL, "nonce": nonce}))
-    hello = await asyncio.wait_for(read_frame(reader, max_frame), 10)
+    hello = await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), 10)
     if hello.get("v") != PROTOCOL:
         raise ProtocolError(f"protocol version {hello.get('v')!r}, expected {PROTOCOL}")
     if not hmac.compare_digest(hello.get("mac") or b"", _mac(token, nonce)):
@@ -158,11 +161,11 @@ async def connect(host: str, port: int, token: str, name: str, handler: Handler 
                   max_frame: int = MAX_FRAME, timeout: float = 10.0) -> Connection:
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
-        challenge = await asyncio.wait_for(read_frame(reader, max_frame), timeout)
+        challenge = await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), timeout)
         if challenge.get("v") != PROTOCOL:
             raise ProtocolError(f"server speaks protocol {challenge.get('v')!r}, we speak {PROTOCOL}")
         writer.write(pack({"v": PROTOCOL, "name": name, "mac": _mac(token, challenge["nonce"])}))
-        reply = await asyncio.wait_for(read_frame(reader, max_frame), timeout)
+        reply = await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), timeout)
         if not reply.get("ok"):
             raise ProtocolError(f"{host}:{port} refused us: {reply.get('error')}")
     except BaseException:

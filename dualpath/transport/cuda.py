@@ -60,8 +60,8 @@ class CudaDataPlane(TcpDataPlane):
         # one copy thread per traffic class: a handoff copy never queues behind path-B bulk copies
         self._copiers = {tc: device_threads(1, f"{self.name}-copy-{tc}", self.device) for tc in TRAFFIC_CLASSES}
 
-    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
-        handle = super().register(tensor)
+    def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
+        handle = super().register(tensor, granted_only=granted_only)
         flat = self.regions[handle["region"]].tensor
         if share_path is not None and not flat.is_cuda:
             handle["shm"] = {"path": share_path, "host": HOST_ID}

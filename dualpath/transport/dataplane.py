@@ -50,6 +50,19 @@ class Region:
     id: int
     tensor: torch.Tensor  # 1-D uint8
     view: memoryview | None  # host regions only
+    granted_only: bool = False  # writes need a grant (below) that covers them
+
+
+@dataclass
+class Grant:
+    """Leave for one peer to write bytes [lo, hi) of one region, for one request (like an RDMA
+    memory window): an engine's DRAM buffer takes writes only into runs granted to their writer,
+    and the grant is revoked when the request ends."""
+
+    region: int
+    lo: int
+    hi: int
+    peer: str
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +170,9 @@ class TcpDataPlane:
         self.chunk, self.latency_share, self.host = bulk_chunk_bytes, latency_share, host
         self.port = 0
         self.regions: dict[int, Region] = {}
+        self.grants: dict[int, Grant] = {}
         self._region_ids = itertools.count(1)
+        self._grant_ids = itertools.count(1)
         self._write_ids = itertools.count(1)
         self._links: dict[tuple[str, int, str], _PeerLink] = {}
         self._link_locks: dict[tuple[str, int, str], asyncio.Lock] = {}
@@ -171,19 +186,30 @@ class TcpDataPlane:
 
     # -- registration --
 
-    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
+    def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
         """share_path: where another process of this host can map the (host) tensor; the cuda
-        backend copies into such regions directly, tcp always sends over its socket."""
+        backend copies into such regions directly, tcp always sends over its socket. A
+        granted_only region takes writes only through a grant (``grant``)."""
         flat = as_bytes(tensor)
         rid = next(self._region_ids)
-        self.regions[rid] = Region(rid, flat, host_view(flat) if flat.device.type == "cpu" else None)
+        self.regions[rid] = Region(rid, flat, host_view(flat) if flat.device.type == "cpu" else None, granted_only)
         return {"backend": self.backend, "addr": [self.host, self.port], "region": rid, "nbytes": flat.numel(),
                 "device": str(flat.device)}
 
     def release(self, handle: dict) -> None:
         self.regions.pop(handle["region"], None)
 
-    def _check(self, rid: int, off: int, n: int, need_host: bool = True) -> Region:
+    def grant(self, handle: dict, offset: int, nbytes: int, peer: str) -> dict:
+        """A handle through which only `peer` may write bytes [offset, offset + nbytes) of the region."""
+        gid = next(self._grant_ids)
+        self.grants[gid] = Grant(handle["region"], offset, offset + nbytes, peer)
+        return {**handle, "grant": gid}
+
+    def revoke(self, granted: dict) -> None:
+        self.grants.pop(granted.get("grant"), None)
+
+    def _check(self, rid: int, off: int, n: int, need_host: bool = True, grant: int | None = None,
+               peer: str | None = None) -> Region:
         region = self.regions.get(rid)
         if region is None:
             raise TransferError(f"unknown or released region {rid} on {self.name}")
@@ -191,6 +217,11 @@ class TcpDataPlane:
             raise TransferError(f"write [{off}, {off + n}) outside region {rid} of {region.tensor.numel()} bytes")
         if need_host and region.view is None:
             raise TransferError(f"region {rid} is device memory; the tcp backend writes host memory only")
+        if region.granted_only:
+            g = self.grants.get(grant)
+            if g is None or g.region != rid or g.peer != peer or not g.lo <= off <= off + n <= g.hi:
+                raise TransferError(f"{peer} holds no grant for bytes [{off}, {off + n}) of region {rid} on "
+                                    f"{self.name} (unknown, revoked, another peer's, or out of its range)")
         return region
 
     # -- receiving side --
@@ -230,6 +261,7 @@ class TcpDataPlane:
                             hello.get("name"))
                 return
             await loop.sock_sendall(sock, _frame({"ok": True}))
+            peer = str(hello.get("name"))  # proved with the secret: grants are checked against it
             scratch = memoryview(bytearray(1 << 20))
             while True:
                 msg = await _recv_frame(loop, sock)
@@ -242,7 +274,8 @@ class TcpDataPlane:
                     continue
                 n = msg.get("n", 0)
                 try:
-                    region = self._check(msg["region"], msg.get("off", 0), n, need_host=msg["op"] == "w")
+                    region = self._check(msg["region"], msg.get("off", 0), n, need_host=msg["op"] == "w",
+                                         grant=msg.get("grant"), peer=peer)
                 except TransferError as e:
                     self.refused += 1
                     while n:  # drain the payload so the stream stays in step
@@ -339,8 +372,8 @@ class TcpDataPlane:
             while True:
                 k = min(step, n - pos)
                 last = pos + k >= n
-                header = {"op": op, "id": wid, "region": dst["region"], "off": off + pos, "n": k if op == "w" else 0,
-                          "last": last, "notify": notify if last else None}
+                header = {"op": op, "id": wid, "region": dst["region"], "grant": dst.get("grant"), "off": off + pos,
+                          "n": k if op == "w" else 0, "last": last, "notify": notify if last else None}
                 if last and landed_event is not None:
                     header["event"] = landed_event
                 t0 = time.perf_counter()

@@ -69,10 +69,10 @@ class VerbsDataPlane(TcpDataPlane):
 
     # -- memory registration --
 
-    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
+    def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
         from pyverbs.mr import MR
 
-        handle = super().register(tensor)
+        handle = super().register(tensor, granted_only=granted_only)
         flat = self.regions[handle["region"]].tensor
         if flat.is_cuda:
             log.warning("%s: GPU region %d is not RDMA-registered (no dma-buf export); writes to it go over tcp",
