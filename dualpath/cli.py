@@ -55,7 +55,10 @@ def run(role: str, node: int, config_path: str) -> None:
 @click.option("--transport", "backend", default="auto", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True, help="HTTP API port")
 @click.option("--demo/--no-demo", default=False, help="send a multi-turn conversation, print it, stop")
-@click.option("--config-out", type=click.Path(), default=None, help="also write the cluster TOML here")
+@click.option("--config-out", type=click.Path(), default=None,
+              help="also write the cluster TOML here (it holds the cluster's secret; mode 0600)")
+@click.option("--api-key", envvar="DUALPATH_API_KEY", default="",
+              help="require 'Authorization: Bearer KEY' on /v1/* (default: $DUALPATH_API_KEY; none)")
 def up(**kw) -> None:
     """Start a whole cluster on this host (coordinator + engines as subprocesses)."""
     from dualpath.launcher import launch_local

@@ -122,16 +122,19 @@ class EngineConfig:
     max_decode_batch: int = 64
     max_context: int = 0            # 0 = the model's max_position
     cuda_graphs: bool = True        # decode steps replayed from CUDA graphs (on CUDA devices)
+    memory_wait_s: float = 30.0     # longest wait for DRAM-buffer / HBM room; then the request fails
 
     def validate(self) -> None:
         for name in ("hbm_blocks", "buffer_blocks", "prefill_token_quota", "max_decode_batch"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"engine.{name}", v, "must be a positive integer")
         _check(self.max_context >= 0, "engine.max_context", self.max_context, "must be >= 0")
+        _check(self.memory_wait_s > 0, "engine.memory_wait_s", self.memory_wait_s, "must be > 0")
 
 
 OLD_FIXED_TOKEN = "dualpath-local"  # every cluster once shared it: anyone knowing it could join any cluster
 TOKEN_ENV = "DUALPATH_TOKEN"
+API_KEY_ENV = "DUALPATH_API_KEY"
 MIN_TOKEN_CHARS = 16
 
 
@@ -182,12 +185,15 @@ class SchedulerConfig:
     policy: str = "dualpath"
     heartbeat_s: float = 0.2
     dead_after_s: float = 3.0
+    request_timeout_s: float = 600.0  # a request not answered by then fails with 504 and frees its memory
+    api_key: str = ""  # when set, /v1/* needs 'Authorization: Bearer <api_key>' (or $DUALPATH_API_KEY)
 
     def validate(self) -> None:
         _check(self.policy in POLICIES, "scheduler.policy", self.policy, f"expected one of {POLICIES}")
         _check(self.heartbeat_s > 0, "scheduler.heartbeat_s", self.heartbeat_s, "must be > 0")
         _check(self.dead_after_s > self.heartbeat_s, "scheduler.dead_after_s", self.dead_after_s,
                "must exceed heartbeat_s")
+        _check(self.request_timeout_s > 0, "scheduler.request_timeout_s", self.request_timeout_s, "must be > 0")
 
 
 @dataclass
@@ -274,6 +280,7 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
     kwargs = {k: _build(cls, raw.get(k, {}), k) for k, cls in sections.items()}
     engines = [_build(EngineSpec, e, f"engines[{i}]") for i, e in enumerate(raw.get("engines", []))]
     kwargs["transport"].resolve_token()
+    kwargs["scheduler"].api_key = kwargs["scheduler"].api_key or os.environ.get(API_KEY_ENV, "")
     return ClusterConfig(engines=engines, **kwargs).validate()
 
 

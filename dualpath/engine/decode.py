@@ -75,8 +75,10 @@ class DecodeEngine(Engine):
 
     def load(self) -> dict[str, Any]:
         tokens = sum(len(s.tokens) for s in self.seqs.values())
+        # dropped: the write-behind queue was full; failed: the store refused the write (a full disk)
         return {**super().load(), "running_decode_tokens": tokens, "persist_queue": self.persister.queued,
-                "persist_dropped": self.persister.dropped}
+                "persist_written": self.persister.written, "persist_dropped": self.persister.dropped,
+                "persist_failed": self.persister.failed}
 
     async def handle(self, conn: Connection, method: str, p: dict) -> Any:
         if method == "admit":
@@ -104,7 +106,8 @@ class DecodeEngine(Engine):
         except OutOfBlocks as e:
             raise RuntimeError(f"{self.name} has no room for this request: {e}") from None
         try:
-            seq.run = await asyncio.wait_for(self.buffer.alloc(self.pool.blocks_for(seq.prompt_len)), 30)
+            seq.run = await asyncio.wait_for(self.buffer.alloc(self.pool.blocks_for(seq.prompt_len)),
+                                             self.cfg.engine.memory_wait_s)
         except BaseException:
             self.pool.allocator.release(seq.blocks)
             raise

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from dualpath.engine.buffers import BufferRun
-from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.engine.runtime import Engine, sample
 from dualpath.storage.keys import block_chain
@@ -98,13 +97,8 @@ class PrefillEngine(Engine):
         job.path_a_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         job.path_b_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         try:
-            job.run = await self.buffer.alloc(self.pool.blocks_for(len(job.tokens)))
-            while True:
-                try:
-                    job.blocks = self.pool.allocator.alloc(self.pool.blocks_for(len(job.tokens)))
-                    break
-                except OutOfBlocks:
-                    await asyncio.sleep(0.01)
+            n = self.pool.blocks_for(len(job.tokens))
+            await self.take_memory(job, n, n)
             job.computed = job.n_hit * self.bt
             job.io = [asyncio.create_task(self._read_path_a(job, job.n_de, job.n_hit, job.path_a_layer)),
                       asyncio.create_task(self._read_path_b(job))]

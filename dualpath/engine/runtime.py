@@ -14,7 +14,7 @@ import torch
 from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.device import device_threads, make_current
 from dualpath.engine.buffers import BufferPool, BufferRun
-from dualpath.engine.kvcache import KVPool
+from dualpath.engine.kvcache import KVPool, OutOfBlocks
 from dualpath.engine.weights import load_pretrained
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import open_store
@@ -26,11 +26,15 @@ log = logging.getLogger(__name__)
 
 def sample(logits: torch.Tensor, temperature: float, seed: int | None, position: int) -> int:
     """Greedy at temperature 0; otherwise a draw seeded by (seed, position), so the PE (first token)
-    and the DE (the rest) draw the same sequence a single engine would."""
+    and the DE (the rest) draw the same sequence a single engine would. Never raises: where the
+    distribution is not finite (an extreme temperature) the draw is greedy, and only this request
+    is affected, not the batch it runs in."""
     if temperature <= 0:
         return int(logits.argmax())
     g = torch.Generator().manual_seed(((seed or 0) * 1_000_003 + position) & (2**63 - 1))
-    probs = torch.softmax(logits.float().cpu() / temperature, -1)
+    probs = torch.softmax(logits.double().cpu() / temperature, -1)
+    if not bool(torch.isfinite(probs).all()):
+        return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=g))
 
 
@@ -224,6 +228,26 @@ class Engine:
         if req.blocks:
             self.pool.allocator.release(req.blocks)
             req.blocks = []
+
+    async def take_memory(self, req, buffer_blocks: int, hbm_blocks: int) -> None:
+        """A request's DRAM-buffer run and HBM blocks, waiting at most engine.memory_wait_s for room
+        (then MemoryError: the request fails and is retried, never stuck behind a leak)."""
+        wait_s = self.cfg.engine.memory_wait_s
+        deadline = time.monotonic() + wait_s
+        try:
+            req.run = await asyncio.wait_for(self.buffer.alloc(buffer_blocks), wait_s)
+        except asyncio.TimeoutError:
+            raise MemoryError(f"{self.name}: no room for {buffer_blocks} DRAM-buffer blocks within {wait_s:g} s")
+        while True:
+            try:
+                req.blocks = self.pool.allocator.alloc(hbm_blocks)
+                return
+            except OutOfBlocks:
+                if time.monotonic() >= deadline:
+                    self.buffer.release(req.run)
+                    req.run = None
+                    raise MemoryError(f"{self.name}: no room for {hbm_blocks} HBM blocks within {wait_s:g} s")
+                await asyncio.sleep(0.005)
 
     async def in_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)

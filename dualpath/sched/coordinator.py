@@ -12,9 +12,11 @@ Life of a request here (DESIGN.md §2 steps 1-4):
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,17 +27,30 @@ from aiohttp import web
 from dualpath.config import POLICIES, ClusterConfig
 from dualpath.engine.tokenizer import load_tokenizer
 from dualpath.engine.weights import model_identity
-from dualpath.sched.policy import Decision, EngineLoad, NoEngine, RequestInfo, choose
+from dualpath.sched.policy import Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
-from dualpath.transport.control import Connection, Server
+from dualpath.transport.control import Connection, RemoteError, Server
 
 log = logging.getLogger(__name__)
 
 
 class BadRequest(ValueError):
     """A client mistake: answered with 400 and this message."""
+
+
+class RequestFailed(RuntimeError):
+    """The cluster could not serve a valid request: answered with `status` and this message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+MAX_SEED = 2**63  # seeds travel as 64-bit integers
+MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows: such a request is answered greedily (T = 0)
 
 
 @dataclass
@@ -65,6 +80,8 @@ class RequestState:
     attempts: int = 0
     t_arrival: float = field(default_factory=time.monotonic)
     t_first: float | None = None
+    deadline: float = math.inf  # monotonic time by which the request is answered or failed
+    cancelled: bool = False  # the client went away
 
     @property
     def attempt_rid(self) -> str:
@@ -89,7 +106,8 @@ class Coordinator:
         self.engines: dict[str, EngineEntry] = {}
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count(1)
-        self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0}
+        self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0,
+                      "admit_retries": 0, "failed": 0, "client_gone": 0}
 
     # ------------------------------------------------------------------ engine registry (control plane)
 
@@ -137,8 +155,8 @@ class Coordinator:
     def cluster_view(self) -> list[EngineLoad]:
         fields = ("queued_prefill_tokens", "running_decode_tokens", "read_queue_bytes")
         return [EngineLoad(e.name, e.role, e.node, **{f: e.load.get(f, 0) + e.assigned[f] for f in fields},
-                           free_buffer_blocks=e.load.get("free_buffer_blocks", 0),
-                           free_hbm_blocks=e.load.get("free_hbm_blocks", 0))
+                           free_buffer_blocks=e.load.get("free_buffer_blocks", 0) - e.assigned["buffer_blocks"],
+                           free_hbm_blocks=e.load.get("free_hbm_blocks", 0) - e.assigned["hbm_blocks"])
                 for e in self.live_engines()]
 
     # ------------------------------------------------------------------ validation
@@ -148,7 +166,10 @@ class Coordinator:
             raise BadRequest("request body must be a JSON object")
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(prompt)
+            try:
+                tokens = self.tokenizer.encode(prompt)
+            except UnicodeError as e:  # a lone surrogate, say
+                raise BadRequest(f"'prompt' is not valid Unicode text: {e.reason}") from None
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             tokens = prompt
             bad = [t for t in tokens if not 0 <= t < self.model_cfg.vocab_size]
@@ -164,12 +185,16 @@ class Coordinator:
         if len(tokens) + max_tokens > self.max_context:
             raise BadRequest(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                              f"limit of {self.max_context} tokens")
+        self.check_fits(len(tokens), max_tokens)
         temperature = body.get("temperature", 0.0)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-            raise BadRequest(f"'temperature' must be a number >= 0, got {temperature!r}")
+        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                or not 0 <= temperature <= MAX_TEMPERATURE):  # NaN fails this too
+            raise BadRequest(f"'temperature' must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}")
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise BadRequest(f"'seed' must be an integer, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -MAX_SEED <= seed < MAX_SEED):
+            raise BadRequest(f"'seed' must be an integer in [-2**63, 2**63), got {seed!r}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -184,38 +209,92 @@ class Coordinator:
                   "stream": stream}
         return tokens, params, policy
 
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.bt)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse at once a request that no engine could ever hold (it would wait for room forever)."""
+        e = self.cfg.engine
+        need_hbm, need_buf = self.blocks_for(prompt_tokens + max_tokens), self.blocks_for(prompt_tokens)
+        if need_hbm > e.hbm_blocks - 1 or need_buf > e.buffer_blocks:  # a DE keeps one HBM block as scratch
+            raise BadRequest(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {need_hbm} KV blocks "
+                             f"and {need_buf} buffer blocks of {self.bt} tokens; engines hold {e.hbm_blocks - 1} "
+                             f"and {e.buffer_blocks}")
+
     # ------------------------------------------------------------------ scheduling
 
     async def schedule(self, req: RequestState) -> None:
-        """Steps 2-4: prefix lookup, policy, then admit on the DE and submit to the PE."""
+        """Steps 2-4: prefix lookup, policy, then admit on the DE and submit to the PE. Only engines
+        with room are chosen; with none, wait for the next heartbeats (until the deadline). A DE that
+        refuses (no room after all) or does not answer while its heartbeats stop is passed over."""
         req.attempts += 1
         self.requests[req.attempt_rid] = req
         chain = block_chain(req.tokens, self.fingerprint, self.bt)
         # At least one token is computed: the PE needs the last prompt token's logits.
         req.hit_blocks = min(self.store.lookup(chain), (len(req.tokens) - 1) // self.bt)
-        info = RequestInfo(len(req.tokens), req.hit_blocks, self.block_bytes, req.params["max_tokens"])
-        d = req.decision = choose(req.policy, info, self.cluster_view())
+        n, m = len(req.tokens), req.params["max_tokens"]
+        info = RequestInfo(n, req.hit_blocks, self.block_bytes, m, self.blocks_for(n), self.blocks_for(n + m))
+        passed_over: set[str] = set()
+        while True:
+            try:
+                d = req.decision = choose(req.policy, info, [v for v in self.cluster_view()
+                                                             if v.name not in passed_over])
+            except NoRoom:
+                if time.monotonic() + self.cfg.scheduler.heartbeat_s > req.deadline:
+                    raise
+                passed_over.clear()  # room may have come back anywhere
+                await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
+                continue
+            self._assign(d, info)
+            common = {"rid": req.attempt_rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
+                      "temperature": req.params["temperature"], "seed": req.params["seed"]}
+            try:
+                de_dst = await self._ask(self.engines[d.de], "admit", max_tokens=m, eos_id=self.tokenizer.eos_id,
+                                         pe=d.pe, **common)
+            except (RemoteError, ConnectionError, TimeoutError) as e:
+                log.warning("%s: %s did not admit it (%s); trying another decode engine", req.rid, d.de, e)
+                self.stats["admit_retries"] += 1
+                passed_over.add(d.de)
+                continue
+            self.stats[f"path_{d.path}"] += 1
+            await self._ask(self.engines[d.pe], "prefill", de=d.de, de_dst=de_dst, **common)
+            return
+
+    def _assign(self, d: Decision, info: RequestInfo) -> None:
+        """Count the work and memory just given to engines until their next heartbeat shows it."""
         pe, de = self.engines[d.pe], self.engines[d.de]
         pe.assigned["read_queue_bytes"] += d.pe_blocks * self.block_bytes
-        pe.assigned["queued_prefill_tokens"] += len(req.tokens) - req.hit_blocks * self.bt
+        pe.assigned["queued_prefill_tokens"] += info.prompt_tokens - d.hit_blocks * self.bt
+        pe.assigned["buffer_blocks"] += info.prompt_blocks
+        pe.assigned["hbm_blocks"] += info.prompt_blocks
         de.assigned["read_queue_bytes"] += d.de_blocks * self.block_bytes
-        de.assigned["running_decode_tokens"] += len(req.tokens) + req.params["max_tokens"]
-        self.stats[f"path_{d.path}"] += 1
-        common = {"rid": req.attempt_rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
-                  "temperature": req.params["temperature"], "seed": req.params["seed"]}
-        de_dst = await de.conn.request("admit", max_tokens=req.params["max_tokens"], eos_id=self.tokenizer.eos_id,
-                                       pe=d.pe, **common)
-        await pe.conn.request("prefill", de=d.de, de_dst=de_dst, **common)
+        de.assigned["running_decode_tokens"] += info.prompt_tokens + info.max_tokens
+        de.assigned["buffer_blocks"] += info.prompt_blocks
+        de.assigned["hbm_blocks"] += info.decode_blocks
+
+    async def _ask(self, e: EngineEntry, method: str, timeout: float = 30.0, **params) -> Any:
+        """A request to an engine that fails as soon as the engine stops heartbeating (a stopped
+        process keeps its socket open: waiting out the whole timeout held admits for 30 s)."""
+        call = asyncio.ensure_future(e.conn.request(method, timeout=timeout, **params))
+        while True:
+            done, _ = await asyncio.wait([call], timeout=self.cfg.scheduler.heartbeat_s)
+            if done:
+                return call.result()
+            if time.monotonic() - e.last_seen > self.cfg.scheduler.dead_after_s:
+                call.cancel()
+                raise TimeoutError(f"{e.name} stopped heartbeating")
 
     async def generate(self, req: RequestState):
         """Yields generated token ids; retries a request whose hit blocks vanished or whose engine died."""
+        req.deadline = req.t_arrival + self.cfg.scheduler.request_timeout_s
         try:
             while True:
                 try:
                     await self.schedule(req)
                 except NoEngine as e:
-                    raise web.HTTPServiceUnavailable(text=json.dumps({"error": str(e)}),
-                                                     content_type="application/json")
+                    raise RequestFailed(503, str(e)) from None
+                except (RemoteError, ConnectionError, TimeoutError) as e:  # the PE refused or went away
+                    raise RequestFailed(503, f"could not start the request: {e}") from None
                 while True:
                     kind, value = await self._next_event(req)
                     if kind == "token":
@@ -228,7 +307,7 @@ class Coordinator:
                     else:  # failed
                         break
                 if req.output or not value.get("retry") or req.attempts >= 3:
-                    raise RuntimeError(f"request failed: {value.get('error')}")
+                    raise RequestFailed(value.get("status", 500), f"request failed: {value.get('error')}")
                 self.stats["retried"] += 1
                 self._end_attempt(req)  # its DE slot and buffers are freed before the retry takes new ones
         finally:
@@ -244,10 +323,15 @@ class Coordinator:
                 e.conn.event("abort", rid=req.attempt_rid)
 
     async def _next_event(self, req: RequestState) -> tuple[str, Any]:
-        """The next event, or a failure if an engine serving the request dies (heartbeat loss)."""
+        """The next event, or a failure if an engine serving the request dies (heartbeat loss) or
+        the request's deadline passes."""
         while True:
+            wait = min(self.cfg.scheduler.heartbeat_s * 2, req.deadline - time.monotonic())
+            if wait <= 0:
+                return "failed", {"error": f"not answered within the request timeout of "
+                                           f"{self.cfg.scheduler.request_timeout_s:g} s", "status": 504}
             try:
-                return await asyncio.wait_for(req.queue.get(), self.cfg.scheduler.heartbeat_s * 2)
+                return await asyncio.wait_for(req.queue.get(), wait)
             except asyncio.TimeoutError:
                 live = {e.name for e in self.live_engines()}
                 d = req.decision
@@ -257,16 +341,43 @@ class Coordinator:
     # ------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._errors, self._api_key])
         app.add_routes([web.post("/v1/completions", self.http_completions), web.get("/v1/models", self.http_models),
                         web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster)])
         return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every failure on the request path becomes an OpenAI-shaped error body, never a traceback."""
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except RequestFailed as e:
+            self.stats["failed"] += 1
+            return self._error(e.status, str(e))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            self.stats["failed"] += 1
+            return self._error(500, "internal error in the coordinator (see its log)")
+
+    @web.middleware
+    async def _api_key(self, request: web.Request, handler) -> web.StreamResponse:
+        """With an API key configured, /v1/* needs `Authorization: Bearer <key>` (as vLLM's --api-key)."""
+        key = self.cfg.scheduler.api_key
+        if key and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return self._error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+        return await handler(request)
 
     async def http_completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._error(400, "request body is not valid JSON")
+        except RecursionError:
+            return self._error(400, "request body is nested too deeply")
         try:
             tokens, params, policy = self.parse(body)
         except BadRequest as e:
@@ -277,13 +388,15 @@ class Coordinator:
         if params["stream"]:
             return await self._stream(request, req)
         text = ""
-        try:
-            async for _ in self.generate(req):
-                text, hit_stop = self._apply_stop(req)
-                if hit_stop:
-                    break
-        except RuntimeError as e:
-            return self._error(500, str(e))
+        async for _ in self.generate(req):
+            text, hit_stop = self._apply_stop(req)
+            if hit_stop:
+                break
+            if request.transport is None or request.transport.is_closing():
+                # aiohttp does not cancel a handler whose client left: stop generating for nobody
+                log.info("client of %s went away; its slot and buffers are freed", req.rid)
+                self.stats["client_gone"] += 1
+                break
         return web.json_response(self._body(req, text, "stop" if req.output else "length"))
 
     async def _stream(self, request: web.Request, req: RequestState) -> web.StreamResponse:
@@ -303,8 +416,10 @@ class Coordinator:
         except (ConnectionResetError, asyncio.CancelledError):
             log.info("client of %s went away; its slot and buffers are freed", req.rid)  # generate()'s finally
             raise
-        except RuntimeError as e:
-            await resp.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
+        except RequestFailed as e:
+            self.stats["failed"] += 1
+            error = {"message": str(e), "type": "server_error", "code": e.status}
+            await resp.write(f"data: {json.dumps({'error': error})}\n\n".encode())
         return resp
 
     def _apply_stop(self, req: RequestState) -> tuple[str, bool]:
@@ -328,7 +443,9 @@ class Coordinator:
 
     @staticmethod
     def _error(status: int, message: str) -> web.Response:
-        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+        kind = "server_error" if status >= 500 else ("authentication_error" if status == 401 else
+                                                      "invalid_request_error")
+        return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
     async def http_models(self, _: web.Request) -> web.Response:
         name = self.cfg.model.weights or self.cfg.model.preset

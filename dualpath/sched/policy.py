@@ -14,6 +14,9 @@ of the leading hit blocks the DE reads (``de_blocks``); the PE reads the rest. P
   serves as one pool.
 - ``dualpath-split`` (beyond the paper, which names it as future work): same engines, but the
   hit blocks are split so that both read queues drain at the same time.
+
+Every policy chooses only among engines with room for the request (free DRAM-buffer and HBM
+blocks, as last reported); ``NoRoom`` when no engine of a role has it right now.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class RequestInfo:
     hit_blocks: int
     block_bytes: int  # bytes of one stored block (all layers)
     max_tokens: int
+    prompt_blocks: int = 0  # DRAM-buffer blocks on both engines, and HBM blocks on the PE
+    decode_blocks: int = 0  # HBM blocks on the DE: prompt plus every token it may generate
 
     @property
     def read_bytes(self) -> int:
@@ -75,11 +80,24 @@ class NoEngine(RuntimeError):
     """No live engine of a needed role."""
 
 
-def _engines(engines: list[EngineLoad], role: str) -> list[EngineLoad]:
+class NoRoom(NoEngine):
+    """Live engines of a needed role, but none with room for this request right now."""
+
+
+def has_room(e: EngineLoad, req: RequestInfo) -> bool:
+    hbm = req.prompt_blocks if e.role == "prefill" else req.decode_blocks
+    return e.free_buffer_blocks >= req.prompt_blocks and e.free_hbm_blocks >= hbm
+
+
+def _engines(engines: list[EngineLoad], role: str, req: RequestInfo) -> list[EngineLoad]:
     live = [e for e in engines if e.role == role]
     if not live:
         raise NoEngine(f"no live {role} engine")
-    return live
+    roomy = [e for e in live if has_room(e, req)]
+    if not roomy:
+        raise NoRoom(f"no {role} engine has room for this request now ({req.prompt_blocks} buffer blocks"
+                     f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})")
+    return roomy
 
 
 def _least(engines: list[EngineLoad], key) -> EngineLoad:
@@ -102,7 +120,7 @@ def split_blocks(req: RequestInfo, pe: EngineLoad, de: EngineLoad) -> int:
 
 
 def choose(policy: str, req: RequestInfo, engines: list[EngineLoad]) -> Decision:
-    pes, des = _engines(engines, "prefill"), _engines(engines, "decode")
+    pes, des = _engines(engines, "prefill", req), _engines(engines, "decode", req)
     pe = _least(pes, lambda e: (e.queued_prefill_tokens, e.read_queue_bytes))
     if policy in ("pe-read", "de-read"):
         de = _least(des, lambda e: e.running_decode_tokens)
