@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -218,21 +219,30 @@ def test_dualpath_up_keeps_serving_when_an_engine_crashes_and_restarts_it(tmp_pa
                            "--port", str(port), "--store", str(tmp_path / "store")],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
     try:
-        wait_for_engines(url, {"pe0", "de1", "de2"}, up)
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("API:") for line in lines):  # `up` has seen every engine start
+            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)[-2000:]
+            time.sleep(0.1)
         victim = next(p for p, cmd in _children(up.pid).items() if "--role decode --node 1" in cmd)
         os.kill(victim, signal.SIGKILL)
-        outs = [complete(url, {"prompt": list(range(30 + i)), "max_tokens": 3}, timeout=30) for i in range(3)]
+        try:
+            outs = [complete(url, {"prompt": list(range(30 + i)), "max_tokens": 3}, timeout=30) for i in range(3)]
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"HTTP {e.code}: {e.read()[:600]!r}")
         assert all(len(o["choices"][0]["token_ids"]) == 3 for o in outs)
         wait_for_engines(url, {"pe0", "de1", "de2"}, up)  # the restarted de1 rejoined
         assert up.poll() is None
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         try:
-            out = up.communicate(timeout=30)[0]
+            up.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
-            out = up.communicate()[0]
+            up.wait()
+    out = "".join(lines)
     assert "de1 exited with code -9; restarting it (1/3)" in out, out[-2000:]
     SUMMARY.append("kill -9 of de1 under `dualpath up`: requests kept being served, de1 restarted and rejoined")
 
@@ -240,7 +250,7 @@ def test_dualpath_up_keeps_serving_when_an_engine_crashes_and_restarts_it(tmp_pa
 def wait_for_engines(url: str, want: set[str], proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        assert proc.poll() is None, f"exited with {proc.returncode}"
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
                 if set(json.load(r)["engines"]) >= want:
@@ -249,3 +259,21 @@ def wait_for_engines(url: str, want: set[str], proc: subprocess.Popen, timeout: 
             pass
         time.sleep(0.2)
     pytest.fail(f"engines {want} not all live within {timeout}s")
+
+
+def test_a_non_streaming_client_that_hangs_up_stops_its_generation(cluster):
+    """Its 500 tokens were once generated for nobody: aiohttp does not cancel the handler."""
+    body = json.dumps({"prompt": list(range(60)), "max_tokens": 500}).encode()
+    gone_before = cluster_metrics(cluster)["stats"]["client_gone"]
+    with socket.create_connection(("127.0.0.1", cluster.cfg.scheduler.http_port), timeout=5) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 30
+        while not any(e["running_decode_tokens"] for e in cluster_metrics(cluster)["engines"].values()
+                      if e["role"] == "decode"):
+            assert time.monotonic() < deadline, "the request never reached a decode engine"
+            time.sleep(0.05)
+    t0 = time.monotonic()
+    assert_decode_engines_idle(cluster, timeout=5)
+    assert cluster_metrics(cluster)["stats"]["client_gone"] == gone_before + 1
+    SUMMARY.append(f"a non-streaming client hung up: generation stopped, memory free {time.monotonic() - t0:.1f} s later")
