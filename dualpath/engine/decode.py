@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ class DecodeSeq:
     io: list[asyncio.Task] = field(default_factory=list)  # reads into our run
     persisted: list[asyncio.Future] = field(default_factory=list)
     cancelled: bool = False
+    prefilled: bool = False  # the PE's handoff arrived
 
     @property
     def generated(self) -> int:
@@ -61,6 +63,9 @@ class DecodeEngine(Engine):
     async def start(self) -> None:
         self.seqs: dict[str, DecodeSeq] = {}
         self.running: list[DecodeSeq] = []
+        # aborts that overtook their admit (the coordinator gave up waiting on it): the admit then
+        # frees what it took instead of holding it until the deadline; the newest 1024 are kept
+        self.aborted_early: deque[str] = deque(maxlen=1024)
         self.wake = asyncio.Event()
         # one HBM block no request owns: the padding rows of a bucketed decode step write there
         self.graphs = DecodeGraphs(self.model, self.pool.kv, self.bt, self.pool.allocator.alloc(1)[0],
@@ -89,7 +94,9 @@ class DecodeEngine(Engine):
             return await self._merge(self.seqs[p["rid"]], p["first_token"])
         if method == "abort":
             seq = self.seqs.get(p["rid"])
-            if seq is not None:
+            if seq is None:
+                self.aborted_early.append(p["rid"])
+            else:
                 seq.cancelled = True
                 if seq not in self.running:
                     self._release(seq)
@@ -111,8 +118,15 @@ class DecodeEngine(Engine):
         except BaseException:
             self.pool.allocator.release(seq.blocks)
             raise
+        if seq.rid in self.aborted_early:
+            self.free_request_memory(seq)
+            raise RuntimeError(f"{seq.rid} was aborted while {self.name} admitted it")
         seq.keys = block_chain(seq.tokens, self.model.fingerprint, self.bt)
         self.seqs[seq.rid] = seq
+        # Bounded: a slot whose handoff never comes (the coordinator gave up on this admit, or the
+        # PE failed without telling us) is freed when the request's deadline has passed.
+        asyncio.get_running_loop().call_later(p.get("handoff_timeout_s", self.cfg.scheduler.request_timeout_s),
+                                              self._expire, seq)
         if seq.n_de:
             seq.hit_layers = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
             seq.io.append(asyncio.create_task(self._read_hits(seq)))
@@ -145,7 +159,13 @@ class DecodeEngine(Engine):
 
     # -- merge: handed-off KV into HBM, persist the prompt's new full blocks --
 
+    def _expire(self, seq: DecodeSeq) -> None:
+        if not seq.prefilled and self.seqs.get(seq.rid) is seq:
+            log.warning("%s: no handoff for %s before its deadline; its slot and buffer are freed", self.name, seq.rid)
+            self._release(seq)
+
     async def _merge(self, seq: DecodeSeq, first_token: int) -> dict:
+        seq.prefilled = True
         nb, n_full = seq.run.n_blocks, seq.prompt_len // self.bt
 
         def copy_in():

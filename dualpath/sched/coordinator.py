@@ -250,9 +250,11 @@ class Coordinator:
                       "temperature": req.params["temperature"], "seed": req.params["seed"]}
             try:
                 de_dst = await self._ask(self.engines[d.de], "admit", max_tokens=m, eos_id=self.tokenizer.eos_id,
-                                         pe=d.pe, **common)
+                                         pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()),
+                                         **common)
             except (RemoteError, ConnectionError, TimeoutError) as e:
                 log.warning("%s: %s did not admit it (%s); trying another decode engine", req.rid, d.de, e)
+                self.engines[d.de].conn.event("abort", rid=req.attempt_rid)  # in case it admits it late
                 self.stats["admit_retries"] += 1
                 passed_over.add(d.de)
                 continue
