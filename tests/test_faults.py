@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from dualpath.launcher import LocalCluster, complete
+from dualpath.protocol import Engines, Register, ask
 from dualpath.transport.control import ProtocolError, connect
 from tests.test_serving import BT, assert_decode_engines_idle, cluster_config, cluster_metrics, post_raw
 
@@ -126,15 +127,15 @@ def test_a_second_engine_cannot_take_over_a_live_engines_name(cluster):
         conn = await connect("127.0.0.1", port, cfg.transport.token, "pe0")
         try:
             with pytest.raises(Exception, match="already registered and live"):
-                await conn.request("register", name="pe0", role="prefill", node=0, host="127.0.0.1", port=1)
+                await ask(conn, Register("pe0", "prefill", 0, "127.0.0.1", 1))
             with pytest.raises(Exception, match="cannot register as"):
-                await conn.request("register", name="pe7", role="prefill", node=7, host="127.0.0.1", port=1)
+                await ask(conn, Register("pe7", "prefill", 7, "127.0.0.1", 1))
         finally:
             await conn.close()
         for token in ("dualpath-local", "x" * 32):
             with pytest.raises((ProtocolError, ConnectionError)):
                 c = await connect("127.0.0.1", port, token, "pe0")
-                await c.request("engines", timeout=2)
+                await ask(c, Engines(), timeout=2)
 
     asyncio.run(probe())
     r = complete(cluster.url, {"prompt": list(range(30)), "max_tokens": 3})

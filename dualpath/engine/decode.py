@@ -12,6 +12,7 @@ device round trip.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.runtime import Engine, sample
+from dualpath.protocol import Abort, Admit, Done, Failed, Load, Prefilled, RunHandle, Token, tell
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
 from dualpath.transport.control import Connection
@@ -85,29 +87,30 @@ class DecodeEngine(Engine):
                 "persist_written": self.persister.written, "persist_dropped": self.persister.dropped,
                 "persist_failed": self.persister.failed}
 
-    async def handle(self, conn: Connection, method: str, p: dict) -> Any:
-        if method == "admit":
-            return await self._admit(p)
-        if method == "load":
-            return await self._send_hits(self.seqs[p["rid"]], p["dst"])
-        if method == "prefilled":
-            return await self._merge(self.seqs[p["rid"]], p["first_token"])
-        if method == "abort":
-            seq = self.seqs.get(p["rid"])
-            if seq is None:
-                self.aborted_early.append(p["rid"])
-            else:
-                seq.cancelled = True
-                if seq not in self.running:
-                    self._release(seq)
-            return {"ok": True}
-        return await super().handle(conn, method, p)
+    async def on_load(self, conn: Connection, msg: Load) -> dict:
+        return await self._send_hits(self.seqs[msg.rid], msg.pe_run)
+
+    async def on_prefilled(self, conn: Connection, msg: Prefilled) -> dict:
+        return await self._merge(self.seqs[msg.rid], msg.first_token)
+
+    async def on_abort(self, conn: Connection, msg: Abort) -> dict:
+        seq = self.seqs.get(msg.rid)
+        if seq is None:
+            self.aborted_early.append(msg.rid)
+        else:
+            seq.cancelled = True
+            if seq not in self.running:
+                self._release(seq)
+        return {"ok": True}
 
     # -- admission and path-B reads --
 
-    async def _admit(self, p: dict) -> dict:
-        seq = DecodeSeq(p["rid"], list(p["tokens"]), len(p["tokens"]), p["n_hit"], p["n_de"], p["max_tokens"],
-                        p.get("temperature", 0.0), p.get("seed"), p.get("eos_id"))
+    async def on_admit(self, conn: Connection, msg: Admit) -> dict:
+        """Reserve HBM for prompt + answer (refused at once if there is none: the coordinator tries
+        another DE) and a buffer run for the prompt; start reading our share of the hits (path B).
+        Answers the RunHandle where the PE writes its handoff."""
+        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens), msg.n_hit, msg.n_de, msg.max_tokens,
+                        msg.temperature, msg.seed, msg.eos_id)
         try:
             seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
         except OutOfBlocks as e:
@@ -125,12 +128,11 @@ class DecodeEngine(Engine):
         self.seqs[seq.rid] = seq
         # Bounded: a slot whose handoff never comes (the coordinator gave up on this admit, or the
         # PE failed without telling us) is freed when the request's deadline has passed.
-        asyncio.get_running_loop().call_later(p.get("handoff_timeout_s", self.cfg.scheduler.request_timeout_s),
-                                              self._expire, seq)
+        asyncio.get_running_loop().call_later(msg.handoff_timeout_s, self._expire, seq)
         if seq.n_de:
             seq.hit_layers = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
             seq.io.append(asyncio.create_task(self._read_hits(seq)))
-        return self.run_handle(seq, p["pe"])
+        return dataclasses.asdict(self.run_handle(seq, msg.pe))
 
     async def _read_hits(self, seq: DecodeSeq) -> None:
         def on_layer(l: int) -> None:
@@ -141,7 +143,7 @@ class DecodeEngine(Engine):
         for ev in seq.hit_layers:  # on a miss, wake _send_hits to report it
             ev.set()
 
-    async def _send_hits(self, seq: DecodeSeq, dst: dict) -> dict:
+    async def _send_hits(self, seq: DecodeSeq, dst: RunHandle) -> dict:
         """Path B: storage → our buffer (already under way) → the PE's buffer, one bulk write per layer
         as soon as that layer is read, so the PE can compute layer 0 while later layers travel."""
         bpl = self.buffer.bytes_per_layer
@@ -151,8 +153,7 @@ class DecodeEngine(Engine):
                 raise RuntimeError("retry: a hit block was missing or corrupt")
             off, _ = self.buffer.layer_range(seq.run, l)
             src = self.buffer.host[off : off + seq.n_de * bpl]
-            dst_off = dst["offset"] + l * dst["n_blocks"] * bpl
-            await self.dataplane.write(src, dst["handle"], dst_off, seq.n_de * bpl, "bulk",
+            await self.dataplane.write(src, dst.region, dst.layer_offset(l, bpl), seq.n_de * bpl, "bulk",
                                        notify={"rid": seq.rid, "layer": l})
         self.metrics["path_b_sent_blocks"] += seq.n_de
         return {"ok": True}
@@ -196,7 +197,7 @@ class DecodeEngine(Engine):
 
     def _emit(self, seq: DecodeSeq, token: int) -> None:
         seq.tokens.append(token)
-        self.coord.event("token", rid=seq.rid, token=token)
+        tell(self.coord, Token(seq.rid, token))
 
     def _finished(self, seq: DecodeSeq) -> bool:
         return (seq.cancelled or seq.generated >= seq.max_tokens
@@ -220,7 +221,7 @@ class DecodeEngine(Engine):
                 log.exception("%s: decode step failed", self.name)
                 for seq in batch_seqs:
                     self.running.remove(seq)
-                    self.coord.event("failed", rid=seq.rid, error=f"decode failed: {e}", retry=False)
+                    tell(self.coord, Failed(seq.rid, f"decode failed: {e}"))
                     self._release(seq)
                 continue
             for seq, tok in zip(batch_seqs, next_tokens):
@@ -253,7 +254,7 @@ class DecodeEngine(Engine):
         if seq.persisted:
             await asyncio.gather(*seq.persisted)
         self.metrics["finished_requests"] += 1
-        self.coord.event("done", rid=seq.rid, cancelled=seq.cancelled)
+        tell(self.coord, Done(seq.rid, seq.cancelled))
         self._release(seq)
 
     def _release(self, seq: DecodeSeq) -> None:

@@ -22,6 +22,7 @@ import torch
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.engine.runtime import Engine, sample
+from dualpath.protocol import Abort, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
 
@@ -35,7 +36,7 @@ class PrefillJob:
     n_hit: int  # leading blocks whose KV is loaded, not computed
     n_de: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
     de: str
-    de_dst: dict  # the DE's run: {"handle", "offset", "n_blocks"}
+    de_run: RunHandle  # where the handoff goes
     temperature: float
     seed: int | None
     run: BufferRun | None = None
@@ -71,19 +72,17 @@ class PrefillEngine(Engine):
         queued = sum(len(j.tokens) - j.computed for j in self.jobs.values())
         return {**super().load(), "queued_prefill_tokens": queued, "last_prefill": self.last_prefill}
 
-    async def handle(self, conn: Connection, method: str, p: dict) -> Any:
-        if method == "prefill":
-            job = PrefillJob(p["rid"], p["tokens"], p["n_hit"], p["n_de"], p["de"], p["de_dst"],
-                             p.get("temperature", 0.0), p.get("seed"))
-            self.jobs[job.rid] = job
-            asyncio.create_task(self._admit(job))
-            return {"accepted": True}
-        if method == "abort":
-            job = self.jobs.get(p["rid"])
-            if job:
-                job.failed = "aborted"
-            return {"ok": True}
-        return await super().handle(conn, method, p)
+    async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
+        job = PrefillJob(msg.rid, msg.tokens, msg.n_hit, msg.n_de, msg.de, msg.de_run, msg.temperature, msg.seed)
+        self.jobs[job.rid] = job
+        asyncio.create_task(self._admit(job))
+        return {"accepted": True}
+
+    async def on_abort(self, conn: Connection, msg: Abort) -> dict:
+        job = self.jobs.get(msg.rid)
+        if job:
+            job.failed = "aborted"
+        return {"ok": True}
 
     def on_write_complete(self, notify: Any) -> None:
         """Path B: the DE wrote layer `layer` of a job's hit KV into our buffer."""
@@ -132,7 +131,7 @@ class PrefillEngine(Engine):
             return
         try:
             de = await self.peer(job.de)
-            await de.request("load", timeout=120, rid=job.rid, dst=self.run_handle(job, job.de))
+            await ask(de, Load(job.rid, self.run_handle(job, job.de)), timeout=120)
             self.metrics["path_b_requests"] += 1
             self.metrics["path_b_blocks"] += job.n_de
         except Exception as e:  # DESIGN §5: a path-B failure falls back to path A
@@ -227,15 +226,13 @@ class PrefillEngine(Engine):
             if start < nb:
                 writes = []
                 for l in range(self.model.cfg.n_layers):
-                    off, _ = self.buffer.layer_range(job.run, l)
-                    src = self.buffer.host[off + start * bpl : off + nb * bpl]
-                    dst_off = job.de_dst["offset"] + l * nb * bpl + start * bpl
-                    writes.append(self.dataplane.write(src, job.de_dst["handle"], dst_off, (nb - start) * bpl,
-                                                       "latency"))
+                    off, nbytes = self.buffer.layer_range(job.run, l, start)
+                    writes.append(self.dataplane.write(self.buffer.host[off : off + nbytes], job.de_run.region,
+                                                       job.de_run.layer_offset(l, bpl, start), nbytes, "latency"))
                 await asyncio.gather(*writes)
             self.metrics["handoff_blocks"] += nb - start
             de = await self.peer(job.de)
-            await de.request("prefilled", rid=job.rid, first_token=first_token)
+            await ask(de, Prefilled(job.rid, first_token))
             self.metrics["prefilled_requests"] += 1
         except Exception as e:  # the DE died or dropped the link: another DE may take the request
             await self._fail(job, f"retry: handoff to {job.de} failed: {e}")
@@ -249,4 +246,4 @@ class PrefillEngine(Engine):
     async def _fail(self, job: PrefillJob, why: str) -> None:
         log.warning("%s: request %s failed: %s", self.name, job.rid, why)
         self._release(job)
-        self.coord.event("failed", rid=job.rid, error=why, retry=why.startswith("retry"))
+        tell(self.coord, Failed(job.rid, why, retry=why.startswith("retry")))

@@ -16,6 +16,7 @@ from dualpath.device import device_threads, make_current
 from dualpath.engine.buffers import BufferPool, BufferRun
 from dualpath.engine.kvcache import KVPool, OutOfBlocks
 from dualpath.engine.weights import load_pretrained
+from dualpath.protocol import Engines, Heartbeat, Register, RunHandle, ask, dispatch, tell
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import open_store
 from dualpath.transport import make_dataplane
@@ -87,8 +88,7 @@ class Engine:
         port = await self.control.start(self.spec.host, self.spec.port)
         self.spec.port = port
         self.coord = await self._connect_coordinator()
-        await self.coord.request("register", name=self.name, role=self.role, node=self.spec.node,
-                                 host=self.spec.host, port=port)
+        await ask(self.coord, Register(self.name, self.role, self.spec.node, self.spec.host, port))
         asyncio.create_task(self._heartbeat())
         log.info("%s ready (device %s, backend %s)", self.name, self.device, self.dataplane.backend)
 
@@ -124,7 +124,7 @@ class Engine:
                 log.error("%s lost the coordinator; stopping", self.name)
                 self.stopping.set()
                 return
-            self.coord.event("heartbeat", name=self.name, load=self.load())
+            tell(self.coord, Heartbeat(self.name, self.load()))
             await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
 
     # -- peers --
@@ -133,7 +133,7 @@ class Engine:
         conn = self.peers.get(name)
         if conn is None or conn.closed.is_set():
             if name not in self.peer_addrs:
-                self.peer_addrs.update({k: tuple(v) for k, v in (await self.coord.request("engines")).items()})
+                self.peer_addrs.update({k: tuple(v) for k, v in (await ask(self.coord, Engines())).items()})
             if name not in self.peer_addrs:
                 raise KeyError(f"unknown peer engine {name!r}")
             host, port = self.peer_addrs[name]
@@ -142,12 +142,12 @@ class Engine:
 
     # -- helpers shared by both roles --
 
-    def run_handle(self, req, peer: str) -> dict:
+    def run_handle(self, req, peer: str) -> RunHandle:
         """Where `peer` writes into a request's buffer run: our region, granted to that peer for the
         run's bytes only (revoked with the request's memory), plus the run's byte offset."""
         off, nbytes = self.buffer.byte_range(req.run)
         req.grant = self.dataplane.grant(self.buffer_handle, off, nbytes, peer)
-        return {"handle": req.grant, "offset": off, "n_blocks": req.run.n_blocks}
+        return RunHandle(req.grant, off, req.run.n_blocks)
 
     async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:
         """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run, layer by layer
@@ -257,5 +257,6 @@ class Engine:
     def on_write_complete(self, notify: Any) -> None:
         pass
 
-    async def handle(self, conn: Connection, method: str, params: dict) -> Any:
-        raise ValueError(f"{self.name}: unknown method {method!r}")
+    async def handle(self, conn: Connection, kind: str, params: dict) -> Any:
+        """Every control message to this engine goes to its ``on_<kind>`` method (protocol.py)."""
+        return await dispatch(self, conn, kind, params)

@@ -31,6 +31,8 @@ from dualpath.sched.policy import Decision, EngineLoad, NoEngine, NoRoom, Reques
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
+from dualpath.protocol import (Abort, Admit, Done, Engines, Failed, Heartbeat, Message, Prefill, Register, RunHandle,
+                               Token, ask, dispatch, tell)
 from dualpath.transport.control import Connection, RemoteError, Server
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class RequestState:
     tokens: list[int]
     params: dict
     policy: str
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Token, Done and Failed from its engines
     decision: Decision | None = None
     hit_blocks: int = 0
     output: list[int] = field(default_factory=list)
@@ -111,31 +113,37 @@ class Coordinator:
 
     # ------------------------------------------------------------------ engine registry (control plane)
 
-    async def on_engine(self, conn: Connection, method: str, p: dict) -> Any:
-        if method == "register":
-            return self._register(conn, p)
-        if method == "engines":
-            return {e.name: list(e.addr) for e in self.engines.values()}
-        if method == "heartbeat":
-            e = self.engines.get(p["name"])
-            if e is not None and e.conn is conn:
-                e.load, e.last_seen, e.assigned = p["load"], time.monotonic(), Counter()
-            return None
-        req = self.requests.get(p.get("rid", ""))
-        if req is None or req.decision is None or conn.peer_name not in (req.decision.pe, req.decision.de):
-            return None  # gone, or not this engine's request to speak for
-        if method == "token":
-            req.queue.put_nowait(("token", p["token"]))
-        elif method == "done":
-            req.queue.put_nowait(("done", None))
-        elif method == "failed":
-            req.queue.put_nowait(("failed", p))
-        return None
+    async def on_engine(self, conn: Connection, kind: str, params: dict) -> Any:
+        """Every control message from an engine goes to the ``on_<kind>`` method below (protocol.py)."""
+        return await dispatch(self, conn, kind, params)
 
-    def _register(self, conn: Connection, p: dict) -> dict:
+    async def on_engines(self, conn: Connection, msg: Engines) -> dict:
+        return {e.name: list(e.addr) for e in self.engines.values()}
+
+    async def on_heartbeat(self, conn: Connection, msg: Heartbeat) -> None:
+        e = self.engines.get(msg.engine)
+        if e is not None and e.conn is conn:
+            e.load, e.last_seen, e.assigned = msg.load, time.monotonic(), Counter()
+
+    async def on_token(self, conn: Connection, msg: Token) -> None:
+        self._to_request(conn, msg)
+
+    async def on_done(self, conn: Connection, msg: Done) -> None:
+        self._to_request(conn, msg)
+
+    async def on_failed(self, conn: Connection, msg: Failed) -> None:
+        self._to_request(conn, msg)
+
+    def _to_request(self, conn: Connection, msg: Token | Done | Failed) -> None:
+        """Hand an engine's news to its request, if the request is still there and this engine serves it."""
+        req = self.requests.get(msg.rid)
+        if req is not None and req.decision is not None and conn.peer_name in (req.decision.pe, req.decision.de):
+            req.queue.put_nowait(msg)
+
+    async def on_register(self, conn: Connection, msg: Register) -> dict:
         """An engine joins under the name it logged in with; a name held by a live connection is
         not taken over (a second registration once silently replaced the real engine)."""
-        name = p["name"]
+        name = msg.engine
         if name != conn.peer_name:
             raise PermissionError(f"logged in as {conn.peer_name!r}, cannot register as {name!r}")
         held = self.engines.get(name)
@@ -143,8 +151,8 @@ class Coordinator:
             log.warning("refused a second registration of %s from %s: it is live", name,
                         conn.writer.get_extra_info("peername"))
             raise PermissionError(f"engine {name} is already registered and live")
-        self.engines[name] = EngineEntry(name, p["role"], p["node"], (p["host"], p["port"]), conn, time.monotonic())
-        log.info("engine %s registered (%s, node %d)", name, p["role"], p["node"])
+        self.engines[name] = EngineEntry(name, msg.role, msg.node, (msg.host, msg.port), conn, time.monotonic())
+        log.info("engine %s registered (%s, node %d)", name, msg.role, msg.node)
         return {"ok": True}
 
     def live_engines(self) -> list[EngineEntry]:
@@ -246,20 +254,20 @@ class Coordinator:
                 await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
                 continue
             self._assign(d, info)
-            common = {"rid": req.attempt_rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
-                      "temperature": req.params["temperature"], "seed": req.params["seed"]}
+            rid, temperature, seed = req.attempt_rid, req.params["temperature"], req.params["seed"]
+            admit = Admit(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature, seed, m, self.tokenizer.eos_id,
+                          pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()))
             try:
-                de_dst = await self._ask(self.engines[d.de], "admit", max_tokens=m, eos_id=self.tokenizer.eos_id,
-                                         pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()),
-                                         **common)
+                de_run = RunHandle(**await self._ask(self.engines[d.de], admit))
             except (RemoteError, ConnectionError, TimeoutError) as e:
                 log.warning("%s: %s did not admit it (%s); trying another decode engine", req.rid, d.de, e)
-                self.engines[d.de].conn.event("abort", rid=req.attempt_rid)  # in case it admits it late
+                tell(self.engines[d.de].conn, Abort(rid))  # in case it admits it late
                 self.stats["admit_retries"] += 1
                 passed_over.add(d.de)
                 continue
             self.stats[f"path_{d.path}"] += 1
-            await self._ask(self.engines[d.pe], "prefill", de=d.de, de_dst=de_dst, **common)
+            await self._ask(self.engines[d.pe], Prefill(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature,
+                                                        seed, d.de, de_run))
             return
 
     def _assign(self, d: Decision, info: RequestInfo) -> None:
@@ -274,10 +282,10 @@ class Coordinator:
         de.assigned["buffer_blocks"] += info.prompt_blocks
         de.assigned["hbm_blocks"] += info.decode_blocks
 
-    async def _ask(self, e: EngineEntry, method: str, timeout: float = 30.0, **params) -> Any:
-        """A request to an engine that fails as soon as the engine stops heartbeating (a stopped
-        process keeps its socket open: waiting out the whole timeout held admits for 30 s)."""
-        call = asyncio.ensure_future(e.conn.request(method, timeout=timeout, **params))
+    async def _ask(self, e: EngineEntry, msg: Message, timeout: float = 30.0) -> Any:
+        """Ask an engine; fails as soon as the engine stops heartbeating (a stopped process keeps
+        its socket open: waiting out the whole timeout held admits for 30 s)."""
+        call = asyncio.ensure_future(ask(e.conn, msg, timeout))
         while True:
             done, _ = await asyncio.wait([call], timeout=self.cfg.scheduler.heartbeat_s)
             if done:
@@ -298,18 +306,18 @@ class Coordinator:
                 except (RemoteError, ConnectionError, TimeoutError) as e:  # the PE refused or went away
                     raise RequestFailed(503, f"could not start the request: {e}") from None
                 while True:
-                    kind, value = await self._next_event(req)
-                    if kind == "token":
+                    news = await self._next_event(req)
+                    if isinstance(news, Token):
                         if req.t_first is None:
                             req.t_first = time.monotonic()
-                        req.output.append(value)
-                        yield value
-                    elif kind == "done":
+                        req.output.append(news.token)
+                        yield news.token
+                    elif isinstance(news, Done):
                         return
-                    else:  # failed
+                    else:
                         break
-                if req.output or not value.get("retry") or req.attempts >= 3:
-                    raise RequestFailed(value.get("status", 500), f"request failed: {value.get('error')}")
+                if req.output or not news.retry or req.attempts >= 3:
+                    raise RequestFailed(500, f"request failed: {news.error}")
                 self.stats["retried"] += 1
                 self._end_attempt(req)  # its DE slot and buffers are freed before the retry takes new ones
         finally:
@@ -322,23 +330,23 @@ class Coordinator:
         for name in (req.decision.pe, req.decision.de):
             e = self.engines.get(name)
             if e is not None:
-                e.conn.event("abort", rid=req.attempt_rid)
+                tell(e.conn, Abort(req.attempt_rid))
 
-    async def _next_event(self, req: RequestState) -> tuple[str, Any]:
-        """The next event, or a failure if an engine serving the request dies (heartbeat loss) or
-        the request's deadline passes."""
+    async def _next_event(self, req: RequestState) -> Token | Done | Failed:
+        """The next news of the request: from its engines, or a (retryable) failure if one of them
+        died (heartbeat loss); RequestFailed(504) once the request's deadline passes."""
         while True:
             wait = min(self.cfg.scheduler.heartbeat_s * 2, req.deadline - time.monotonic())
             if wait <= 0:
-                return "failed", {"error": f"not answered within the request timeout of "
-                                           f"{self.cfg.scheduler.request_timeout_s:g} s", "status": 504}
+                raise RequestFailed(504, f"not answered within the request timeout of "
+                                         f"{self.cfg.scheduler.request_timeout_s:g} s")
             try:
                 return await asyncio.wait_for(req.queue.get(), wait)
             except asyncio.TimeoutError:
                 live = {e.name for e in self.live_engines()}
                 d = req.decision
                 if d is not None and not {d.pe, d.de} <= live:
-                    return "failed", {"error": f"engine {({d.pe, d.de} - live).pop()} died", "retry": True}
+                    return Failed(req.attempt_rid, f"engine {({d.pe, d.de} - live).pop()} died", retry=True)
 
     # ------------------------------------------------------------------ HTTP
 
