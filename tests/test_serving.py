@@ -21,7 +21,7 @@ import torch
 from dualpath.bench.driver import run as bench_run
 from dualpath.bench.report import summarize
 from dualpath.bench.workload import AgenticSpec, agentic, read_jsonl
-from dualpath.config import local_cluster
+from dualpath.config import POLICIES, local_cluster
 from dualpath.engine.weights import load_pretrained
 from dualpath.launcher import LocalCluster, complete
 from dualpath.storage.blockfile import HEADER_BYTES, BlockShape
@@ -77,16 +77,30 @@ def greedy_reference(model, tokens: list[int], n: int) -> list[int]:
     return seq[len(tokens):]
 
 
+def settled_metrics(c, timeout: float = 10) -> dict:
+    """The cluster's metrics once every engine is idle and has reported it: nothing queued or
+    running, and two heartbeats agree (so counters of finished work are in)."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        m = cluster_metrics(c)
+        idle = all(not e.get("running_decode_tokens") and not e.get("queued_prefill_tokens")
+                   and not e["read_queue_bytes"] for e in m["engines"].values())
+        if idle and m == last:
+            return m
+        last = m
+        time.sleep(c.cfg.scheduler.heartbeat_s * 1.5)
+    pytest.fail(f"the cluster did not settle within {timeout}s: {last}")
+
+
 def engine_counter(m: dict, key: str) -> int:
     return sum(e.get("metrics", {}).get(key, 0) for e in m["engines"].values())
 
 
 @pytest.mark.parametrize("policy", ["pe-read", "de-read", "dualpath", "dualpath-split"])
 def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(cluster, policy):
-    gen = torch.Generator().manual_seed(hash(policy) % 1000)
+    gen = torch.Generator().manual_seed(POLICIES.index(policy))
     tokens = torch.randint(0, 256, (53,), generator=gen).tolist()
-    time.sleep(0.5)  # let one heartbeat carry the metrics
-    before = cluster_metrics(cluster)
+    before = settled_metrics(cluster)
     paths = []
     for turn in range(3):
         r = complete(cluster.url, {"prompt": tokens, "max_tokens": 9, "temperature": 0, "dualpath_policy": policy})
@@ -98,8 +112,7 @@ def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(clu
         paths.append(r["dualpath"]["path"])
         prev_context = tokens + out
         tokens = prev_context + torch.randint(0, 256, (21,), generator=gen).tolist()
-    time.sleep(0.6)
-    after = cluster_metrics(cluster)
+    after = settled_metrics(cluster)
     delta_a = engine_counter(after, "path_a_requests") - engine_counter(before, "path_a_requests")
     delta_b = engine_counter(after, "path_b_requests") - engine_counter(before, "path_b_requests")
     if policy == "pe-read":
@@ -210,7 +223,7 @@ def assert_decode_engines_idle(c, timeout: float = 10) -> None:
     while time.monotonic() < deadline:
         m = cluster_metrics(c)
         de = [e for e in m["engines"].values() if e["role"] == "decode"]
-        if all(e["running_decode_tokens"] == 0 and e["free_buffer_blocks"] == 256 for e in de):
+        if all(e["running_decode_tokens"] == 0 and e["free_buffer_blocks"] == c.cfg.engine.buffer_blocks for e in de):
             return
         time.sleep(0.2)
     pytest.fail(f"decode engines still hold a request: {m}")

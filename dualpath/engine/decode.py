@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
@@ -62,9 +63,10 @@ class DecodeSeq:
 class DecodeEngine(Engine):
     role = "decode"
 
-    async def start(self) -> None:
+    def __init__(self, cfg: ClusterConfig, spec: EngineSpec):
+        super().__init__(cfg, spec)
         self.seqs: dict[str, DecodeSeq] = {}
-        self.running: list[DecodeSeq] = []
+        self.running: list[DecodeSeq] = []  # merged: in the decode batch
         # aborts that overtook their admit (the coordinator gave up waiting on it): the admit then
         # frees what it took instead of holding it until the deadline; the newest 1024 are kept
         self.aborted_early: deque[str] = deque(maxlen=1024)
@@ -72,6 +74,9 @@ class DecodeEngine(Engine):
         # one HBM block no request owns: the padding rows of a bucketed decode step write there
         self.graphs = DecodeGraphs(self.model, self.pool.kv, self.bt, self.pool.allocator.alloc(1)[0],
                                    capture=self.cfg.engine.cuda_graphs)
+        self.persister: Persister | None = None  # needs the store, opened in start()
+
+    async def start(self) -> None:
         await super().start()
         self.persister = Persister(self.store, self.cfg.store.write_queue_blocks)
         asyncio.create_task(self._decode_loop())

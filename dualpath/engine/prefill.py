@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.engine.runtime import Engine, sample
@@ -58,13 +59,16 @@ class PrefillJob:
 class PrefillEngine(Engine):
     role = "prefill"
 
-    async def start(self) -> None:
+    def __init__(self, cfg: ClusterConfig, spec: EngineSpec):
+        super().__init__(cfg, spec)
         self.jobs: dict[str, PrefillJob] = {}
-        self.ready: list[PrefillJob] = []
-        self.wake = asyncio.Event()
+        self.ready: list[PrefillJob] = []  # admitted, loading or computing
+        self.wake = asyncio.Event()  # a job became ready, or a layer of its KV landed
         # The latest job's timeline, from admission (bench overlap reads it): its first token, when
         # the compute thread started each layer, and when each layer of our storage reads was in.
         self.last_prefill = {"total_s": 0.0, "started_s": [], "landed_s": []}
+
+    async def start(self) -> None:
         await super().start()
         asyncio.create_task(self._step_loop())
 

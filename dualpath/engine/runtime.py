@@ -113,7 +113,7 @@ class Engine:
     # -- load report --
 
     def load(self) -> dict[str, Any]:
-        io = self.store.store.stats
+        io = self.store.stats
         return {"read_queue_bytes": self.store.read_queue_bytes(), "free_buffer_blocks": self.buffer.free_blocks,
                 "free_hbm_blocks": self.pool.allocator.free, "storage_read_bytes": io.read_bytes,
                 "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics)}

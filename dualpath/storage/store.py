@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dualpath.storage.blockfile import (HEADER_BYTES, BlockFormatError, BlockShape, checksum, decode_header,
                                         encode_header)
@@ -74,7 +74,6 @@ class StoreStats:
     write_bytes: int = 0
     evictions: int = 0
     torn_cleaned: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _preadv(path: str, reads: list[tuple[int, list]]) -> int | None:
@@ -305,6 +304,13 @@ class AsyncStore:
         self._spans = read_spans  # see layer_spans
         self.pending_read_bytes = 0
         self.pending_reads = 0
+
+    @property
+    def stats(self) -> StoreStats:
+        return self.store.stats
+
+    def contains(self, key: bytes) -> bool:
+        return self.store.contains(key)
 
     async def attach(self, buffer_path: str, buffer_bytes: int) -> None:
         """Start the reader processes over the engine's DRAM buffer (a mappable shared file)."""
