@@ -87,8 +87,8 @@ class Engines(Message):
 class Admit(Message):
     rid: str
     tokens: list[int]
-    n_hit: int  # leading prompt blocks whose KV is stored (loaded, not computed)
-    n_de: int  # of those, the leading blocks the DE reads (path B)
+    hit_blocks: int  # leading prompt blocks whose KV is stored (loaded, not computed)
+    de_blocks: int  # of those, the leading blocks the DE reads (path B)
     temperature: float
     seed: int | None
     max_tokens: int
@@ -101,8 +101,8 @@ class Admit(Message):
 class Prefill(Message):
     rid: str
     tokens: list[int]
-    n_hit: int
-    n_de: int
+    hit_blocks: int
+    de_blocks: int
     temperature: float
     seed: int | None
     de: str

@@ -277,4 +277,5 @@ def test_a_non_streaming_client_that_hangs_up_stops_its_generation(cluster):
     t0 = time.monotonic()
     assert_decode_engines_idle(cluster, timeout=5)
     assert cluster_metrics(cluster)["stats"]["client_gone"] == gone_before + 1
-    SUMMARY.append(f"a non-streaming client hung up: generation stopped, memory free {time.monotonic() - t0:.1f} s later")
+    SUMMARY.append(f"a non-streaming client hung up: generation stopped, memory free {time.monotonic() - t0:.1f} s "
+                   "later")

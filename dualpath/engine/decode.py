@@ -2,9 +2,9 @@
 token streaming, and asynchronous persistence of every block that becomes full (DESIGN.md §2 step 7).
 
 Per request the DE reserves, at admission, HBM blocks for prompt + max_tokens and a DRAM buffer run
-for the prompt's blocks. On path B it reads its share of the hit blocks, slots [0, n_de) of that
+for the prompt's blocks. On path B it reads its share of the hit blocks, slots [0, de_blocks) of that
 run, itself and writes them to the PE layer by layer (bulk class); the PE later fills the remaining
-slots. On path A (n_de = 0) the PE fills every slot. Either way the run ends up holding the whole
+slots. On path A (de_blocks = 0) the PE fills every slot. Either way the run ends up holding the whole
 prompt's KV, which is copied to HBM once (the merge) and persisted from host memory without a
 device round trip.
 """
@@ -38,8 +38,8 @@ class DecodeSeq:
     rid: str
     tokens: list[int]  # prompt, then generated tokens
     prompt_len: int
-    n_hit: int
-    n_de: int  # leading hit blocks this engine reads and sends to the PE (path B)
+    hit_blocks: int
+    de_blocks: int  # leading hit blocks this engine reads and sends to the PE (path B)
     max_tokens: int
     temperature: float
     seed: int | None
@@ -114,7 +114,7 @@ class DecodeEngine(Engine):
         """Reserve HBM for prompt + answer (refused at once if there is none: the coordinator tries
         another DE) and a buffer run for the prompt; start reading our share of the hits (path B).
         Answers the RunHandle where the PE writes its handoff."""
-        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens), msg.n_hit, msg.n_de, msg.max_tokens,
+        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens), msg.hit_blocks, msg.de_blocks, msg.max_tokens,
                         msg.temperature, msg.seed, msg.eos_id)
         try:
             seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
@@ -134,7 +134,7 @@ class DecodeEngine(Engine):
         # Bounded: a slot whose handoff never comes (the coordinator gave up on this admit, or the
         # PE failed without telling us) is freed when the request's deadline has passed.
         asyncio.get_running_loop().call_later(msg.handoff_timeout_s, self._expire, seq)
-        if seq.n_de:
+        if seq.de_blocks:
             seq.hit_layers = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
             seq.io.append(asyncio.create_task(self._read_hits(seq)))
         return dataclasses.asdict(self.run_handle(seq, msg.pe))
@@ -144,7 +144,7 @@ class DecodeEngine(Engine):
             seq.layers_read = l + 1
             seq.hit_layers[l].set()
 
-        await self.read_blocks(seq.keys[: seq.n_de], seq.run, on_layer=on_layer)
+        await self.read_blocks(seq.keys[: seq.de_blocks], seq.run, on_layer=on_layer)
         for ev in seq.hit_layers:  # on a miss, wake _send_hits to report it
             ev.set()
 
@@ -157,10 +157,10 @@ class DecodeEngine(Engine):
             if seq.layers_read <= l:
                 raise RuntimeError("retry: a hit block was missing or corrupt")
             off, _ = self.buffer.layer_range(seq.run, l)
-            src = self.buffer.host[off : off + seq.n_de * bpl]
-            await self.dataplane.write(src, dst.region, dst.layer_offset(l, bpl), seq.n_de * bpl, "bulk",
+            src = self.buffer.host[off : off + seq.de_blocks * bpl]
+            await self.dataplane.write(src, dst.region, dst.layer_offset(l, bpl), seq.de_blocks * bpl, "bulk",
                                        notify={"rid": seq.rid, "layer": l})
-        self.metrics["path_b_sent_blocks"] += seq.n_de
+        self.metrics["path_b_sent_blocks"] += seq.de_blocks
         return {"ok": True}
 
     # -- merge: handed-off KV into HBM, persist the prompt's new full blocks --
@@ -184,7 +184,7 @@ class DecodeEngine(Engine):
         await self.in_compute(copy_in)
         await self.copies_done()
         view = self.buffer.view(seq.run)
-        for b in range(seq.n_hit, n_full):  # hit blocks are stored already
+        for b in range(seq.hit_blocks, n_full):  # hit blocks are stored already
             fut = self.persister.submit(seq.keys[b], [view[l, b].numpy().copy() for l in range(view.shape[0])])
             if fut is not None:
                 seq.persisted.append(fut)

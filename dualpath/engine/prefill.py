@@ -1,12 +1,12 @@
 """The prefill engine (PE): load the hit KV on path A and/or B, layer by layer, compute the miss
 tokens, sample the first token, and hand the KV to the decode engine (DESIGN.md §2 steps 4-6).
 
-A job's DRAM buffer run holds every block of its prompt, layer-major. Slots [0, n_hit) receive the
-hit KV: slots [0, n_de) from the DE over the compute network (path B, one bulk write per layer),
-slots [n_de, n_hit) from storage through this engine's SNIC (path A). The policy sets n_de: 0 (path
-A), n_hit (path B) or in between (a split read). Layer l is copied to HBM just before layer l is
+A job's DRAM buffer run holds every block of its prompt, layer-major. Slots [0, hit_blocks) receive
+the hit KV: slots [0, de_blocks) from the DE over the compute network (path B, one bulk write per
+layer), slots [de_blocks, hit_blocks) from storage through this engine's SNIC (path A). The policy
+sets de_blocks: 0 (path A), hit_blocks (path B) or in between (a split read). Layer l is copied to HBM just before layer l is
 computed, so loading overlaps compute. After the last layer the new KV is copied back into the run
-and written to the DE's run (latency class): every block the DE did not read itself, [n_de, end).
+and written to the DE's run (latency class): every block the DE did not read itself, [de_blocks, end).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 class PrefillJob:
     rid: str
     tokens: list[int]
-    n_hit: int  # leading blocks whose KV is loaded, not computed
-    n_de: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
+    hit_blocks: int  # leading blocks whose KV is loaded, not computed
+    de_blocks: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
     de: str
     de_run: RunHandle  # where the handoff goes
     temperature: float
@@ -77,7 +77,8 @@ class PrefillEngine(Engine):
         return {**super().load(), "queued_prefill_tokens": queued, "last_prefill": self.last_prefill}
 
     async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
-        job = PrefillJob(msg.rid, msg.tokens, msg.n_hit, msg.n_de, msg.de, msg.de_run, msg.temperature, msg.seed)
+        job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.temperature,
+                         msg.seed)
         self.jobs[job.rid] = job
         asyncio.create_task(self._admit(job))
         return {"accepted": True}
@@ -102,8 +103,8 @@ class PrefillEngine(Engine):
         try:
             n = self.pool.blocks_for(len(job.tokens))
             await self.take_memory(job, n, n)
-            job.computed = job.n_hit * self.bt
-            job.io = [asyncio.create_task(self._read_path_a(job, job.n_de, job.n_hit, job.path_a_layer)),
+            job.computed = job.hit_blocks * self.bt
+            job.io = [asyncio.create_task(self._read_path_a(job, job.de_blocks, job.hit_blocks, job.path_a_layer)),
                       asyncio.create_task(self._read_path_b(job))]
             self.ready.append(job)
             self.wake.set()
@@ -128,8 +129,8 @@ class PrefillEngine(Engine):
             ev.set()
 
     async def _read_path_b(self, job: PrefillJob) -> None:
-        """Hit blocks [0, n_de): the DE reads them and writes them into our buffer layer by layer."""
-        if job.n_de == 0:
+        """Hit blocks [0, de_blocks): the DE reads them and writes them into our buffer layer by layer."""
+        if job.de_blocks == 0:
             for ev in job.path_b_layer:
                 ev.set()
             return
@@ -137,11 +138,11 @@ class PrefillEngine(Engine):
             de = await self.peer(job.de)
             await ask(de, Load(job.rid, self.run_handle(job, job.de)), timeout=120)
             self.metrics["path_b_requests"] += 1
-            self.metrics["path_b_blocks"] += job.n_de
+            self.metrics["path_b_blocks"] += job.de_blocks
         except Exception as e:  # DESIGN §5: a path-B failure falls back to path A
             log.warning("%s: path B for %s failed (%s); falling back to path A", self.name, job.rid, e)
             self.metrics["path_b_fallbacks"] += 1
-            await self._read_path_a(job, 0, job.n_de, job.path_b_layer)
+            await self._read_path_a(job, 0, job.de_blocks, job.path_b_layer)
 
     # -- the prefill step loop --
 
@@ -176,10 +177,10 @@ class PrefillEngine(Engine):
     async def _step(self, picked: list[tuple[PrefillJob, int]]) -> None:
         batch = Batch.build([(j.blocks, j.computed, n) for j, n in picked], self.bt, self.device)
         ids = torch.tensor([t for j, n in picked for t in j.tokens[j.computed : j.computed + n]], device=self.device)
-        loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
-        hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.n_hit]) for j in loading}
+        loading = [j for j, _ in picked if not j.loaded_to_hbm and j.hit_blocks]
+        hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.hit_blocks]) for j in loading}
         n_layers = self.model.cfg.n_layers
-        h, tables = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_tables(batch)))
+        h, cos_sin = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_cos_sin(batch)))
 
         def landed(l: int) -> bool:
             return all(j.path_a_layer[l].is_set() and j.path_b_layer[l].is_set() for j in loading)
@@ -193,7 +194,7 @@ class PrefillEngine(Engine):
                 for j in loading:
                     j.t_started.append(time.monotonic())
                     self.buffer_to_hbm(j.run, hit_blocks[j.rid], l)
-                h = self.model.layer(l, h, batch, self.pool.layer(l), tables)
+                h = self.model.layer(l, h, batch, self.pool.layer(l), cos_sin)
                 l += 1
             return l, h
 
@@ -224,7 +225,7 @@ class PrefillEngine(Engine):
     async def _handoff(self, job: PrefillJob, first_token: int) -> None:
         try:
             nb = job.run.n_blocks
-            start = job.n_de  # the DE holds the blocks it read itself
+            start = job.de_blocks  # the DE holds the blocks it read itself
             await self.in_compute(self.hbm_to_buffer, job.run, job.blocks[start:], start)
             bpl = self.buffer.bytes_per_layer
             if start < nb:

@@ -201,7 +201,8 @@ class Coordinator:
         if temperature < MIN_TEMPERATURE:
             temperature = 0.0
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -MAX_SEED <= seed < MAX_SEED):
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or not -MAX_SEED <= seed < MAX_SEED):
             raise BadRequest(f"'seed' must be an integer in [-2**63, 2**63), got {seed!r}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
