@@ -66,3 +66,16 @@ def test_no_policy_picks_an_engine_without_room_for_the_request():
             choose(policy, req, [pe, full_hbm, full_buf])
         with pytest.raises(NoRoom, match="prefill"):
             choose(policy, req, [EngineLoad("pe0", "prefill", 0, free_buffer_blocks=200, free_hbm_blocks=124), roomy])
+
+
+def test_dualpath_compares_drain_times_once_both_sides_have_measured_their_read_rates():
+    """A PE that drains 4x slower than the DE (its load pipeline, not its NIC, bounds it) loses a
+    read it would win on queue bytes alone; split gives it a quarter of an idle cluster's blocks."""
+    slow_pe = EngineLoad("pe0", "prefill", 0, read_queue_bytes=10 * MB, read_rate_bps=1e9)
+    de = EngineLoad("de1", "decode", 1, read_queue_bytes=30 * MB, read_rate_bps=4e9)
+    assert choose("dualpath", REQ, [slow_pe, de]).read_side == DE_SIDE
+    unmeasured = EngineLoad("de1", "decode", 1, read_queue_bytes=30 * MB)  # bytes stand in for time
+    assert choose("dualpath", REQ, [slow_pe, unmeasured]).read_side == PE_SIDE
+    idle_pe = EngineLoad("pe0", "prefill", 0, read_rate_bps=1e9)
+    idle_de = EngineLoad("de1", "decode", 1, read_rate_bps=3e9)
+    assert choose("dualpath-split", REQ, [idle_pe, idle_de]).pe_blocks == 25

@@ -62,6 +62,8 @@ class Engine:
         self.peer_addrs: dict[str, tuple[str, int]] = {}
         self.coord: Connection | None = None
         self.stopping = asyncio.Event()
+        self.read_rate_bps = 0.0  # how fast we drain our storage reads (policy.py compares drain times)
+        self._rate_mark = (0, 0.0)  # (verified bytes, busy seconds) at the last rate update
 
     # -- start / stop --
 
@@ -114,7 +116,8 @@ class Engine:
 
     def load(self) -> dict[str, Any]:
         io = self.store.stats
-        return {"read_queue_bytes": self.store.read_queue_bytes(), "free_buffer_blocks": self.buffer.free_blocks,
+        return {"read_queue_bytes": self.store.read_queue_bytes(), "read_rate_bps": self.read_rate_bps,
+                "free_buffer_blocks": self.buffer.free_blocks,
                 "free_hbm_blocks": self.pool.allocator.free, "storage_read_bytes": io.read_bytes,
                 "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics)}
 
@@ -124,8 +127,19 @@ class Engine:
                 log.error("%s lost the coordinator; stopping", self.name)
                 self.stopping.set()
                 return
+            self._measure_read_rate()
             tell(self.coord, Heartbeat(self.name, self.load()))
             await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
+
+    def _measure_read_rate(self, alpha: float = 0.3) -> None:
+        """Fold the reading done since the last update into read_rate_bps (a moving average), once
+        there was at least 20 ms of it: idle time says nothing about how fast we read."""
+        done, busy = self.store.read_done_bytes, self.store.read_busy_s()
+        d_done, d_busy = done - self._rate_mark[0], busy - self._rate_mark[1]
+        if d_busy >= 0.02:
+            rate = d_done / d_busy
+            self.read_rate_bps = rate if not self.read_rate_bps else (1 - alpha) * self.read_rate_bps + alpha * rate
+            self._rate_mark = (done, busy)
 
     # -- peers --
 

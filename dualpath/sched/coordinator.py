@@ -164,7 +164,8 @@ class Coordinator:
         fields = ("queued_prefill_tokens", "running_decode_tokens", "read_queue_bytes")
         return [EngineLoad(e.name, e.role, e.node, **{f: e.load.get(f, 0) + e.assigned[f] for f in fields},
                            free_buffer_blocks=e.load.get("free_buffer_blocks", 0) - e.assigned["buffer_blocks"],
-                           free_hbm_blocks=e.load.get("free_hbm_blocks", 0) - e.assigned["hbm_blocks"])
+                           free_hbm_blocks=e.load.get("free_hbm_blocks", 0) - e.assigned["hbm_blocks"],
+                           read_rate_bps=e.load.get("read_rate_bps", 0.0))
                 for e in self.live_engines()]
 
     # ------------------------------------------------------------------ validation
