@@ -324,6 +324,25 @@ def bench_interference(**kw) -> None:
     click.echo(f"wrote {kw['out']}")
 
 
+@bench.command("ingest")
+@_cluster_bench_options
+@click.option("--requests", type=int, default=16, show_default=True, help="queued requests per path")
+@click.option("--context", type=int, default=4096, show_default=True, help="stored tokens per request")
+@_store_read_options
+@click.option("--out", default="runs/bench_ingest.json", show_default=True)
+def bench_ingest(**kw) -> None:
+    """KV bytes/s the load path moves into HBM (paths A and B), storage unthrottled."""
+    from dualpath.bench.ingest_bench import run as run_bench
+
+    r = run_bench(**kw)
+    for path, v in r["paths"].items():
+        click.echo(f"path {path}: {v['hit_bytes'] / 1e9:.2f} GB of hit KV for {r['requests']} queued requests in "
+                   f"{v['wall_s']:.2f} s = {v['GBps']:.2f} GB/s ({r['ratio_to_raw_read'][path]:.2f} of a raw read)")
+    click.echo(f"compute only (the same requests, nothing to load): {r['compute_only_s']:.2f} s; raw page-cache "
+               f"read {r['raw_page_cache_read_GBps']:.2f} GB/s; copy peak {r['copy_peak_GBps']:.2f} GB/s")
+    click.echo(f"wrote {kw['out']}")
+
+
 @bench.command("gpu")
 @click.option("--out-dir", default="runs/gpu/acceptance", show_default=True)
 @click.option("--only", multiple=True, help="run only these steps (tests, demo, agreement, h2d, transport, "
