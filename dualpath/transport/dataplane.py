@@ -19,20 +19,17 @@ from this process, waits between chunks so latency traffic keeps ``latency_share
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import itertools
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import msgpack
 import torch
 
-from dualpath.transport.control import _LEN, PROTOCOL, ProtocolError
+from dualpath.transport.framing import (LENGTH, LOGIN_MAX_FRAME, ProtocolError, answer, challenge, frame_length,
+                                        pack, unpack, verify)
 
 log = logging.getLogger(__name__)
 TRAFFIC_CLASSES = ("latency", "bulk")
@@ -87,20 +84,13 @@ async def _recv_exact(loop, sock: socket.socket, view: memoryview) -> None:
             await asyncio.sleep(0)
 
 
-async def _recv_frame(loop, sock: socket.socket) -> dict:
-    head = bytearray(4)
+async def _recv_frame(loop, sock: socket.socket, max_frame: int = _HEADER_LIMIT) -> dict:
+    """One frame (framing.py) from a non-blocking socket: a write's header, an ack, a login step."""
+    head = bytearray(LENGTH.size)
     await _recv_exact(loop, sock, memoryview(head))
-    (n,) = _LEN.unpack(head)
-    if n > _HEADER_LIMIT:
-        raise ProtocolError(f"data-plane header of {n} bytes")
-    body = bytearray(n)
+    body = bytearray(frame_length(head, max_frame))
     await _recv_exact(loop, sock, memoryview(body))
-    return msgpack.unpackb(body, raw=False)
-
-
-def _frame(obj: dict) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
-    return _LEN.pack(len(body)) + body
+    return unpack(body)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -251,17 +241,16 @@ class TcpDataPlane:
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            nonce = os.urandom(16)
-            await loop.sock_sendall(sock, _frame({"v": PROTOCOL, "nonce": nonce}))
-            hello = await asyncio.wait_for(_recv_frame(loop, sock), 10)
-            mac = hmac.new(self.token.encode(), nonce, hashlib.sha256).digest()
-            if hello.get("v") != PROTOCOL or not hmac.compare_digest(hello.get("mac") or b"", mac):
+            nonce, first = challenge()
+            await loop.sock_sendall(sock, first)
+            hello = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 10)
+            try:
+                peer = verify(self.token, nonce, hello)  # proved with the secret: grants are checked against it
+            except ProtocolError as e:
                 self.refused += 1
-                log.warning("%s: refused data connection from %s: bad token or protocol", self.name,
-                            hello.get("name"))
+                log.warning("%s: refused data connection from %s: %s", self.name, hello.get("name"), e)
                 return
-            await loop.sock_sendall(sock, _frame({"ok": True}))
-            peer = str(hello.get("name"))  # proved with the secret: grants are checked against it
+            await loop.sock_sendall(sock, pack({"ok": True}))
             scratch = memoryview(bytearray(1 << 20))
             while True:
                 msg = await _recv_frame(loop, sock)
@@ -270,7 +259,7 @@ class TcpDataPlane:
                         reply = {"id": msg["id"], "qp": self.accept_qp(msg["info"], msg["tc"])}
                     except Exception as e:
                         reply = {"id": msg["id"], "err": f"{self.name} cannot take an RDMA queue pair: {e}"}
-                    await loop.sock_sendall(sock, _frame(reply))
+                    await loop.sock_sendall(sock, pack(reply))
                     continue
                 n = msg.get("n", 0)
                 try:
@@ -282,7 +271,7 @@ class TcpDataPlane:
                         k = min(n, len(scratch))
                         await _recv_exact(loop, sock, scratch[:k])
                         n -= k
-                    await loop.sock_sendall(sock, _frame({"id": msg["id"], "err": str(e)}))
+                    await loop.sock_sendall(sock, pack({"id": msg["id"], "err": str(e)}))
                     continue
                 if msg["op"] == "w" and n:
                     await _recv_exact(loop, sock, region.view[msg["off"] : msg["off"] + n])
@@ -290,7 +279,7 @@ class TcpDataPlane:
                 if msg.get("last", True):
                     await self._landed(msg)
                     self.on_complete(msg.get("notify"))  # every byte is in place
-                    await loop.sock_sendall(sock, _frame({"id": msg["id"]}))
+                    await loop.sock_sendall(sock, pack({"id": msg["id"]}))
         except (ConnectionError, OSError, ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away; nothing half-written was reported complete
         finally:
@@ -313,7 +302,7 @@ class TcpDataPlane:
         fut = link.pending[wid] = asyncio.get_running_loop().create_future()
         try:
             async with link.lock:
-                await asyncio.get_running_loop().sock_sendall(link.sock, _frame({**msg, "id": wid}))
+                await asyncio.get_running_loop().sock_sendall(link.sock, pack({**msg, "id": wid}))
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise TransferError(f"{addr} did not answer {msg.get('op')!r} within {timeout}s") from None
@@ -333,10 +322,9 @@ class TcpDataPlane:
             _tune(sock)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, addr), 5)
-                challenge = await asyncio.wait_for(_recv_frame(loop, sock), 5)
-                mac = hmac.new(self.token.encode(), challenge["nonce"], hashlib.sha256).digest()
-                await loop.sock_sendall(sock, _frame({"v": PROTOCOL, "name": self.name, "mac": mac}))
-                if not (await asyncio.wait_for(_recv_frame(loop, sock), 5)).get("ok"):
+                first = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
+                await loop.sock_sendall(sock, answer(self.token, self.name, first))
+                if not (await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)).get("ok"):
                     raise TransferError(f"{addr} refused the data connection")
             except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as e:
                 sock.close()
@@ -378,7 +366,7 @@ class TcpDataPlane:
                     header["event"] = landed_event
                 t0 = time.perf_counter()
                 async with link.lock:
-                    await loop.sock_sendall(link.sock, _frame(header))
+                    await loop.sock_sendall(link.sock, pack(header))
                     if k and op == "w":
                         await loop.sock_sendall(link.sock, src[pos : pos + k])
                 pos += k
