@@ -182,17 +182,54 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_cluster_keeps_serving(c
     assert complete(cluster.url, {"prompt": "still here", "max_tokens": 2})["usage"]["completion_tokens"] == 2
 
 
-def test_streaming_sends_tokens_as_server_sent_events(cluster):
+def stream_events(c, body: dict) -> list[dict]:
     async def run():
         async with aiohttp.ClientSession() as s:
-            async with s.post(cluster.url + "/v1/completions",
-                              json={"prompt": "stream me", "max_tokens": 5, "stream": True}) as r:
-                events = [json.loads(line[6:]) async for line in _sse_lines(r)]
-        return events
+            async with s.post(c.url + "/v1/completions", json={**body, "stream": True}) as r:
+                return [json.loads(line[6:]) async for line in _sse_lines(r)]
 
-    events = asyncio.run(run())
-    tokens = [t for e in events[:-1] for t in e["choices"][0]["token_ids"]]
-    assert len(tokens) == 5 and events[-1]["choices"][0]["token_ids"] == tokens
+    return asyncio.run(run())
+
+
+def test_streaming_sends_each_token_once_then_the_finish_reason_then_the_usage(cluster):
+    """As OpenAI streams: text deltas that join to the non-streamed text (same seed), a last chunk
+    with the finish reason and no content, and with include_usage a usage chunk without choices."""
+    body = {"prompt": "stream me", "max_tokens": 5, "temperature": 0.8, "seed": 7}
+    events = stream_events(cluster, {**body, "stream_options": {"include_usage": True}})
+    *deltas, finish, usage = events
+    assert [e["choices"][0]["finish_reason"] for e in deltas] == [None] * 5 and all(e["usage"] is None for e in deltas)
+    assert finish["choices"][0] | {"index": 0} == {"index": 0, "text": "", "token_ids": [], "logprobs": None,
+                                                    "finish_reason": "length"} and finish["dualpath"]["path"]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+    plain = complete(cluster.url, body)["choices"][0]
+    assert "".join(e["choices"][0]["text"] for e in deltas) == plain["text"]
+    assert [t for e in deltas for t in e["choices"][0]["token_ids"]] == plain["token_ids"]
+    assert "usage" not in stream_events(cluster, body)[0]  # not asked for: no usage field at all
+
+
+def test_finish_reason_max_completion_tokens_and_several_prompts(cluster):
+    r = complete(cluster.url, {"prompt": list(range(20)), "max_completion_tokens": 4, "temperature": 0})
+    assert r["choices"][0]["finish_reason"] == "length" and len(r["choices"][0]["token_ids"]) == 4
+    text = r["choices"][0]["text"]
+    if text:  # a stop string that the answer contains ends it there, with finish_reason "stop"
+        stopped = complete(cluster.url, {"prompt": list(range(20)), "max_tokens": 4, "stop": [text[-1]]})
+        assert stopped["choices"][0]["finish_reason"] == "stop" and text[-1] not in stopped["choices"][0]["text"]
+    both = complete(cluster.url, {"prompt": [list(range(20)), "hello"], "max_tokens": 4, "temperature": 0})
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert both["choices"][0]["token_ids"] == r["choices"][0]["token_ids"]
+    assert both["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ({"prompt": "x", "model": "gpt-17"}, 404, "model", "model_not_found"),
+    ({"prompt": "x", "n": 2}, 400, "n", 400),
+    ({"prompt": "x", "logprobs": 3}, 400, "logprobs", 400),
+    ({"prompt": ["a", "b"], "stream": True}, 400, "prompt", 400),
+])
+def test_unsupported_or_unknown_requests_get_openai_shaped_errors(cluster, body, status, param, code):
+    got, reply = post_raw(cluster.url, json.dumps(body).encode())
+    assert got == status and reply["error"]["param"] == param and reply["error"]["code"] == code
+    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
 
 
 async def _sse_lines(resp):

@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 
 
 class BadRequest(ValueError):
-    """A client mistake: answered with 400 and this message."""
+    """A client mistake: answered with `status` (400 unless said) and this message, OpenAI-shaped."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
 
 
 class RequestFailed(RuntimeError):
@@ -170,31 +174,51 @@ class Coordinator:
 
     # ------------------------------------------------------------------ validation
 
-    def parse(self, body: Any) -> tuple[list[int], dict, str]:
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        prompt = body.get("prompt")
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model.weights or self.cfg.model.preset
+
+    def _prompt_tokens(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             try:
                 tokens = self.tokenizer.encode(prompt)
             except UnicodeError as e:  # a lone surrogate, say
-                raise BadRequest(f"'prompt' is not valid Unicode text: {e.reason}") from None
+                raise BadRequest(f"'prompt' is not valid Unicode text: {e.reason}", param="prompt") from None
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             tokens = prompt
             bad = [t for t in tokens if not 0 <= t < self.model_cfg.vocab_size]
             if bad:
-                raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})")
+                raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})",
+                                 param="prompt")
         else:
-            raise BadRequest("'prompt' must be a string or a list of token ids")
+            raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", param="prompt")
         if not tokens:
-            raise BadRequest("'prompt' is empty")
-        max_tokens = body.get("max_tokens", 16)
+            raise BadRequest("'prompt' is empty", param="prompt")
+        return tokens
+
+    def parse(self, body: Any) -> tuple[list[list[int]], dict, str]:
+        """A completion request's prompts (one, or a list of them), sampling parameters and policy."""
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        if body.get("model") not in (None, self.model_name):
+            raise BadRequest(f"the model {body['model']!r} does not exist here (this cluster serves "
+                             f"{self.model_name!r})", status=404, param="model", code="model_not_found")
+        if body.get("n", 1) != 1:
+            raise BadRequest("'n' other than 1 is not supported: send the request n times with different seeds",
+                             param="n")
+        if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
+            raise BadRequest("'logprobs' and 'echo' are not supported", param="logprobs")
+        prompt = body.get("prompt")
+        batch = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+        prompts = [self._prompt_tokens(p) for p in prompt] if batch else [self._prompt_tokens(prompt)]
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise BadRequest(f"'max_tokens' must be a positive integer, got {max_tokens!r}")
-        if len(tokens) + max_tokens > self.max_context:
-            raise BadRequest(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                             f"limit of {self.max_context} tokens")
-        self.check_fits(len(tokens), max_tokens)
+            raise BadRequest(f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
+        for tokens in prompts:
+            if len(tokens) + max_tokens > self.max_context:
+                raise BadRequest(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                                 f"limit of {self.max_context} tokens", param="max_tokens")
+            self.check_fits(len(tokens), max_tokens)
         temperature = body.get("temperature", 0.0)
         if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
                 or not 0 <= temperature <= MAX_TEMPERATURE):  # NaN fails this too
@@ -211,13 +235,18 @@ class Coordinator:
             raise BadRequest("'stop' must be a non-empty string or a list of them")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise BadRequest(f"'stream' must be true or false, got {stream!r}")
+            raise BadRequest(f"'stream' must be true or false, got {stream!r}", param="stream")
+        if stream and len(prompts) > 1:
+            raise BadRequest("streaming takes one prompt per request", param="prompt")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest("'stream_options' must be an object", param="stream_options")
         policy = body.get("dualpath_policy", self.cfg.scheduler.policy)
         if policy not in POLICIES:
             raise BadRequest(f"unknown 'dualpath_policy' {policy!r}; expected one of {list(POLICIES)}")
         params = {"max_tokens": max_tokens, "temperature": float(temperature), "seed": seed, "stop": stop,
-                  "stream": stream}
-        return tokens, params, policy
+                  "stream": stream, "include_usage": bool(options.get("include_usage"))}
+        return prompts, params, policy
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.bt)
@@ -391,15 +420,22 @@ class Coordinator:
         except RecursionError:
             return self._error(400, "request body is nested too deeply")
         try:
-            tokens, params, policy = self.parse(body)
+            prompts, params, policy = self.parse(body)
         except BadRequest as e:
             self.stats["rejected"] += 1
-            return self._error(400, str(e))
-        self.stats["requests"] += 1
-        req = RequestState(f"cmpl-{next(self._ids)}", tokens, params, policy)
+            return self._error(e.status, str(e), e.param, e.code)
+        cid = f"cmpl-{next(self._ids)}"
+        reqs = [RequestState(f"{cid}-{i}" if len(prompts) > 1 else cid, tokens, params, policy)
+                for i, tokens in enumerate(prompts)]
+        self.stats["requests"] += len(reqs)
         if params["stream"]:
-            return await self._stream(request, req)
-        text = ""
+            return await self._stream(request, reqs[0])
+        done = await asyncio.gather(*(self._complete(request, r) for r in reqs))
+        return web.json_response(self._body(cid, reqs, done))
+
+    async def _complete(self, request: web.Request, req: RequestState) -> tuple[str, str]:
+        """Run one prompt to its end: (text, finish_reason)."""
+        text, hit_stop = "", False
         async for _ in self.generate(req):
             text, hit_stop = self._apply_stop(req)
             if hit_stop:
@@ -409,22 +445,40 @@ class Coordinator:
                 log.info("client of %s went away; its slot and buffers are freed", req.rid)
                 self.stats["client_gone"] += 1
                 break
-        return web.json_response(self._body(req, text, "stop" if req.output else "length"))
+        return text, self._finish_reason(req, hit_stop)
+
+    def _finish_reason(self, req: RequestState, hit_stop: bool) -> str:
+        """'length' when max_tokens ended the answer, 'stop' for a stop string or the end-of-sequence token."""
+        return "stop" if hit_stop or len(req.output) < req.params["max_tokens"] else "length"
 
     async def _stream(self, request: web.Request, req: RequestState) -> web.StreamResponse:
+        """Server-sent events as OpenAI sends them: one chunk per token with the new text only, a last
+        chunk with the finish reason (and our `dualpath` object), then the usage if asked, then [DONE]."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        sent = ""
+        sent, hit_stop = "", False
+        usage = None if req.params["include_usage"] else ...  # Ellipsis: no usage field at all
+
+        async def send(choices: list[dict], **extra) -> None:
+            chunk = {"id": req.rid, "object": "text_completion", "created": int(time.time()),
+                     "model": self.model_name, "choices": choices, **extra}
+            if usage is not ...:
+                chunk.setdefault("usage", None)
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
         try:
             async for tok in self.generate(req):
                 text, hit_stop = self._apply_stop(req)
-                chunk = {"id": req.rid, "object": "text_completion",
-                         "choices": [{"index": 0, "text": text[len(sent):], "token_ids": [tok]}]}
+                await send([{"index": 0, "text": text[len(sent):], "token_ids": [tok], "logprobs": None,
+                             "finish_reason": None}])
                 sent = text
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if hit_stop:
                     break
-            await resp.write(f"data: {json.dumps(self._body(req, sent, 'stop'))}\n\ndata: [DONE]\n\n".encode())
+            await send([{"index": 0, "text": "", "token_ids": [], "logprobs": None,
+                         "finish_reason": self._finish_reason(req, hit_stop)}], dualpath=self._dualpath(req))
+            if usage is not ...:
+                await send([], usage=self._usage([req]))
+            await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             log.info("client of %s went away; its slot and buffers are freed", req.rid)  # generate()'s finally
             raise
@@ -442,25 +496,38 @@ class Coordinator:
                 return text[:i], True
         return text, False
 
-    def _body(self, req: RequestState, text: str, finish: str) -> dict:
+    def _body(self, cid: str, reqs: list[RequestState], done: list[tuple[str, str]]) -> dict:
+        """A completion response; token_ids, cached_tokens and `dualpath` extend OpenAI's fields."""
+        choices = [{"index": i, "text": text, "token_ids": r.output, "logprobs": None, "finish_reason": finish}
+                   for i, (r, (text, finish)) in enumerate(zip(reqs, done))]
+        body = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                "choices": choices, "usage": self._usage(reqs), "dualpath": self._dualpath(reqs[0])}
+        if len(reqs) > 1:
+            body["dualpath_per_choice"] = [self._dualpath(r) for r in reqs]
+        return body
+
+    def _usage(self, reqs: list[RequestState]) -> dict:
+        prompt, completion = sum(len(r.tokens) for r in reqs), sum(len(r.output) for r in reqs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(r.hit_blocks for r in reqs) * self.bt}}
+
+    def _dualpath(self, req: RequestState) -> dict | None:
         d = req.decision
-        return {"id": req.rid, "object": "text_completion", "model": self.cfg.model.weights or self.cfg.model.preset,
-                "choices": [{"index": 0, "text": text, "token_ids": req.output, "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(req.tokens), "completion_tokens": len(req.output),
-                          "total_tokens": len(req.tokens) + len(req.output),
-                          "prompt_tokens_details": {"cached_tokens": req.hit_blocks * self.bt}},
-                "dualpath": {"pe": d.pe, "de": d.de, "read_side": d.read_side, "policy": req.policy, "path": d.path,
-                             "read_bytes": {"pe": d.pe_blocks * self.block_bytes, "de": d.de_blocks * self.block_bytes},
-                             "ttft_s": (req.t_first or time.monotonic()) - req.t_arrival} if d else None}
+        if d is None:
+            return None
+        return {"pe": d.pe, "de": d.de, "read_side": d.read_side, "policy": req.policy, "path": d.path,
+                "read_bytes": {"pe": d.pe_blocks * self.block_bytes, "de": d.de_blocks * self.block_bytes},
+                "ttft_s": (req.t_first or time.monotonic()) - req.t_arrival}
 
     @staticmethod
-    def _error(status: int, message: str) -> web.Response:
+    def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
         kind = "server_error" if status >= 500 else ("authentication_error" if status == 401 else
                                                       "invalid_request_error")
-        return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+        error = {"message": message, "type": kind, "param": param, "code": code or status}
+        return web.json_response({"error": error}, status=status)
 
     async def http_models(self, _: web.Request) -> web.Response:
-        name = self.cfg.model.weights or self.cfg.model.preset
+        name = self.model_name
         return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "dualpath",
                                                                "max_context": self.max_context}]})
 
