@@ -17,6 +17,7 @@ import urllib.request
 import aiohttp
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from dualpath.bench.driver import run as bench_run
 from dualpath.bench.report import summarize
@@ -350,3 +351,47 @@ def test_a_decode_engine_that_dies_while_loading_path_b_costs_a_retry_not_the_re
         assert result["choices"][0]["token_ids"] == greedy_reference(model, turn2, 5)
         assert result["dualpath"]["de"] != loading[0]
         assert cluster_metrics(c)["stats"]["retried"] >= 1
+
+
+def scrape(c) -> dict[tuple, float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(c.url + "/metrics") as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(m: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in m.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_prometheus_metrics_agree_with_the_responses(cluster):
+    """Requests by path, cached vs computed prompt tokens, generated tokens and TTFT observations
+    move exactly as the responses say; engine gauges match /v1/cluster."""
+    before = scrape(cluster)
+    gen = torch.Generator().manual_seed(11)
+    tokens, replies = torch.randint(0, 256, (70,), generator=gen).tolist(), []
+    for policy in ("pe-read", "de-read", "de-read"):
+        r = complete(cluster.url, {"prompt": tokens, "max_tokens": 4, "temperature": 0, "dualpath_policy": policy})
+        replies.append(r)
+        tokens = tokens + r["choices"][0]["token_ids"] + [1, 2, 3]
+    m = settled_metrics(cluster)
+    after = scrape(cluster)
+
+    def delta(name, **labels):
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    for path in ("A", "B"):
+        assert delta("dualpath_requests_total", path=path) == sum(r["dualpath"]["path"] == path for r in replies)
+    cached = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies)
+    assert cached > 0 and delta("dualpath_prompt_tokens_total", kind="cached") == cached
+    assert delta("dualpath_prompt_tokens_total", kind="computed") == sum(r["usage"]["prompt_tokens"]
+                                                                          for r in replies) - cached
+    assert delta("dualpath_generation_tokens_total") == 12
+    assert delta("dualpath_time_to_first_token_seconds_count") == 3
+    for name, e in m["engines"].items():
+        assert total(after, "dualpath_storage_read_bytes_total", engine=name) == e["storage_read_bytes"]
+        assert total(after, "dualpath_memory_blocks", engine=name, memory="buffer", state="free") == e[
+            "free_buffer_blocks"]
+        assert total(after, "dualpath_transport_info", engine=name, backend=e["transport"]) == 1
+    assert total(after, "dualpath_network_sent_bytes_total", traffic_class="bulk") > 0  # path B went over it

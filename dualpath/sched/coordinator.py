@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from dualpath.config import POLICIES, ClusterConfig
 from dualpath.engine.tokenizer import load_tokenizer
 from dualpath.engine.weights import model_identity
+from dualpath.sched.metrics import ClusterMetrics
 from dualpath.sched.policy import Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
@@ -86,6 +88,7 @@ class RequestState:
     attempts: int = 0
     t_arrival: float = field(default_factory=time.monotonic)
     t_first: float | None = None
+    t_scheduled: float | None = None  # admitted on its engines
     deadline: float = math.inf  # monotonic time by which the request is answered or failed
     cancelled: bool = False  # the client went away
 
@@ -112,6 +115,7 @@ class Coordinator:
         self.engines: dict[str, EngineEntry] = {}
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count(1)
+        self.metrics = ClusterMetrics(self)
         self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0,
                       "admit_retries": 0, "failed": 0, "client_gone": 0}
 
@@ -294,11 +298,13 @@ class Coordinator:
                 log.warning("%s: %s did not admit it (%s); trying another decode engine", req.rid, d.de, e)
                 tell(self.engines[d.de].conn, Abort(rid))  # in case it admits it late
                 self.stats["admit_retries"] += 1
+                self.metrics.retries.labels("admit").inc()
                 passed_over.add(d.de)
                 continue
             self.stats[f"path_{d.path}"] += 1
             await self._ask(self.engines[d.pe], Prefill(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature,
                                                         seed, d.de, de_run))
+            req.t_scheduled = time.monotonic()
             return
 
     def _assign(self, d: Decision, info: RequestInfo) -> None:
@@ -344,12 +350,14 @@ class Coordinator:
                         req.output.append(news.token)
                         yield news.token
                     elif isinstance(news, Done):
+                        self.metrics.answered(req, time.monotonic(), self.bt)
                         return
                     else:
                         break
                 if req.output or not news.retry or req.attempts >= 3:
                     raise RequestFailed(500, f"request failed: {news.error}")
                 self.stats["retried"] += 1
+                self.metrics.retries.labels("attempt").inc()
                 self._end_attempt(req)  # its DE slot and buffers are freed before the retry takes new ones
         finally:
             self._end_attempt(req)
@@ -384,7 +392,8 @@ class Coordinator:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._api_key])
         app.add_routes([web.post("/v1/completions", self.http_completions), web.get("/v1/models", self.http_models),
-                        web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster)])
+                        web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster),
+                        web.get("/metrics", self.http_metrics)])
         return app
 
     @web.middleware
@@ -396,10 +405,12 @@ class Coordinator:
             raise
         except RequestFailed as e:
             self.stats["failed"] += 1
+            self.metrics.failed(e.status)
             return self._error(e.status, str(e))
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             self.stats["failed"] += 1
+            self.metrics.failed(500)
             return self._error(500, "internal error in the coordinator (see its log)")
 
     @web.middleware
@@ -423,6 +434,7 @@ class Coordinator:
             prompts, params, policy = self.parse(body)
         except BadRequest as e:
             self.stats["rejected"] += 1
+            self.metrics.failed(e.status)
             return self._error(e.status, str(e), e.param, e.code)
         cid = f"cmpl-{next(self._ids)}"
         reqs = [RequestState(f"{cid}-{i}" if len(prompts) > 1 else cid, tokens, params, policy)
@@ -484,6 +496,7 @@ class Coordinator:
             raise
         except RequestFailed as e:
             self.stats["failed"] += 1
+            self.metrics.failed(e.status)
             error = {"message": str(e), "type": "server_error", "code": e.status}
             await resp.write(f"data: {json.dumps({'error': error})}\n\n".encode())
         return resp
@@ -530,6 +543,9 @@ class Coordinator:
         name = self.model_name
         return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "dualpath",
                                                                "max_context": self.max_context}]})
+
+    async def http_metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def http_health(self, _: web.Request) -> web.Response:
         live = self.live_engines()

@@ -137,7 +137,7 @@ class CudaDataPlane(TcpDataPlane):
             if len(source) < nbytes:
                 raise ValueError(f"source has {len(source)} bytes, {nbytes} requested")
             await asyncio.get_running_loop().run_in_executor(self._copiers[traffic_class], target.copy_, source)
-            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout)
+            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
             return
         target = self._open(dst)[dst_offset : dst_offset + nbytes]
         source = as_bytes(src)[:nbytes]
@@ -153,12 +153,12 @@ class CudaDataPlane(TcpDataPlane):
             event = torch.cuda.Event()
             event.record(stream)
             await _until(event)
-            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout)
+            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
             return
         event, ipc = self._take_event(dev, stream)
         try:
             await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout,
-                             landed_event=[dev, ipc])
+                             landed_event=[dev, ipc], moved=nbytes)
         finally:
             self._free_events[dev].append((event, ipc))
 

@@ -23,6 +23,7 @@ import itertools
 import logging
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -172,6 +173,7 @@ class TcpDataPlane:
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
         self.bytes_received = 0
+        self.sent_bytes: Counter[str] = Counter()  # by traffic class, acknowledged writes only
         self.refused = 0
 
     # -- registration --
@@ -347,7 +349,9 @@ class TcpDataPlane:
             await asyncio.sleep(0)
 
     async def _send(self, src: memoryview, dst: dict, off: int, tc: str, notify: Any, op: str,
-                    timeout: float, landed_event: Any = None) -> None:
+                    timeout: float, landed_event: Any = None, moved: int | None = None) -> None:
+        """Send a write's frames (op "w": header and bytes) or a notify-only frame (op "n", after the
+        bytes went another way: `moved` of them) and wait for the peer's ack."""
         link = await self._link(tuple(dst["addr"]), tc)
         loop = asyncio.get_running_loop()
         wid = next(self._write_ids)
@@ -375,6 +379,7 @@ class TcpDataPlane:
                 if tc == "bulk":
                     await self._yield_to_latency(time.perf_counter() - t0)
             await asyncio.wait_for(fut, timeout)
+            self.sent_bytes[tc] += n if moved is None else moved
         except TransferError:  # refused by the peer (bad handle/range): the link itself is fine
             raise
         except (OSError, ConnectionError) as e:

@@ -191,4 +191,4 @@ class VerbsDataPlane(TcpDataPlane):
         finally:
             if temporary:
                 mr.close()
-        await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout)
+        await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
