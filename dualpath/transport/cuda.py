@@ -31,10 +31,12 @@ from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, Transfer
 log = logging.getLogger(__name__)
 
 def _host_id() -> str:
-    """Same host id = same kernel: a /proc/<pid>/fd path of one is a path of the other."""
+    """Same host id = same kernel and same network namespace: a /proc/<pid>/fd path of one is a path
+    of the other, and both are one host to the cluster (tests make hosts as network namespaces)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f"{socket.gethostname()}:{f.read().strip()}"
+            boot = f.read().strip()
+        return f"{socket.gethostname()}:{boot}:{os.stat('/proc/self/ns/net').st_ino}"
     except OSError:
         return socket.gethostname()
 
