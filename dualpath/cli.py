@@ -23,17 +23,29 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--role", type=click.Choice(["coordinator", "prefill", "decode"]), required=True)
+@click.option("--role", type=click.Choice(["coordinator", "prefill", "decode"]), default=None,
+              help="which process; without it, the launcher's rank picks one (launch.ranks in the config)")
 @click.option("--node", type=int, default=0, show_default=True, help="node (host) id of this engine")
 @click.option("--config", "config_path", type=click.Path(), required=True, help="cluster TOML file")
-def run(role: str, node: int, config_path: str) -> None:
-    """Start one process of a cluster: the coordinator, or one prefill/decode engine."""
-    from dualpath.config import load_config
+def run(role: str | None, node: int, config_path: str) -> None:
+    """Start one process of a cluster: the coordinator, or one prefill/decode engine.
+
+    With --role, that process. Without it, the process that this rank runs, the rank coming from
+    the launcher that started us ($RANK from torchrun, $SLURM_PROCID, $OMPI_COMM_WORLD_RANK), e.g.
+    `torchrun --nnodes N --node-rank K --nproc-per-node G -m dualpath.cli run --config cluster.toml`."""
+    import os
+
+    from dualpath.config import RANK_ENV, load_config
     from dualpath.process import run_process
 
     try:
         cfg = load_config(config_path)
-        if role != "coordinator":
+        if role is None:
+            rank = next((os.environ[v] for v in RANK_ENV if v in os.environ), None)
+            if rank is None:
+                _fail(f"give --role, or start under a launcher that sets one of ${', $'.join(RANK_ENV)}")
+            role, node = cfg.process_for_rank(int(rank))
+        elif role != "coordinator":
             cfg.find_engine(role, node)
     except ConfigError as e:
         _fail(str(e))

@@ -196,6 +196,22 @@ class SchedulerConfig:
         _check(self.request_timeout_s > 0, "scheduler.request_timeout_s", self.request_timeout_s, "must be > 0")
 
 
+RANK_ENV = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")  # torchrun, SLURM, Open MPI
+
+
+@dataclass
+class LaunchConfig:
+    """How a launcher's ranks map to processes: ``ranks[r]`` is the process that rank r runs
+    ("coordinator" or an engine's name, e.g. "pe0"); empty means the coordinator, then the engines
+    in file order. `dualpath run --config F` without --role reads its rank from $RANK (torchrun),
+    $SLURM_PROCID (SLURM) or $OMPI_COMM_WORLD_RANK (Open MPI)."""
+
+    ranks: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        pass  # checked against the engines by ClusterConfig.validate
+
+
 @dataclass
 class ClusterConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -203,17 +219,38 @@ class ClusterConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     engines: list[EngineSpec] = field(default_factory=list)
 
     def validate(self) -> "ClusterConfig":
-        for part in (self.model, self.store, self.engine, self.transport, self.scheduler):
+        for part in (self.model, self.store, self.engine, self.transport, self.scheduler, self.launch):
             part.validate()
         for i, e in enumerate(self.engines):
             e.validate(i)
         names = [e.name for e in self.engines]
         dup = {n for n in names if names.count(n) > 1}
         _check(not dup, "engines", sorted(dup), "two engines of one role on one node; give each its own node")
+        if self.launch.ranks:
+            known = {"coordinator", *names}
+            _check(set(self.launch.ranks) <= known, "launch.ranks", sorted(set(self.launch.ranks) - known),
+                   f"not a process of this cluster (have {sorted(known)})")
+            _check(len(set(self.launch.ranks)) == len(self.launch.ranks) and set(self.launch.ranks) == known,
+                   "launch.ranks", self.launch.ranks, "must name the coordinator and every engine exactly once")
         return self
+
+    def rank_map(self) -> list[str]:
+        return self.launch.ranks or ["coordinator", *(e.name for e in self.engines)]
+
+    def process_for_rank(self, rank: int) -> tuple[str, int]:
+        """(role, node) of the process a launcher's rank runs."""
+        ranks = self.rank_map()
+        if not 0 <= rank < len(ranks):
+            raise ConfigError(f"rank {rank} has no process: launch.ranks maps ranks 0..{len(ranks) - 1} "
+                              f"({', '.join(ranks)})")
+        if ranks[rank] == "coordinator":
+            return "coordinator", 0
+        e = next(e for e in self.engines if e.name == ranks[rank])
+        return e.role, e.node
 
     def find_engine(self, role: str, node: int) -> EngineSpec:
         for e in self.engines:
@@ -273,7 +310,7 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
     sections = {"model": ModelSpec, "store": StoreConfig, "engine": EngineConfig,
-                "transport": TransportConfig, "scheduler": SchedulerConfig}
+                "transport": TransportConfig, "scheduler": SchedulerConfig, "launch": LaunchConfig}
     for key in raw:
         if key not in sections and key != "engines":
             raise ConfigError(f"unknown config section '{key}' (known: {sorted(sections) + ['engines']})")
@@ -300,10 +337,12 @@ def dump_config(cfg: ClusterConfig) -> str:
             return "true" if v else "false"
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)
 
     out: list[str] = []
-    for section in ("model", "store", "engine", "transport", "scheduler"):
+    for section in ("model", "store", "engine", "transport", "scheduler", "launch"):
         out.append(f"[{section}]")
         for k, v in dataclasses.asdict(getattr(cfg, section)).items():
             if v is not None:

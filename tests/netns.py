@@ -8,11 +8,15 @@ Needs root and `ip` (iproute2); ``available()`` says why not otherwise.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+
+
+_made = itertools.count()
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
@@ -40,7 +44,7 @@ class Hosts:
     """`n` hosts; ``addr(i)`` is host i's address, ``popen(i, argv)`` runs a process on it."""
 
     n: int
-    tag: str = field(default_factory=lambda: f"dp{os.getpid() % 100000}")
+    tag: str = field(default_factory=lambda: f"dp{os.getpid() % 100000}x{next(_made)}")
     subnet: int = field(default_factory=lambda: 1 + os.getpid() % 250)
 
     def ns(self, i: int) -> str:

@@ -29,10 +29,13 @@ BT, HTTP, CONTROL = 16, 8000, 7000
 class Cluster:
     """pe0 and the coordinator on host 0, de<i> on host i."""
 
-    def __init__(self, hosts: netns.Hosts, workdir, snic_read_gbps: float = 0.0, ports: int = 0):
-        """`ports` shifts every port, so that two clusters can share the hosts."""
+    def __init__(self, hosts: netns.Hosts, workdir, snic_read_gbps: float = 0.0, ports: int = 0,
+                 coordinator_alone: bool = False):
+        """`ports` shifts every port, so that two clusters can share the hosts; `coordinator_alone`
+        puts the coordinator on host 0 and engine i on host i + 1."""
         self.hosts, self.workdir = hosts, workdir
-        cfg = local_cluster(1, hosts.n - 1, base_port=7100 + ports)
+        first = 1 if coordinator_alone else 0
+        cfg = local_cluster(1, hosts.n - 1 - first, base_port=7100 + ports)
         cfg.model.preset, cfg.store.root, cfg.store.block_tokens = "tiny-gqa", str(workdir / "store"), BT
         cfg.store.snic_read_gbps = snic_read_gbps
         cfg.scheduler.host, cfg.scheduler.http_port, cfg.scheduler.control_port = hosts.addr(0), HTTP + ports, \
@@ -40,7 +43,7 @@ class Cluster:
         cfg.engine.hbm_blocks, cfg.engine.buffer_blocks, cfg.engine.max_context = 512, 256, 2048
         cfg.transport.backend = "auto"  # tcp between hosts whatever this machine has
         for i, e in enumerate(cfg.engines):
-            e.host = hosts.addr(i)
+            e.host = hosts.addr(i + first)
         self.cfg, self.config_path, self.procs = cfg, workdir / "cluster.toml", {}
         write_config(cfg, self.config_path)
         self.url = f"http://{hosts.addr(0)}:{HTTP + ports}"
@@ -55,10 +58,14 @@ class Cluster:
                                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 90
         want = sorted(e.name for e in self.cfg.engines)
-        while sorted(self.get("/healthz", ok_only=False).get("engines", [])) != want:
-            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
-            assert not dead and time.monotonic() < deadline, (dead, self.log_tails())
-            time.sleep(0.5)
+        try:
+            while sorted(self.get("/healthz", ok_only=False).get("engines", [])) != want:
+                dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+                assert not dead and time.monotonic() < deadline, (dead, self.log_tails())
+                time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -159,3 +166,42 @@ def test_kill_9_of_a_decode_host_mid_load_costs_a_retry_not_the_request(hosts, t
         assert c.get("/v1/cluster")["stats"]["retried"] >= 1
     finally:
         c.stop()
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    except ProcessLookupError:
+        pass
+
+
+def test_torchrun_starts_a_cluster_with_one_command_line_per_host(tmp_path):
+    """Four hosts, one process each, each started by the same torchrun line but its node rank; the
+    default rank map runs the coordinator on rank 0, then the engines in the config's order."""
+    with netns.Hosts(4) as hosts:
+        c = Cluster(hosts, tmp_path, coordinator_alone=True)
+        assert c.cfg.rank_map() == ["coordinator", "pe0", "de1", "de2"]
+        env = {**os.environ, "PYTHONPATH": netns._root(), "OMP_NUM_THREADS": "1"}
+        launchers = [hosts.popen(i, ["torchrun", "--nnodes", "4", "--node-rank", str(i), "--nproc-per-node", "1",
+                                     "--master-addr", hosts.addr(0), "--master-port", "29411", "-m", "dualpath.cli",
+                                     "run", "--config", str(c.config_path)],
+                                 stdout=open(tmp_path / f"torchrun{i}.log", "wb"), stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+                     for i in range(4)]
+        try:
+            deadline = time.monotonic() + 120
+            while sorted(c.get("/healthz", ok_only=False).get("engines", [])) != ["de1", "de2", "pe0"]:
+                logs = {i: (tmp_path / f"torchrun{i}.log").read_text(errors="replace")[-800:] for i in range(4)}
+                assert time.monotonic() < deadline and all(p.poll() is None for p in launchers), logs
+                time.sleep(0.5)
+            r = c.complete({"prompt": list(range(40)), "max_tokens": 3, "dualpath_policy": "de-read"})
+            assert len(r["choices"][0]["token_ids"]) == 3
+            engines = c.get("/v1/cluster")["engines"]
+            assert {n: e["node"] for n, e in engines.items()} == {"pe0": 0, "de1": 1, "de2": 2}
+        finally:
+            for p in launchers:
+                _kill_group(p)
