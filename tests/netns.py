@@ -80,6 +80,11 @@ class Hosts:
         for ns in [self.ns(i) for i in range(self.n)] + [self.switch]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)  # takes its links along
 
+    def shape(self, i: int, rate: str, burst: str = "32kb") -> None:
+        """Cap what host i sends (its compute NIC, say) with a token bucket: `rate` as tc writes it."""
+        subprocess.run(["ip", "netns", "exec", self.ns(i), "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+                        "rate", rate, "burst", burst, "latency", "400ms"], check=True, capture_output=True, timeout=10)
+
     def popen(self, i: int, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.ns(i), *argv], **kw)
 

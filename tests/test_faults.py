@@ -279,3 +279,15 @@ def test_a_non_streaming_client_that_hangs_up_stops_its_generation(cluster):
     assert cluster_metrics(cluster)["stats"]["client_gone"] == gone_before + 1
     SUMMARY.append(f"a non-streaming client hung up: generation stopped, memory free {time.monotonic() - t0:.1f} s "
                    "later")
+
+
+def test_an_engine_given_another_hosts_address_says_so_and_exits(tmp_path):
+    """An advertised address this host does not have: a clear error at start, not a hang."""
+    from dualpath.config import write_config
+
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
+    cfg.engines[0].host = "192.0.2.7"  # TEST-NET-1: never an address of this machine
+    write_config(cfg, tmp_path / "cluster.toml")
+    r = subprocess.run([sys.executable, "-m", "dualpath.cli", "run", "--role", "prefill", "--node", "0", "--config",
+                        str(tmp_path / "cluster.toml")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot listen on 192.0.2.7" in r.stderr and "must be an address of this host" in r.stderr

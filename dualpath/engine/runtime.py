@@ -82,7 +82,12 @@ class Engine:
                                         bulk_chunk_bytes=c.transport.bulk_chunk_bytes,
                                         latency_share=c.transport.latency_share, host=self.spec.host,
                                         device=self.device)
-        await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
+        try:
+            await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
+        except OSError as e:  # an address of another host, or a port taken: say so, do not hang
+            raise SystemExit(f"{self.name}: cannot listen on {self.spec.host} ({e.strerror}); its engines[].host "
+                             f"must be an address of this host, and ports {self.spec.port} and "
+                             f"{self.spec.port + 1000} free") from None
         # One registered region over the whole DRAM buffer: every request's run is an offset into it.
         self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path,
                                                      granted_only=True)
