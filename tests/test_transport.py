@@ -134,7 +134,9 @@ async def test_a_granted_only_region_takes_writes_only_inside_a_live_grant_to_th
     b.revoke(to_a)
     with pytest.raises(TransferError, match="no grant"):
         await a.write(ones, to_a, 1024, 100, "latency")
-    assert done == ["in"] and int(dst.sum()) == 100  # nothing refused landed
+    assert done == ["in"]  # no refused write completed
+    if backend == "tcp":  # the receiver itself lands tcp bytes: nothing refused landed (docs/SECURITY.md)
+        assert int(dst.sum()) == 100
 
 
 async def test_latency_p99_stays_within_2x_of_idle_while_bulk_saturates(pair):

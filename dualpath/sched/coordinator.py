@@ -173,7 +173,7 @@ class Coordinator:
         return [EngineLoad(e.name, e.role, e.node, **{f: e.load.get(f, 0) + e.assigned[f] for f in fields},
                            free_buffer_blocks=e.load.get("free_buffer_blocks", 0) - e.assigned["buffer_blocks"],
                            free_hbm_blocks=e.load.get("free_hbm_blocks", 0) - e.assigned["hbm_blocks"],
-                           read_rate_bps=e.load.get("read_rate_bps", 0.0))
+                           read_rate_bps=e.load.get("read_rate_bps", 0.0) if self.cfg.scheduler.drain_rates else 0.0)
                 for e in self.live_engines()]
 
     # ------------------------------------------------------------------ validation

@@ -15,11 +15,11 @@ of the leading hit blocks the DE reads (``de_blocks``); the PE reads the rest. P
 - ``dualpath-split`` (beyond the paper, which names it as future work): same engines, but the
   hit blocks are split so that both read queues drain at the same time.
 
-Queues are compared as *drain times*, beyond the paper, which compares queue lengths (its storage
-NICs all run at one rate, and the NIC is what drains a queue). Each engine reports the rate at which
-it has actually drained its reads (``read_rate_bps``: verified bytes per second of reading), so an
-engine whose own load pipeline, not its NIC, is the bottleneck gets its fair share and no more.
-Until both sides have measured a rate, bytes stand in for time (equal rates).
+Queues can be compared as *drain times*, beyond the paper, which compares queue lengths (its storage
+NICs all run at one rate, and the NIC is what drains a queue): given each engine's measured drain
+rate (``read_rate_bps``), an engine whose own load pipeline, not its NIC, is the bottleneck gets
+its fair share and no more. Without rates (the coordinator passes them only with
+scheduler.drain_rates on; see config.py for why it is off), bytes stand in for time.
 
 Every policy chooses only among engines with room for the request (free DRAM-buffer and HBM
 blocks, as last reported); ``NoRoom`` when no engine of a role has it right now.
