@@ -136,6 +136,10 @@ class TransportConfig:
     bulk_chunk_bytes: int = 256 << 10
     latency_share: float = 0.99     # share of the link reserved for latency traffic when both run
     connections_per_peer: int = 1
+    rdma_device: str = ""           # verbs: "" = the first RDMA device
+    rdma_port: int = 0              # verbs: 0 = the first ACTIVE port
+    rdma_gid_index: int = -1        # verbs: -1 = a routable RoCE v2 GID (Ethernet), 0 (InfiniBand)
+    rdma_hop_limit: int = 64        # verbs: IP TTL of routed RoCE v2
 
     def validate(self) -> None:
         _check(self.backend in BACKENDS, "transport.backend", self.backend, f"expected one of {BACKENDS}")
@@ -145,6 +149,7 @@ class TransportConfig:
                "must be >= 4096")
         _check(self.connections_per_peer >= 1, "transport.connections_per_peer",
                self.connections_per_peer, "must be >= 1")
+        _check(1 <= self.rdma_hop_limit <= 255, "transport.rdma_hop_limit", self.rdma_hop_limit, "must be in [1, 255]")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dualpath.engine.weights import load_pretrained
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import open_store
 from dualpath.transport import make_dataplane
+from dualpath.transport.verbs import RdmaOptions
 from dualpath.transport.control import Connection, Server, connect
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ class Engine:
                                         on_complete=self.on_write_complete,
                                         bulk_chunk_bytes=c.transport.bulk_chunk_bytes,
                                         latency_share=c.transport.latency_share, host=self.spec.host,
-                                        device=self.device)
+                                        device=self.device, rdma=RdmaOptions(
+                                            c.transport.rdma_device, c.transport.rdma_port,
+                                            c.transport.rdma_gid_index, c.transport.rdma_hop_limit))
         await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
         # One registered region over the whole DRAM buffer: every request's run is an offset into it.
         self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path)
@@ -111,7 +114,8 @@ class Engine:
         io = self.store.store.stats
         return {"read_queue_bytes": self.store.read_queue_bytes(), "free_buffer_blocks": self.buffer.free_blocks,
                 "free_hbm_blocks": self.pool.allocator.free, "storage_read_bytes": io.read_bytes,
-                "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics)}
+                "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics),
+                "links": self.dataplane.links()}  # a silent fallback to tcp shows here
 
     async def _heartbeat(self) -> None:
         while not self.stopping.is_set():

@@ -183,6 +183,10 @@ class TcpDataPlane:
     def release(self, handle: dict) -> None:
         self.regions.pop(handle["region"], None)
 
+    def links(self) -> dict[str, str]:
+        """The backend carrying each peer link ("host:port" -> backend), for the load report."""
+        return {f"{h}:{p}": "tcp" for h, p, _ in self._links}
+
     def _check(self, rid: int, off: int, n: int, need_host: bool = True) -> Region:
         region = self.regions.get(rid)
         if region is None:
