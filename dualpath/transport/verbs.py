@@ -182,6 +182,9 @@ class DeviceLayer:
         self.pd = PD(self.ctx)
         self.cq = CQ(self.ctx, 4096, None, None, 0)  # send completions of every QP
         self.rcq = CQ(self.ctx, 4096, None, None, 0)  # receive (WRITE WITH IMM) completions
+        from pyverbs.mr import MR
+
+        self.scratch = MR(self.pd, 64, e.IBV_ACCESS_LOCAL_WRITE)  # receive WRs need an SGE (unused by IMM)
 
     def new_qp(self, e):
         from pyverbs.qp import QP, QPCap, QPInitAttr
@@ -195,7 +198,7 @@ class DeviceLayer:
         return MR(self.pd, nbytes, access, address=address)
 
     def close(self) -> None:
-        for obj in (self.cq, self.rcq, self.pd, self.ctx):
+        for obj in (self.scratch, self.cq, self.rcq, self.pd, self.ctx):
             obj.close()
 
 
@@ -268,10 +271,11 @@ class VerbsDataPlane(TcpDataPlane):
             qp.modify(attr, mask)
 
     def _post_recvs(self, qp, n: int) -> None:
-        from pyverbs.wr import RecvWR
+        from pyverbs.wr import SGE, RecvWR
 
+        scratch = self.dev.scratch
         for _ in range(n):  # WRITE WITH IMM consumes a receive WR and places nothing through it
-            qp.post_recv(RecvWR(wr_id=qp.qp_num, num_sge=0))
+            qp.post_recv(RecvWR(wr_id=qp.qp_num, num_sge=1, sg=[SGE(scratch.buf, 64, scratch.lkey)]))
 
     def accept_qp(self, info: dict, traffic_class: str) -> dict:
         qp = self.dev.new_qp(self.e)
