@@ -251,3 +251,17 @@ def test_verbs_that_cannot_start_fall_back_to_tcp_with_one_warning(monkeypatch, 
     assert dp.backend == "tcp" and dp.links() == {}
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "mlx5_9" in warnings[0] and "using tcp" in warnings[0]
+
+
+def test_rdma_options_come_from_cluster_toml(tmp_path):
+    from dualpath.config import ConfigError, dump_config, load_config, local_cluster
+
+    cfg = local_cluster()
+    text = dump_config(cfg).replace("rdma_gid_index = -1", "rdma_gid_index = 3").replace(
+        'rdma_device = ""', 'rdma_device = "mlx5_1"')
+    (tmp_path / "c.toml").write_text(text)
+    t = load_config(tmp_path / "c.toml").transport
+    assert (t.rdma_device, t.rdma_gid_index, t.rdma_port, t.rdma_hop_limit) == ("mlx5_1", 3, 0, 64)
+    (tmp_path / "bad.toml").write_text(text.replace("rdma_hop_limit = 64", "rdma_hop_limit = 0"))
+    with pytest.raises(ConfigError, match="rdma_hop_limit"):
+        load_config(tmp_path / "bad.toml")
