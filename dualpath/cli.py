@@ -23,17 +23,29 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--role", type=click.Choice(["coordinator", "prefill", "decode"]), required=True)
+@click.option("--role", type=click.Choice(["coordinator", "prefill", "decode"]), default=None,
+              help="which process; without it, the launcher's rank picks one (launch.ranks in the config)")
 @click.option("--node", type=int, default=0, show_default=True, help="node (host) id of this engine")
 @click.option("--config", "config_path", type=click.Path(), required=True, help="cluster TOML file")
-def run(role: str, node: int, config_path: str) -> None:
-    """Start one process of a cluster: the coordinator, or one prefill/decode engine."""
-    from dualpath.config import load_config
+def run(role: str | None, node: int, config_path: str) -> None:
+    """Start one process of a cluster: the coordinator, or one prefill/decode engine.
+
+    With --role, that process. Without it, the process that this rank runs, the rank coming from
+    the launcher that started us ($RANK from torchrun, $SLURM_PROCID, $OMPI_COMM_WORLD_RANK), e.g.
+    `torchrun --nnodes N --node-rank K --nproc-per-node G -m dualpath.cli run --config cluster.toml`."""
+    import os
+
+    from dualpath.config import RANK_ENV, load_config
     from dualpath.process import run_process
 
     try:
         cfg = load_config(config_path)
-        if role != "coordinator":
+        if role is None:
+            rank = next((os.environ[v] for v in RANK_ENV if v in os.environ), None)
+            if rank is None:
+                _fail(f"give --role, or start under a launcher that sets one of ${', $'.join(RANK_ENV)}")
+            role, node = cfg.process_for_rank(int(rank))
+        elif role != "coordinator":
             cfg.find_engine(role, node)
     except ConfigError as e:
         _fail(str(e))
@@ -55,7 +67,10 @@ def run(role: str, node: int, config_path: str) -> None:
 @click.option("--transport", "backend", default="auto", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True, help="HTTP API port")
 @click.option("--demo/--no-demo", default=False, help="send a multi-turn conversation, print it, stop")
-@click.option("--config-out", type=click.Path(), default=None, help="also write the cluster TOML here")
+@click.option("--config-out", type=click.Path(), default=None,
+              help="also write the cluster TOML here (it holds the cluster's secret; mode 0600)")
+@click.option("--api-key", envvar="DUALPATH_API_KEY", default="",
+              help="require 'Authorization: Bearer KEY' on /v1/* (default: $DUALPATH_API_KEY; none)")
 def up(**kw) -> None:
     """Start a whole cluster on this host (coordinator + engines as subprocesses)."""
     from dualpath.launcher import launch_local
@@ -318,6 +333,25 @@ def bench_interference(**kw) -> None:
     click.echo(f"TPOT alone {r['tpot_alone_s'] * 1e3:.2f} ms, with path-B loading "
                f"{r['tpot_with_path_b_s'] * 1e3:.2f} ms ({r['increase']:+.1%}); "
                f"{r['background_tokens_loaded_per_s']:,.0f} tokens/s loaded on path B meanwhile")
+    click.echo(f"wrote {kw['out']}")
+
+
+@bench.command("ingest")
+@_cluster_bench_options
+@click.option("--requests", type=int, default=16, show_default=True, help="queued requests per path")
+@click.option("--context", type=int, default=4096, show_default=True, help="stored tokens per request")
+@_store_read_options
+@click.option("--out", default="runs/bench_ingest.json", show_default=True)
+def bench_ingest(**kw) -> None:
+    """KV bytes/s the load path moves into HBM (paths A and B), storage unthrottled."""
+    from dualpath.bench.ingest_bench import run as run_bench
+
+    r = run_bench(**kw)
+    for path, v in r["paths"].items():
+        click.echo(f"path {path}: {v['hit_bytes'] / 1e9:.2f} GB of hit KV for {r['requests']} queued requests in "
+                   f"{v['wall_s']:.2f} s = {v['GBps']:.2f} GB/s ({r['ratio_to_raw_read'][path]:.2f} of a raw read)")
+    click.echo(f"compute only (the same requests, nothing to load): {r['compute_only_s']:.2f} s; raw page-cache "
+               f"read {r['raw_page_cache_read_GBps']:.2f} GB/s; copy peak {r['copy_peak_GBps']:.2f} GB/s")
     click.echo(f"wrote {kw['out']}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,35 +122,64 @@ class EngineConfig:
     max_decode_batch: int = 64
     max_context: int = 0            # 0 = the model's max_position
     cuda_graphs: bool = True        # decode steps replayed from CUDA graphs (on CUDA devices)
+    memory_wait_s: float = 30.0     # longest wait for DRAM-buffer / HBM room; then the request fails
 
     def validate(self) -> None:
         for name in ("hbm_blocks", "buffer_blocks", "prefill_token_quota", "max_decode_batch"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"engine.{name}", v, "must be a positive integer")
         _check(self.max_context >= 0, "engine.max_context", self.max_context, "must be >= 0")
+        _check(self.memory_wait_s > 0, "engine.memory_wait_s", self.memory_wait_s, "must be > 0")
+
+
+OLD_FIXED_TOKEN = "dualpath-local"  # every cluster once shared it: anyone knowing it could join any cluster
+TOKEN_ENV = "DUALPATH_TOKEN"
+API_KEY_ENV = "DUALPATH_API_KEY"
+MIN_TOKEN_CHARS = 16
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
 
 
 @dataclass
 class TransportConfig:
     backend: str = "auto"
-    token: str = "dualpath-local"   # cluster secret checked by HMAC at connect
+    # The cluster secret, proved by HMAC when a control or data connection opens (docs/SECURITY.md).
+    # A config file gives it here, in token_file, or through $DUALPATH_TOKEN; `dualpath up` makes one.
+    token: str = ""
+    token_file: str = ""
     bulk_chunk_bytes: int = 256 << 10
     latency_share: float = 0.99     # share of the link reserved for latency traffic when both run
-    connections_per_peer: int = 1
     rdma_device: str = ""           # verbs: "" = the first RDMA device
     rdma_port: int = 0              # verbs: 0 = the first ACTIVE port
     rdma_gid_index: int = -1        # verbs: -1 = a routable RoCE v2 GID (Ethernet), 0 (InfiniBand)
     rdma_hop_limit: int = 64        # verbs: IP TTL of routed RoCE v2
 
+    def resolve_token(self) -> None:
+        """token, else the first line of token_file, else $DUALPATH_TOKEN."""
+        if not self.token and self.token_file:
+            try:
+                self.token = Path(self.token_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"config field 'transport.token_file' = {self.token_file!r}: {e.strerror}") from e
+        if not self.token:
+            self.token = os.environ.get(TOKEN_ENV, "").strip()
+
     def validate(self) -> None:
+        _check(bool(self.token), "transport.token", "", f"the cluster secret is not set: give transport.token or "
+               f"transport.token_file in the config, or ${TOKEN_ENV} (make one with: python3 -c "
+               f"'import secrets; print(secrets.token_hex(16))')")
+        _check(self.token != OLD_FIXED_TOKEN, "transport.token", self.token,
+               "the old fixed default is public and refused; generate a secret for this cluster")
+        _check(len(self.token) >= MIN_TOKEN_CHARS, "transport.token", "<hidden>",
+               f"too short: a cluster secret has at least {MIN_TOKEN_CHARS} characters")
         _check(self.backend in BACKENDS, "transport.backend", self.backend, f"expected one of {BACKENDS}")
         _check(0.0 <= self.latency_share < 1.0, "transport.latency_share", self.latency_share,
                "must be in [0, 1)")
+        _check(1 <= self.rdma_hop_limit <= 255, "transport.rdma_hop_limit", self.rdma_hop_limit, "must be in [1, 255]")
         _check(self.bulk_chunk_bytes >= 4096, "transport.bulk_chunk_bytes", self.bulk_chunk_bytes,
                "must be >= 4096")
-        _check(self.connections_per_peer >= 1, "transport.connections_per_peer",
-               self.connections_per_peer, "must be >= 1")
-        _check(1 <= self.rdma_hop_limit <= 255, "transport.rdma_hop_limit", self.rdma_hop_limit, "must be in [1, 255]")
 
 
 @dataclass
@@ -160,12 +190,31 @@ class SchedulerConfig:
     policy: str = "dualpath"
     heartbeat_s: float = 0.2
     dead_after_s: float = 3.0
+    request_timeout_s: float = 600.0  # a request not answered by then fails with 504 and frees its memory
+    api_key: str = ""  # when set, /v1/* needs 'Authorization: Bearer <api_key>' (or $DUALPATH_API_KEY)
 
     def validate(self) -> None:
         _check(self.policy in POLICIES, "scheduler.policy", self.policy, f"expected one of {POLICIES}")
         _check(self.heartbeat_s > 0, "scheduler.heartbeat_s", self.heartbeat_s, "must be > 0")
         _check(self.dead_after_s > self.heartbeat_s, "scheduler.dead_after_s", self.dead_after_s,
                "must exceed heartbeat_s")
+        _check(self.request_timeout_s > 0, "scheduler.request_timeout_s", self.request_timeout_s, "must be > 0")
+
+
+RANK_ENV = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")  # torchrun, SLURM, Open MPI
+
+
+@dataclass
+class LaunchConfig:
+    """How a launcher's ranks map to processes: ``ranks[r]`` is the process that rank r runs
+    ("coordinator" or an engine's name, e.g. "pe0"); empty means the coordinator, then the engines
+    in file order. `dualpath run --config F` without --role reads its rank from $RANK (torchrun),
+    $SLURM_PROCID (SLURM) or $OMPI_COMM_WORLD_RANK (Open MPI)."""
+
+    ranks: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        pass  # checked against the engines by ClusterConfig.validate
 
 
 @dataclass
@@ -175,17 +224,38 @@ class ClusterConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     engines: list[EngineSpec] = field(default_factory=list)
 
     def validate(self) -> "ClusterConfig":
-        for part in (self.model, self.store, self.engine, self.transport, self.scheduler):
+        for part in (self.model, self.store, self.engine, self.transport, self.scheduler, self.launch):
             part.validate()
         for i, e in enumerate(self.engines):
             e.validate(i)
         names = [e.name for e in self.engines]
         dup = {n for n in names if names.count(n) > 1}
         _check(not dup, "engines", sorted(dup), "two engines of one role on one node; give each its own node")
+        if self.launch.ranks:
+            known = {"coordinator", *names}
+            _check(set(self.launch.ranks) <= known, "launch.ranks", sorted(set(self.launch.ranks) - known),
+                   f"not a process of this cluster (have {sorted(known)})")
+            _check(len(set(self.launch.ranks)) == len(self.launch.ranks) and set(self.launch.ranks) == known,
+                   "launch.ranks", self.launch.ranks, "must name the coordinator and every engine exactly once")
         return self
+
+    def rank_map(self) -> list[str]:
+        return self.launch.ranks or ["coordinator", *(e.name for e in self.engines)]
+
+    def process_for_rank(self, rank: int) -> tuple[str, int]:
+        """(role, node) of the process a launcher's rank runs."""
+        ranks = self.rank_map()
+        if not 0 <= rank < len(ranks):
+            raise ConfigError(f"rank {rank} has no process: launch.ranks maps ranks 0..{len(ranks) - 1} "
+                              f"({', '.join(ranks)})")
+        if ranks[rank] == "coordinator":
+            return "coordinator", 0
+        e = next(e for e in self.engines if e.name == ranks[rank])
+        return e.role, e.node
 
     def find_engine(self, role: str, node: int) -> EngineSpec:
         for e in self.engines:
@@ -201,6 +271,7 @@ def local_cluster(prefill: int = 1, decode: int = 2, base_port: int = 7100, **ov
     engines = [EngineSpec("prefill", node=i, port=base_port + i) for i in range(prefill)]
     engines += [EngineSpec("decode", node=prefill + i, port=base_port + prefill + i) for i in range(decode)]
     cfg = ClusterConfig(engines=engines)
+    cfg.transport.token = new_token()  # a fresh secret per cluster
     for dotted, value in overrides.items():
         set_field(cfg, dotted, value)
     return cfg
@@ -244,13 +315,23 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
     sections = {"model": ModelSpec, "store": StoreConfig, "engine": EngineConfig,
-                "transport": TransportConfig, "scheduler": SchedulerConfig}
+                "transport": TransportConfig, "scheduler": SchedulerConfig, "launch": LaunchConfig}
     for key in raw:
         if key not in sections and key != "engines":
             raise ConfigError(f"unknown config section '{key}' (known: {sorted(sections) + ['engines']})")
     kwargs = {k: _build(cls, raw.get(k, {}), k) for k, cls in sections.items()}
     engines = [_build(EngineSpec, e, f"engines[{i}]") for i, e in enumerate(raw.get("engines", []))]
+    kwargs["transport"].resolve_token()
+    kwargs["scheduler"].api_key = kwargs["scheduler"].api_key or os.environ.get(API_KEY_ENV, "")
     return ClusterConfig(engines=engines, **kwargs).validate()
+
+
+def write_config(cfg: ClusterConfig, path: str | os.PathLike[str]) -> None:
+    """The config as TOML, readable by this user only: it holds the cluster secret."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(dump_config(cfg))
 
 
 def dump_config(cfg: ClusterConfig) -> str:
@@ -261,10 +342,12 @@ def dump_config(cfg: ClusterConfig) -> str:
             return "true" if v else "false"
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)
 
     out: list[str] = []
-    for section in ("model", "store", "engine", "transport", "scheduler"):
+    for section in ("model", "store", "engine", "transport", "scheduler", "launch"):
         out.append(f"[{section}]")
         for k, v in dataclasses.asdict(getattr(cfg, section)).items():
             if v is not None:

@@ -16,9 +16,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
-from dualpath.config import ClusterConfig, ConfigError, default_store_root, dump_config, local_cluster
+from dualpath.config import ClusterConfig, ConfigError, default_store_root, local_cluster, write_config
 
 
 class ClusterDied(RuntimeError):
@@ -31,16 +32,17 @@ class LocalCluster:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dualpath-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "cluster.toml"
-        self.config_path.write_text(dump_config(cfg))
+        write_config(cfg, self.config_path)
         self.env = {**os.environ, **(env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: Counter[str] = Counter()
 
     @property
     def url(self) -> str:
         return f"http://{self.cfg.scheduler.host}:{self.cfg.scheduler.http_port}"
 
     def _spawn(self, name: str, role: str, node: int) -> None:
-        log = open(self.workdir / f"{name}.log", "wb")
+        log = open(self.workdir / f"{name}.log", "ab")
         cmd = [sys.executable, "-m", "dualpath.cli", "run", "--role", role, "--node", str(node),
                "--config", str(self.config_path)]
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
@@ -69,6 +71,26 @@ class LocalCluster:
             return "\n".join((self.workdir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+    def supervise(self, max_restarts: int = 3) -> list[str]:
+        """Restart engines that exited (at most max_restarts each): the others keep serving, and a
+        restarted engine registers again. The coordinator exiting, or an engine that keeps dying,
+        ends the cluster (ClusterDied). Returns the engines restarted now."""
+        restarted = []
+        for e in self.cfg.engines:
+            p = self.procs[e.name]
+            if p.poll() is None:
+                continue
+            if self.restarts[e.name] >= max_restarts:
+                self.check()
+            self.restarts[e.name] += 1
+            print(f"dualpath up: {e.name} exited with code {p.returncode}; restarting it "
+                  f"({self.restarts[e.name]}/{max_restarts}). Last lines of its log:\n{self.log_tail(e.name, 5)}",
+                  file=sys.stderr, flush=True)
+            self._spawn(e.name, e.role, e.node)
+            restarted.append(e.name)
+        self.check()  # the coordinator
+        return restarted
 
     def check(self) -> None:
         for name, p in self.procs.items():
@@ -125,8 +147,9 @@ def demo_conversation(url: str, turns: int = 4, max_tokens: int = 24) -> list[di
 
 def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None, dtype: str, device: str,
                  policy: str, store_root: str | None, snic_gbps: float, backend: str, port: int, demo: bool,
-                 config_out: str | None) -> int:
+                 config_out: str | None, api_key: str = "") -> int:
     cfg = local_cluster(n_prefill, n_decode, base_port=port + 2)
+    cfg.scheduler.api_key = api_key
     cfg.model.preset, cfg.model.weights, cfg.model.dtype = preset, weights, dtype
     cfg.store.root = store_root or default_store_root()
     cfg.store.snic_read_gbps = snic_gbps
@@ -138,7 +161,7 @@ def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None
         spread_over_gpus(cfg.engines)
     cfg.validate()
     if config_out:
-        Path(config_out).write_text(dump_config(cfg))
+        write_config(cfg, config_out)
     cluster = LocalCluster(cfg)
     print(f"starting {n_prefill} prefill + {n_decode} decode engines ({cfg.model.weights or preset}, "
           f"policy {policy}); logs in {cluster.workdir}")
@@ -155,7 +178,7 @@ def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None
             demo_conversation(cluster.url)
             return 0
         while not stopping:
-            cluster.check()
+            cluster.supervise()
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dualpath.sched.policy import DE_SIDE, PE_SIDE, SPLIT, EngineLoad, NoEngine, RequestInfo, choose
+from dualpath.sched.policy import DE_SIDE, PE_SIDE, SPLIT, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
 
 MB = 1 << 20
 REQ = RequestInfo(prompt_tokens=8000, hit_blocks=100, block_bytes=MB, max_tokens=64)
@@ -48,3 +48,34 @@ def test_no_hit_means_no_read_and_a_missing_role_is_an_error():
         choose("dualpath", REQ, [EngineLoad("pe0", "prefill", 0)])
     with pytest.raises(ValueError):
         choose("fastest", REQ, view())
+
+
+def test_no_policy_picks_an_engine_without_room_for_the_request():
+    """A DE without the HBM for prompt + max_tokens (or a full DRAM buffer) is passed over, even
+    when it is the idlest; with no room anywhere the coordinator hears NoRoom (it waits, bounded)."""
+    req = RequestInfo(prompt_tokens=8000, hit_blocks=100, block_bytes=MB, max_tokens=64, prompt_blocks=125,
+                      decode_blocks=126)
+    pe = EngineLoad("pe0", "prefill", 0, free_buffer_blocks=200, free_hbm_blocks=200)
+    full_hbm = EngineLoad("de1", "decode", 1, free_buffer_blocks=500, free_hbm_blocks=125)
+    full_buf = EngineLoad("de2", "decode", 2, free_buffer_blocks=124, free_hbm_blocks=500)
+    roomy = EngineLoad("de3", "decode", 3, free_buffer_blocks=125, free_hbm_blocks=126, running_decode_tokens=10**6,
+                       read_queue_bytes=10**12)
+    for policy in ("pe-read", "de-read", "dualpath", "dualpath-split"):
+        assert choose(policy, req, [pe, full_hbm, full_buf, roomy]).de == "de3"
+        with pytest.raises(NoRoom, match="decode"):
+            choose(policy, req, [pe, full_hbm, full_buf])
+        with pytest.raises(NoRoom, match="prefill"):
+            choose(policy, req, [EngineLoad("pe0", "prefill", 0, free_buffer_blocks=200, free_hbm_blocks=124), roomy])
+
+
+def test_dualpath_compares_drain_times_once_both_sides_have_measured_their_read_rates():
+    """A PE that drains 4x slower than the DE (its load pipeline, not its NIC, bounds it) loses a
+    read it would win on queue bytes alone; split gives it a quarter of an idle cluster's blocks."""
+    slow_pe = EngineLoad("pe0", "prefill", 0, read_queue_bytes=10 * MB, read_rate_bps=1e9)
+    de = EngineLoad("de1", "decode", 1, read_queue_bytes=30 * MB, read_rate_bps=4e9)
+    assert choose("dualpath", REQ, [slow_pe, de]).read_side == DE_SIDE
+    unmeasured = EngineLoad("de1", "decode", 1, read_queue_bytes=30 * MB)  # bytes stand in for time
+    assert choose("dualpath", REQ, [slow_pe, unmeasured]).read_side == PE_SIDE
+    idle_pe = EngineLoad("pe0", "prefill", 0, read_rate_bps=1e9)
+    idle_de = EngineLoad("de1", "decode", 1, read_rate_bps=3e9)
+    assert choose("dualpath-split", REQ, [idle_pe, idle_de]).pe_blocks == 25

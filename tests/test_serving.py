@@ -17,11 +17,12 @@ import urllib.request
 import aiohttp
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from dualpath.bench.driver import run as bench_run
 from dualpath.bench.report import summarize
 from dualpath.bench.workload import AgenticSpec, agentic, read_jsonl
-from dualpath.config import local_cluster
+from dualpath.config import POLICIES, local_cluster
 from dualpath.engine.weights import load_pretrained
 from dualpath.launcher import LocalCluster, complete
 from dualpath.storage.blockfile import HEADER_BYTES, BlockShape
@@ -77,16 +78,30 @@ def greedy_reference(model, tokens: list[int], n: int) -> list[int]:
     return seq[len(tokens):]
 
 
+def settled_metrics(c, timeout: float = 10) -> dict:
+    """The cluster's metrics once every engine is idle and has reported it: nothing queued or
+    running, and two heartbeats agree (so counters of finished work are in)."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        m = cluster_metrics(c)
+        idle = all(not e.get("running_decode_tokens") and not e.get("queued_prefill_tokens")
+                   and not e["read_queue_bytes"] for e in m["engines"].values())
+        if idle and m == last:
+            return m
+        last = m
+        time.sleep(c.cfg.scheduler.heartbeat_s * 1.5)
+    pytest.fail(f"the cluster did not settle within {timeout}s: {last}")
+
+
 def engine_counter(m: dict, key: str) -> int:
     return sum(e.get("metrics", {}).get(key, 0) for e in m["engines"].values())
 
 
 @pytest.mark.parametrize("policy", ["pe-read", "de-read", "dualpath", "dualpath-split"])
 def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(cluster, policy):
-    gen = torch.Generator().manual_seed(hash(policy) % 1000)
+    gen = torch.Generator().manual_seed(POLICIES.index(policy))
     tokens = torch.randint(0, 256, (53,), generator=gen).tolist()
-    time.sleep(0.5)  # let one heartbeat carry the metrics
-    before = cluster_metrics(cluster)
+    before = settled_metrics(cluster)
     paths = []
     for turn in range(3):
         r = complete(cluster.url, {"prompt": tokens, "max_tokens": 9, "temperature": 0, "dualpath_policy": policy})
@@ -98,8 +113,7 @@ def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(clu
         paths.append(r["dualpath"]["path"])
         prev_context = tokens + out
         tokens = prev_context + torch.randint(0, 256, (21,), generator=gen).tolist()
-    time.sleep(0.6)
-    after = cluster_metrics(cluster)
+    after = settled_metrics(cluster)
     delta_a = engine_counter(after, "path_a_requests") - engine_counter(before, "path_a_requests")
     delta_b = engine_counter(after, "path_b_requests") - engine_counter(before, "path_b_requests")
     if policy == "pe-read":
@@ -171,17 +185,54 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_cluster_keeps_serving(c
     assert complete(cluster.url, {"prompt": "still here", "max_tokens": 2})["usage"]["completion_tokens"] == 2
 
 
-def test_streaming_sends_tokens_as_server_sent_events(cluster):
+def stream_events(c, body: dict) -> list[dict]:
     async def run():
         async with aiohttp.ClientSession() as s:
-            async with s.post(cluster.url + "/v1/completions",
-                              json={"prompt": "stream me", "max_tokens": 5, "stream": True}) as r:
-                events = [json.loads(line[6:]) async for line in _sse_lines(r)]
-        return events
+            async with s.post(c.url + "/v1/completions", json={**body, "stream": True}) as r:
+                return [json.loads(line[6:]) async for line in _sse_lines(r)]
 
-    events = asyncio.run(run())
-    tokens = [t for e in events[:-1] for t in e["choices"][0]["token_ids"]]
-    assert len(tokens) == 5 and events[-1]["choices"][0]["token_ids"] == tokens
+    return asyncio.run(run())
+
+
+def test_streaming_sends_each_token_once_then_the_finish_reason_then_the_usage(cluster):
+    """As OpenAI streams: text deltas that join to the non-streamed text (same seed), a last chunk
+    with the finish reason and no content, and with include_usage a usage chunk without choices."""
+    body = {"prompt": "stream me", "max_tokens": 5, "temperature": 0.8, "seed": 7}
+    events = stream_events(cluster, {**body, "stream_options": {"include_usage": True}})
+    *deltas, finish, usage = events
+    assert [e["choices"][0]["finish_reason"] for e in deltas] == [None] * 5 and all(e["usage"] is None for e in deltas)
+    assert finish["choices"][0] | {"index": 0} == {"index": 0, "text": "", "token_ids": [], "logprobs": None,
+                                                    "finish_reason": "length"} and finish["dualpath"]["path"]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+    plain = complete(cluster.url, body)["choices"][0]
+    assert "".join(e["choices"][0]["text"] for e in deltas) == plain["text"]
+    assert [t for e in deltas for t in e["choices"][0]["token_ids"]] == plain["token_ids"]
+    assert "usage" not in stream_events(cluster, body)[0]  # not asked for: no usage field at all
+
+
+def test_finish_reason_max_completion_tokens_and_several_prompts(cluster):
+    r = complete(cluster.url, {"prompt": list(range(20)), "max_completion_tokens": 4, "temperature": 0})
+    assert r["choices"][0]["finish_reason"] == "length" and len(r["choices"][0]["token_ids"]) == 4
+    text = r["choices"][0]["text"]
+    if text:  # a stop string that the answer contains ends it there, with finish_reason "stop"
+        stopped = complete(cluster.url, {"prompt": list(range(20)), "max_tokens": 4, "stop": [text[-1]]})
+        assert stopped["choices"][0]["finish_reason"] == "stop" and text[-1] not in stopped["choices"][0]["text"]
+    both = complete(cluster.url, {"prompt": [list(range(20)), "hello"], "max_tokens": 4, "temperature": 0})
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert both["choices"][0]["token_ids"] == r["choices"][0]["token_ids"]
+    assert both["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ({"prompt": "x", "model": "gpt-17"}, 404, "model", "model_not_found"),
+    ({"prompt": "x", "n": 2}, 400, "n", 400),
+    ({"prompt": "x", "logprobs": 3}, 400, "logprobs", 400),
+    ({"prompt": ["a", "b"], "stream": True}, 400, "prompt", 400),
+])
+def test_unsupported_or_unknown_requests_get_openai_shaped_errors(cluster, body, status, param, code):
+    got, reply = post_raw(cluster.url, json.dumps(body).encode())
+    assert got == status and reply["error"]["param"] == param and reply["error"]["code"] == code
+    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
 
 
 async def _sse_lines(resp):
@@ -212,7 +263,7 @@ def assert_decode_engines_idle(c, timeout: float = 10) -> None:
     while time.monotonic() < deadline:
         m = cluster_metrics(c)
         de = [e for e in m["engines"].values() if e["role"] == "decode"]
-        if all(e["running_decode_tokens"] == 0 and e["free_buffer_blocks"] == 256 for e in de):
+        if all(e["running_decode_tokens"] == 0 and e["free_buffer_blocks"] == c.cfg.engine.buffer_blocks for e in de):
             return
         time.sleep(0.2)
     pytest.fail(f"decode engines still hold a request: {m}")
@@ -302,3 +353,47 @@ def test_a_decode_engine_that_dies_while_loading_path_b_costs_a_retry_not_the_re
         assert result["choices"][0]["token_ids"] == greedy_reference(model, turn2, 5)
         assert result["dualpath"]["de"] != loading[0]
         assert cluster_metrics(c)["stats"]["retried"] >= 1
+
+
+def scrape(c) -> dict[tuple, float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(c.url + "/metrics") as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(m: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in m.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_prometheus_metrics_agree_with_the_responses(cluster):
+    """Requests by path, cached vs computed prompt tokens, generated tokens and TTFT observations
+    move exactly as the responses say; engine gauges match /v1/cluster."""
+    before = scrape(cluster)
+    gen = torch.Generator().manual_seed(11)
+    tokens, replies = torch.randint(0, 256, (70,), generator=gen).tolist(), []
+    for policy in ("pe-read", "de-read", "de-read"):
+        r = complete(cluster.url, {"prompt": tokens, "max_tokens": 4, "temperature": 0, "dualpath_policy": policy})
+        replies.append(r)
+        tokens = tokens + r["choices"][0]["token_ids"] + [1, 2, 3]
+    m = settled_metrics(cluster)
+    after = scrape(cluster)
+
+    def delta(name, **labels):
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    for path in ("A", "B"):
+        assert delta("dualpath_requests_total", path=path) == sum(r["dualpath"]["path"] == path for r in replies)
+    cached = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies)
+    assert cached > 0 and delta("dualpath_prompt_tokens_total", kind="cached") == cached
+    assert delta("dualpath_prompt_tokens_total", kind="computed") == sum(r["usage"]["prompt_tokens"]
+                                                                          for r in replies) - cached
+    assert delta("dualpath_generation_tokens_total") == 12
+    assert delta("dualpath_time_to_first_token_seconds_count") == 3
+    for name, e in m["engines"].items():
+        assert total(after, "dualpath_storage_read_bytes_total", engine=name) == e["storage_read_bytes"]
+        assert total(after, "dualpath_memory_blocks", engine=name, memory="buffer", state="free") == e[
+            "free_buffer_blocks"]
+        assert total(after, "dualpath_transport_info", engine=name, backend=e["transport"]) == 1
+    assert total(after, "dualpath_network_sent_bytes_total", traffic_class="bulk") > 0  # path B went over it

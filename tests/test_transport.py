@@ -116,6 +116,27 @@ async def test_write_to_unknown_or_released_handle_or_out_of_range_is_refused(pa
     assert done == ["ok"]
 
 
+async def test_a_granted_only_region_takes_writes_only_inside_a_live_grant_to_that_writer(pair):
+    """An engine's DRAM buffer: a peer writes only the run granted to it for one request, and not
+    after the grant is revoked (an authenticated peer once could write any offset of the buffer)."""
+    a, b, done, backend = pair
+    dst = _dest(backend, 8192)
+    region = b.register(dst, granted_only=True)
+    ones = torch.ones(100, dtype=torch.uint8)
+    with pytest.raises(TransferError, match="no grant"):  # the bare region
+        await a.write(ones, region, 0, 100, "latency")
+    to_a, to_other = b.grant(region, 1024, 1024, peer="a"), b.grant(region, 4096, 1024, peer="someone-else")
+    await a.write(ones, to_a, 1024, 100, "latency", notify="in")
+    assert done == ["in"] and int(dst.sum()) == 100
+    for handle, off in [(to_a, 2000), (to_a, 1000), (to_other, 4096)]:  # past its end, before it, not ours
+        with pytest.raises(TransferError, match="no grant"):
+            await a.write(ones, handle, off, 100, "latency")
+    b.revoke(to_a)
+    with pytest.raises(TransferError, match="no grant"):
+        await a.write(ones, to_a, 1024, 100, "latency")
+    assert done == ["in"] and int(dst.sum()) == 100  # nothing refused landed
+
+
 async def test_latency_p99_stays_within_2x_of_idle_while_bulk_saturates(pair):
     a, b, done, backend = pair
     if backend != "tcp":

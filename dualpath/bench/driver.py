@@ -66,7 +66,8 @@ class RunResult:
 async def _stream_completion(http: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord) -> list[int]:
     """POST with stream=true; fills the record's timing and usage; returns the generated token ids."""
     out: list[int] = []
-    async with http.post(url + "/v1/completions", json={**body, "stream": True}) as resp:
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with http.post(url + "/v1/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
         async for raw in resp.content:
@@ -76,15 +77,18 @@ async def _stream_completion(http: aiohttp.ClientSession, url: str, body: dict, 
             msg = json.loads(line[6:])
             if "error" in msg:
                 raise RuntimeError(str(msg["error"]))
-            if msg.get("object") == "text_completion" and "usage" in msg:  # the final summary
-                u, dp = msg["usage"], msg["dualpath"]
+            if msg.get("usage"):  # the last chunk: usage only
+                u = msg["usage"]
                 rec.prompt_tokens, rec.cached_tokens = u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"]
+                continue
+            if msg.get("dualpath"):  # the finish chunk carries the path the request took
+                dp = msg["dualpath"]
                 rec.path, rec.pe, rec.de = dp["path"], dp["pe"], dp["de"]
                 rec.read_bytes_pe, rec.read_bytes_de = dp["read_bytes"]["pe"], dp["read_bytes"]["de"]
-                continue
-            if rec.t_first is None:
+            tokens = msg["choices"][0]["token_ids"]
+            if tokens and rec.t_first is None:
                 rec.t_first = time.monotonic()
-            out.extend(msg["choices"][0]["token_ids"])
+            out.extend(tokens)
     rec.t_done = time.monotonic()
     rec.output_tokens = len(out)
     return out

@@ -25,7 +25,7 @@ async def _stream_gaps(http: aiohttp.ClientSession, url: str, body: dict) -> lis
     async with http.post(url + "/v1/completions", json={**body, "stream": True}) as resp:
         async for raw in resp.content:
             line = raw.decode().strip()
-            if line.startswith("data: {") and '"usage"' not in line:
+            if line.startswith("data: {") and '"finish_reason": null' in line:  # a token (not the last chunk)
                 times.append(time.monotonic())
     return [b - a for a, b in zip(times[1:], times[2:])]  # from the 2nd decode step on
 

@@ -96,10 +96,10 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
         ids = torch.tensor(prompt[hit_blocks * bt:], device=dev)
 
         async def compute_only():
-            with torch.no_grad():  # as the PE runs a step: rotary tables once, then layer after layer
-                h, tables = model.embed(ids), model.rope_tables(batch)
+            with torch.no_grad():  # as the PE runs a step: rotary cos/sin once, then layer after layer
+                h, cos_sin = model.embed(ids), model.rope_cos_sin(batch)
                 for l in range(mc.n_layers):
-                    h = model.layer(l, h, batch, pool.layer(l), tables)
+                    h = model.layer(l, h, batch, pool.layer(l), cos_sin)
                 model.logits(h[-1:])
             sync(dev)
 

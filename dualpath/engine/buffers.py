@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dualpath.protocol import layer_offset
 from dualpath.storage.store import SlotDests
 
 
@@ -118,13 +119,15 @@ class BufferPool:
         off, nbytes = self.byte_range(run)
         return self.host[off : off + nbytes].view(self.n_layers, run.n_blocks, self.bytes_per_layer)
 
-    def layer_range(self, run: BufferRun, layer: int) -> tuple[int, int]:
-        """(offset, nbytes) of layer `layer` of all the run's blocks, inside the pool allocation."""
+    def layer_range(self, run: BufferRun, layer: int, first: int = 0) -> tuple[int, int]:
+        """(offset, nbytes) of layer `layer` of the run's blocks [first, n), inside the pool allocation."""
         off, _ = self.byte_range(run)
-        return off + layer * run.n_blocks * self.bytes_per_layer, run.n_blocks * self.bytes_per_layer
+        return (layer_offset(off, run.n_blocks, layer, self.bytes_per_layer, first),
+                (run.n_blocks - first) * self.bytes_per_layer)
 
     def slot_dests(self, run: BufferRun, first: int) -> SlotDests:
         """Where a storage read puts blocks first, first+1, ... of the run: the byte offset of
         slot `first`'s layer 0 in the pool allocation, and the distance between two layers."""
         off, _ = self.byte_range(run)
-        return SlotDests(off + first * self.bytes_per_layer, run.n_blocks * self.bytes_per_layer)
+        return SlotDests(layer_offset(off, run.n_blocks, 0, self.bytes_per_layer, first),
+                         run.n_blocks * self.bytes_per_layer)

@@ -2,9 +2,9 @@
 token streaming, and asynchronous persistence of every block that becomes full (DESIGN.md §2 step 7).
 
 Per request the DE reserves, at admission, HBM blocks for prompt + max_tokens and a DRAM buffer run
-for the prompt's blocks. On path B it reads its share of the hit blocks, slots [0, n_de) of that
+for the prompt's blocks. On path B it reads its share of the hit blocks, slots [0, de_blocks) of that
 run, itself and writes them to the PE layer by layer (bulk class); the PE later fills the remaining
-slots. On path A (n_de = 0) the PE fills every slot. Either way the run ends up holding the whole
+slots. On path A (de_blocks = 0) the PE fills every slot. Either way the run ends up holding the whole
 prompt's KV, which is copied to HBM once (the merge) and persisted from host memory without a
 device round trip.
 """
@@ -12,16 +12,20 @@ device round trip.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.runtime import Engine, sample
+from dualpath.protocol import Abort, Admit, Done, Failed, Load, Prefilled, RunHandle, Token, tell
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
 from dualpath.transport.control import Connection
@@ -34,13 +38,14 @@ class DecodeSeq:
     rid: str
     tokens: list[int]  # prompt, then generated tokens
     prompt_len: int
-    n_hit: int
-    n_de: int  # leading hit blocks this engine reads and sends to the PE (path B)
+    hit_blocks: int
+    de_blocks: int  # leading hit blocks this engine reads and sends to the PE (path B)
     max_tokens: int
     temperature: float
     seed: int | None
     eos_id: int | None
     run: BufferRun | None = None
+    grant: dict | None = None  # the PE's leave to write its handoff into our run
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # chain keys of the full blocks so far
     hit_layers: list[asyncio.Event] = field(default_factory=list)  # path B: set when layer l is read, or on a miss
@@ -48,6 +53,7 @@ class DecodeSeq:
     io: list[asyncio.Task] = field(default_factory=list)  # reads into our run
     persisted: list[asyncio.Future] = field(default_factory=list)
     cancelled: bool = False
+    prefilled: bool = False  # the PE's handoff arrived
 
     @property
     def generated(self) -> int:
@@ -57,13 +63,20 @@ class DecodeSeq:
 class DecodeEngine(Engine):
     role = "decode"
 
-    async def start(self) -> None:
+    def __init__(self, cfg: ClusterConfig, spec: EngineSpec):
+        super().__init__(cfg, spec)
         self.seqs: dict[str, DecodeSeq] = {}
-        self.running: list[DecodeSeq] = []
+        self.running: list[DecodeSeq] = []  # merged: in the decode batch
+        # aborts that overtook their admit (the coordinator gave up waiting on it): the admit then
+        # frees what it took instead of holding it until the deadline; the newest 1024 are kept
+        self.aborted_early: deque[str] = deque(maxlen=1024)
         self.wake = asyncio.Event()
         # one HBM block no request owns: the padding rows of a bucketed decode step write there
         self.graphs = DecodeGraphs(self.model, self.pool.kv, self.bt, self.pool.allocator.alloc(1)[0],
                                    capture=self.cfg.engine.cuda_graphs)
+        self.persister: Persister | None = None  # needs the store, opened in start()
+
+    async def start(self) -> None:
         await super().start()
         self.persister = Persister(self.store, self.cfg.store.write_queue_blocks)
         asyncio.create_task(self._decode_loop())
@@ -74,56 +87,68 @@ class DecodeEngine(Engine):
 
     def load(self) -> dict[str, Any]:
         tokens = sum(len(s.tokens) for s in self.seqs.values())
+        # dropped: the write-behind queue was full; failed: the store refused the write (a full disk)
         return {**super().load(), "running_decode_tokens": tokens, "persist_queue": self.persister.queued,
-                "persist_dropped": self.persister.dropped}
+                "persist_written": self.persister.written, "persist_dropped": self.persister.dropped,
+                "persist_failed": self.persister.failed}
 
-    async def handle(self, conn: Connection, method: str, p: dict) -> Any:
-        if method == "admit":
-            return await self._admit(p)
-        if method == "load":
-            return await self._send_hits(self.seqs[p["rid"]], p["dst"])
-        if method == "prefilled":
-            return await self._merge(self.seqs[p["rid"]], p["first_token"])
-        if method == "abort":
-            seq = self.seqs.get(p["rid"])
-            if seq is not None:
-                seq.cancelled = True
-                if seq not in self.running:
-                    self._release(seq)
-            return {"ok": True}
-        return await super().handle(conn, method, p)
+    async def on_load(self, conn: Connection, msg: Load) -> dict:
+        return await self._send_hits(self.seqs[msg.rid], msg.pe_run)
+
+    async def on_prefilled(self, conn: Connection, msg: Prefilled) -> dict:
+        return await self._merge(self.seqs[msg.rid], msg.first_token)
+
+    async def on_abort(self, conn: Connection, msg: Abort) -> dict:
+        seq = self.seqs.get(msg.rid)
+        if seq is None:
+            self.aborted_early.append(msg.rid)
+        else:
+            seq.cancelled = True
+            if seq not in self.running:
+                self._release(seq)
+        return {"ok": True}
 
     # -- admission and path-B reads --
 
-    async def _admit(self, p: dict) -> dict:
-        seq = DecodeSeq(p["rid"], list(p["tokens"]), len(p["tokens"]), p["n_hit"], p["n_de"], p["max_tokens"],
-                        p.get("temperature", 0.0), p.get("seed"), p.get("eos_id"))
+    async def on_admit(self, conn: Connection, msg: Admit) -> dict:
+        """Reserve HBM for prompt + answer (refused at once if there is none: the coordinator tries
+        another DE) and a buffer run for the prompt; start reading our share of the hits (path B).
+        Answers the RunHandle where the PE writes its handoff."""
+        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens), msg.hit_blocks, msg.de_blocks, msg.max_tokens,
+                        msg.temperature, msg.seed, msg.eos_id)
         try:
             seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
         except OutOfBlocks as e:
             raise RuntimeError(f"{self.name} has no room for this request: {e}") from None
         try:
-            seq.run = await asyncio.wait_for(self.buffer.alloc(self.pool.blocks_for(seq.prompt_len)), 30)
+            seq.run = await asyncio.wait_for(self.buffer.alloc(self.pool.blocks_for(seq.prompt_len)),
+                                             self.cfg.engine.memory_wait_s)
         except BaseException:
             self.pool.allocator.release(seq.blocks)
             raise
+        if seq.rid in self.aborted_early:
+            self.free_request_memory(seq)
+            raise RuntimeError(f"{seq.rid} was aborted while {self.name} admitted it")
         seq.keys = block_chain(seq.tokens, self.model.fingerprint, self.bt)
         self.seqs[seq.rid] = seq
-        if seq.n_de:
+        # Bounded: a slot whose handoff never comes (the coordinator gave up on this admit, or the
+        # PE failed without telling us) is freed when the request's deadline has passed.
+        asyncio.get_running_loop().call_later(msg.handoff_timeout_s, self._expire, seq)
+        if seq.de_blocks:
             seq.hit_layers = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
             seq.io.append(asyncio.create_task(self._read_hits(seq)))
-        return self.run_handle(seq.run)
+        return dataclasses.asdict(self.run_handle(seq, msg.pe))
 
     async def _read_hits(self, seq: DecodeSeq) -> None:
         def on_layer(l: int) -> None:
             seq.layers_read = l + 1
             seq.hit_layers[l].set()
 
-        await self.read_blocks(seq.keys[: seq.n_de], seq.run, on_layer=on_layer)
+        await self.read_blocks(seq.keys[: seq.de_blocks], seq.run, on_layer=on_layer)
         for ev in seq.hit_layers:  # on a miss, wake _send_hits to report it
             ev.set()
 
-    async def _send_hits(self, seq: DecodeSeq, dst: dict) -> dict:
+    async def _send_hits(self, seq: DecodeSeq, dst: RunHandle) -> dict:
         """Path B: storage → our buffer (already under way) → the PE's buffer, one bulk write per layer
         as soon as that layer is read, so the PE can compute layer 0 while later layers travel."""
         bpl = self.buffer.bytes_per_layer
@@ -132,16 +157,21 @@ class DecodeEngine(Engine):
             if seq.layers_read <= l:
                 raise RuntimeError("retry: a hit block was missing or corrupt")
             off, _ = self.buffer.layer_range(seq.run, l)
-            src = self.buffer.host[off : off + seq.n_de * bpl]
-            dst_off = dst["offset"] + l * dst["n_blocks"] * bpl
-            await self.dataplane.write(src, dst["handle"], dst_off, seq.n_de * bpl, "bulk",
+            src = self.buffer.host[off : off + seq.de_blocks * bpl]
+            await self.dataplane.write(src, dst.region, dst.layer_offset(l, bpl), seq.de_blocks * bpl, "bulk",
                                        notify={"rid": seq.rid, "layer": l})
-        self.metrics["path_b_sent_blocks"] += seq.n_de
+        self.metrics["path_b_sent_blocks"] += seq.de_blocks
         return {"ok": True}
 
     # -- merge: handed-off KV into HBM, persist the prompt's new full blocks --
 
+    def _expire(self, seq: DecodeSeq) -> None:
+        if not seq.prefilled and self.seqs.get(seq.rid) is seq:
+            log.warning("%s: no handoff for %s before its deadline; its slot and buffer are freed", self.name, seq.rid)
+            self._release(seq)
+
     async def _merge(self, seq: DecodeSeq, first_token: int) -> dict:
+        seq.prefilled = True
         nb, n_full = seq.run.n_blocks, seq.prompt_len // self.bt
 
         def copy_in():
@@ -154,7 +184,7 @@ class DecodeEngine(Engine):
         await self.in_compute(copy_in)
         await self.copies_done()
         view = self.buffer.view(seq.run)
-        for b in range(seq.n_hit, n_full):  # hit blocks are stored already
+        for b in range(seq.hit_blocks, n_full):  # hit blocks are stored already
             fut = self.persister.submit(seq.keys[b], [view[l, b].numpy().copy() for l in range(view.shape[0])])
             if fut is not None:
                 seq.persisted.append(fut)
@@ -172,7 +202,7 @@ class DecodeEngine(Engine):
 
     def _emit(self, seq: DecodeSeq, token: int) -> None:
         seq.tokens.append(token)
-        self.coord.event("token", rid=seq.rid, token=token)
+        tell(self.coord, Token(seq.rid, token))
 
     def _finished(self, seq: DecodeSeq) -> bool:
         return (seq.cancelled or seq.generated >= seq.max_tokens
@@ -196,7 +226,7 @@ class DecodeEngine(Engine):
                 log.exception("%s: decode step failed", self.name)
                 for seq in batch_seqs:
                     self.running.remove(seq)
-                    self.coord.event("failed", rid=seq.rid, error=f"decode failed: {e}", retry=False)
+                    tell(self.coord, Failed(seq.rid, f"decode failed: {e}"))
                     self._release(seq)
                 continue
             for seq, tok in zip(batch_seqs, next_tokens):
@@ -229,7 +259,7 @@ class DecodeEngine(Engine):
         if seq.persisted:
             await asyncio.gather(*seq.persisted)
         self.metrics["finished_requests"] += 1
-        self.coord.event("done", rid=seq.rid, cancelled=seq.cancelled)
+        tell(self.coord, Done(seq.rid, seq.cancelled))
         self._release(seq)
 
     def _release(self, seq: DecodeSeq) -> None:

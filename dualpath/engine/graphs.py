@@ -47,15 +47,15 @@ class DecodeGraphs:
         self.model, self.kv, self.bt, self.scratch = model, kv, block_tokens, scratch_block
         self.capture = capture and kv.is_cuda
         self.steps: dict[tuple[int, int], _Step] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.memory_pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def _new_step(self, b: int, nb: int) -> _Step:
         dev = self.kv.device
         inputs = torch.zeros(b * (4 + nb), dtype=torch.long, device=dev)
         ids, positions, slots, lens = inputs[: 4 * b].view(4, b)
-        tables = inputs[4 * b :].view(b, nb)
+        padded_tables = inputs[4 * b :].view(b, nb)
         batch = Batch(positions=positions, slots=slots, ctx_lens=[], new_lens=[1] * b, block_tables=[],
-                      tables=tables, lens=lens)
+                      padded_tables=padded_tables, lens=lens)
         return _Step(inputs, batch, ids)
 
     def _capture(self, step: _Step) -> None:
@@ -65,7 +65,7 @@ class DecodeGraphs:
             self.model.forward_paged(step.ids, step.batch, self.kv)
         torch.cuda.current_stream(self.kv.device).wait_stream(side)
         step.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(step.graph, pool=self.pool):
+        with torch.cuda.graph(step.graph, pool=self.memory_pool):
             step.logits = self.model.forward_paged(step.ids, step.batch, self.kv)
 
     def run(self, seqs: list[tuple[int, int, list[int]]]) -> torch.Tensor:

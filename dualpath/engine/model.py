@@ -104,7 +104,7 @@ class Batch:
     ctx_lens: tokens each sequence holds after this step (cached + new).
     new_lens: new tokens of each sequence in this step.
     block_tables: LongTensor[n_blocks] per sequence, covering ctx_lens tokens.
-    tables, lens: a decode batch may give its block tables already padded, LongTensor[B, max_blocks],
+    padded_tables, lens: a decode batch may give its block tables already padded, LongTensor[B, max_blocks],
         and its context lengths as LongTensor[B] instead (the CUDA-graph decode, engine/graphs.py:
         every tensor of a captured step is a fixed buffer, nothing is built from Python lists).
     """
@@ -114,7 +114,7 @@ class Batch:
     ctx_lens: list[int]
     new_lens: list[int]
     block_tables: list[torch.Tensor]
-    tables: torch.Tensor | None = None
+    padded_tables: torch.Tensor | None = None
     lens: torch.Tensor | None = None
 
     @staticmethod
@@ -140,7 +140,7 @@ class Batch:
     @property
     def padded(self) -> bool:
         """Attend over padded block tables (a decode batch of several sequences, or a static one)."""
-        return self.tables is not None or (self.is_decode and len(self.new_lens) > 1)
+        return self.padded_tables is not None or (self.is_decode and len(self.new_lens) > 1)
 
 
 class RMSNorm(nn.Module):
@@ -168,15 +168,15 @@ class Rotary(nn.Module):
         self.register_buffer("sin", emb.sin().float(), persistent=False)
         self.interleave = interleave
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at the positions, [N, 1, dim] each: made once per step, used by every layer."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
-    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [N, heads, dim], tables: from ``tables`` for the N positions."""
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [N, heads, dim], cos_sin: from ``cos_sin`` for the N positions."""
         if self.interleave:
             x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
-        cos, sin = tables
+        cos, sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -207,16 +207,16 @@ def _gather(kv_layer: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tens
 def _gather_padded(kv_layer: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """All sequences' KV padded to the longest: ([B, Lmax, W], valid mask [B, Lmax])."""
     bt = kv_layer.shape[1]
-    if batch.tables is not None:
-        tables, lens = batch.tables, batch.lens
+    if batch.padded_tables is not None:
+        padded, lens = batch.padded_tables, batch.lens
     else:
-        tables = torch.zeros(len(batch.block_tables), max(len(t) for t in batch.block_tables), dtype=torch.long,
+        padded = torch.zeros(len(batch.block_tables), max(len(t) for t in batch.block_tables), dtype=torch.long,
                              device=kv_layer.device)
         for i, t in enumerate(batch.block_tables):
-            tables[i, : len(t)] = t
+            padded[i, : len(t)] = t
         lens = torch.tensor(batch.ctx_lens, device=kv_layer.device)
-    n_blocks = tables.shape[1]
-    kv = kv_layer[tables].flatten(1, 2)  # [B, n_blocks * bt, W]
+    n_blocks = padded.shape[1]
+    kv = kv_layer[padded].flatten(1, 2)  # [B, n_blocks * bt, W]
     valid = torch.arange(n_blocks * bt, device=kv_layer.device).unsqueeze(0) < lens.unsqueeze(1)
     return kv, valid
 
@@ -231,16 +231,16 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * d, h, bias=False)
 
-    def _qkv(self, x: torch.Tensor, rope: Rotary, tables):
+    def _qkv(self, x: torch.Tensor, rope: Rotary, cos_sin):
         c = self.cfg
-        q = rope(self.q_proj(x).view(-1, c.n_heads, c.head_dim), tables)
-        k = rope(self.k_proj(x).view(-1, c.n_kv_heads, c.head_dim), tables)
+        q = rope(self.q_proj(x).view(-1, c.n_heads, c.head_dim), cos_sin)
+        k = rope(self.k_proj(x).view(-1, c.n_kv_heads, c.head_dim), cos_sin)
         v = self.v_proj(x).view(-1, c.n_kv_heads, c.head_dim)
         return q, k, v
 
     def forward_reference(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary) -> torch.Tensor:
         c = self.cfg
-        q, k, v = self._qkv(x, rope, rope.tables(positions, x.dtype))
+        q, k, v = self._qkv(x, rope, rope.cos_sin(positions, x.dtype))
         rep = c.n_heads // c.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * c.scale
@@ -248,10 +248,10 @@ class GQAttention(nn.Module):
         out = torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
         return self.o_proj(out.reshape(len(x), -1))
 
-    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, tables) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, cos_sin) -> torch.Tensor:
         """x: [N, hidden]; kv_layer: [n_blocks, block_tokens, 2 * n_kv * head_dim] (K then V)."""
         c = self.cfg
-        q, k, v = self._qkv(x, rope, tables)
+        q, k, v = self._qkv(x, rope, cos_sin)
         kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([k.flatten(1), v.flatten(1)], -1).to(kv_layer.dtype)
         rep = c.n_heads // c.n_kv_heads
         if batch.padded:
@@ -287,24 +287,24 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, h, bias=False)
 
-    def _q(self, x: torch.Tensor, rope: Rotary, tables):
+    def _q(self, x: torch.Tensor, rope: Rotary, cos_sin):
         c = self.cfg
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(len(x), c.n_heads, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], -1)
-        return q_nope, rope(q_pe, tables)
+        return q_nope, rope(q_pe, cos_sin)
 
-    def _latent(self, x: torch.Tensor, rope: Rotary, tables):
+    def _latent(self, x: torch.Tensor, rope: Rotary, cos_sin):
         """-> (c_kv [N, kv_lora_rank] normalised latent, k_pe [N, rope_dim] rotated shared key)."""
         c = self.cfg
         ckv, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], -1)
-        return self.kv_a_layernorm(ckv), rope(k_pe.unsqueeze(1), tables).squeeze(1)
+        return self.kv_a_layernorm(ckv), rope(k_pe.unsqueeze(1), cos_sin).squeeze(1)
 
     def forward_reference(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary) -> torch.Tensor:
         """Naive form: expand the latent into per-head K and V, then ordinary attention."""
         c = self.cfg
-        tables = rope.tables(positions, x.dtype)
-        q_nope, q_pe = self._q(x, rope, tables)
-        ckv, k_pe = self._latent(x, rope, tables)
+        cos_sin = rope.cos_sin(positions, x.dtype)
+        q_nope, q_pe = self._q(x, rope, cos_sin)
+        ckv, k_pe = self._latent(x, rope, cos_sin)
         kv = self.kv_b_proj(ckv).view(len(x), c.n_heads, -1)
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], -1)
@@ -314,14 +314,14 @@ class MLAttention(nn.Module):
         out = torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
         return self.o_proj(out.reshape(len(x), -1))
 
-    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, tables) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, cos_sin) -> torch.Tensor:
         """Absorbed form. kv_layer: [n_blocks, block_tokens, kv_lora_rank + rope_dim].
 
         score_h(t) = (q_nope_h W_UK_h) · c_t + q_pe_h · k_pe_t;  out_h = (Σ_t p_h(t) c_t) W_UV_h
         """
         c = self.cfg
-        q_nope, q_pe = self._q(x, rope, tables)
-        ckv, k_pe = self._latent(x, rope, tables)
+        q_nope, q_pe = self._q(x, rope, cos_sin)
+        ckv, k_pe = self._latent(x, rope, cos_sin)
         kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([ckv, k_pe], -1).to(kv_layer.dtype)
         w = self.kv_b_proj.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]  # [H, nope, r], [H, v, r]
@@ -407,16 +407,16 @@ class Model(nn.Module):
         return self.embed_tokens(token_ids)
 
     @torch.inference_mode()
-    def rope_tables(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's rotary tables, to make once per step and pass to every ``layer`` call."""
-        return self.rope.tables(batch.positions, self.dtype)
+    def rope_cos_sin(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's rotary cos and sin, to make once per step and pass to every ``layer`` call."""
+        return self.rope.cos_sin(batch.positions, self.dtype)
 
     @torch.inference_mode()
-    def layer(self, l: int, h: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, tables=None) -> torch.Tensor:
+    def layer(self, l: int, h: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, cos_sin=None) -> torch.Tensor:
         """Run layer l for the batch's new tokens; writes their KV into kv_layer first."""
         layer = self.layers[l]
-        tables = self.rope_tables(batch) if tables is None else tables
-        h = h + layer.self_attn(layer.input_layernorm(h), batch, kv_layer, self.rope, tables)
+        cos_sin = self.rope_cos_sin(batch) if cos_sin is None else cos_sin
+        h = h + layer.self_attn(layer.input_layernorm(h), batch, kv_layer, self.rope, cos_sin)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     @torch.inference_mode()
@@ -426,9 +426,9 @@ class Model(nn.Module):
     @torch.inference_mode()
     def forward_paged(self, token_ids: torch.Tensor, batch: Batch, kv: torch.Tensor) -> torch.Tensor:
         """All layers at once (kv: [n_layers, n_blocks, block_tokens, W]); logits of every new token."""
-        h, tables = self.embed(token_ids), self.rope_tables(batch)
+        h, cos_sin = self.embed(token_ids), self.rope_cos_sin(batch)
         for l in range(self.cfg.n_layers):
-            h = self.layer(l, h, batch, kv[l], tables)
+            h = self.layer(l, h, batch, kv[l], cos_sin)
         return self.logits(h)
 
 

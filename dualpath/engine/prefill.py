@@ -1,12 +1,12 @@
 """The prefill engine (PE): load the hit KV on path A and/or B, layer by layer, compute the miss
 tokens, sample the first token, and hand the KV to the decode engine (DESIGN.md §2 steps 4-6).
 
-A job's DRAM buffer run holds every block of its prompt, layer-major. Slots [0, n_hit) receive the
-hit KV: slots [0, n_de) from the DE over the compute network (path B, one bulk write per layer),
-slots [n_de, n_hit) from storage through this engine's SNIC (path A). The policy sets n_de: 0 (path
-A), n_hit (path B) or in between (a split read). Layer l is copied to HBM just before layer l is
+A job's DRAM buffer run holds every block of its prompt, layer-major. Slots [0, hit_blocks) receive
+the hit KV: slots [0, de_blocks) from the DE over the compute network (path B, one bulk write per
+layer), slots [de_blocks, hit_blocks) from storage through this engine's SNIC (path A). The policy
+sets de_blocks: 0 (path A), hit_blocks (path B) or in between (a split read). Layer l is copied to HBM just before layer l is
 computed, so loading overlaps compute. After the last layer the new KV is copied back into the run
-and written to the DE's run (latency class): every block the DE did not read itself, [n_de, end).
+and written to the DE's run (latency class): every block the DE did not read itself, [de_blocks, end).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
-from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.engine.runtime import Engine, sample
+from dualpath.protocol import Abort, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
 
@@ -33,13 +34,14 @@ log = logging.getLogger(__name__)
 class PrefillJob:
     rid: str
     tokens: list[int]
-    n_hit: int  # leading blocks whose KV is loaded, not computed
-    n_de: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
+    hit_blocks: int  # leading blocks whose KV is loaded, not computed
+    de_blocks: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
     de: str
-    de_dst: dict  # the DE's run: {"handle", "offset", "n_blocks"}
+    de_run: RunHandle  # where the handoff goes
     temperature: float
     seed: int | None
     run: BufferRun | None = None
+    grant: dict | None = None  # the DE's leave to write path B into our run
     blocks: list[int] = field(default_factory=list)
     io: list[asyncio.Task] = field(default_factory=list)  # reads and path-B loads into our run
     # Layer l of our storage reads / of the DE's writes is in our buffer (set on the event loop; the
@@ -57,13 +59,16 @@ class PrefillJob:
 class PrefillEngine(Engine):
     role = "prefill"
 
-    async def start(self) -> None:
+    def __init__(self, cfg: ClusterConfig, spec: EngineSpec):
+        super().__init__(cfg, spec)
         self.jobs: dict[str, PrefillJob] = {}
-        self.ready: list[PrefillJob] = []
-        self.wake = asyncio.Event()
+        self.ready: list[PrefillJob] = []  # admitted, loading or computing
+        self.wake = asyncio.Event()  # a job became ready, or a layer of its KV landed
         # The latest job's timeline, from admission (bench overlap reads it): its first token, when
         # the compute thread started each layer, and when each layer of our storage reads was in.
         self.last_prefill = {"total_s": 0.0, "started_s": [], "landed_s": []}
+
+    async def start(self) -> None:
         await super().start()
         asyncio.create_task(self._step_loop())
 
@@ -71,19 +76,18 @@ class PrefillEngine(Engine):
         queued = sum(len(j.tokens) - j.computed for j in self.jobs.values())
         return {**super().load(), "queued_prefill_tokens": queued, "last_prefill": self.last_prefill}
 
-    async def handle(self, conn: Connection, method: str, p: dict) -> Any:
-        if method == "prefill":
-            job = PrefillJob(p["rid"], p["tokens"], p["n_hit"], p["n_de"], p["de"], p["de_dst"],
-                             p.get("temperature", 0.0), p.get("seed"))
-            self.jobs[job.rid] = job
-            asyncio.create_task(self._admit(job))
-            return {"accepted": True}
-        if method == "abort":
-            job = self.jobs.get(p["rid"])
-            if job:
-                job.failed = "aborted"
-            return {"ok": True}
-        return await super().handle(conn, method, p)
+    async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
+        job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.temperature,
+                         msg.seed)
+        self.jobs[job.rid] = job
+        asyncio.create_task(self._admit(job))
+        return {"accepted": True}
+
+    async def on_abort(self, conn: Connection, msg: Abort) -> dict:
+        job = self.jobs.get(msg.rid)
+        if job:
+            job.failed = "aborted"
+        return {"ok": True}
 
     def on_write_complete(self, notify: Any) -> None:
         """Path B: the DE wrote layer `layer` of a job's hit KV into our buffer."""
@@ -97,15 +101,10 @@ class PrefillEngine(Engine):
         job.path_a_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         job.path_b_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         try:
-            job.run = await self.buffer.alloc(self.pool.blocks_for(len(job.tokens)))
-            while True:
-                try:
-                    job.blocks = self.pool.allocator.alloc(self.pool.blocks_for(len(job.tokens)))
-                    break
-                except OutOfBlocks:
-                    await asyncio.sleep(0.01)
-            job.computed = job.n_hit * self.bt
-            job.io = [asyncio.create_task(self._read_path_a(job, job.n_de, job.n_hit, job.path_a_layer)),
+            n = self.pool.blocks_for(len(job.tokens))
+            await self.take_memory(job, n, n)
+            job.computed = job.hit_blocks * self.bt
+            job.io = [asyncio.create_task(self._read_path_a(job, job.de_blocks, job.hit_blocks, job.path_a_layer)),
                       asyncio.create_task(self._read_path_b(job))]
             self.ready.append(job)
             self.wake.set()
@@ -130,20 +129,20 @@ class PrefillEngine(Engine):
             ev.set()
 
     async def _read_path_b(self, job: PrefillJob) -> None:
-        """Hit blocks [0, n_de): the DE reads them and writes them into our buffer layer by layer."""
-        if job.n_de == 0:
+        """Hit blocks [0, de_blocks): the DE reads them and writes them into our buffer layer by layer."""
+        if job.de_blocks == 0:
             for ev in job.path_b_layer:
                 ev.set()
             return
         try:
             de = await self.peer(job.de)
-            await de.request("load", timeout=120, rid=job.rid, dst=self.run_handle(job.run))
+            await ask(de, Load(job.rid, self.run_handle(job, job.de)), timeout=120)
             self.metrics["path_b_requests"] += 1
-            self.metrics["path_b_blocks"] += job.n_de
+            self.metrics["path_b_blocks"] += job.de_blocks
         except Exception as e:  # DESIGN §5: a path-B failure falls back to path A
             log.warning("%s: path B for %s failed (%s); falling back to path A", self.name, job.rid, e)
             self.metrics["path_b_fallbacks"] += 1
-            await self._read_path_a(job, 0, job.n_de, job.path_b_layer)
+            await self._read_path_a(job, 0, job.de_blocks, job.path_b_layer)
 
     # -- the prefill step loop --
 
@@ -178,10 +177,10 @@ class PrefillEngine(Engine):
     async def _step(self, picked: list[tuple[PrefillJob, int]]) -> None:
         batch = Batch.build([(j.blocks, j.computed, n) for j, n in picked], self.bt, self.device)
         ids = torch.tensor([t for j, n in picked for t in j.tokens[j.computed : j.computed + n]], device=self.device)
-        loading = [j for j, _ in picked if not j.loaded_to_hbm and j.n_hit]
-        hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.n_hit]) for j in loading}
+        loading = [j for j, _ in picked if not j.loaded_to_hbm and j.hit_blocks]
+        hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.hit_blocks]) for j in loading}
         n_layers = self.model.cfg.n_layers
-        h, tables = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_tables(batch)))
+        h, cos_sin = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_cos_sin(batch)))
 
         def landed(l: int) -> bool:
             return all(j.path_a_layer[l].is_set() and j.path_b_layer[l].is_set() for j in loading)
@@ -195,7 +194,7 @@ class PrefillEngine(Engine):
                 for j in loading:
                     j.t_started.append(time.monotonic())
                     self.buffer_to_hbm(j.run, hit_blocks[j.rid], l)
-                h = self.model.layer(l, h, batch, self.pool.layer(l), tables)
+                h = self.model.layer(l, h, batch, self.pool.layer(l), cos_sin)
                 l += 1
             return l, h
 
@@ -226,21 +225,19 @@ class PrefillEngine(Engine):
     async def _handoff(self, job: PrefillJob, first_token: int) -> None:
         try:
             nb = job.run.n_blocks
-            start = job.n_de  # the DE holds the blocks it read itself
+            start = job.de_blocks  # the DE holds the blocks it read itself
             await self.in_compute(self.hbm_to_buffer, job.run, job.blocks[start:], start)
             bpl = self.buffer.bytes_per_layer
             if start < nb:
                 writes = []
                 for l in range(self.model.cfg.n_layers):
-                    off, _ = self.buffer.layer_range(job.run, l)
-                    src = self.buffer.host[off + start * bpl : off + nb * bpl]
-                    dst_off = job.de_dst["offset"] + l * nb * bpl + start * bpl
-                    writes.append(self.dataplane.write(src, job.de_dst["handle"], dst_off, (nb - start) * bpl,
-                                                       "latency"))
+                    off, nbytes = self.buffer.layer_range(job.run, l, start)
+                    writes.append(self.dataplane.write(self.buffer.host[off : off + nbytes], job.de_run.region,
+                                                       job.de_run.layer_offset(l, bpl, start), nbytes, "latency"))
                 await asyncio.gather(*writes)
             self.metrics["handoff_blocks"] += nb - start
             de = await self.peer(job.de)
-            await de.request("prefilled", rid=job.rid, first_token=first_token)
+            await ask(de, Prefilled(job.rid, first_token))
             self.metrics["prefilled_requests"] += 1
         except Exception as e:  # the DE died or dropped the link: another DE may take the request
             await self._fail(job, f"retry: handoff to {job.de} failed: {e}")
@@ -254,4 +251,4 @@ class PrefillEngine(Engine):
     async def _fail(self, job: PrefillJob, why: str) -> None:
         log.warning("%s: request %s failed: %s", self.name, job.rid, why)
         self._release(job)
-        self.coord.event("failed", rid=job.rid, error=why, retry=why.startswith("retry"))
+        tell(self.coord, Failed(job.rid, why, retry=why.startswith("retry")))

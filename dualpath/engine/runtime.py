@@ -14,8 +14,9 @@ import torch
 from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.device import device_threads, make_current
 from dualpath.engine.buffers import BufferPool, BufferRun
-from dualpath.engine.kvcache import KVPool
+from dualpath.engine.kvcache import KVPool, OutOfBlocks
 from dualpath.engine.weights import load_pretrained
+from dualpath.protocol import Engines, Heartbeat, Register, RunHandle, ask, dispatch, tell
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import open_store
 from dualpath.transport import make_dataplane
@@ -27,11 +28,15 @@ log = logging.getLogger(__name__)
 
 def sample(logits: torch.Tensor, temperature: float, seed: int | None, position: int) -> int:
     """Greedy at temperature 0; otherwise a draw seeded by (seed, position), so the PE (first token)
-    and the DE (the rest) draw the same sequence a single engine would."""
+    and the DE (the rest) draw the same sequence a single engine would. Never raises: where the
+    distribution is not finite (an extreme temperature) the draw is greedy, and only this request
+    is affected, not the batch it runs in."""
     if temperature <= 0:
         return int(logits.argmax())
     g = torch.Generator().manual_seed(((seed or 0) * 1_000_003 + position) & (2**63 - 1))
-    probs = torch.softmax(logits.float().cpu() / temperature, -1)
+    probs = torch.softmax(logits.double().cpu() / temperature, -1)
+    if not bool(torch.isfinite(probs).all()):
+        return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=g))
 
 
@@ -58,6 +63,8 @@ class Engine:
         self.peer_addrs: dict[str, tuple[str, int]] = {}
         self.coord: Connection | None = None
         self.stopping = asyncio.Event()
+        self.read_rate_bps = 0.0  # how fast we drain our storage reads (policy.py compares drain times)
+        self._rate_mark = (0, 0.0)  # (verified bytes, busy seconds) at the last rate update
 
     # -- start / stop --
 
@@ -78,15 +85,20 @@ class Engine:
                                         device=self.device, rdma=RdmaOptions(
                                             c.transport.rdma_device, c.transport.rdma_port,
                                             c.transport.rdma_gid_index, c.transport.rdma_hop_limit))
-        await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
+        try:
+            await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
+        except OSError as e:  # an address of another host, or a port taken: say so, do not hang
+            raise SystemExit(f"{self.name}: cannot listen on {self.spec.host} ({e.strerror}); its engines[].host "
+                             f"must be an address of this host, and ports {self.spec.port} and "
+                             f"{self.spec.port + 1000} free") from None
         # One registered region over the whole DRAM buffer: every request's run is an offset into it.
-        self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path)
+        self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path,
+                                                     granted_only=True)
         self.control = Server(c.transport.token, self.handle)
         port = await self.control.start(self.spec.host, self.spec.port)
         self.spec.port = port
         self.coord = await self._connect_coordinator()
-        await self.coord.request("register", name=self.name, role=self.role, node=self.spec.node,
-                                 host=self.spec.host, port=port)
+        await ask(self.coord, Register(self.name, self.role, self.spec.node, self.spec.host, port))
         asyncio.create_task(self._heartbeat())
         log.info("%s ready (device %s, backend %s)", self.name, self.device, self.dataplane.backend)
 
@@ -111,11 +123,12 @@ class Engine:
     # -- load report --
 
     def load(self) -> dict[str, Any]:
-        io = self.store.store.stats
-        return {"read_queue_bytes": self.store.read_queue_bytes(), "free_buffer_blocks": self.buffer.free_blocks,
+        io = self.store.stats
+        return {"read_queue_bytes": self.store.read_queue_bytes(), "read_rate_bps": self.read_rate_bps,
+                "transport": self.dataplane.backend, "links": self.dataplane.links(), "network_sent_bytes": dict(self.dataplane.sent_bytes),
+                "free_buffer_blocks": self.buffer.free_blocks,
                 "free_hbm_blocks": self.pool.allocator.free, "storage_read_bytes": io.read_bytes,
-                "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics),
-                "links": self.dataplane.links()}  # a silent fallback to tcp shows here
+                "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics)}
 
     async def _heartbeat(self) -> None:
         while not self.stopping.is_set():
@@ -123,8 +136,19 @@ class Engine:
                 log.error("%s lost the coordinator; stopping", self.name)
                 self.stopping.set()
                 return
-            self.coord.event("heartbeat", name=self.name, load=self.load())
+            self._measure_read_rate()
+            tell(self.coord, Heartbeat(self.name, self.load()))
             await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
+
+    def _measure_read_rate(self, alpha: float = 0.3) -> None:
+        """Fold the reading done since the last update into read_rate_bps (a moving average), once
+        there was at least 20 ms of it: idle time says nothing about how fast we read."""
+        done, busy = self.store.read_done_bytes, self.store.read_busy_s()
+        d_done, d_busy = done - self._rate_mark[0], busy - self._rate_mark[1]
+        if d_busy >= 0.02:
+            rate = d_done / d_busy
+            self.read_rate_bps = rate if not self.read_rate_bps else (1 - alpha) * self.read_rate_bps + alpha * rate
+            self._rate_mark = (done, busy)
 
     # -- peers --
 
@@ -132,7 +156,7 @@ class Engine:
         conn = self.peers.get(name)
         if conn is None or conn.closed.is_set():
             if name not in self.peer_addrs:
-                self.peer_addrs.update({k: tuple(v) for k, v in (await self.coord.request("engines")).items()})
+                self.peer_addrs.update({k: tuple(v) for k, v in (await ask(self.coord, Engines())).items()})
             if name not in self.peer_addrs:
                 raise KeyError(f"unknown peer engine {name!r}")
             host, port = self.peer_addrs[name]
@@ -141,10 +165,12 @@ class Engine:
 
     # -- helpers shared by both roles --
 
-    def run_handle(self, run: BufferRun) -> dict:
-        """Where a peer writes into one of our buffer runs: our region plus the run's byte offset."""
-        off, nbytes = self.buffer.byte_range(run)
-        return {"handle": self.buffer_handle, "offset": off, "n_blocks": run.n_blocks}
+    def run_handle(self, req, peer: str) -> RunHandle:
+        """Where `peer` writes into a request's buffer run: our region, granted to that peer for the
+        run's bytes only (revoked with the request's memory), plus the run's byte offset."""
+        off, nbytes = self.buffer.byte_range(req.run)
+        req.grant = self.dataplane.grant(self.buffer_handle, off, nbytes, peer)
+        return RunHandle(req.grant, off, req.run.n_blocks)
 
     async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:
         """Storage → our DRAM buffer: blocks keys[i] into slot first+i of the run, layer by layer
@@ -216,12 +242,35 @@ class Engine:
             asyncio.gather(*pending, return_exceptions=True).add_done_callback(
                 lambda _: self.free_request_memory(req))
             return
+        if req.grant is not None:
+            self.dataplane.revoke(req.grant)
+            req.grant = None
         if req.run is not None:
             self.buffer.release(req.run)
             req.run = None
         if req.blocks:
             self.pool.allocator.release(req.blocks)
             req.blocks = []
+
+    async def take_memory(self, req, buffer_blocks: int, hbm_blocks: int) -> None:
+        """A request's DRAM-buffer run and HBM blocks, waiting at most engine.memory_wait_s for room
+        (then MemoryError: the request fails and is retried, never stuck behind a leak)."""
+        wait_s = self.cfg.engine.memory_wait_s
+        deadline = time.monotonic() + wait_s
+        try:
+            req.run = await asyncio.wait_for(self.buffer.alloc(buffer_blocks), wait_s)
+        except asyncio.TimeoutError:
+            raise MemoryError(f"{self.name}: no room for {buffer_blocks} DRAM-buffer blocks within {wait_s:g} s")
+        while True:
+            try:
+                req.blocks = self.pool.allocator.alloc(hbm_blocks)
+                return
+            except OutOfBlocks:
+                if time.monotonic() >= deadline:
+                    self.buffer.release(req.run)
+                    req.run = None
+                    raise MemoryError(f"{self.name}: no room for {hbm_blocks} HBM blocks within {wait_s:g} s")
+                await asyncio.sleep(0.005)
 
     async def in_compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
@@ -231,5 +280,6 @@ class Engine:
     def on_write_complete(self, notify: Any) -> None:
         pass
 
-    async def handle(self, conn: Connection, method: str, params: dict) -> Any:
-        raise ValueError(f"{self.name}: unknown method {method!r}")
+    async def handle(self, conn: Connection, kind: str, params: dict) -> Any:
+        """Every control message to this engine goes to its ``on_<kind>`` method (protocol.py)."""
+        return await dispatch(self, conn, kind, params)

@@ -44,10 +44,8 @@ def _init_random(model: Model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 

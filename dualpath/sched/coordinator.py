@@ -12,30 +12,53 @@ Life of a request here (DESIGN.md §2 steps 1-4):
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from dualpath.config import POLICIES, ClusterConfig
 from dualpath.engine.tokenizer import load_tokenizer
 from dualpath.engine.weights import model_identity
-from dualpath.sched.policy import Decision, EngineLoad, NoEngine, RequestInfo, choose
+from dualpath.sched.metrics import ClusterMetrics
+from dualpath.sched.policy import Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
-from dualpath.transport.control import Connection, Server
+from dualpath.protocol import (Abort, Admit, Done, Engines, Failed, Heartbeat, Message, Prefill, Register, RunHandle,
+                               Token, ask, dispatch, tell)
+from dualpath.transport.control import Connection, RemoteError, Server
 
 log = logging.getLogger(__name__)
 
 
 class BadRequest(ValueError):
-    """A client mistake: answered with 400 and this message."""
+    """A client mistake: answered with `status` (400 unless said) and this message, OpenAI-shaped."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+class RequestFailed(RuntimeError):
+    """The cluster could not serve a valid request: answered with `status` and this message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+MAX_SEED = 2**63  # seeds travel as 64-bit integers
+MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows: such a request is answered greedily (T = 0)
 
 
 @dataclass
@@ -58,13 +81,16 @@ class RequestState:
     tokens: list[int]
     params: dict
     policy: str
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Token, Done and Failed from its engines
     decision: Decision | None = None
     hit_blocks: int = 0
     output: list[int] = field(default_factory=list)
     attempts: int = 0
     t_arrival: float = field(default_factory=time.monotonic)
     t_first: float | None = None
+    t_scheduled: float | None = None  # admitted on its engines
+    deadline: float = math.inf  # monotonic time by which the request is answered or failed
+    cancelled: bool = False  # the client went away
 
     @property
     def attempt_rid(self) -> str:
@@ -89,33 +115,53 @@ class Coordinator:
         self.engines: dict[str, EngineEntry] = {}
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count(1)
-        self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0}
+        self.metrics = ClusterMetrics(self)
+        self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0,
+                      "admit_retries": 0, "failed": 0, "client_gone": 0}
 
     # ------------------------------------------------------------------ engine registry (control plane)
 
-    async def on_engine(self, conn: Connection, method: str, p: dict) -> Any:
-        if method == "register":
-            self.engines[p["name"]] = EngineEntry(p["name"], p["role"], p["node"], (p["host"], p["port"]), conn,
-                                                  time.monotonic())
-            log.info("engine %s registered (%s, node %d)", p["name"], p["role"], p["node"])
-            return {"ok": True}
-        if method == "engines":
-            return {e.name: list(e.addr) for e in self.engines.values()}
-        if method == "heartbeat":
-            e = self.engines.get(p["name"])
-            if e is not None:
-                e.load, e.last_seen, e.assigned = p["load"], time.monotonic(), Counter()
-            return None
-        req = self.requests.get(p.get("rid", ""))
-        if req is None:
-            return None
-        if method == "token":
-            req.queue.put_nowait(("token", p["token"]))
-        elif method == "done":
-            req.queue.put_nowait(("done", None))
-        elif method == "failed":
-            req.queue.put_nowait(("failed", p))
-        return None
+    async def on_engine(self, conn: Connection, kind: str, params: dict) -> Any:
+        """Every control message from an engine goes to the ``on_<kind>`` method below (protocol.py)."""
+        return await dispatch(self, conn, kind, params)
+
+    async def on_engines(self, conn: Connection, msg: Engines) -> dict:
+        return {e.name: list(e.addr) for e in self.engines.values()}
+
+    async def on_heartbeat(self, conn: Connection, msg: Heartbeat) -> None:
+        e = self.engines.get(msg.engine)
+        if e is not None and e.conn is conn:
+            e.load, e.last_seen, e.assigned = msg.load, time.monotonic(), Counter()
+
+    async def on_token(self, conn: Connection, msg: Token) -> None:
+        self._to_request(conn, msg)
+
+    async def on_done(self, conn: Connection, msg: Done) -> None:
+        self._to_request(conn, msg)
+
+    async def on_failed(self, conn: Connection, msg: Failed) -> None:
+        self._to_request(conn, msg)
+
+    def _to_request(self, conn: Connection, msg: Token | Done | Failed) -> None:
+        """Hand an engine's news to its request, if the request is still there and this engine serves it."""
+        req = self.requests.get(msg.rid)
+        if req is not None and req.decision is not None and conn.peer_name in (req.decision.pe, req.decision.de):
+            req.queue.put_nowait(msg)
+
+    async def on_register(self, conn: Connection, msg: Register) -> dict:
+        """An engine joins under the name it logged in with; a name held by a live connection is
+        not taken over (a second registration once silently replaced the real engine)."""
+        name = msg.engine
+        if name != conn.peer_name:
+            raise PermissionError(f"logged in as {conn.peer_name!r}, cannot register as {name!r}")
+        held = self.engines.get(name)
+        if held is not None and held.conn is not conn and not held.conn.closed.is_set():
+            log.warning("refused a second registration of %s from %s: it is live", name,
+                        conn.writer.get_extra_info("peername"))
+            raise PermissionError(f"engine {name} is already registered and live")
+        self.engines[name] = EngineEntry(name, msg.role, msg.node, (msg.host, msg.port), conn, time.monotonic())
+        log.info("engine %s registered (%s, node %d)", name, msg.role, msg.node)
+        return {"ok": True}
 
     def live_engines(self) -> list[EngineEntry]:
         now = time.monotonic()
@@ -125,99 +171,193 @@ class Coordinator:
     def cluster_view(self) -> list[EngineLoad]:
         fields = ("queued_prefill_tokens", "running_decode_tokens", "read_queue_bytes")
         return [EngineLoad(e.name, e.role, e.node, **{f: e.load.get(f, 0) + e.assigned[f] for f in fields},
-                           free_buffer_blocks=e.load.get("free_buffer_blocks", 0),
-                           free_hbm_blocks=e.load.get("free_hbm_blocks", 0))
+                           free_buffer_blocks=e.load.get("free_buffer_blocks", 0) - e.assigned["buffer_blocks"],
+                           free_hbm_blocks=e.load.get("free_hbm_blocks", 0) - e.assigned["hbm_blocks"],
+                           read_rate_bps=e.load.get("read_rate_bps", 0.0))
                 for e in self.live_engines()]
 
     # ------------------------------------------------------------------ validation
 
-    def parse(self, body: Any) -> tuple[list[int], dict, str]:
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        prompt = body.get("prompt")
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model.weights or self.cfg.model.preset
+
+    def _prompt_tokens(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(prompt)
+            try:
+                tokens = self.tokenizer.encode(prompt)
+            except UnicodeError as e:  # a lone surrogate, say
+                raise BadRequest(f"'prompt' is not valid Unicode text: {e.reason}", param="prompt") from None
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             tokens = prompt
             bad = [t for t in tokens if not 0 <= t < self.model_cfg.vocab_size]
             if bad:
-                raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})")
+                raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})",
+                                 param="prompt")
         else:
-            raise BadRequest("'prompt' must be a string or a list of token ids")
+            raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", param="prompt")
         if not tokens:
-            raise BadRequest("'prompt' is empty")
-        max_tokens = body.get("max_tokens", 16)
+            raise BadRequest("'prompt' is empty", param="prompt")
+        return tokens
+
+    def parse(self, body: Any) -> tuple[list[list[int]], dict, str]:
+        """A completion request's prompts (one, or a list of them), sampling parameters and policy."""
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        if body.get("model") not in (None, self.model_name):
+            raise BadRequest(f"the model {body['model']!r} does not exist here (this cluster serves "
+                             f"{self.model_name!r})", status=404, param="model", code="model_not_found")
+        if body.get("n", 1) != 1:
+            raise BadRequest("'n' other than 1 is not supported: send the request n times with different seeds",
+                             param="n")
+        if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
+            raise BadRequest("'logprobs' and 'echo' are not supported", param="logprobs")
+        prompt = body.get("prompt")
+        batch = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+        prompts = [self._prompt_tokens(p) for p in prompt] if batch else [self._prompt_tokens(prompt)]
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise BadRequest(f"'max_tokens' must be a positive integer, got {max_tokens!r}")
-        if len(tokens) + max_tokens > self.max_context:
-            raise BadRequest(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                             f"limit of {self.max_context} tokens")
+            raise BadRequest(f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
+        for tokens in prompts:
+            if len(tokens) + max_tokens > self.max_context:
+                raise BadRequest(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                                 f"limit of {self.max_context} tokens", param="max_tokens")
+            self.check_fits(len(tokens), max_tokens)
         temperature = body.get("temperature", 0.0)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-            raise BadRequest(f"'temperature' must be a number >= 0, got {temperature!r}")
+        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                or not 0 <= temperature <= MAX_TEMPERATURE):  # NaN fails this too
+            raise BadRequest(f"'temperature' must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}")
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise BadRequest(f"'seed' must be an integer, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or not -MAX_SEED <= seed < MAX_SEED):
+            raise BadRequest(f"'seed' must be an integer in [-2**63, 2**63), got {seed!r}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise BadRequest("'stop' must be a non-empty string or a list of them")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise BadRequest(f"'stream' must be true or false, got {stream!r}")
+            raise BadRequest(f"'stream' must be true or false, got {stream!r}", param="stream")
+        if stream and len(prompts) > 1:
+            raise BadRequest("streaming takes one prompt per request", param="prompt")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest("'stream_options' must be an object", param="stream_options")
         policy = body.get("dualpath_policy", self.cfg.scheduler.policy)
         if policy not in POLICIES:
             raise BadRequest(f"unknown 'dualpath_policy' {policy!r}; expected one of {list(POLICIES)}")
         params = {"max_tokens": max_tokens, "temperature": float(temperature), "seed": seed, "stop": stop,
-                  "stream": stream}
-        return tokens, params, policy
+                  "stream": stream, "include_usage": bool(options.get("include_usage"))}
+        return prompts, params, policy
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.bt)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse at once a request that no engine could ever hold (it would wait for room forever)."""
+        e = self.cfg.engine
+        need_hbm, need_buf = self.blocks_for(prompt_tokens + max_tokens), self.blocks_for(prompt_tokens)
+        if need_hbm > e.hbm_blocks - 1 or need_buf > e.buffer_blocks:  # a DE keeps one HBM block as scratch
+            raise BadRequest(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) needs {need_hbm} KV blocks "
+                             f"and {need_buf} buffer blocks of {self.bt} tokens; engines hold {e.hbm_blocks - 1} "
+                             f"and {e.buffer_blocks}")
 
     # ------------------------------------------------------------------ scheduling
 
     async def schedule(self, req: RequestState) -> None:
-        """Steps 2-4: prefix lookup, policy, then admit on the DE and submit to the PE."""
+        """Steps 2-4: prefix lookup, policy, then admit on the DE and submit to the PE. Only engines
+        with room are chosen; with none, wait for the next heartbeats (until the deadline). A DE that
+        refuses (no room after all) or does not answer while its heartbeats stop is passed over."""
         req.attempts += 1
         self.requests[req.attempt_rid] = req
         chain = block_chain(req.tokens, self.fingerprint, self.bt)
         # At least one token is computed: the PE needs the last prompt token's logits.
         req.hit_blocks = min(self.store.lookup(chain), (len(req.tokens) - 1) // self.bt)
-        info = RequestInfo(len(req.tokens), req.hit_blocks, self.block_bytes, req.params["max_tokens"])
-        d = req.decision = choose(req.policy, info, self.cluster_view())
+        n, m = len(req.tokens), req.params["max_tokens"]
+        info = RequestInfo(n, req.hit_blocks, self.block_bytes, m, self.blocks_for(n), self.blocks_for(n + m))
+        passed_over: set[str] = set()
+        while True:
+            try:
+                d = req.decision = choose(req.policy, info, [v for v in self.cluster_view()
+                                                             if v.name not in passed_over])
+            except NoRoom:
+                if time.monotonic() + self.cfg.scheduler.heartbeat_s > req.deadline:
+                    raise
+                passed_over.clear()  # room may have come back anywhere
+                await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
+                continue
+            self._assign(d, info)
+            rid, temperature, seed = req.attempt_rid, req.params["temperature"], req.params["seed"]
+            admit = Admit(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature, seed, m, self.tokenizer.eos_id,
+                          pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()))
+            try:
+                de_run = RunHandle(**await self._ask(self.engines[d.de], admit))
+            except (RemoteError, ConnectionError, TimeoutError) as e:
+                log.warning("%s: %s did not admit it (%s); trying another decode engine", req.rid, d.de, e)
+                tell(self.engines[d.de].conn, Abort(rid))  # in case it admits it late
+                self.stats["admit_retries"] += 1
+                self.metrics.retries.labels("admit").inc()
+                passed_over.add(d.de)
+                continue
+            self.stats[f"path_{d.path}"] += 1
+            await self._ask(self.engines[d.pe], Prefill(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature,
+                                                        seed, d.de, de_run))
+            req.t_scheduled = time.monotonic()
+            return
+
+    def _assign(self, d: Decision, info: RequestInfo) -> None:
+        """Count the work and memory just given to engines until their next heartbeat shows it."""
         pe, de = self.engines[d.pe], self.engines[d.de]
         pe.assigned["read_queue_bytes"] += d.pe_blocks * self.block_bytes
-        pe.assigned["queued_prefill_tokens"] += len(req.tokens) - req.hit_blocks * self.bt
+        pe.assigned["queued_prefill_tokens"] += info.prompt_tokens - d.hit_blocks * self.bt
+        pe.assigned["buffer_blocks"] += info.prompt_blocks
+        pe.assigned["hbm_blocks"] += info.prompt_blocks
         de.assigned["read_queue_bytes"] += d.de_blocks * self.block_bytes
-        de.assigned["running_decode_tokens"] += len(req.tokens) + req.params["max_tokens"]
-        self.stats[f"path_{d.path}"] += 1
-        common = {"rid": req.attempt_rid, "tokens": req.tokens, "n_hit": req.hit_blocks, "n_de": d.de_blocks,
-                  "temperature": req.params["temperature"], "seed": req.params["seed"]}
-        de_dst = await de.conn.request("admit", max_tokens=req.params["max_tokens"], eos_id=self.tokenizer.eos_id,
-                                       **common)
-        await pe.conn.request("prefill", de=d.de, de_dst=de_dst, **common)
+        de.assigned["running_decode_tokens"] += info.prompt_tokens + info.max_tokens
+        de.assigned["buffer_blocks"] += info.prompt_blocks
+        de.assigned["hbm_blocks"] += info.decode_blocks
+
+    async def _ask(self, e: EngineEntry, msg: Message, timeout: float = 30.0) -> Any:
+        """Ask an engine; fails as soon as the engine stops heartbeating (a stopped process keeps
+        its socket open: waiting out the whole timeout held admits for 30 s)."""
+        call = asyncio.ensure_future(ask(e.conn, msg, timeout))
+        while True:
+            done, _ = await asyncio.wait([call], timeout=self.cfg.scheduler.heartbeat_s)
+            if done:
+                return call.result()
+            if time.monotonic() - e.last_seen > self.cfg.scheduler.dead_after_s:
+                call.cancel()
+                raise TimeoutError(f"{e.name} stopped heartbeating")
 
     async def generate(self, req: RequestState):
         """Yields generated token ids; retries a request whose hit blocks vanished or whose engine died."""
+        req.deadline = req.t_arrival + self.cfg.scheduler.request_timeout_s
         try:
             while True:
                 try:
                     await self.schedule(req)
                 except NoEngine as e:
-                    raise web.HTTPServiceUnavailable(text=json.dumps({"error": str(e)}),
-                                                     content_type="application/json")
+                    raise RequestFailed(503, str(e)) from None
+                except (RemoteError, ConnectionError, TimeoutError) as e:  # the PE refused or went away
+                    raise RequestFailed(503, f"could not start the request: {e}") from None
                 while True:
-                    kind, value = await self._next_event(req)
-                    if kind == "token":
+                    news = await self._next_event(req)
+                    if isinstance(news, Token):
                         if req.t_first is None:
                             req.t_first = time.monotonic()
-                        req.output.append(value)
-                        yield value
-                    elif kind == "done":
+                        req.output.append(news.token)
+                        yield news.token
+                    elif isinstance(news, Done):
+                        self.metrics.answered(req, time.monotonic(), self.bt)
                         return
-                    else:  # failed
+                    else:
                         break
-                if req.output or not value.get("retry") or req.attempts >= 3:
-                    raise RuntimeError(f"request failed: {value.get('error')}")
+                if req.output or not news.retry or req.attempts >= 3:
+                    raise RequestFailed(500, f"request failed: {news.error}")
                 self.stats["retried"] += 1
+                self.metrics.retries.labels("attempt").inc()
                 self._end_attempt(req)  # its DE slot and buffers are freed before the retry takes new ones
         finally:
             self._end_attempt(req)
@@ -229,70 +369,136 @@ class Coordinator:
         for name in (req.decision.pe, req.decision.de):
             e = self.engines.get(name)
             if e is not None:
-                e.conn.event("abort", rid=req.attempt_rid)
+                tell(e.conn, Abort(req.attempt_rid))
 
-    async def _next_event(self, req: RequestState) -> tuple[str, Any]:
-        """The next event, or a failure if an engine serving the request dies (heartbeat loss)."""
+    async def _next_event(self, req: RequestState) -> Token | Done | Failed:
+        """The next news of the request: from its engines, or a (retryable) failure if one of them
+        died (heartbeat loss); RequestFailed(504) once the request's deadline passes."""
         while True:
+            wait = min(self.cfg.scheduler.heartbeat_s * 2, req.deadline - time.monotonic())
+            if wait <= 0:
+                raise RequestFailed(504, f"not answered within the request timeout of "
+                                         f"{self.cfg.scheduler.request_timeout_s:g} s")
             try:
-                return await asyncio.wait_for(req.queue.get(), self.cfg.scheduler.heartbeat_s * 2)
+                return await asyncio.wait_for(req.queue.get(), wait)
             except asyncio.TimeoutError:
                 live = {e.name for e in self.live_engines()}
                 d = req.decision
                 if d is not None and not {d.pe, d.de} <= live:
-                    return "failed", {"error": f"engine {({d.pe, d.de} - live).pop()} died", "retry": True}
+                    return Failed(req.attempt_rid, f"engine {({d.pe, d.de} - live).pop()} died", retry=True)
 
     # ------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._errors, self._api_key])
         app.add_routes([web.post("/v1/completions", self.http_completions), web.get("/v1/models", self.http_models),
-                        web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster)])
+                        web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster),
+                        web.get("/metrics", self.http_metrics)])
         return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every failure on the request path becomes an OpenAI-shaped error body, never a traceback."""
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except RequestFailed as e:
+            self.stats["failed"] += 1
+            self.metrics.failed(e.status)
+            return self._error(e.status, str(e))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            self.stats["failed"] += 1
+            self.metrics.failed(500)
+            return self._error(500, "internal error in the coordinator (see its log)")
+
+    @web.middleware
+    async def _api_key(self, request: web.Request, handler) -> web.StreamResponse:
+        """With an API key configured, /v1/* needs `Authorization: Bearer <key>` (as vLLM's --api-key)."""
+        key = self.cfg.scheduler.api_key
+        if key and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return self._error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+        return await handler(request)
 
     async def http_completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._error(400, "request body is not valid JSON")
+        except RecursionError:
+            return self._error(400, "request body is nested too deeply")
         try:
-            tokens, params, policy = self.parse(body)
+            prompts, params, policy = self.parse(body)
         except BadRequest as e:
             self.stats["rejected"] += 1
-            return self._error(400, str(e))
-        self.stats["requests"] += 1
-        req = RequestState(f"cmpl-{next(self._ids)}", tokens, params, policy)
+            self.metrics.failed(e.status)
+            return self._error(e.status, str(e), e.param, e.code)
+        cid = f"cmpl-{next(self._ids)}"
+        reqs = [RequestState(f"{cid}-{i}" if len(prompts) > 1 else cid, tokens, params, policy)
+                for i, tokens in enumerate(prompts)]
+        self.stats["requests"] += len(reqs)
         if params["stream"]:
-            return await self._stream(request, req)
-        text = ""
-        try:
-            async for _ in self.generate(req):
-                text, hit_stop = self._apply_stop(req)
-                if hit_stop:
-                    break
-        except RuntimeError as e:
-            return self._error(500, str(e))
-        return web.json_response(self._body(req, text, "stop" if req.output else "length"))
+            return await self._stream(request, reqs[0])
+        done = await asyncio.gather(*(self._complete(request, r) for r in reqs))
+        return web.json_response(self._body(cid, reqs, done))
+
+    async def _complete(self, request: web.Request, req: RequestState) -> tuple[str, str]:
+        """Run one prompt to its end: (text, finish_reason)."""
+        text, hit_stop = "", False
+        async for _ in self.generate(req):
+            text, hit_stop = self._apply_stop(req)
+            if hit_stop:
+                break
+            if request.transport is None or request.transport.is_closing():
+                # aiohttp does not cancel a handler whose client left: stop generating for nobody
+                log.info("client of %s went away; its slot and buffers are freed", req.rid)
+                self.stats["client_gone"] += 1
+                break
+        return text, self._finish_reason(req, hit_stop)
+
+    def _finish_reason(self, req: RequestState, hit_stop: bool) -> str:
+        """'length' when max_tokens ended the answer, 'stop' for a stop string or the end-of-sequence token."""
+        return "stop" if hit_stop or len(req.output) < req.params["max_tokens"] else "length"
 
     async def _stream(self, request: web.Request, req: RequestState) -> web.StreamResponse:
+        """Server-sent events as OpenAI sends them: one chunk per token with the new text only, a last
+        chunk with the finish reason (and our `dualpath` object), then the usage if asked, then [DONE]."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        sent = ""
+        sent, hit_stop = "", False
+        usage = None if req.params["include_usage"] else ...  # Ellipsis: no usage field at all
+
+        async def send(choices: list[dict], **extra) -> None:
+            chunk = {"id": req.rid, "object": "text_completion", "created": int(time.time()),
+                     "model": self.model_name, "choices": choices, **extra}
+            if usage is not ...:
+                chunk.setdefault("usage", None)
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
         try:
             async for tok in self.generate(req):
                 text, hit_stop = self._apply_stop(req)
-                chunk = {"id": req.rid, "object": "text_completion",
-                         "choices": [{"index": 0, "text": text[len(sent):], "token_ids": [tok]}]}
+                await send([{"index": 0, "text": text[len(sent):], "token_ids": [tok], "logprobs": None,
+                             "finish_reason": None}])
                 sent = text
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if hit_stop:
                     break
-            await resp.write(f"data: {json.dumps(self._body(req, sent, 'stop'))}\n\ndata: [DONE]\n\n".encode())
+            await send([{"index": 0, "text": "", "token_ids": [], "logprobs": None,
+                         "finish_reason": self._finish_reason(req, hit_stop)}], dualpath=self._dualpath(req))
+            if usage is not ...:
+                await send([], usage=self._usage([req]))
+            await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             log.info("client of %s went away; its slot and buffers are freed", req.rid)  # generate()'s finally
             raise
-        except RuntimeError as e:
-            await resp.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
+        except RequestFailed as e:
+            self.stats["failed"] += 1
+            self.metrics.failed(e.status)
+            error = {"message": str(e), "type": "server_error", "code": e.status}
+            await resp.write(f"data: {json.dumps({'error': error})}\n\n".encode())
         return resp
 
     def _apply_stop(self, req: RequestState) -> tuple[str, bool]:
@@ -303,25 +509,43 @@ class Coordinator:
                 return text[:i], True
         return text, False
 
-    def _body(self, req: RequestState, text: str, finish: str) -> dict:
+    def _body(self, cid: str, reqs: list[RequestState], done: list[tuple[str, str]]) -> dict:
+        """A completion response; token_ids, cached_tokens and `dualpath` extend OpenAI's fields."""
+        choices = [{"index": i, "text": text, "token_ids": r.output, "logprobs": None, "finish_reason": finish}
+                   for i, (r, (text, finish)) in enumerate(zip(reqs, done))]
+        body = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                "choices": choices, "usage": self._usage(reqs), "dualpath": self._dualpath(reqs[0])}
+        if len(reqs) > 1:
+            body["dualpath_per_choice"] = [self._dualpath(r) for r in reqs]
+        return body
+
+    def _usage(self, reqs: list[RequestState]) -> dict:
+        prompt, completion = sum(len(r.tokens) for r in reqs), sum(len(r.output) for r in reqs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(r.hit_blocks for r in reqs) * self.bt}}
+
+    def _dualpath(self, req: RequestState) -> dict | None:
         d = req.decision
-        return {"id": req.rid, "object": "text_completion", "model": self.cfg.model.weights or self.cfg.model.preset,
-                "choices": [{"index": 0, "text": text, "token_ids": req.output, "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(req.tokens), "completion_tokens": len(req.output),
-                          "total_tokens": len(req.tokens) + len(req.output),
-                          "prompt_tokens_details": {"cached_tokens": req.hit_blocks * self.bt}},
-                "dualpath": {"pe": d.pe, "de": d.de, "read_side": d.read_side, "policy": req.policy, "path": d.path,
-                             "read_bytes": {"pe": d.pe_blocks * self.block_bytes, "de": d.de_blocks * self.block_bytes},
-                             "ttft_s": (req.t_first or time.monotonic()) - req.t_arrival} if d else None}
+        if d is None:
+            return None
+        return {"pe": d.pe, "de": d.de, "read_side": d.read_side, "policy": req.policy, "path": d.path,
+                "read_bytes": {"pe": d.pe_blocks * self.block_bytes, "de": d.de_blocks * self.block_bytes},
+                "ttft_s": (req.t_first or time.monotonic()) - req.t_arrival}
 
     @staticmethod
-    def _error(status: int, message: str) -> web.Response:
-        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+    def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+        kind = "server_error" if status >= 500 else ("authentication_error" if status == 401 else
+                                                      "invalid_request_error")
+        error = {"message": message, "type": kind, "param": param, "code": code or status}
+        return web.json_response({"error": error}, status=status)
 
     async def http_models(self, _: web.Request) -> web.Response:
-        name = self.cfg.model.weights or self.cfg.model.preset
+        name = self.model_name
         return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "dualpath",
                                                                "max_context": self.max_context}]})
+
+    async def http_metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def http_health(self, _: web.Request) -> web.Response:
         live = self.live_engines()

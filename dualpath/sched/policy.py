@@ -10,10 +10,19 @@ of the leading hit blocks the DE reads (``de_blocks``); the PE reads the rest. P
 - ``de-read``: the DE reads everything (path B).
 - ``dualpath`` (the paper's, §6.1): pick the PE with the fewest queued prefill tokens and, among
   the DEs whose decode load stays balanced, the one with the shortest storage read queue; then the
-  whole read goes to whichever of the two has the shorter queue. Every storage NIC in the cluster
+  whole read goes to whichever of the two would finish it first. Every storage NIC in the cluster
   serves as one pool.
 - ``dualpath-split`` (beyond the paper, which names it as future work): same engines, but the
   hit blocks are split so that both read queues drain at the same time.
+
+Queues are compared as *drain times*, beyond the paper, which compares queue lengths (its storage
+NICs all run at one rate, and the NIC is what drains a queue). Each engine reports the rate at which
+it has actually drained its reads (``read_rate_bps``: verified bytes per second of reading), so an
+engine whose own load pipeline, not its NIC, is the bottleneck gets its fair share and no more.
+Until both sides have measured a rate, bytes stand in for time (equal rates).
+
+Every policy chooses only among engines with room for the request (free DRAM-buffer and HBM
+blocks, as last reported); ``NoRoom`` when no engine of a role has it right now.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ class EngineLoad:
     read_queue_bytes: int = 0
     free_buffer_blocks: int = 0
     free_hbm_blocks: int = 0
+    read_rate_bps: float = 0.0  # measured drain rate of its read queue; 0 = not measured yet
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,8 @@ class RequestInfo:
     hit_blocks: int
     block_bytes: int  # bytes of one stored block (all layers)
     max_tokens: int
+    prompt_blocks: int = 0  # DRAM-buffer blocks on both engines, and HBM blocks on the PE
+    decode_blocks: int = 0  # HBM blocks on the DE: prompt plus every token it may generate
 
     @property
     def read_bytes(self) -> int:
@@ -75,11 +87,24 @@ class NoEngine(RuntimeError):
     """No live engine of a needed role."""
 
 
-def _engines(engines: list[EngineLoad], role: str) -> list[EngineLoad]:
+class NoRoom(NoEngine):
+    """Live engines of a needed role, but none with room for this request right now."""
+
+
+def has_room(e: EngineLoad, req: RequestInfo) -> bool:
+    hbm = req.prompt_blocks if e.role == "prefill" else req.decode_blocks
+    return e.free_buffer_blocks >= req.prompt_blocks and e.free_hbm_blocks >= hbm
+
+
+def _engines(engines: list[EngineLoad], role: str, req: RequestInfo) -> list[EngineLoad]:
     live = [e for e in engines if e.role == role]
     if not live:
         raise NoEngine(f"no live {role} engine")
-    return live
+    roomy = [e for e in live if has_room(e, req)]
+    if not roomy:
+        raise NoRoom(f"no {role} engine has room for this request now ({req.prompt_blocks} buffer blocks"
+                     f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})")
+    return roomy
 
 
 def _least(engines: list[EngineLoad], key) -> EngineLoad:
@@ -93,26 +118,39 @@ def _balanced_decode_engines(des: list[EngineLoad], req: RequestInfo) -> list[En
     return [e for e in des if e.running_decode_tokens <= floor + req.prompt_tokens + req.max_tokens]
 
 
+def _rates(*engines: EngineLoad) -> list[float]:
+    """Their measured drain rates, or all 1.0 (time measured in bytes) unless every one has one."""
+    rates = [e.read_rate_bps for e in engines]
+    return rates if all(r > 0 for r in rates) else [1.0] * len(engines)
+
+
+def _drain_s(e: EngineLoad, rate: float, extra_bytes: int = 0) -> float:
+    return (e.read_queue_bytes + extra_bytes) / rate
+
+
 def split_blocks(req: RequestInfo, pe: EngineLoad, de: EngineLoad) -> int:
-    """Blocks for the DE such that both queues drain together (equal storage-NIC rates assumed):
-    pe_queue + (hit - x) * b == de_queue + x * b."""
-    b = req.block_bytes
-    x = (req.hit_blocks * b + pe.read_queue_bytes - de.read_queue_bytes) / (2 * b)
+    """Blocks for the DE such that both queues drain together:
+    (pe_queue + (hit - x) * b) / pe_rate == (de_queue + x * b) / de_rate."""
+    b, (rp, rd) = req.block_bytes, _rates(pe, de)
+    x = (rd * (pe.read_queue_bytes + req.hit_blocks * b) - rp * de.read_queue_bytes) / (b * (rp + rd))
     return max(0, min(req.hit_blocks, round(x)))
 
 
 def choose(policy: str, req: RequestInfo, engines: list[EngineLoad]) -> Decision:
-    pes, des = _engines(engines, "prefill"), _engines(engines, "decode")
+    pes, des = _engines(engines, "prefill", req), _engines(engines, "decode", req)
     pe = _least(pes, lambda e: (e.queued_prefill_tokens, e.read_queue_bytes))
     if policy in ("pe-read", "de-read"):
         de = _least(des, lambda e: e.running_decode_tokens)
         de_blocks = req.hit_blocks if policy == "de-read" else 0
     elif policy in ("dualpath", "dualpath-split"):
-        de = _least(_balanced_decode_engines(des, req), lambda e: (e.read_queue_bytes, e.running_decode_tokens))
+        balanced = _balanced_decode_engines(des, req)
+        rate = dict(zip((e.name for e in balanced), _rates(*balanced)))
+        de = _least(balanced, lambda e: (_drain_s(e, rate[e.name]), e.running_decode_tokens))
         if policy == "dualpath-split":
             de_blocks = split_blocks(req, pe, de)
-        else:  # the shorter queue reads all; a tie goes to the PE (path A needs no compute-network hop)
-            de_blocks = req.hit_blocks if de.read_queue_bytes < pe.read_queue_bytes else 0
+        else:  # the side that would finish the read first reads all; a tie goes to the PE (no extra hop)
+            rp, rd = _rates(pe, de)
+            de_blocks = req.hit_blocks if _drain_s(de, rd, req.read_bytes) < _drain_s(pe, rp, req.read_bytes) else 0
     else:
         raise ValueError(f"unknown policy {policy!r}")
     return Decision(pe.name, de.name, req.hit_blocks, de_blocks)

@@ -3,8 +3,7 @@
 The decode loop must never wait on storage, so ``submit`` never blocks: it returns a future that
 resolves when the block is durable, or ``None`` when the bounded queue is full (the block is then
 not persisted and counted as dropped: a later turn will miss it and recompute, never read wrong
-KV). ``put`` is the waiting variant, for callers that may apply back-pressure. ``flush`` drains
-the queue (clean shutdown).
+KV). ``flush`` drains the queue (clean shutdown).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ class Persister:
         self.written = self.dropped = self.failed = 0
 
     def submit(self, key: bytes, layers: list) -> asyncio.Future | None:
-        if self.store.store.contains(key):  # already durable (e.g. persisted by an earlier turn)
+        if self.store.contains(key):  # already durable (e.g. persisted by an earlier turn)
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(True)
             return fut
@@ -35,11 +34,6 @@ class Persister:
         except asyncio.QueueFull:
             self.dropped += 1
             return None
-        return fut
-
-    async def put(self, key: bytes, layers: list) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        await self._queue.put((key, layers, fut))
         return fut
 
     @property

@@ -1,6 +1,6 @@
 """A storage reader process: reads blocks into an engine's shared buffer (protocol: readers.py).
 
-It imports no torch (only the control plane's framing), so it starts in a few tens of milliseconds."""
+It imports no torch (only transport/framing.py), so it starts in a few tens of milliseconds."""
 
 from __future__ import annotations
 
@@ -9,30 +9,15 @@ import os
 import socket
 import sys
 
-import msgpack
-
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import OK, FileStore
-from dualpath.transport.control import pack
+from dualpath.transport.framing import pack, recv_frame_blocking
 
-
-def _recv_frame(sock: socket.socket) -> dict | None:
-    head = sock.recv(4, socket.MSG_WAITALL)
-    if len(head) < 4:
-        return None  # the engine closed the socket
-    n = int.from_bytes(head, "big")
-    body = bytearray(n)
-    view, got = memoryview(body), 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if not k:
-            return None
-        got += k
-    return msgpack.unpackb(body, raw=False)
+MAX_FRAME = 16 << 20  # one request's message: its keys and spans
 
 
 def serve(sock: socket.socket) -> None:
-    hello = _recv_frame(sock)
+    hello = recv_frame_blocking(sock, MAX_FRAME)
     if hello is None:
         return
     try:
@@ -53,7 +38,7 @@ def serve(sock: socket.socket) -> None:
 
 def _read_requests(sock: socket.socket, store: FileStore, mem: memoryview) -> None:
     bpl = store.shape.bytes_per_layer
-    while (msg := _recv_frame(sock)) is not None:
+    while (msg := recv_frame_blocking(sock, MAX_FRAME)) is not None:
         keys, offset, stride = msg["keys"], msg["offset"], msg["stride"]
         codes, sums = bytearray(len(keys)), [None] * len(keys)
         for i, key in enumerate(keys):

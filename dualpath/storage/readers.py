@@ -30,7 +30,9 @@ import socket
 import subprocess
 import sys
 
-from dualpath.transport.control import pack, read_frame
+from dualpath.transport.framing import pack, read_frame
+
+REPLY_MAX_FRAME = 1 << 20  # a reader's reply: one status byte per block of a span
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class Reader:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         self._writer.write(pack(self.hello))
         try:  # ready once it has mapped the buffer, so a read's time never includes the start
-            ready = await asyncio.wait_for(read_frame(self._reader), 60)
+            ready = await asyncio.wait_for(read_frame(self._reader, REPLY_MAX_FRAME), 60)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as e:
             ready = {"error": f"no answer ({type(e).__name__})"}
         if "error" in ready:
@@ -90,7 +92,7 @@ class Reader:
     async def _replies(self) -> None:
         try:
             while True:
-                msg = await read_frame(self._reader)
+                msg = await read_frame(self._reader, REPLY_MAX_FRAME)
                 futures = self._pending[msg["id"]]
                 futures[msg["span"]].set_result(msg["codes"])
                 if msg["span"] == len(futures) - 1:

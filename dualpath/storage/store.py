@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dualpath.storage.blockfile import (HEADER_BYTES, BlockFormatError, BlockShape, checksum, decode_header,
                                         encode_header)
@@ -74,7 +74,6 @@ class StoreStats:
     write_bytes: int = 0
     evictions: int = 0
     torn_cleaned: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _preadv(path: str, reads: list[tuple[int, list]]) -> int | None:
@@ -305,6 +304,18 @@ class AsyncStore:
         self._spans = read_spans  # see layer_spans
         self.pending_read_bytes = 0
         self.pending_reads = 0
+        # How fast this engine drains its read queue, whatever bounds it (the NIC, the readers, the
+        # event loop): verified bytes over the time reads were outstanding, cumulative.
+        self.read_done_bytes = 0
+        self._read_busy_s = 0.0
+        self._busy_since = 0.0
+
+    @property
+    def stats(self) -> StoreStats:
+        return self.store.stats
+
+    def contains(self, key: bytes) -> bool:
+        return self.store.contains(key)
 
     async def attach(self, buffer_path: str, buffer_bytes: int) -> None:
         """Start the reader processes over the engine's DRAM buffer (a mappable shared file)."""
@@ -342,6 +353,8 @@ class AsyncStore:
         bounds = [(len(keys) * g // groups, len(keys) * (g + 1) // groups) for g in range(groups)]
         codes = bytearray(len(keys))  # OK until a span says otherwise
         nbytes = shape.file_bytes * len(keys)
+        if not self.pending_reads:
+            self._busy_since = time.monotonic()
         self.pending_read_bytes += nbytes
         self.pending_reads += len(keys)
         try:
@@ -369,15 +382,22 @@ class AsyncStore:
                         on_layer(l)
             for key, code in zip(keys, codes):
                 self.store.account(key, code, shape.file_bytes if code == OK else 0)
+            self.read_done_bytes += shape.file_bytes * codes.count(OK)
             return [c == OK for c in codes]
         finally:
             self.pending_read_bytes -= nbytes
             self.pending_reads -= len(keys)
+            if not self.pending_reads:
+                self._read_busy_s += time.monotonic() - self._busy_since
 
     async def write(self, key: bytes, layers: list) -> None:
         end = self.write_bucket.reserve(self.store.shape.file_bytes)
         await asyncio.get_running_loop().run_in_executor(self._pool, self.store.write, key, layers)
         await _nic_done(end)
+
+    def read_busy_s(self) -> float:
+        """Seconds during which this engine had reads outstanding (so far, the current stretch included)."""
+        return self._read_busy_s + (time.monotonic() - self._busy_since if self.pending_reads else 0.0)
 
     def read_queue_bytes(self) -> int:
         """Storage read queue for the scheduler: the node's emulated NIC backlog when emulation is on

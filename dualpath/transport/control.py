@@ -1,62 +1,28 @@
-"""The control plane: length-prefixed msgpack frames over TCP, with a cluster token checked at connect.
+"""The control plane: typed requests, responses and events over framed, authenticated TCP.
 
-Frame: 4-byte big-endian length, then a msgpack map. A frame longer than ``max_frame`` is refused
-and the connection closed. Connect handshake (both ends know the cluster token):
-
-    server -> {"v": PROTOCOL, "nonce": 16 random bytes}
-    client -> {"v": PROTOCOL, "name": ..., "mac": HMAC-SHA256(token, nonce)}
-    server -> {"ok": true} or {"ok": false, "error": ...} and close
-
-After it, either side may send requests ``{"id", "m", "p"}`` (answered by ``{"id", "r"}`` or
-``{"id", "e"}``) and one-way events ``{"m", "p"}``.
+Frames and the login that proves the cluster secret are framing.py's. After login either side may
+send requests ``{"id", "m", "p"}`` (answered by ``{"id", "r"}`` or ``{"id", "e"}``) and one-way
+events ``{"m", "p"}``; protocol.py gives the messages between coordinator and engines.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import itertools
 import logging
-import os
-import struct
 from typing import Any, Awaitable, Callable
 
-import msgpack
+from dualpath.transport.framing import (LOGIN_MAX_FRAME, PROTOCOL, ProtocolError, answer, challenge, pack,
+                                        read_frame, verify)
 
-PROTOCOL = 1
 MAX_FRAME = 64 << 20
-_LEN = struct.Struct(">I")
 log = logging.getLogger(__name__)
 
 Handler = Callable[["Connection", str, dict], Awaitable[Any]]
 
 
-class ProtocolError(ConnectionError):
-    """The peer broke the protocol (bad frame, oversize, wrong version, failed authentication)."""
-
-
 class RemoteError(RuntimeError):
     """The peer's handler raised; the message is the peer's."""
-
-
-def pack(obj: Any) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
-    return _LEN.pack(len(body)) + body
-
-
-async def read_frame(reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> Any:
-    (n,) = _LEN.unpack(await reader.readexactly(4))
-    if n > max_frame:
-        raise ProtocolError(f"frame of {n} bytes exceeds the limit of {max_frame}")
-    try:
-        return msgpack.unpackb(await reader.readexactly(n), raw=False)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as e:
-        raise ProtocolError(f"malformed frame: {e}") from e
-
-
-def _mac(token: str, nonce: bytes) -> bytes:
-    return hmac.new(token.encode(), nonce, hashlib.sha256).digest()
 
 
 class Connection:
@@ -142,27 +108,20 @@ class Connection:
         self.writer.close()
 
 
-async def _server_handshake(reader, writer, token: str, max_frame: int) -> str:
-    nonce = os.urandom(16)
-    writer.write(pack({"v": PROTOCOL, "nonce": nonce}))
-    hello = await asyncio.wait_for(read_frame(reader, max_frame), 10)
-    if hello.get("v") != PROTOCOL:
-        raise ProtocolError(f"protocol version {hello.get('v')!r}, expected {PROTOCOL}")
-    if not hmac.compare_digest(hello.get("mac") or b"", _mac(token, nonce)):
-        raise ProtocolError("bad cluster token")
+async def _server_handshake(reader, writer, token: str) -> str:
+    nonce, first = challenge()
+    writer.write(first)
+    name = verify(token, nonce, await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), 10))
     writer.write(pack({"ok": True}))
-    return str(hello.get("name", "?"))
+    return name
 
 
 async def connect(host: str, port: int, token: str, name: str, handler: Handler | None = None,
                   max_frame: int = MAX_FRAME, timeout: float = 10.0) -> Connection:
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
-        challenge = await asyncio.wait_for(read_frame(reader, max_frame), timeout)
-        if challenge.get("v") != PROTOCOL:
-            raise ProtocolError(f"server speaks protocol {challenge.get('v')!r}, we speak {PROTOCOL}")
-        writer.write(pack({"v": PROTOCOL, "name": name, "mac": _mac(token, challenge["nonce"])}))
-        reply = await asyncio.wait_for(read_frame(reader, max_frame), timeout)
+        writer.write(answer(token, name, await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), timeout)))
+        reply = await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), timeout)
         if not reply.get("ok"):
             raise ProtocolError(f"{host}:{port} refused us: {reply.get('error')}")
     except BaseException:
@@ -188,7 +147,7 @@ class Server:
     async def _accept(self, reader, writer) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            name = await _server_handshake(reader, writer, self.token, self.max_frame)
+            name = await _server_handshake(reader, writer, self.token)
         except (ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as e:
             self.refused += 1
             log.warning("refused control connection from %s: %s", peer, e)
@@ -210,3 +169,7 @@ class Server:
             self._server.close()
         for c in list(self.connections):
             await c.close()
+
+
+__all__ = ["MAX_FRAME", "PROTOCOL", "Connection", "Handler", "ProtocolError", "RemoteError", "Server", "connect",
+           "pack", "read_frame"]

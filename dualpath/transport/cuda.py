@@ -31,10 +31,12 @@ from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, Transfer
 log = logging.getLogger(__name__)
 
 def _host_id() -> str:
-    """Same host id = same kernel: a /proc/<pid>/fd path of one is a path of the other."""
+    """Same host id = same kernel and same network namespace: a /proc/<pid>/fd path of one is a path
+    of the other, and both are one host to the cluster (tests make hosts as network namespaces)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f"{socket.gethostname()}:{f.read().strip()}"
+            boot = f.read().strip()
+        return f"{socket.gethostname()}:{boot}:{os.stat('/proc/self/ns/net').st_ino}"
     except OSError:
         return socket.gethostname()
 
@@ -60,8 +62,8 @@ class CudaDataPlane(TcpDataPlane):
         # one copy thread per traffic class: a handoff copy never queues behind path-B bulk copies
         self._copiers = {tc: device_threads(1, f"{self.name}-copy-{tc}", self.device) for tc in TRAFFIC_CLASSES}
 
-    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
-        handle = super().register(tensor)
+    def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
+        handle = super().register(tensor, granted_only=granted_only)
         flat = self.regions[handle["region"]].tensor
         if share_path is not None and not flat.is_cuda:
             handle["shm"] = {"path": share_path, "host": HOST_ID}
@@ -137,7 +139,7 @@ class CudaDataPlane(TcpDataPlane):
             if len(source) < nbytes:
                 raise ValueError(f"source has {len(source)} bytes, {nbytes} requested")
             await asyncio.get_running_loop().run_in_executor(self._copiers[traffic_class], target.copy_, source)
-            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout)
+            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
             return
         target = self._open(dst)[dst_offset : dst_offset + nbytes]
         source = as_bytes(src)[:nbytes]
@@ -153,12 +155,12 @@ class CudaDataPlane(TcpDataPlane):
             event = torch.cuda.Event()
             event.record(stream)
             await _until(event)
-            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout)
+            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
             return
         event, ipc = self._take_event(dev, stream)
         try:
             await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout,
-                             landed_event=[dev, ipc])
+                             landed_event=[dev, ipc], moved=nbytes)
         finally:
             self._free_events[dev].append((event, ipc))
 

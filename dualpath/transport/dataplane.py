@@ -19,20 +19,18 @@ from this process, waits between chunks so latency traffic keeps ``latency_share
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import itertools
 import logging
-import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import msgpack
 import torch
 
-from dualpath.transport.control import _LEN, PROTOCOL, ProtocolError
+from dualpath.transport.framing import (LENGTH, LOGIN_MAX_FRAME, ProtocolError, answer, challenge, frame_length,
+                                        pack, unpack, verify)
 
 log = logging.getLogger(__name__)
 TRAFFIC_CLASSES = ("latency", "bulk")
@@ -50,6 +48,19 @@ class Region:
     id: int
     tensor: torch.Tensor  # 1-D uint8
     view: memoryview | None  # host regions only
+    granted_only: bool = False  # writes need a grant (below) that covers them
+
+
+@dataclass
+class Grant:
+    """Leave for one peer to write bytes [lo, hi) of one region, for one request (like an RDMA
+    memory window): an engine's DRAM buffer takes writes only into runs granted to their writer,
+    and the grant is revoked when the request ends."""
+
+    region: int
+    lo: int
+    hi: int
+    peer: str
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -74,20 +85,13 @@ async def _recv_exact(loop, sock: socket.socket, view: memoryview) -> None:
             await asyncio.sleep(0)
 
 
-async def _recv_frame(loop, sock: socket.socket) -> dict:
-    head = bytearray(4)
+async def _recv_frame(loop, sock: socket.socket, max_frame: int = _HEADER_LIMIT) -> dict:
+    """One frame (framing.py) from a non-blocking socket: a write's header, an ack, a login step."""
+    head = bytearray(LENGTH.size)
     await _recv_exact(loop, sock, memoryview(head))
-    (n,) = _LEN.unpack(head)
-    if n > _HEADER_LIMIT:
-        raise ProtocolError(f"data-plane header of {n} bytes")
-    body = bytearray(n)
+    body = bytearray(frame_length(head, max_frame))
     await _recv_exact(loop, sock, memoryview(body))
-    return msgpack.unpackb(body, raw=False)
-
-
-def _frame(obj: dict) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
-    return _LEN.pack(len(body)) + body
+    return unpack(body)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -157,7 +161,9 @@ class TcpDataPlane:
         self.chunk, self.latency_share, self.host = bulk_chunk_bytes, latency_share, host
         self.port = 0
         self.regions: dict[int, Region] = {}
+        self.grants: dict[int, Grant] = {}
         self._region_ids = itertools.count(1)
+        self._grant_ids = itertools.count(1)
         self._write_ids = itertools.count(1)
         self._links: dict[tuple[str, int, str], _PeerLink] = {}
         self._link_locks: dict[tuple[str, int, str], asyncio.Lock] = {}
@@ -167,16 +173,18 @@ class TcpDataPlane:
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
         self.bytes_received = 0
+        self.sent_bytes: Counter[str] = Counter()  # by traffic class, acknowledged writes only
         self.refused = 0
 
     # -- registration --
 
-    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
+    def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
         """share_path: where another process of this host can map the (host) tensor; the cuda
-        backend copies into such regions directly, tcp always sends over its socket."""
+        backend copies into such regions directly, tcp always sends over its socket. A
+        granted_only region takes writes only through a grant (``grant``)."""
         flat = as_bytes(tensor)
         rid = next(self._region_ids)
-        self.regions[rid] = Region(rid, flat, host_view(flat) if flat.device.type == "cpu" else None)
+        self.regions[rid] = Region(rid, flat, host_view(flat) if flat.device.type == "cpu" else None, granted_only)
         return {"backend": self.backend, "addr": [self.host, self.port], "region": rid, "nbytes": flat.numel(),
                 "device": str(flat.device)}
 
@@ -187,7 +195,17 @@ class TcpDataPlane:
         """The backend carrying each peer link ("host:port" -> backend), for the load report."""
         return {f"{h}:{p}": "tcp" for h, p, _ in self._links}
 
-    def _check(self, rid: int, off: int, n: int, need_host: bool = True) -> Region:
+    def grant(self, handle: dict, offset: int, nbytes: int, peer: str) -> dict:
+        """A handle through which only `peer` may write bytes [offset, offset + nbytes) of the region."""
+        gid = next(self._grant_ids)
+        self.grants[gid] = Grant(handle["region"], offset, offset + nbytes, peer)
+        return {**handle, "grant": gid}
+
+    def revoke(self, granted: dict) -> None:
+        self.grants.pop(granted.get("grant"), None)
+
+    def _check(self, rid: int, off: int, n: int, need_host: bool = True, grant: int | None = None,
+               peer: str | None = None) -> Region:
         region = self.regions.get(rid)
         if region is None:
             raise TransferError(f"unknown or released region {rid} on {self.name}")
@@ -195,6 +213,11 @@ class TcpDataPlane:
             raise TransferError(f"write [{off}, {off + n}) outside region {rid} of {region.tensor.numel()} bytes")
         if need_host and region.view is None:
             raise TransferError(f"region {rid} is device memory; the tcp backend writes host memory only")
+        if region.granted_only:
+            g = self.grants.get(grant)
+            if g is None or g.region != rid or g.peer != peer or not g.lo <= off <= off + n <= g.hi:
+                raise TransferError(f"{peer} holds no grant for bytes [{off}, {off + n}) of region {rid} on "
+                                    f"{self.name} (unknown, revoked, another peer's, or out of its range)")
         return region
 
     # -- receiving side --
@@ -224,16 +247,16 @@ class TcpDataPlane:
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            nonce = os.urandom(16)
-            await loop.sock_sendall(sock, _frame({"v": PROTOCOL, "nonce": nonce}))
-            hello = await asyncio.wait_for(_recv_frame(loop, sock), 10)
-            mac = hmac.new(self.token.encode(), nonce, hashlib.sha256).digest()
-            if hello.get("v") != PROTOCOL or not hmac.compare_digest(hello.get("mac") or b"", mac):
+            nonce, first = challenge()
+            await loop.sock_sendall(sock, first)
+            hello = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 10)
+            try:
+                peer = verify(self.token, nonce, hello)  # proved with the secret: grants are checked against it
+            except ProtocolError as e:
                 self.refused += 1
-                log.warning("%s: refused data connection from %s: bad token or protocol", self.name,
-                            hello.get("name"))
+                log.warning("%s: refused data connection from %s: %s", self.name, hello.get("name"), e)
                 return
-            await loop.sock_sendall(sock, _frame({"ok": True}))
+            await loop.sock_sendall(sock, pack({"ok": True}))
             scratch = memoryview(bytearray(1 << 20))
             while True:
                 msg = await _recv_frame(loop, sock)
@@ -242,18 +265,19 @@ class TcpDataPlane:
                         reply = {"id": msg["id"], "qp": self.accept_qp(msg["info"], msg["tc"])}
                     except Exception as e:
                         reply = {"id": msg["id"], "err": f"{self.name} cannot take an RDMA queue pair: {e}"}
-                    await loop.sock_sendall(sock, _frame(reply))
+                    await loop.sock_sendall(sock, pack(reply))
                     continue
                 n = msg.get("n", 0)
                 try:
-                    region = self._check(msg["region"], msg.get("off", 0), n, need_host=msg["op"] == "w")
+                    region = self._check(msg["region"], msg.get("off", 0), n, need_host=msg["op"] == "w",
+                                         grant=msg.get("grant"), peer=peer)
                 except TransferError as e:
                     self.refused += 1
                     while n:  # drain the payload so the stream stays in step
                         k = min(n, len(scratch))
                         await _recv_exact(loop, sock, scratch[:k])
                         n -= k
-                    await loop.sock_sendall(sock, _frame({"id": msg["id"], "err": str(e)}))
+                    await loop.sock_sendall(sock, pack({"id": msg["id"], "err": str(e)}))
                     continue
                 if msg["op"] == "w" and n:
                     await _recv_exact(loop, sock, region.view[msg["off"] : msg["off"] + n])
@@ -261,7 +285,7 @@ class TcpDataPlane:
                 if msg.get("last", True):
                     await self._landed(msg)
                     self.on_complete(msg.get("notify"))  # every byte is in place
-                    await loop.sock_sendall(sock, _frame({"id": msg["id"]}))
+                    await loop.sock_sendall(sock, pack({"id": msg["id"]}))
         except (ConnectionError, OSError, ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away; nothing half-written was reported complete
         finally:
@@ -284,7 +308,7 @@ class TcpDataPlane:
         fut = link.pending[wid] = asyncio.get_running_loop().create_future()
         try:
             async with link.lock:
-                await asyncio.get_running_loop().sock_sendall(link.sock, _frame({**msg, "id": wid}))
+                await asyncio.get_running_loop().sock_sendall(link.sock, pack({**msg, "id": wid}))
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise TransferError(f"{addr} did not answer {msg.get('op')!r} within {timeout}s") from None
@@ -304,10 +328,9 @@ class TcpDataPlane:
             _tune(sock)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, addr), 5)
-                challenge = await asyncio.wait_for(_recv_frame(loop, sock), 5)
-                mac = hmac.new(self.token.encode(), challenge["nonce"], hashlib.sha256).digest()
-                await loop.sock_sendall(sock, _frame({"v": PROTOCOL, "name": self.name, "mac": mac}))
-                if not (await asyncio.wait_for(_recv_frame(loop, sock), 5)).get("ok"):
+                first = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
+                await loop.sock_sendall(sock, answer(self.token, self.name, first))
+                if not (await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)).get("ok"):
                     raise TransferError(f"{addr} refused the data connection")
             except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as e:
                 sock.close()
@@ -330,7 +353,9 @@ class TcpDataPlane:
             await asyncio.sleep(0)
 
     async def _send(self, src: memoryview, dst: dict, off: int, tc: str, notify: Any, op: str,
-                    timeout: float, landed_event: Any = None) -> None:
+                    timeout: float, landed_event: Any = None, moved: int | None = None) -> None:
+        """Send a write's frames (op "w": header and bytes) or a notify-only frame (op "n", after the
+        bytes went another way: `moved` of them) and wait for the peer's ack."""
         link = await self._link(tuple(dst["addr"]), tc)
         loop = asyncio.get_running_loop()
         wid = next(self._write_ids)
@@ -343,13 +368,13 @@ class TcpDataPlane:
             while True:
                 k = min(step, n - pos)
                 last = pos + k >= n
-                header = {"op": op, "id": wid, "region": dst["region"], "off": off + pos, "n": k if op == "w" else 0,
-                          "last": last, "notify": notify if last else None}
+                header = {"op": op, "id": wid, "region": dst["region"], "grant": dst.get("grant"), "off": off + pos,
+                          "n": k if op == "w" else 0, "last": last, "notify": notify if last else None}
                 if last and landed_event is not None:
                     header["event"] = landed_event
                 t0 = time.perf_counter()
                 async with link.lock:
-                    await loop.sock_sendall(link.sock, _frame(header))
+                    await loop.sock_sendall(link.sock, pack(header))
                     if k and op == "w":
                         await loop.sock_sendall(link.sock, src[pos : pos + k])
                 pos += k
@@ -358,6 +383,7 @@ class TcpDataPlane:
                 if tc == "bulk":
                     await self._yield_to_latency(time.perf_counter() - t0)
             await asyncio.wait_for(fut, timeout)
+            self.sent_bytes[tc] += n if moved is None else moved
         except TransferError:  # refused by the peer (bad handle/range): the link itself is fine
             raise
         except (OSError, ConnectionError) as e:

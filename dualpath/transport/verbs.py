@@ -228,8 +228,8 @@ class VerbsDataPlane(TcpDataPlane):
 
     # -- memory registration --
 
-    def register(self, tensor: torch.Tensor, share_path: str | None = None) -> dict:
-        handle = super().register(tensor)
+    def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
+        handle = super().register(tensor, granted_only=granted_only)
         flat = self.regions[handle["region"]].tensor
         if flat.is_cuda:
             log.warning("%s: GPU region %d is not RDMA-registered (no dma-buf export); writes to it go over tcp",
@@ -386,7 +386,7 @@ class VerbsDataPlane(TcpDataPlane):
             # answers "unknown or released", as over tcp) and fires on its receive completion.
             landed = {"qpn": remote_qpn, "rdma_seq": self._seq, "timeout": timeout}
             notified = asyncio.create_task(self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n",
-                                                      timeout, landed_event=landed))
+                                                      timeout, landed_event=landed, moved=nbytes))
             await asyncio.wait([done, notified], timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
             if done.done() and done.exception() and not notified.done():
                 await asyncio.wait([notified], timeout=1.0)  # the peer's refusal says more than an access error

@@ -1,0 +1,187 @@
+"""The messages between the coordinator and the engines, one dataclass each.
+
+A request's life by message (DESIGN.md §2):
+
+    coordinator -> DE   Admit       reserve a slot and buffer; start reading path-B hits; answers a RunHandle
+    coordinator -> PE   Prefill     load the hits (path A, and path B through the DE), compute the rest
+    PE -> DE            Load        path B: write your hit blocks into my run, layer by layer
+    PE -> DE            Prefilled   my KV is in your run, here is the first token: decode
+    DE -> coordinator   Token, Done, Failed (a PE sends Failed too)
+    coordinator -> both Abort       drop whatever you hold for this request
+    engine -> coordinator Register (once), Heartbeat (its load, every heartbeat_s), Engines (peer addresses)
+
+A message travels on the control plane (transport/control.py) as its kind (the class name in snake
+case) and its fields; ``dispatch`` turns it back into the dataclass and calls the receiver's
+``on_<kind>`` method, so a reader follows a request by name: ``Admit`` -> ``DecodeEngine.on_admit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, get_type_hints
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """Where a peer writes into one request's run of an engine's DRAM buffer: the engine's region
+    handle (backend-specific: tcp address, shared-memory path, IPC handle or rkey, and the grant
+    that lets exactly that peer write this run), the run's byte offset, and its length in blocks.
+    A run is layer-major: layer l holds the run's blocks back to back."""
+
+    region: dict
+    offset: int
+    n_blocks: int
+
+    def layer_offset(self, layer: int, bytes_per_layer: int, first_block: int = 0) -> int:
+        """Byte offset in the region of block `first_block` of layer `layer` of this run."""
+        return layer_offset(self.offset, self.n_blocks, layer, bytes_per_layer, first_block)
+
+
+def layer_offset(run_offset: int, n_blocks: int, layer: int, bytes_per_layer: int, first_block: int = 0) -> int:
+    """The one place for the layer-major layout of a buffer run (engine/buffers.py): layer l of a
+    run of n blocks starts l * n blocks after the run's start, and its blocks follow each other."""
+    return run_offset + (layer * n_blocks + first_block) * bytes_per_layer
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every control-plane message; `kind` (its class name in snake case) is how it travels."""
+
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.kind = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+        MESSAGES[cls.kind] = cls
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: _to_wire(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+MESSAGES: dict[str, type[Message]] = {}
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    engine: str  # its name, which must be the one it logged in with
+    role: str
+    node: int
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    engine: str
+    load: dict
+
+
+@dataclass(frozen=True)
+class Engines(Message):
+    """Ask the coordinator for every engine's control address (answered name -> [host, port])."""
+
+
+@dataclass(frozen=True)
+class Admit(Message):
+    rid: str
+    tokens: list[int]
+    hit_blocks: int  # leading prompt blocks whose KV is stored (loaded, not computed)
+    de_blocks: int  # of those, the leading blocks the DE reads (path B)
+    temperature: float
+    seed: int | None
+    max_tokens: int
+    eos_id: int | None
+    pe: str  # the only peer granted to write the handoff into the run
+    handoff_timeout_s: float  # no Prefilled by then: the slot is freed
+
+
+@dataclass(frozen=True)
+class Prefill(Message):
+    rid: str
+    tokens: list[int]
+    hit_blocks: int
+    de_blocks: int
+    temperature: float
+    seed: int | None
+    de: str
+    de_run: RunHandle  # the DE's run: where the handoff goes
+
+
+@dataclass(frozen=True)
+class Load(Message):
+    rid: str
+    pe_run: RunHandle  # where the DE writes the path-B hits: the PE's run, granted to that DE
+
+
+@dataclass(frozen=True)
+class Prefilled(Message):
+    rid: str
+    first_token: int
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    rid: str
+
+
+@dataclass(frozen=True)
+class Token(Message):
+    rid: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    rid: str
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Failed(Message):
+    rid: str
+    error: str
+    retry: bool = False  # another attempt (new engines) may succeed
+
+
+def _to_wire(v: Any) -> Any:
+    if isinstance(v, RunHandle):
+        return dataclasses.asdict(v)
+    return v
+
+
+async def ask(conn: Any, msg: Message, timeout: float | None = 30.0) -> Any:
+    """Send `msg` on a control connection and return the receiver's answer."""
+    return await conn.request(msg.kind, timeout=timeout, **msg.params())
+
+
+def tell(conn: Any, msg: Message) -> None:
+    """Send `msg` one way (dropped if the connection is closed: the peer is gone)."""
+    conn.event(msg.kind, **msg.params())
+
+
+def decode(kind: str, params: dict) -> Message:
+    """The message a (kind, params) pair from the wire stands for; ValueError if it is none."""
+    cls = MESSAGES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown message {kind!r}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in params:
+            if f.default is dataclasses.MISSING:
+                raise ValueError(f"message {kind!r} lacks field {f.name!r}")
+            continue
+        v = params[f.name]
+        kwargs[f.name] = RunHandle(**v) if hints[f.name] is RunHandle else v
+    return cls(**kwargs)
+
+
+async def dispatch(receiver: Any, conn: Any, kind: str, params: dict) -> Any:
+    """Call ``receiver.on_<kind>(conn, message)``: the control plane's handler for typed messages."""
+    msg = decode(kind, params)
+    handler = getattr(receiver, f"on_{msg.kind}", None)
+    if handler is None:
+        raise ValueError(f"{type(receiver).__name__} does not take {msg.kind!r} messages")
+    return await handler(conn, msg)

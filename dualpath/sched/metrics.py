@@ -1,0 +1,112 @@
+"""Prometheus metrics for the whole cluster, served by the coordinator at /metrics.
+
+Two sources. What the coordinator sees of each request (counters and latency histograms, updated
+as requests end); and what each engine reports by heartbeat (read at scrape time by
+``EngineCollector``): storage-NIC bytes and read queues per node, compute-network bytes per traffic
+class, the transport backend, DRAM-buffer and HBM blocks in use, persistence. The paper's
+deployment advice is to watch exactly these: path choice, storage and network load, memory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from dualpath.sched.coordinator import Coordinator, RequestState
+
+FAILURE_CAUSES = {400: "rejected", 404: "rejected", 401: "unauthorized", 503: "unavailable", 504: "timeout"}
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ClusterMetrics:
+    def __init__(self, coordinator: Coordinator):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("dualpath_requests", "Requests answered, by policy and the path their hit KV took",
+                                ["policy", "path"], registry=r)
+        self.prompt_tokens = Counter("dualpath_prompt_tokens", "Prompt tokens of answered requests: cached "
+                                     "(loaded from storage) or computed", ["kind"], registry=r)
+        self.generation_tokens = Counter("dualpath_generation_tokens", "Tokens generated", registry=r)
+        self.failures = Counter("dualpath_request_failures", "Requests that failed, by cause", ["cause"], registry=r)
+        self.retries = Counter("dualpath_request_retries", "Retries: of a whole attempt (an engine died, a hit "
+                               "block vanished), or of an admit on another DE", ["kind"], registry=r)
+        self.ttft = Histogram("dualpath_time_to_first_token_seconds", "Arrival to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.tpot = Histogram("dualpath_time_per_output_token_seconds", "Mean gap between later tokens",
+                              registry=r, buckets=LATENCY_BUCKETS)
+        self.queueing = Histogram("dualpath_request_queue_seconds", "Arrival to admission on its engines",
+                                  registry=r, buckets=LATENCY_BUCKETS)
+        r.register(EngineCollector(coordinator))
+
+    def answered(self, req: RequestState, t_done: float, bt: int) -> None:
+        d = req.decision
+        self.requests.labels(req.policy, d.path if d else "none").inc()
+        cached = req.hit_blocks * bt
+        self.prompt_tokens.labels("cached").inc(cached)
+        self.prompt_tokens.labels("computed").inc(len(req.tokens) - cached)
+        self.generation_tokens.inc(len(req.output))
+        if req.t_scheduled is not None:
+            self.queueing.observe(req.t_scheduled - req.t_arrival)
+        if req.t_first is not None:
+            self.ttft.observe(req.t_first - req.t_arrival)
+            if len(req.output) > 1:
+                self.tpot.observe((t_done - req.t_first) / (len(req.output) - 1))
+
+    def failed(self, status: int) -> None:
+        self.failures.labels(FAILURE_CAUSES.get(status, "engine")).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineCollector:
+    """Each live engine's last heartbeat, as metrics labelled by engine, role and node."""
+
+    def __init__(self, coordinator: Coordinator):
+        self.coordinator = coordinator
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.coordinator
+        labels = ["engine", "role", "node"]
+        up = GaugeMetricFamily("dualpath_engine_up", "Live engines (heartbeat within dead_after_s)", labels=labels)
+        read = CounterMetricFamily("dualpath_storage_read_bytes", "Bytes read from storage (its SNIC)", labels=labels)
+        write = CounterMetricFamily("dualpath_storage_write_bytes", "Bytes persisted to storage", labels=labels)
+        queue = GaugeMetricFamily("dualpath_storage_read_queue_bytes", "Storage reads queued", labels=labels)
+        rate = GaugeMetricFamily("dualpath_storage_read_rate_bytes_per_second",
+                                 "Measured drain rate of the engine's storage reads", labels=labels)
+        net = CounterMetricFamily("dualpath_network_sent_bytes", "Compute-network bytes sent, by traffic class",
+                                  labels=[*labels, "traffic_class"])
+        backend = GaugeMetricFamily("dualpath_transport_info", "The data plane in use", labels=[*labels, "backend"])
+        blocks = GaugeMetricFamily("dualpath_memory_blocks", "DRAM-buffer and HBM blocks, used or free",
+                                   labels=[*labels, "memory", "state"])
+        persist_q = GaugeMetricFamily("dualpath_persist_queue_blocks", "Full blocks waiting to be persisted",
+                                      labels=labels)
+        persisted = CounterMetricFamily("dualpath_persisted_blocks", "Full blocks persisted, dropped (queue full) "
+                                        "or failed (the store refused)", labels=[*labels, "result"])
+        events = CounterMetricFamily("dualpath_engine_events", "Engine counters (path-A/B requests and blocks, "
+                                     "handoffs, fallbacks)", labels=[*labels, "event"])
+        totals = {"buffer": c.cfg.engine.buffer_blocks, "hbm": c.cfg.engine.hbm_blocks}
+        for e in c.live_engines():
+            load, who = e.load, [e.name, e.role, str(e.node)]
+            up.add_metric(who, 1)
+            if not load:
+                continue
+            read.add_metric(who, load.get("storage_read_bytes", 0))
+            write.add_metric(who, load.get("storage_write_bytes", 0))
+            queue.add_metric(who, load.get("read_queue_bytes", 0))
+            rate.add_metric(who, load.get("read_rate_bps", 0.0))
+            for tc, n in load.get("network_sent_bytes", {}).items():
+                net.add_metric([*who, tc], n)
+            backend.add_metric([*who, load.get("transport", "?")], 1)
+            for kind, free in (("buffer", load.get("free_buffer_blocks", 0)), ("hbm", load.get("free_hbm_blocks", 0))):
+                blocks.add_metric([*who, kind, "used"], totals[kind] - free)
+                blocks.add_metric([*who, kind, "free"], free)
+            if "persist_queue" in load:
+                persist_q.add_metric(who, load["persist_queue"])
+                for result in ("written", "dropped", "failed"):
+                    persisted.add_metric([*who, result], load.get(f"persist_{result}", 0))
+            for event, n in load.get("metrics", {}).items():
+                events.add_metric([*who, event], n)
+        yield from (up, read, write, queue, rate, net, backend, blocks, persist_q, persisted, events)

@@ -1,0 +1,293 @@
+"""Fault injection: a careful operator's probes of a running cluster, each a regression test.
+
+Real coordinator and engine processes on loopback. Each case prints one summary line (shown at the
+end of the run). The hijack, NaN, crash-under-`up` and no-room cases failed on commit 02dc69c."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from dualpath.launcher import LocalCluster, complete
+from dualpath.protocol import Engines, Register, ask
+from dualpath.transport.control import ProtocolError, connect
+from tests.test_serving import BT, assert_decode_engines_idle, cluster_config, cluster_metrics, post_raw
+
+HBM_BLOCKS = 40  # per engine: 39 usable on a DE (one is scratch), i.e. 624 tokens of prompt + answer
+SUMMARY: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request):
+    yield
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line("")
+        for line in SUMMARY:
+            tr.write_line(f"fault suite: {line}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cfg = cluster_config(2, "tiny-gqa", str(tmp_path_factory.mktemp("store")))
+    cfg.engine.hbm_blocks, cfg.engine.buffer_blocks = HBM_BLOCKS, 256
+    cfg.scheduler.request_timeout_s = 30.0
+    with LocalCluster(cfg, str(tmp_path_factory.mktemp("run"))) as c:
+        yield c
+
+
+def stream_until_first_token(url: str, body: dict) -> tuple[threading.Thread, dict]:
+    """A streaming request running in the background; returns once its first token is out."""
+    first, result = threading.Event(), {"tokens": 0}
+
+    def run():
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    result["tokens"] += 1
+                    first.set()
+        first.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert first.wait(60), "no first token"
+    return t, result
+
+
+def test_no_room_on_the_idlest_decode_engine_is_not_the_clients_problem(cluster):
+    """de A holds a long request (38 of its 39 blocks), de B a shorter one (19 blocks) and so the
+    fewest running tokens; a third long request fits neither now. It must wait for room, not get
+    500 "de has no room" from the idlest DE."""
+    long, short = {"prompt": list(range(100)), "max_tokens": 500}, {"prompt": list(range(100)), "max_tokens": 200}
+    t1, _ = stream_until_first_token(cluster.url, long)
+    t2, _ = stream_until_first_token(cluster.url, short)
+    t0 = time.monotonic()
+    r = complete(cluster.url, {**long, "max_tokens": 480}, timeout=60)
+    waited = time.monotonic() - t0
+    assert len(r["choices"][0]["token_ids"]) == 480
+    t1.join(60), t2.join(60)
+    SUMMARY.append(f"no room on any DE: the request waited {waited:.1f} s for room and was served")
+    assert_decode_engines_idle(cluster)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('{"prompt": [1, 2, 3], "temperature": NaN}', "temperature"),
+    ('{"prompt": [1, 2, 3], "temperature": Infinity}', "temperature"),
+    ('{"prompt": [1, 2, 3], "seed": 1180591620717411303424}', "seed"),
+    ('{"prompt": "\\ud800"}', "Unicode"),
+    ('[' * 50_000 + ']' * 50_000, "nested too deeply"),
+    ('{"prompt": [1], "max_tokens": 700}', "KV blocks"),  # fits the context, never an engine's HBM
+])
+def test_bad_parameters_get_a_400_at_once_and_strand_nothing(cluster, body, needle):
+    t0 = time.monotonic()
+    status, reply = post_raw(cluster.url, body.encode())
+    assert status == 400 and needle in reply["error"]["message"], reply
+    assert reply["error"]["type"] == "invalid_request_error" and time.monotonic() - t0 < 5
+    SUMMARY.append(f"{body[:48]!r}: 400 {reply['error']['message'][:60]!r}")
+
+
+def test_a_tiny_temperature_is_answered_and_fails_nothing_batched_with_it(cluster):
+    """1e-300 made logits / T infinite: the request never answered and failed its batch."""
+    outs = {}
+
+    def send(name, temperature):
+        outs[name] = complete(cluster.url, {"prompt": list(range(40)), "max_tokens": 6, "temperature": temperature,
+                                            "seed": 1}, timeout=30)
+
+    threads = [threading.Thread(target=send, args=(n, t)) for n, t in [("tiny", 1e-300), ("greedy", 0), ("hot", 1.0)]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert {n: len(o["choices"][0]["token_ids"]) for n, o in outs.items()} == {"tiny": 6, "greedy": 6, "hot": 6}
+    assert outs["tiny"]["choices"][0]["token_ids"] == outs["greedy"]["choices"][0]["token_ids"]
+    SUMMARY.append("temperature 1e-300: answered (greedily), and the requests batched with it too")
+    assert_decode_engines_idle(cluster)
+
+
+def test_a_second_engine_cannot_take_over_a_live_engines_name(cluster):
+    """With the cluster's secret, registering as the live pe0 is refused (it once replaced pe0 and
+    received other users' prompts); without the secret nothing gets in at all."""
+    cfg = cluster.cfg
+
+    async def probe():
+        port = cfg.scheduler.control_port
+        conn = await connect("127.0.0.1", port, cfg.transport.token, "pe0")
+        try:
+            with pytest.raises(Exception, match="already registered and live"):
+                await ask(conn, Register("pe0", "prefill", 0, "127.0.0.1", 1))
+            with pytest.raises(Exception, match="cannot register as"):
+                await ask(conn, Register("pe7", "prefill", 7, "127.0.0.1", 1))
+        finally:
+            await conn.close()
+        for token in ("dualpath-local", "x" * 32):
+            with pytest.raises((ProtocolError, ConnectionError)):
+                c = await connect("127.0.0.1", port, token, "pe0")
+                await ask(c, Engines(), timeout=2)
+
+    asyncio.run(probe())
+    r = complete(cluster.url, {"prompt": list(range(30)), "max_tokens": 3})
+    assert r["dualpath"]["pe"] == "pe0"
+    SUMMARY.append("hijack: re-registering live pe0 refused, wrong/old secrets refused, pe0 still serves")
+
+
+def test_an_oversized_frame_before_login_is_refused_without_buffering_it(cluster):
+    with socket.create_connection(("127.0.0.1", cluster.cfg.scheduler.control_port), timeout=5) as s:
+        s.recv(4096)  # the challenge
+        s.sendall(struct.pack(">I", 64 << 20) + b"x" * 1024)  # announces 64 MiB, sends 1 KiB
+        s.settimeout(5)
+        t0 = time.monotonic()
+        while s.recv(4096):  # the refusal, then the close: it did not wait for the 64 MiB
+            pass
+    assert time.monotonic() - t0 < 3
+    SUMMARY.append("a 64 MiB frame before login: refused and closed at once")
+
+
+def test_a_stopped_decode_engine_holds_new_requests_for_seconds_not_30(cluster):
+    """SIGSTOP keeps the socket open and silent: admits wait on heartbeats, then go elsewhere."""
+    de = "de1"
+    pid = cluster.procs[de].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        outs = [complete(cluster.url, {"prompt": list(range(20 + i)), "max_tokens": 2}, timeout=30) for i in range(3)]
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert all(o["dualpath"]["de"] != de for o in outs) and took < 12
+    SUMMARY.append(f"a SIGSTOPped DE: 3 requests served by the other DE in {took:.1f} s")
+    deadline = time.monotonic() + 15
+    while de not in [n for n in cluster_metrics(cluster)["engines"]] and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_a_request_past_its_deadline_gets_504_and_frees_its_memory(tmp_path):
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
+    cfg.scheduler.request_timeout_s = 0.5
+    with LocalCluster(cfg, str(tmp_path / "run")) as c:
+        status, reply = post_raw(c.url, json.dumps({"prompt": list(range(50)), "max_tokens": 1500}).encode())
+        assert status == 504 and "request timeout" in reply["error"]["message"], reply
+        assert reply["error"]["type"] == "server_error" and "Traceback" not in json.dumps(reply)
+        assert_decode_engines_idle(c)
+    SUMMARY.append("deadline: 504 server_error after 0.5 s, every block freed")
+
+
+def test_an_api_key_guards_the_api(tmp_path):
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
+    cfg.scheduler.api_key = "sk-test-key"
+    with LocalCluster(cfg, str(tmp_path / "run")) as c:
+        status, reply = post_raw(c.url, b'{"prompt": [1, 2], "max_tokens": 1}')
+        assert status == 401 and reply["error"]["type"] == "authentication_error"
+        req = urllib.request.Request(c.url + "/v1/completions", data=b'{"prompt": [1, 2], "max_tokens": 1}',
+                                     headers={"Authorization": "Bearer sk-test-key"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert len(json.load(r)["choices"][0]["token_ids"]) == 1
+    SUMMARY.append("API key: 401 without it, served with it")
+
+
+def _children(pid: int) -> dict[int, str]:
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if ppid == pid:
+                out[int(d)] = cmd
+    return out
+
+
+def test_dualpath_up_keeps_serving_when_an_engine_crashes_and_restarts_it(tmp_path):
+    """kill -9 of a decode engine under `dualpath up` once tore the whole cluster down."""
+    port = cluster_config(1, "tiny-gqa", "/tmp").scheduler.http_port
+    up = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "up", "--prefill", "1", "--decode", "2",
+                           "--port", str(port), "--store", str(tmp_path / "store")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("API:") for line in lines):  # `up` has seen every engine start
+            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)[-2000:]
+            time.sleep(0.1)
+        victim = next(p for p, cmd in _children(up.pid).items() if "--role decode --node 1" in cmd)
+        os.kill(victim, signal.SIGKILL)
+        try:
+            outs = [complete(url, {"prompt": list(range(30 + i)), "max_tokens": 3}, timeout=30) for i in range(3)]
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"HTTP {e.code}: {e.read()[:600]!r}")
+        assert all(len(o["choices"][0]["token_ids"]) == 3 for o in outs)
+        wait_for_engines(url, {"pe0", "de1", "de2"}, up)  # the restarted de1 rejoined
+        assert up.poll() is None
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+    out = "".join(lines)
+    assert "de1 exited with code -9; restarting it (1/3)" in out, out[-2000:]
+    SUMMARY.append("kill -9 of de1 under `dualpath up`: requests kept being served, de1 restarted and rejoined")
+
+
+def wait_for_engines(url: str, want: set[str], proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                if set(json.load(r)["engines"]) >= want:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"engines {want} not all live within {timeout}s")
+
+
+def test_a_non_streaming_client_that_hangs_up_stops_its_generation(cluster):
+    """Its 500 tokens were once generated for nobody: aiohttp does not cancel the handler."""
+    body = json.dumps({"prompt": list(range(60)), "max_tokens": 500}).encode()
+    gone_before = cluster_metrics(cluster)["stats"]["client_gone"]
+    with socket.create_connection(("127.0.0.1", cluster.cfg.scheduler.http_port), timeout=5) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 30
+        while not any(e["running_decode_tokens"] for e in cluster_metrics(cluster)["engines"].values()
+                      if e["role"] == "decode"):
+            assert time.monotonic() < deadline, "the request never reached a decode engine"
+            time.sleep(0.05)
+    t0 = time.monotonic()
+    assert_decode_engines_idle(cluster, timeout=5)
+    assert cluster_metrics(cluster)["stats"]["client_gone"] == gone_before + 1
+    SUMMARY.append(f"a non-streaming client hung up: generation stopped, memory free {time.monotonic() - t0:.1f} s "
+                   "later")
+
+
+def test_an_engine_given_another_hosts_address_says_so_and_exits(tmp_path):
+    """An advertised address this host does not have: a clear error at start, not a hang."""
+    from dualpath.config import write_config
+
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
+    cfg.engines[0].host = "192.0.2.7"  # TEST-NET-1: never an address of this machine
+    write_config(cfg, tmp_path / "cluster.toml")
+    r = subprocess.run([sys.executable, "-m", "dualpath.cli", "run", "--role", "prefill", "--node", "0", "--config",
+                        str(tmp_path / "cluster.toml")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot listen on 192.0.2.7" in r.stderr and "must be an address of this host" in r.stderr
