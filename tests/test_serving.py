@@ -396,4 +396,7 @@ def test_prometheus_metrics_agree_with_the_responses(cluster):
         assert total(after, "dualpath_memory_blocks", engine=name, memory="buffer", state="free") == e[
             "free_buffer_blocks"]
         assert total(after, "dualpath_transport_info", engine=name, backend=e["transport"]) == 1
+        for peer, used in e["links"].items():
+            assert total(after, "dualpath_transport_link_info", engine=name, peer=peer, backend=used) == 1
     assert total(after, "dualpath_network_sent_bytes_total", traffic_class="bulk") > 0  # path B went over it
+    assert any(e["links"] for e in m["engines"].values())  # so the per-link gauge above was checked
