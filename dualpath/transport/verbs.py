@@ -17,6 +17,10 @@ a real fabric.
   IMMEDIATE carrying a sequence number: the receiver fires its completion only after the matching
   receive completion (the verbs-level guarantee). The notify object rides a TCP frame sent at the
   same time (more than 32 bits), so the round trip overlaps the RDMA transfer.
+
+Not done: grants (docs/SECURITY.md) are checked on the notify frame only; the DRAM buffer's one MR
+lets any holder of its rkey write anywhere in it. Enforcing grants at the NIC needs an MR or memory
+window per grant, invalidated on revoke.
 """
 
 from __future__ import annotations
