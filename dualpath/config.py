@@ -151,6 +151,10 @@ class TransportConfig:
     token_file: str = ""
     bulk_chunk_bytes: int = 256 << 10
     latency_share: float = 0.99     # share of the link reserved for latency traffic when both run
+    rdma_device: str = ""           # verbs: "" = the first RDMA device
+    rdma_port: int = 0              # verbs: 0 = the first ACTIVE port
+    rdma_gid_index: int = -1        # verbs: -1 = a routable RoCE v2 GID (Ethernet), 0 (InfiniBand)
+    rdma_hop_limit: int = 64        # verbs: IP TTL of routed RoCE v2
 
     def resolve_token(self) -> None:
         """token, else the first line of token_file, else $DUALPATH_TOKEN."""
@@ -173,6 +177,7 @@ class TransportConfig:
         _check(self.backend in BACKENDS, "transport.backend", self.backend, f"expected one of {BACKENDS}")
         _check(0.0 <= self.latency_share < 1.0, "transport.latency_share", self.latency_share,
                "must be in [0, 1)")
+        _check(1 <= self.rdma_hop_limit <= 255, "transport.rdma_hop_limit", self.rdma_hop_limit, "must be in [1, 255]")
         _check(self.bulk_chunk_bytes >= 4096, "transport.bulk_chunk_bytes", self.bulk_chunk_bytes,
                "must be >= 4096")
 

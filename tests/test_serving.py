@@ -120,6 +120,8 @@ def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(clu
         assert paths[1:] == ["A", "A"] and delta_a == 2 and delta_b == 0
     elif policy == "de-read":
         assert paths[1:] == ["B", "B"] and delta_b == 2 and delta_a == 0
+        links = {k: v for e in after["engines"].values() for k, v in e["links"].items()}
+        assert links and set(links.values()) == {"tcp"}  # each engine reports its peer links' backend
         assert engine_counter(after, "path_b_sent_blocks") > engine_counter(before, "path_b_sent_blocks")
     elif policy == "dualpath-split":  # an idle cluster: both queues empty, so each side reads half
         assert paths[1:] == ["A+B", "A+B"] and delta_a == 2 and delta_b == 2
@@ -394,4 +396,7 @@ def test_prometheus_metrics_agree_with_the_responses(cluster):
         assert total(after, "dualpath_memory_blocks", engine=name, memory="buffer", state="free") == e[
             "free_buffer_blocks"]
         assert total(after, "dualpath_transport_info", engine=name, backend=e["transport"]) == 1
+        for peer, used in e["links"].items():
+            assert total(after, "dualpath_transport_link_info", engine=name, peer=peer, backend=used) == 1
     assert total(after, "dualpath_network_sent_bytes_total", traffic_class="bulk") > 0  # path B went over it
+    assert any(e["links"] for e in m["engines"].values())  # so the per-link gauge above was checked

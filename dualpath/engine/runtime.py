@@ -20,6 +20,7 @@ from dualpath.protocol import Engines, Heartbeat, Register, RunHandle, ask, disp
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import open_store
 from dualpath.transport import make_dataplane
+from dualpath.transport.verbs import RdmaOptions
 from dualpath.transport.control import Connection, Server, connect
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class Engine:
                                         on_complete=self.on_write_complete,
                                         bulk_chunk_bytes=c.transport.bulk_chunk_bytes,
                                         latency_share=c.transport.latency_share, host=self.spec.host,
-                                        device=self.device)
+                                        device=self.device, rdma=RdmaOptions(
+                                            c.transport.rdma_device, c.transport.rdma_port,
+                                            c.transport.rdma_gid_index, c.transport.rdma_hop_limit))
         try:
             await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
         except OSError as e:  # an address of another host, or a port taken: say so, do not hang
@@ -122,7 +125,7 @@ class Engine:
     def load(self) -> dict[str, Any]:
         io = self.store.stats
         return {"read_queue_bytes": self.store.read_queue_bytes(), "read_rate_bps": self.read_rate_bps,
-                "transport": self.dataplane.backend, "network_sent_bytes": dict(self.dataplane.sent_bytes),
+                "transport": self.dataplane.backend, "links": self.dataplane.links(), "network_sent_bytes": dict(self.dataplane.sent_bytes),
                 "free_buffer_blocks": self.buffer.free_blocks,
                 "free_hbm_blocks": self.pool.allocator.free, "storage_read_bytes": io.read_bytes,
                 "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics)}

@@ -79,6 +79,8 @@ class EngineCollector:
         net = CounterMetricFamily("dualpath_network_sent_bytes", "Compute-network bytes sent, by traffic class",
                                   labels=[*labels, "traffic_class"])
         backend = GaugeMetricFamily("dualpath_transport_info", "The data plane in use", labels=[*labels, "backend"])
+        links = GaugeMetricFamily("dualpath_transport_link_info", "The backend carrying each peer link (a verbs "
+                                  "plane falls back to tcp per link)", labels=[*labels, "peer", "backend"])
         blocks = GaugeMetricFamily("dualpath_memory_blocks", "DRAM-buffer and HBM blocks, used or free",
                                    labels=[*labels, "memory", "state"])
         persist_q = GaugeMetricFamily("dualpath_persist_queue_blocks", "Full blocks waiting to be persisted",
@@ -100,6 +102,8 @@ class EngineCollector:
             for tc, n in load.get("network_sent_bytes", {}).items():
                 net.add_metric([*who, tc], n)
             backend.add_metric([*who, load.get("transport", "?")], 1)
+            for peer, used in load.get("links", {}).items():
+                links.add_metric([*who, peer, used], 1)
             for kind, free in (("buffer", load.get("free_buffer_blocks", 0)), ("hbm", load.get("free_hbm_blocks", 0))):
                 blocks.add_metric([*who, kind, "used"], totals[kind] - free)
                 blocks.add_metric([*who, kind, "free"], free)
@@ -109,4 +113,4 @@ class EngineCollector:
                     persisted.add_metric([*who, result], load.get(f"persist_{result}", 0))
             for event, n in load.get("metrics", {}).items():
                 events.add_metric([*who, event], n)
-        yield from (up, read, write, queue, rate, net, backend, blocks, persist_q, persisted, events)
+        yield from (up, read, write, queue, rate, net, backend, links, blocks, persist_q, persisted, events)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the data plane needs torch; the control plane (and the store's readers) must not
     from dualpath.transport.dataplane import TcpDataPlane
@@ -27,9 +27,10 @@ def available_backends() -> list[str]:
     return out
 
 
-def make_dataplane(backend: str, name: str, token: str, **kwargs) -> "TcpDataPlane":
+def make_dataplane(backend: str, name: str, token: str, rdma: Any = None, **kwargs) -> "TcpDataPlane":
     """'auto' picks verbs where an RDMA device exists, else cuda where GPUs are visible, else tcp.
-    An explicit backend that cannot run here says why and falls back to tcp."""
+    An explicit backend that cannot run here says why and falls back to tcp. rdma: the verbs
+    plane's RdmaOptions (device, port, GID, hop limit)."""
     have = available_backends()
     if backend == "auto":
         backend = "verbs" if "verbs" in have else ("cuda" if "cuda" in have else "tcp")
@@ -43,7 +44,10 @@ def make_dataplane(backend: str, name: str, token: str, **kwargs) -> "TcpDataPla
     if backend == "verbs":
         from dualpath.transport.verbs import VerbsDataPlane
 
-        return VerbsDataPlane(name, token, **kwargs)
+        try:  # pyverbs too old or new, no ACTIVE port, no routable GID: one warning, then tcp
+            return VerbsDataPlane(name, token, rdma=rdma, **kwargs)
+        except Exception as e:
+            log.warning("verbs data plane cannot start (%s: %s); using tcp", type(e).__name__, e)
     from dualpath.transport.dataplane import TcpDataPlane
 
     return TcpDataPlane(name, token, **kwargs)

@@ -191,6 +191,10 @@ class TcpDataPlane:
     def release(self, handle: dict) -> None:
         self.regions.pop(handle["region"], None)
 
+    def links(self) -> dict[str, str]:
+        """The backend carrying each peer link ("host:port" -> backend), for the load report."""
+        return {f"{h}:{p}": "tcp" for h, p, _ in self._links}
+
     def grant(self, handle: dict, offset: int, nbytes: int, peer: str) -> dict:
         """A handle through which only `peer` may write bytes [offset, offset + nbytes) of the region."""
         gid = next(self._grant_ids)
