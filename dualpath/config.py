@@ -177,7 +177,8 @@ class TransportConfig:
         _check(self.backend in BACKENDS, "transport.backend", self.backend, f"expected one of {BACKENDS}")
         _check(0.0 <= self.latency_share < 1.0, "transport.latency_share", self.latency_share,
                "must be in [0, 1)")
-        _check(1 <= self.rdma_hop_limit <= 255, "transport.rdma_hop_limit", self.rdma_hop_limit, "must be in [1, 255]")
+        _check(1 <= self.rdma_hop_limit <= 255, "transport.rdma_hop_limit", self.rdma_hop_limit,
+               "must be in [1, 255]")
         _check(self.bulk_chunk_bytes >= 4096, "transport.bulk_chunk_bytes", self.bulk_chunk_bytes,
                "must be >= 4096")
 

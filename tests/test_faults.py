@@ -21,7 +21,7 @@ import pytest
 from dualpath.launcher import LocalCluster, complete
 from dualpath.protocol import Engines, Register, ask
 from dualpath.transport.control import ProtocolError, connect
-from tests.test_serving import BT, assert_decode_engines_idle, cluster_config, cluster_metrics, post_raw
+from tests.test_serving import assert_decode_engines_idle, cluster_config, cluster_metrics, post_raw
 
 HBM_BLOCKS = 40  # per engine: 39 usable on a DE (one is scratch), i.e. 624 tokens of prompt + answer
 SUMMARY: list[str] = []

@@ -122,7 +122,7 @@ def cluster(hosts, tmp_path_factory):
 def test_a_conversation_across_hosts_gives_the_reference_tokens_on_every_path(cluster, policy, path):
     model = load_pretrained("tiny-gqa")
     gen = torch.Generator().manual_seed(100 + ["A", "B", "A+B"].index(path))
-    tokens = torch.randint(0, 256, (90,), generator=gen).tolist()
+    tokens, prev = torch.randint(0, 256, (90,), generator=gen).tolist(), []
     for turn in range(3):
         r = cluster.complete({"prompt": tokens, "max_tokens": 6, "temperature": 0, "dualpath_policy": policy})
         out = r["choices"][0]["token_ids"]

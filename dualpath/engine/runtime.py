@@ -125,7 +125,8 @@ class Engine:
     def load(self) -> dict[str, Any]:
         io = self.store.stats
         return {"read_queue_bytes": self.store.read_queue_bytes(), "read_rate_bps": self.read_rate_bps,
-                "transport": self.dataplane.backend, "links": self.dataplane.links(), "network_sent_bytes": dict(self.dataplane.sent_bytes),
+                "transport": self.dataplane.backend, "links": self.dataplane.links(),
+                "network_sent_bytes": dict(self.dataplane.sent_bytes),
                 "free_buffer_blocks": self.buffer.free_blocks,
                 "free_hbm_blocks": self.pool.allocator.free, "storage_read_bytes": io.read_bytes,
                 "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics)}

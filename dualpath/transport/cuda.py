@@ -118,6 +118,16 @@ class CudaDataPlane(TcpDataPlane):
         # makes torch enable src_dev's access to dst_dev's memory (and keep it enabled).
         torch.empty(1, device=f"cuda:{src_dev}").copy_(torch.zeros(1, device=f"cuda:{dst_dev}"))
 
+    def links(self) -> dict[str, str]:
+        """Peers whose memory we copy into directly say cuda; the others tcp (DRAM buffers of
+        another host, or one we could not map)."""
+        out = super().links()
+        for (addr, _), mapped in self._mapped.items():
+            out[f"{addr[0]}:{addr[1]}"] = "cuda" if mapped is not None else "tcp"
+        for addr, _ in self._opened:
+            out[f"{addr[0]}:{addr[1]}"] = "cuda"
+        return out
+
     def release(self, handle: dict) -> None:
         _LOCAL.pop((os.getpid(), self.port, handle["region"]), None)
         super().release(handle)
