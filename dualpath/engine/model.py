@@ -439,22 +439,3 @@ def last_token_index(batch: Batch) -> list[int]:
         end += n
         out.append(end - 1)
     return out
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_token(cfg: ModelConfig) -> float:
-    """Dense matmul FLOPs per token (2 per multiply-add), attention scores excluded."""
-    h = cfg.hidden_size
-    if cfg.attn == "gqa":
-        attn = h * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    else:
-        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        q = h * cfg.n_heads * qk if cfg.q_lora_rank is None else cfg.q_lora_rank * (h + cfg.n_heads * qk)
-        attn = q + h * cfg.kv_width + cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-        attn += cfg.n_heads * cfg.v_head_dim * h
-    mlp = 3 * h * cfg.intermediate_size
-    return 2.0 * (cfg.n_layers * (attn + mlp) + h * cfg.vocab_size)
-
