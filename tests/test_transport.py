@@ -240,6 +240,13 @@ async def test_cuda_backend_writes_same_host_buffers_by_memory_copy():
         assert b.bytes_received == 0  # the bytes did not travel over the socket
         with pytest.raises(TransferError, match="outside"):
             await a.write(src, handle, buf.host.numel() - 10, 100_000, "latency")
+        granted_region = b.register(buf.host, share_path=buf.share_path, granted_only=True)
+        granted = b.grant(granted_region, 8192, 4096, peer="a")
+        await a.write(src[:4096], granted, 8192, 4096, "bulk", notify="granted")
+        assert done[-1] == "granted"
+        with pytest.raises(TransferError, match="no grant"):  # starts inside the grant, ends past it
+            await a.write(src[:4096], granted, 10240, 4096, "bulk", notify="past")
+        assert done[-1] == "granted"
         elsewhere = {**handle, "shm": {**handle["shm"], "host": "another-host"}}
         await a.write(src[:5000], elsewhere, 0, 5000, "latency", notify="tcp")
         assert done[-1] == "tcp" and b.bytes_received == 5000 and torch.equal(buf.host[:5000], src[:5000])

@@ -269,7 +269,9 @@ class TcpDataPlane:
                     continue
                 n = msg.get("n", 0)
                 try:
-                    region = self._check(msg["region"], msg.get("off", 0), n, need_host=msg["op"] == "w",
+                    # a notify ("n") stands for bytes the writer moved itself: check their whole range
+                    span = n if msg["op"] == "w" else msg.get("moved", 0)
+                    region = self._check(msg["region"], msg.get("off", 0), span, need_host=msg["op"] == "w",
                                          grant=msg.get("grant"), peer=peer)
                 except TransferError as e:
                     self.refused += 1
@@ -370,6 +372,8 @@ class TcpDataPlane:
                 last = pos + k >= n
                 header = {"op": op, "id": wid, "region": dst["region"], "grant": dst.get("grant"), "off": off + pos,
                           "n": k if op == "w" else 0, "last": last, "notify": notify if last else None}
+                if op == "n":  # the bytes went another way: their range still has to be within a grant
+                    header["moved"] = moved or 0
                 if last and landed_event is not None:
                     header["event"] = landed_event
                 t0 = time.perf_counter()
