@@ -18,6 +18,7 @@ case) and its fields; ``dispatch`` turns it back into the dataclass and calls th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_type_hints
@@ -161,20 +162,26 @@ def tell(conn: Any, msg: Message) -> None:
     conn.event(msg.kind, **msg.params())
 
 
+@functools.cache
+def _fields(cls: type[Message]) -> list[tuple[str, bool, bool]]:
+    """(name, is a RunHandle, required) per field: worked out once per message class, not per message
+    (a Token arrives for every generated token)."""
+    hints = get_type_hints(cls)
+    return [(f.name, hints[f.name] is RunHandle, f.default is dataclasses.MISSING) for f in dataclasses.fields(cls)]
+
+
 def decode(kind: str, params: dict) -> Message:
     """The message a (kind, params) pair from the wire stands for; ValueError if it is none."""
     cls = MESSAGES.get(kind)
     if cls is None:
         raise ValueError(f"unknown message {kind!r}")
-    hints = get_type_hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in params:
-            if f.default is dataclasses.MISSING:
-                raise ValueError(f"message {kind!r} lacks field {f.name!r}")
+    for name, is_run, required in _fields(cls):
+        if name not in params:
+            if required:
+                raise ValueError(f"message {kind!r} lacks field {name!r}")
             continue
-        v = params[f.name]
-        kwargs[f.name] = RunHandle(**v) if hints[f.name] is RunHandle else v
+        kwargs[name] = RunHandle(**params[name]) if is_run else params[name]
     return cls(**kwargs)
 
 
