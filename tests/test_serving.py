@@ -400,3 +400,51 @@ def test_prometheus_metrics_agree_with_the_responses(cluster):
             assert total(after, "dualpath_transport_link_info", engine=name, peer=peer, backend=used) == 1
     assert total(after, "dualpath_network_sent_bytes_total", traffic_class="bulk") > 0  # path B went over it
     assert any(e["links"] for e in m["engines"].values())  # so the per-link gauge above was checked
+
+
+def chat(c, body: dict) -> dict:
+    req = urllib.request.Request(c.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)
+
+
+def test_an_agent_chat_with_tool_results_hits_every_full_block_of_the_last_turn(cluster):
+    """Chat messages go through the chat template; each turn's prompt extends the last one token for
+    token (the earlier answer sent back as text gives back its tokens), so its KV is a hit."""
+    messages = [{"role": "system", "content": "You are a coding agent."},
+                {"role": "user", "content": "List the files in the repository " + "and their sizes " * 20}]
+    tools = [{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}]
+    prev = None
+    for turn in range(3):
+        r = chat(cluster, {"messages": messages, "tools": tools, "max_tokens": 8, "temperature": 0})
+        choice = r["choices"][0]
+        assert r["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+        assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 8
+        if prev is not None:  # every full block of the last prompt and its answer (but its last token)
+            assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == (prev - 1) // BT * BT
+        prev = r["usage"]["prompt_tokens"] + len(choice["token_ids"])
+        messages += [{"role": "assistant", "content": choice["message"]["content"]},
+                     {"role": "tool", "tool_call_id": f"call_{turn}", "content": f"file_{turn}.py 120 bytes"}]
+
+
+def test_chat_streams_deltas_that_join_to_the_answer_and_refuses_bad_messages(cluster):
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}], "max_tokens": 5,
+            "temperature": 0.7, "seed": 3}
+    plain = chat(cluster, body)["choices"][0]
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(cluster.url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                return [json.loads(line[6:]) async for line in _sse_lines(r)]
+
+    *deltas, finish = asyncio.run(run())
+    assert deltas[0]["choices"][0]["delta"]["role"] == "assistant" and "role" not in deltas[1]["choices"][0]["delta"]
+    assert "".join(d["choices"][0]["delta"]["content"] for d in deltas) == plain["message"]["content"]
+    assert finish["object"] == "chat.completion.chunk" and finish["choices"][0]["finish_reason"] == "length"
+    for bad in ({"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]},
+                {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}):
+        req = urllib.request.Request(cluster.url + "/v1/chat/completions", data=json.dumps(bad).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 400 and json.load(e.value)["error"]["param"] == "messages"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Protocol
+
+
+SPECIAL_BASE = 0xE000  # the byte tokenizer's ids >= 256 as Unicode private-use characters
 
 
 class Tokenizer(Protocol):
@@ -14,35 +18,81 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """Token i < 256 is byte i; ids above 255 are special/unused and decode to nothing.
-    eos is None: random weights have no meaningful end token, so generation runs to max_tokens."""
+    """Token i < 256 is byte i; ids from 256 up (unused by text) are private-use characters
+    U+E000 + (i - 256). eos is None: random weights have no meaningful end token, so generation runs
+    to max_tokens.
+
+    Text and ids round-trip exactly: bytes that are not UTF-8 decode to lone surrogates
+    ('surrogateescape', carried by JSON as \\udcXX escapes) and the private-use characters back to
+    their ids. So an answer sent back as text (a chat's earlier turn) gives the same tokens and its
+    KV is a cache hit."""
 
     eos_id: int | None = None
+    chat_template: str | None = None
+    bos_token = eos_token = ""
 
     def __init__(self, vocab_size: int):
         if vocab_size < 256:
             raise ValueError(f"byte tokenizer needs vocab_size >= 256, model has {vocab_size}")
         self.vocab_size = vocab_size
+        self._specials = re.compile(f"([{chr(SPECIAL_BASE)}-{chr(SPECIAL_BASE + max(0, vocab_size - 257))}])")
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        ids: list[int] = []
+        for part in self._specials.split(text):
+            if len(part) == 1 and self._specials.fullmatch(part):
+                ids.append(256 + ord(part) - SPECIAL_BASE)
+            elif part:
+                ids.extend(part.encode("utf-8", errors="surrogateescape"))
+        return ids
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            out += [run.decode("utf-8", errors="surrogateescape"), chr(SPECIAL_BASE + i - 256)]
+            run = bytearray()
+        return "".join(out) + run.decode("utf-8", errors="surrogateescape")
 
 
 class HFTokenizer:
+    """A checkpoint's tokenizer.json, with its end-of-sequence token and chat template (from
+    generation_config.json / tokenizer_config.json, as transformers reads them)."""
+
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as _T  # optional dependency, present with transformers
 
         self._tok = _T.from_file(str(path / "tokenizer.json"))
-        self.eos_id = None
+        config = _json(path / "tokenizer_config.json")
+        self.bos_token, self.eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template
+        eos = _json(path / "generation_config.json").get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        self.eos_id: int | None = eos if eos is not None else (self._tok.token_to_id(self.eos_token)
+                                                                if self.eos_token else None)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token_text(token) -> str:
+    """tokenizer_config.json gives special tokens as text or as {"content": text, ...}."""
+    return token.get("content", "") if isinstance(token, dict) else (token or "")
 
 
 def load_tokenizer(weights: str | None, vocab_size: int) -> Tokenizer:

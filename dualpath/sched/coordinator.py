@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from dualpath.config import POLICIES, ClusterConfig
 from dualpath.engine.tokenizer import load_tokenizer
 from dualpath.engine.weights import model_identity
+from dualpath.sched.chat import ChatError, ChatTemplate
 from dualpath.sched.metrics import ClusterMetrics
 from dualpath.sched.policy import Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
 from dualpath.storage.blockfile import BlockShape
@@ -105,6 +106,7 @@ class Coordinator:
         dtype = __import__("torch").__dict__[cfg.model.dtype]
         self.model_cfg, self.fingerprint = model_identity(cfg.model.weights or cfg.model.preset, dtype)
         self.tokenizer = load_tokenizer(cfg.model.weights, self.model_cfg.vocab_size)
+        self.chat = ChatTemplate(self.tokenizer.chat_template, self.tokenizer.bos_token, self.tokenizer.eos_token)
         self.bt = cfg.store.block_tokens
         es = dtype.itemsize
         shape = BlockShape(self.model_cfg.n_layers, self.bt * self.model_cfg.kv_width * es, cfg.model.dtype,
@@ -391,7 +393,8 @@ class Coordinator:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._api_key])
-        app.add_routes([web.post("/v1/completions", self.http_completions), web.get("/v1/models", self.http_models),
+        app.add_routes([web.post("/v1/completions", self.http_completions),
+                        web.post("/v1/chat/completions", self.http_chat), web.get("/v1/models", self.http_models),
                         web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster),
                         web.get("/metrics", self.http_metrics)])
         return app
@@ -445,6 +448,39 @@ class Coordinator:
         done = await asyncio.gather(*(self._complete(request, r) for r in reqs))
         return web.json_response(self._body(cid, reqs, done))
 
+    async def http_chat(self, request: web.Request) -> web.StreamResponse:
+        """/v1/chat/completions: the messages rendered with the chat template (chat.py) become the
+        prompt; everything else is a completion."""
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._error(400, "request body is not valid JSON")
+        except RecursionError:
+            return self._error(400, "request body is nested too deeply")
+        try:
+            if not isinstance(body, dict):
+                raise BadRequest("request body must be a JSON object")
+            try:
+                text = self.chat.render(body.get("messages"), body.get("tools"))
+            except ChatError as e:
+                raise BadRequest(str(e), param="messages") from None
+            rest = {k: v for k, v in body.items() if k not in ("messages", "tools", "tool_choice", "prompt")}
+            prompts, params, policy = self.parse({**rest, "prompt": text})
+        except BadRequest as e:
+            self.stats["rejected"] += 1
+            self.metrics.failed(e.status)
+            return self._error(e.status, str(e), e.param, e.code)
+        req = RequestState(f"chatcmpl-{next(self._ids)}", prompts[0], params, policy)
+        self.stats["requests"] += 1
+        if params["stream"]:
+            return await self._stream(request, req, chat=True)
+        text, finish = await self._complete(request, req)
+        return web.json_response({
+            "id": req.rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "token_ids": req.output,
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": self._usage([req]), "dualpath": self._dualpath(req)})
+
     async def _complete(self, request: web.Request, req: RequestState) -> tuple[str, str]:
         """Run one prompt to its end: (text, finish_reason)."""
         text, hit_stop = "", False
@@ -463,17 +499,26 @@ class Coordinator:
         """'length' when max_tokens ended the answer, 'stop' for a stop string or the end-of-sequence token."""
         return "stop" if hit_stop or len(req.output) < req.params["max_tokens"] else "length"
 
-    async def _stream(self, request: web.Request, req: RequestState) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: RequestState, chat: bool = False) -> web.StreamResponse:
         """Server-sent events as OpenAI sends them: one chunk per token with the new text only, a last
-        chunk with the finish reason (and our `dualpath` object), then the usage if asked, then [DONE]."""
+        chunk with the finish reason (and our `dualpath` object), then the usage if asked, then [DONE].
+        A chat stream carries the text as `delta` (the first one also names the assistant role)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        sent, hit_stop = "", False
+        sent, hit_stop, first = "", False, True
         usage = None if req.params["include_usage"] else ...  # Ellipsis: no usage field at all
 
+        def piece(text: str | None, tokens: list[int], finish: str | None) -> dict:
+            nonlocal first
+            if not chat:
+                return {"index": 0, "text": text or "", "token_ids": tokens, "logprobs": None, "finish_reason": finish}
+            delta = {} if text is None else {"content": text, **({"role": "assistant"} if first else {})}
+            first = False
+            return {"index": 0, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": finish}
+
         async def send(choices: list[dict], **extra) -> None:
-            chunk = {"id": req.rid, "object": "text_completion", "created": int(time.time()),
-                     "model": self.model_name, "choices": choices, **extra}
+            chunk = {"id": req.rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": self.model_name, "choices": choices, **extra}
             if usage is not ...:
                 chunk.setdefault("usage", None)
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -481,13 +526,12 @@ class Coordinator:
         try:
             async for tok in self.generate(req):
                 text, hit_stop = self._apply_stop(req)
-                await send([{"index": 0, "text": text[len(sent):], "token_ids": [tok], "logprobs": None,
-                             "finish_reason": None}])
+                await send([piece(text[len(sent):], [tok], None)])
                 sent = text
                 if hit_stop:
                     break
-            await send([{"index": 0, "text": "", "token_ids": [], "logprobs": None,
-                         "finish_reason": self._finish_reason(req, hit_stop)}], dualpath=self._dualpath(req))
+            await send([piece(None if chat else "", [], self._finish_reason(req, hit_stop))],
+                       dualpath=self._dualpath(req))
             if usage is not ...:
                 await send([], usage=self._usage([req]))
             await resp.write(b"data: [DONE]\n\n")
