@@ -8,6 +8,13 @@ from typing import Protocol
 
 
 SPECIAL_BASE = 0xE000  # the byte tokenizer's ids >= 256 as Unicode private-use characters
+RAW_BASE = 0xF780  # its bytes 0x80-0xFF that are not valid UTF-8, likewise
+_ESCAPE_TO_RAW = {0xDC80 + b: RAW_BASE + b for b in range(128)}
+_RAW_TO_ESCAPE = {v: k for k, v in _ESCAPE_TO_RAW.items()}
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="surrogateescape").translate(_ESCAPE_TO_RAW)
 
 
 class Tokenizer(Protocol):
@@ -22,10 +29,11 @@ class ByteTokenizer:
     U+E000 + (i - 256). eos is None: random weights have no meaningful end token, so generation runs
     to max_tokens.
 
-    Text and ids round-trip exactly: bytes that are not UTF-8 decode to lone surrogates
-    ('surrogateescape', carried by JSON as \\udcXX escapes) and the private-use characters back to
-    their ids. So an answer sent back as text (a chat's earlier turn) gives the same tokens and its
-    KV is a cache hit."""
+    Text and ids round-trip exactly: a byte that is not part of valid UTF-8 decodes to the private-use
+    character U+F780 + (byte - 0x80) (Python's 'surrogateescape' shifted to characters every JSON
+    encoder accepts), and the private-use characters encode back to their bytes and ids. So an
+    answer sent back as text (a chat's earlier turn) gives the same tokens and its KV is a cache hit.
+    Text that itself holds these private-use characters is read as those bytes and ids."""
 
     eos_id: int | None = None
     chat_template: str | None = None
@@ -43,7 +51,7 @@ class ByteTokenizer:
             if len(part) == 1 and self._specials.fullmatch(part):
                 ids.append(256 + ord(part) - SPECIAL_BASE)
             elif part:
-                ids.extend(part.encode("utf-8", errors="surrogateescape"))
+                ids.extend(part.translate(_RAW_TO_ESCAPE).encode("utf-8", errors="surrogateescape"))
         return ids
 
     def decode(self, ids: list[int]) -> str:
@@ -52,9 +60,9 @@ class ByteTokenizer:
             if i < 256:
                 run.append(i)
                 continue
-            out += [run.decode("utf-8", errors="surrogateescape"), chr(SPECIAL_BASE + i - 256)]
+            out += [_text(run), chr(SPECIAL_BASE + i - 256)]
             run = bytearray()
-        return "".join(out) + run.decode("utf-8", errors="surrogateescape")
+        return "".join(out) + _text(run)
 
 
 class HFTokenizer:
