@@ -406,6 +406,10 @@ class Coordinator:
             return await handler(request)
         except web.HTTPException:
             raise
+        except BadRequest as e:  # the client's mistake: a 4xx naming it
+            self.stats["rejected"] += 1
+            self.metrics.failed(e.status)
+            return self._error(e.status, str(e), e.param, e.code)
         except RequestFailed as e:
             self.stats["failed"] += 1
             self.metrics.failed(e.status)
@@ -426,19 +430,20 @@ class Coordinator:
                 return self._error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
         return await handler(request)
 
-    async def http_completions(self, request: web.Request) -> web.StreamResponse:
+    @staticmethod
+    async def _json_body(request: web.Request) -> dict:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._error(400, "request body is not valid JSON")
+            raise BadRequest("request body is not valid JSON") from None
         except RecursionError:
-            return self._error(400, "request body is nested too deeply")
-        try:
-            prompts, params, policy = self.parse(body)
-        except BadRequest as e:
-            self.stats["rejected"] += 1
-            self.metrics.failed(e.status)
-            return self._error(e.status, str(e), e.param, e.code)
+            raise BadRequest("request body is nested too deeply") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        return body
+
+    async def http_completions(self, request: web.Request) -> web.StreamResponse:
+        prompts, params, policy = self.parse(await self._json_body(request))
         cid = f"cmpl-{next(self._ids)}"
         reqs = [RequestState(f"{cid}-{i}" if len(prompts) > 1 else cid, tokens, params, policy)
                 for i, tokens in enumerate(prompts)]
@@ -451,25 +456,13 @@ class Coordinator:
     async def http_chat(self, request: web.Request) -> web.StreamResponse:
         """/v1/chat/completions: the messages rendered with the chat template (chat.py) become the
         prompt; everything else is a completion."""
+        body = await self._json_body(request)
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._error(400, "request body is not valid JSON")
-        except RecursionError:
-            return self._error(400, "request body is nested too deeply")
-        try:
-            if not isinstance(body, dict):
-                raise BadRequest("request body must be a JSON object")
-            try:
-                text = self.chat.render(body.get("messages"), body.get("tools"))
-            except ChatError as e:
-                raise BadRequest(str(e), param="messages") from None
-            rest = {k: v for k, v in body.items() if k not in ("messages", "tools", "tool_choice", "prompt")}
-            prompts, params, policy = self.parse({**rest, "prompt": text})
-        except BadRequest as e:
-            self.stats["rejected"] += 1
-            self.metrics.failed(e.status)
-            return self._error(e.status, str(e), e.param, e.code)
+            text = self.chat.render(body.get("messages"), body.get("tools"))
+        except ChatError as e:
+            raise BadRequest(str(e), param="messages") from None
+        rest = {k: v for k, v in body.items() if k not in ("messages", "tools", "tool_choice", "prompt")}
+        prompts, params, policy = self.parse({**rest, "prompt": text})
         req = RequestState(f"chatcmpl-{next(self._ids)}", prompts[0], params, policy)
         self.stats["requests"] += 1
         if params["stream"]:
