@@ -85,7 +85,9 @@ def run(backend: str, seconds: float, out: str) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     # receiver on the second GPU where there is one (on one GPU both share it)
-    rx_dev, tx_dev = (f"cuda:{min(1, torch.cuda.device_count() - 1)}", "cuda:0") if backend == "cuda" else ("cpu", "cpu")
+    rx_dev, tx_dev = ("cpu", "cpu")
+    if backend == "cuda":
+        rx_dev, tx_dev = f"cuda:{min(1, torch.cuda.device_count() - 1)}", "cuda:0"
     proc = ctx.Process(target=_receiver, args=(backend, rx_dev, q), daemon=True)
     proc.start()
     try:

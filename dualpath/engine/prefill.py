@@ -4,9 +4,10 @@ tokens, sample the first token, and hand the KV to the decode engine (DESIGN.md 
 A job's DRAM buffer run holds every block of its prompt, layer-major. Slots [0, hit_blocks) receive
 the hit KV: slots [0, de_blocks) from the DE over the compute network (path B, one bulk write per
 layer), slots [de_blocks, hit_blocks) from storage through this engine's SNIC (path A). The policy
-sets de_blocks: 0 (path A), hit_blocks (path B) or in between (a split read). Layer l is copied to HBM just before layer l is
-computed, so loading overlaps compute. After the last layer the new KV is copied back into the run
-and written to the DE's run (latency class): every block the DE did not read itself, [de_blocks, end).
+sets de_blocks: 0 (path A), hit_blocks (path B) or in between (a split read). Layer l is copied to
+HBM just before layer l is computed, so loading overlaps compute. After the last layer the new KV
+is copied back into the run and written to the DE's run (latency class): every block the DE did not
+read itself, [de_blocks, end).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class PrefillEngine(Engine):
         batch = Batch.build([(j.blocks, j.computed, n) for j, n in picked], self.bt, self.device)
         ids = torch.tensor([t for j, n in picked for t in j.tokens[j.computed : j.computed + n]], device=self.device)
         loading = [j for j, _ in picked if not j.loaded_to_hbm and j.hit_blocks]
-        hit_blocks = {j.rid: self.hbm_index(j.blocks[: j.hit_blocks]) for j in loading}
+        hit_index = {j.rid: self.hbm_index(j.blocks[: j.hit_blocks]) for j in loading}  # HBM ids of the hits
         n_layers = self.model.cfg.n_layers
         h, cos_sin = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_cos_sin(batch)))
 
@@ -193,7 +194,7 @@ class PrefillEngine(Engine):
             while l < n_layers and landed(l) and not any(j.failed for j, _ in picked):
                 for j in loading:
                     j.t_started.append(time.monotonic())
-                    self.buffer_to_hbm(j.run, hit_blocks[j.rid], l)
+                    self.buffer_to_hbm(j.run, hit_index[j.rid], l)
                 h = self.model.layer(l, h, batch, self.pool.layer(l), cos_sin)
                 l += 1
             return l, h
