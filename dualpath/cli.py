@@ -352,6 +352,10 @@ def bench_ingest(**kw) -> None:
                    f"{v['wall_s']:.2f} s = {v['GBps']:.2f} GB/s ({r['ratio_to_raw_read'][path]:.2f} of a raw read)")
     click.echo(f"compute only (the same requests, nothing to load): {r['compute_only_s']:.2f} s; raw page-cache "
                f"read {r['raw_page_cache_read_GBps']:.2f} GB/s; copy peak {r['copy_peak_GBps']:.2f} GB/s")
+    click.echo("where the time went (seconds per engine stage; stages overlap):")
+    for run_name, engines in r["profile_s"].items():
+        for engine, stages in engines.items():
+            click.echo(f"  {run_name:>12} {engine}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(stages.items())))
     click.echo(f"wrote {kw['out']}")
 
 

@@ -11,14 +11,20 @@ Measured in the same run and printed beside it:
   alone), i.e. everything but the loading;
 - raw page-cache read of the same block files (one thread per file set, as large reads);
 - the host-to-device copy peak (pinned memory -> HBM on CUDA; a memory copy on the CPU).
+
+The profile: each engine's seconds per stage of its load and compute path during each run (the
+``stage_seconds`` its heartbeats report: reader processes busy, waits for KV, compute, handoff
+copies and sends, merges), so a slow path says where its time went.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,6 +86,29 @@ def _copy_peak_gbps(device: str, nbytes: int = 256 << 20) -> float:
     return nbytes / best / 1e9
 
 
+def _stage_seconds(url: str) -> dict[str, dict[str, float]]:
+    engines = _get_json(url + "/v1/cluster")["engines"]
+    return {name: e.get("stage_seconds", {}) for name, e in engines.items()}
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)
+
+
+def _profiled(c: LocalCluster, fn):
+    """Run fn(); return its result and each engine's stage seconds spent meanwhile (heartbeat-fresh)."""
+    settle = 3 * c.cfg.scheduler.heartbeat_s + 0.1
+    time.sleep(settle)
+    before = _stage_seconds(c.url)
+    out = fn()
+    time.sleep(settle)
+    after = _stage_seconds(c.url)
+    return out, {name: {k: round(v - before.get(name, {}).get(k, 0.0), 4) for k, v in stages.items()
+                        if v - before.get(name, {}).get(k, 0.0) > 1e-4}
+                 for name, stages in after.items()}
+
+
 def run(preset: str, dtype: str, device: str, requests: int, context: int, port: int, out: str,
         readers: int = 8, read_spans: int = 8) -> dict:
     rng = random.Random(3)
@@ -93,10 +122,10 @@ def run(preset: str, dtype: str, device: str, requests: int, context: int, port:
                 out1 = complete(c.url, {"prompt": p, "max_tokens": 1})["choices"][0]["token_ids"]
                 turn2.append(p + out1 + [rng.randrange(256) for _ in range(NEW_TOKENS)])
             time.sleep(1.0)  # write-behind: let the last blocks reach the store
-            paths = {}
+            paths, profile = {}, {}
             for policy, path in (("pe-read", "A"), ("de-read", "B")):
-                wall, replies = asyncio.run(_batch(c.url, [{"prompt": t, "max_tokens": 1, "dualpath_policy": policy}
-                                                           for t in turn2]))
+                bodies = [{"prompt": t, "max_tokens": 1, "dualpath_policy": policy} for t in turn2]
+                (wall, replies), profile[path] = _profiled(c, lambda: asyncio.run(_batch(c.url, bodies)))
                 hit = sum(sum(r["dualpath"]["read_bytes"].values()) for r in replies)
                 taken = {r["dualpath"]["path"] for r in replies}
                 if taken != {path}:
@@ -105,13 +134,13 @@ def run(preset: str, dtype: str, device: str, requests: int, context: int, port:
                                "cached_tokens": sum(r["usage"]["prompt_tokens_details"]["cached_tokens"]
                                                     for r in replies)}
             new_only = [t[len(p):] for t, p in zip(turn2, prompts)]
-            compute_s, _ = asyncio.run(_batch(c.url, [{"prompt": t, "max_tokens": 1, "dualpath_policy": "pe-read"}
-                                                      for t in new_only]))
+            bodies = [{"prompt": t, "max_tokens": 1, "dualpath_policy": "pe-read"} for t in new_only]
+            (compute_s, _), profile["compute only"] = _profiled(c, lambda: asyncio.run(_batch(c.url, bodies)))
         raw = _raw_read_gbps(f"{work}/store")
     peak = _copy_peak_gbps(device)
     result = {"bench": "ingest", "preset": preset, "dtype": dtype, "device": device, "requests": requests,
               "context_tokens": context, "readers": readers, "read_spans": read_spans, "paths": paths,
               "compute_only_s": compute_s, "raw_page_cache_read_GBps": raw, "copy_peak_GBps": peak,
-              "ratio_to_raw_read": {p: v["GBps"] / raw for p, v in paths.items()}}
+              "ratio_to_raw_read": {p: v["GBps"] / raw for p, v in paths.items()}, "profile_s": profile}
     write_json(out, result)
     return result

@@ -153,13 +153,15 @@ class DecodeEngine(Engine):
         as soon as that layer is read, so the PE can compute layer 0 while later layers travel."""
         bpl = self.buffer.bytes_per_layer
         for l in range(self.model.cfg.n_layers):
-            await seq.hit_layers[l].wait()
+            with self.timed("path_b_read_wait"):
+                await seq.hit_layers[l].wait()
             if seq.layers_read <= l:
                 raise RuntimeError("retry: a hit block was missing or corrupt")
             off, _ = self.buffer.layer_range(seq.run, l)
             src = self.buffer.host[off : off + seq.de_blocks * bpl]
-            await self.dataplane.write(src, dst.region, dst.layer_offset(l, bpl), seq.de_blocks * bpl, "bulk",
-                                       notify={"rid": seq.rid, "layer": l})
+            with self.timed("path_b_send"):
+                await self.dataplane.write(src, dst.region, dst.layer_offset(l, bpl), seq.de_blocks * bpl, "bulk",
+                                           notify={"rid": seq.rid, "layer": l})
         self.metrics["path_b_sent_blocks"] += seq.de_blocks
         return {"ok": True}
 
@@ -181,8 +183,9 @@ class DecodeEngine(Engine):
 
         # The running batch's decode steps do not wait for these copies (they do not read these
         # blocks): the request joins the batch, and its run is released, once the copies are done.
-        await self.in_compute(copy_in)
-        await self.copies_done()
+        with self.timed("merge_h2d"):
+            await self.in_compute(copy_in, stage="merge_h2d_enqueue")
+            await self.copies_done()
         view = self.buffer.view(seq.run)
         for b in range(seq.hit_blocks, n_full):  # hit blocks are stored already
             fut = self.persister.submit(seq.keys[b], [view[l, b].numpy().copy() for l in range(view.shape[0])])
@@ -221,7 +224,7 @@ class DecodeEngine(Engine):
             if not batch_seqs:
                 continue
             try:
-                next_tokens = await self.in_compute(self._decode_step, batch_seqs)
+                next_tokens = await self.in_compute(self._decode_step, batch_seqs, stage="decode_step")
             except Exception as e:
                 log.exception("%s: decode step failed", self.name)
                 for seq in batch_seqs:

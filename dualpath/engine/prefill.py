@@ -5,9 +5,9 @@ A job's DRAM buffer run holds every block of its prompt, layer-major. Slots [0, 
 the hit KV: slots [0, de_blocks) from the DE over the compute network (path B, one bulk write per
 layer), slots [de_blocks, hit_blocks) from storage through this engine's SNIC (path A). The policy
 sets de_blocks: 0 (path A), hit_blocks (path B) or in between (a split read). Layer l is copied to
-HBM just before layer l is computed, so loading overlaps compute. After the last layer the new KV
-is copied back into the run and written to the DE's run (latency class): every block the DE did not
-read itself, [de_blocks, end).
+HBM just before layer l is computed, so loading overlaps compute. After the last layer the computed
+blocks [hit_blocks, end) are copied back into the run (the hit blocks are there already), and every
+block the DE did not read itself, [de_blocks, end), is written to the DE's run (latency class).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.model import Batch, last_token_index
-from dualpath.engine.runtime import Engine, sample
+from dualpath.engine.runtime import Engine, sample, until_done
 from dualpath.protocol import Abort, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
@@ -103,7 +103,8 @@ class PrefillEngine(Engine):
         job.path_b_layer = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
         try:
             n = self.pool.blocks_for(len(job.tokens))
-            await self.take_memory(job, n, n)
+            with self.timed("admit_wait"):
+                await self.take_memory(job, n, n)
             job.computed = job.hit_blocks * self.bt
             job.io = [asyncio.create_task(self._read_path_a(job, job.de_blocks, job.hit_blocks, job.path_a_layer)),
                       asyncio.create_task(self._read_path_b(job))]
@@ -201,9 +202,10 @@ class PrefillEngine(Engine):
 
         l = 0
         while l < n_layers:
-            for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
-                await j.path_a_layer[l].wait()
-                await j.path_b_layer[l].wait()
+            with self.timed("kv_wait"):
+                for j in loading:  # layer l of the hit KV must be in our buffer before layer l runs
+                    await j.path_a_layer[l].wait()
+                    await j.path_b_layer[l].wait()
             if any(j.failed for j, _ in picked):
                 return
             l, h = await self.in_compute(run_layers, l, h)
@@ -224,21 +226,25 @@ class PrefillEngine(Engine):
     # -- handoff to the decode engine --
 
     async def _handoff(self, job: PrefillJob, first_token: int) -> None:
+        """The prompt's KV to the DE: every block it did not read itself, [de_blocks, end). The hit
+        blocks read on path A are in our buffer already; only the computed ones come back from HBM."""
         try:
-            nb = job.run.n_blocks
-            start = job.de_blocks  # the DE holds the blocks it read itself
-            await self.in_compute(self.hbm_to_buffer, job.run, job.blocks[start:], start)
+            nb, start = job.run.n_blocks, job.de_blocks
+            with self.timed("handoff_d2h"):
+                await until_done(await self.in_compute(self.hbm_to_buffer, job.run, job.blocks[job.hit_blocks:],
+                                                       job.hit_blocks, stage="handoff_d2h_enqueue"))
             bpl = self.buffer.bytes_per_layer
-            if start < nb:
-                writes = []
-                for l in range(self.model.cfg.n_layers):
-                    off, nbytes = self.buffer.layer_range(job.run, l, start)
-                    writes.append(self.dataplane.write(self.buffer.host[off : off + nbytes], job.de_run.region,
-                                                       job.de_run.layer_offset(l, bpl, start), nbytes, "latency"))
-                await asyncio.gather(*writes)
-            self.metrics["handoff_blocks"] += nb - start
-            de = await self.peer(job.de)
-            await ask(de, Prefilled(job.rid, first_token))
+            with self.timed("handoff_send"):
+                if start < nb:
+                    writes = []
+                    for l in range(self.model.cfg.n_layers):
+                        off, nbytes = self.buffer.layer_range(job.run, l, start)
+                        writes.append(self.dataplane.write(self.buffer.host[off : off + nbytes], job.de_run.region,
+                                                           job.de_run.layer_offset(l, bpl, start), nbytes, "latency"))
+                    await asyncio.gather(*writes)
+                self.metrics["handoff_blocks"] += nb - start
+                de = await self.peer(job.de)
+                await ask(de, Prefilled(job.rid, first_token))
             self.metrics["prefilled_requests"] += 1
         except Exception as e:  # the DE died or dropped the link: another DE may take the request
             await self._fail(job, f"retry: handoff to {job.de} failed: {e}")

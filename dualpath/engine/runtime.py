@@ -4,6 +4,7 @@ to the coordinator and to peer engines. ``PrefillEngine`` and ``DecodeEngine`` b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -40,6 +41,12 @@ def sample(logits: torch.Tensor, temperature: float, seed: int | None, position:
     return int(torch.multinomial(probs, 1, generator=g))
 
 
+async def until_done(event: torch.cuda.Event | None, poll_s: float = 0.0002) -> None:
+    """Wait on the event loop for a CUDA event, polling: the loop stays free, and no thread blocks."""
+    while event is not None and not event.query():
+        await asyncio.sleep(poll_s)
+
+
 class Engine:
     role = ""
 
@@ -58,7 +65,11 @@ class Engine:
         self.metrics: Counter[str] = Counter()
         # Model compute runs on one thread so the event loop keeps receiving KV while a layer runs.
         self.compute = device_threads(1, f"{self.name}-compute", self.device)
-        self.h2d_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        on_cuda = self.device.type == "cuda"
+        self.h2d_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self.d2h_stream = torch.cuda.Stream(self.device) if on_cuda else None  # handoffs: HBM -> buffer
+        # Where this engine's time goes, in seconds per stage (bench ingest prints it; /metrics has it)
+        self.stage_s: Counter[str] = Counter()
         self.peers: dict[str, Connection] = {}
         self.peer_addrs: dict[str, tuple[str, int]] = {}
         self.coord: Connection | None = None
@@ -129,7 +140,9 @@ class Engine:
                 "network_sent_bytes": dict(self.dataplane.sent_bytes),
                 "free_buffer_blocks": self.buffer.free_blocks,
                 "free_hbm_blocks": self.pool.allocator.free, "storage_read_bytes": io.read_bytes,
-                "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics)}
+                "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics),
+                "stage_seconds": {**self.stage_s, "storage_reader_busy": self.store.reader_busy_s,
+                                  "storage_reads_outstanding": self.store.read_busy_s()}}
 
     async def _heartbeat(self) -> None:
         while not self.stopping.is_set():
@@ -218,21 +231,30 @@ class Engine:
     async def copies_done(self) -> None:
         """Wait, without holding up the compute thread or stream, until every host-to-device copy
         enqueued so far has finished (and its source buffer may be reused)."""
-        if self.h2d_stream is None:
-            return
-        done = torch.cuda.Event()
-        done.record(self.h2d_stream)
-        while not done.query():
-            await asyncio.sleep(0.0005)
+        if self.h2d_stream is not None:
+            done = torch.cuda.Event()
+            done.record(self.h2d_stream)
+            await until_done(done)
 
-    def hbm_to_buffer(self, run: BufferRun, blocks: list[int], lo: int = 0) -> None:
-        """All layers of the given HBM blocks into run slots [lo, ...) (D2H)."""
+    def hbm_to_buffer(self, run: BufferRun, blocks: list[int], lo: int = 0) -> torch.cuda.Event | None:
+        """Enqueue all layers of the given HBM blocks into run slots [lo, ...) (D2H). On CUDA the copy
+        runs on its own stream, straight into the pinned buffer, after the compute enqueued so far
+        (which wrote these blocks); the returned event says when it is done (``until_done``), so
+        neither the compute thread nor the event loop waits for it meanwhile."""
         if not blocks:
-            return
-        idx = torch.tensor(blocks, device=self.device)
-        dst = self.buffer.view(run)[:, lo : lo + len(blocks)]
-        data = self.pool.kv[:, idx].contiguous().view(torch.uint8).view(dst.shape)
-        dst.copy_(data.cpu() if data.is_cuda else data)
+            return None
+        dst = self.buffer.view(run)[:, lo : lo + len(blocks)]  # [layers, k, bytes/layer]; layer l contiguous
+        if self.d2h_stream is None:
+            dst.copy_(self.pool.kv[:, torch.tensor(blocks)].view(torch.uint8).view(dst.shape))
+            return None
+        self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h_stream):  # made, used and freed on this stream only
+            data = self.pool.kv[:, torch.tensor(blocks, device=self.device)].view(torch.uint8).view(dst.shape)
+            for l in range(len(dst)):
+                dst[l].copy_(data[l], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return done
 
     def free_request_memory(self, req) -> None:
         """Give back a request's DRAM buffer run and HBM blocks (idempotent). While a read or a
@@ -273,8 +295,25 @@ class Engine:
                     raise MemoryError(f"{self.name}: no room for {hbm_blocks} HBM blocks within {wait_s:g} s")
                 await asyncio.sleep(0.005)
 
-    async def in_compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+    async def in_compute(self, fn, *args, stage: str = "compute"):
+        """Run fn on the compute thread; its time there counts toward `stage`."""
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.stage_s[stage] += time.perf_counter() - t0
+
+        return await asyncio.get_running_loop().run_in_executor(self.compute, timed)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        """Time spent in the block (on the event loop, often awaiting) counts toward `stage`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_s[stage] += time.perf_counter() - t0
 
     # -- to be provided by the roles --
 

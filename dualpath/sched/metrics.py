@@ -89,6 +89,9 @@ class EngineCollector:
                                         "or failed (the store refused)", labels=[*labels, "result"])
         events = CounterMetricFamily("dualpath_engine_events", "Engine counters (path-A/B requests and blocks, "
                                      "handoffs, fallbacks)", labels=[*labels, "event"])
+        stages = CounterMetricFamily("dualpath_engine_stage_seconds", "Where an engine's time goes: seconds in each "
+                                     "stage of its load and compute path (overlapping stages overlap)",
+                                     labels=[*labels, "stage"])
         totals = {"buffer": c.cfg.engine.buffer_blocks, "hbm": c.cfg.engine.hbm_blocks}
         for e in c.live_engines():
             load, who = e.load, [e.name, e.role, str(e.node)]
@@ -113,4 +116,6 @@ class EngineCollector:
                     persisted.add_metric([*who, result], load.get(f"persist_{result}", 0))
             for event, n in load.get("metrics", {}).items():
                 events.add_metric([*who, event], n)
-        yield from (up, read, write, queue, rate, net, backend, links, blocks, persist_q, persisted, events)
+            for stage, s in load.get("stage_seconds", {}).items():
+                stages.add_metric([*who, stage], s)
+        yield from (up, read, write, queue, rate, net, backend, links, blocks, persist_q, persisted, events, stages)

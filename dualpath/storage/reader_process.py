@@ -8,6 +8,7 @@ import mmap
 import os
 import socket
 import sys
+import time
 
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import OK, FileStore
@@ -40,6 +41,7 @@ def _read_requests(sock: socket.socket, store: FileStore, mem: memoryview) -> No
     bpl = store.shape.bytes_per_layer
     while (msg := recv_frame_blocking(sock, MAX_FRAME)) is not None:
         keys, offset, stride = msg["keys"], msg["offset"], msg["stride"]
+        t0 = time.perf_counter()
         codes, sums = bytearray(len(keys)), [None] * len(keys)
         for i, key in enumerate(keys):
             codes[i], sums[i] = store.read_checksums(key)
@@ -49,7 +51,8 @@ def _read_requests(sock: socket.socket, store: FileStore, mem: memoryview) -> No
                     at = offset + i * bpl + first * stride
                     dests = [mem[at + j * stride : at + j * stride + bpl] for j in range(count)]
                     codes[i] = store.read_layers(key, first, dests, sums[i])
-            sock.sendall(pack({"id": msg["id"], "span": k, "codes": bytes(codes)}))
+            busy, t0 = time.perf_counter() - t0, time.perf_counter()
+            sock.sendall(pack({"id": msg["id"], "span": k, "codes": bytes(codes), "busy_s": busy}))
 
 
 if __name__ == "__main__":

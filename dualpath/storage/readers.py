@@ -14,7 +14,9 @@ Protocol: length-prefixed msgpack frames (transport/control.py's framing) over a
     engine -> reader  {"root", "shape": [layers, bytes/layer, dtype, fingerprint], "buffer", "buffer_bytes"}
     reader -> engine  {"ready": true} once it has mapped the buffer, or {"error": why}
     engine -> reader  {"id", "keys", "offset", "stride", "spans": [[first layer, count], ...]}
-    reader -> engine  {"id", "span": k, "codes": one byte per key (OK, ABSENT, CORRUPT)}   once per span
+    reader -> engine  {"id", "span": k, "codes": one byte per key (OK, ABSENT, CORRUPT), "busy_s"}   once per span
+
+(busy_s: the reader's time on that span, reads and checksums: bench ingest's profile sums it.)
 
 Block i of a read lands at ``offset + i * bytes_per_layer + l * stride`` for layer l (a run of the
 buffer is layer-major). A block that failed is not read in later spans; its code stays. The reader
@@ -51,6 +53,7 @@ class Reader:
         self._starting = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self.alive = False
+        self.busy_s = 0.0  # seconds this reader spent reading and checking (its replies say)
 
     async def ensure_running(self) -> None:
         """Start the process, or start a new one if it died (the old one's reads have failed)."""
@@ -94,6 +97,7 @@ class Reader:
             while True:
                 msg = await read_frame(self._reader, REPLY_MAX_FRAME)
                 futures = self._pending[msg["id"]]
+                self.busy_s += msg.get("busy_s", 0.0)
                 futures[msg["span"]].set_result(msg["codes"])
                 if msg["span"] == len(futures) - 1:
                     del self._pending[msg["id"]]

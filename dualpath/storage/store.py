@@ -395,6 +395,11 @@ class AsyncStore:
         await asyncio.get_running_loop().run_in_executor(self._pool, self.store.write, key, layers)
         await _nic_done(end)
 
+    @property
+    def reader_busy_s(self) -> float:
+        """Seconds the reader processes spent reading and checking blocks, summed over readers."""
+        return sum(r.busy_s for r in self._readers)
+
     def read_busy_s(self) -> float:
         """Seconds during which this engine had reads outstanding (so far, the current stretch included)."""
         return self._read_busy_s + (time.monotonic() - self._busy_since if self.pending_reads else 0.0)
