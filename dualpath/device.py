@@ -9,6 +9,7 @@ it, work meant for `cuda:1` is launched or captured against device 0, which a on
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -33,3 +34,10 @@ def spread_over_gpus(engines: list) -> None:
         raise RuntimeError("device 'cuda' asked for, but no GPU is visible")
     for i, e in enumerate(engines):
         e.device = f"cuda:{i % n}"
+
+
+async def until_done(event: torch.cuda.Event | None, poll_s: float = 0.0002) -> None:
+    """Wait on the event loop for a CUDA event (the work recorded before it), polling: the loop stays
+    free for other requests and no thread blocks on the GPU."""
+    while event is not None and not event.query():
+        await asyncio.sleep(poll_s)

@@ -150,18 +150,24 @@ class DecodeEngine(Engine):
 
     async def _send_hits(self, seq: DecodeSeq, dst: RunHandle) -> dict:
         """Path B: storage → our buffer (already under way) → the PE's buffer, one bulk write per layer
-        as soon as that layer is read, so the PE can compute layer 0 while later layers travel."""
-        bpl = self.buffer.bytes_per_layer
-        for l in range(self.model.cfg.n_layers):
-            with self.timed("path_b_read_wait"):
-                await seq.hit_layers[l].wait()
-            if seq.layers_read <= l:
-                raise RuntimeError("retry: a hit block was missing or corrupt")
-            off, _ = self.buffer.layer_range(seq.run, l)
-            src = self.buffer.host[off : off + seq.de_blocks * bpl]
+        started as soon as that layer is read (not after the previous write's acknowledgement), so the
+        PE can compute layer 0 while later layers are read and travel."""
+        bpl, writes = self.buffer.bytes_per_layer, []
+        try:
+            for l in range(self.model.cfg.n_layers):
+                with self.timed("path_b_read_wait"):
+                    await seq.hit_layers[l].wait()
+                if seq.layers_read <= l:
+                    raise RuntimeError("retry: a hit block was missing or corrupt")
+                off, _ = self.buffer.layer_range(seq.run, l)
+                src = self.buffer.host[off : off + seq.de_blocks * bpl]
+                writes.append(asyncio.ensure_future(self.dataplane.write(
+                    src, dst.region, dst.layer_offset(l, bpl), seq.de_blocks * bpl, "bulk",
+                    notify={"rid": seq.rid, "layer": l})))
             with self.timed("path_b_send"):
-                await self.dataplane.write(src, dst.region, dst.layer_offset(l, bpl), seq.de_blocks * bpl, "bulk",
-                                           notify={"rid": seq.rid, "layer": l})
+                await asyncio.gather(*writes)
+        finally:  # on a miss or a failed write, no write may still be under way when we answer
+            await asyncio.gather(*writes, return_exceptions=True)
         self.metrics["path_b_sent_blocks"] += seq.de_blocks
         return {"ok": True}
 

@@ -22,6 +22,7 @@ Dense MLP only (SwiGLU); DeepSeek MoE layers are not supported and are refused a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -187,14 +188,27 @@ def _causal_mask(n_new: int, ctx: int, device: torch.device) -> torch.Tensor:
     return torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
 
 
+MASK_MAX_ELEMENTS = 1 << 22  # above this an explicit [n, ctx] mask costs more memory than it saves time
+
+
+@functools.lru_cache(maxsize=64)
+def _lower_right_mask(n: int, ctx: int, device: torch.device) -> torch.Tensor:
+    return _causal_mask(n, ctx, device)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Prefill attention of n new queries [n, H, d] over ctx keys/values [ctx, G, d] (G divides H),
     the new tokens being the last n of the context: causal, aligned to the lower right (query i sees
-    keys up to ctx - n + i). Given as a CausalBias rather than an [n, ctx] mask, SDPA can run its
-    fused kernels (flash / memory-efficient) instead of materialising every score."""
+    keys up to ctx - n + i). The mask takes the cheapest form that SDPA's fused kernels accept: none
+    for one query (it sees every key), is_causal when n == ctx, a cached boolean [n, ctx] mask for
+    short appends (a CausalBias is decided in Python on every call, which dominated a step of many
+    short appends on a GPU), and a CausalBias for long ones (no [n, ctx] tensor at all)."""
     n, ctx = len(q), len(k)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, len, d]: fused kernels want 4-D
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, ctx), scale=scale,
+    mask, causal = None, n == ctx and n > 1
+    if 1 < n < ctx:
+        mask = _lower_right_mask(n, ctx, q.device) if n * ctx <= MASK_MAX_ELEMENTS else causal_lower_right(n, ctx)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return out[0].transpose(0, 1)
 

@@ -23,7 +23,8 @@ import torch
 from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.model import Batch, last_token_index
-from dualpath.engine.runtime import Engine, sample, until_done
+from dualpath.device import until_done
+from dualpath.engine.runtime import Engine, sample
 from dualpath.protocol import Abort, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection

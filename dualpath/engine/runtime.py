@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dualpath.config import ClusterConfig, EngineSpec
-from dualpath.device import device_threads, make_current
+from dualpath.device import device_threads, make_current, until_done
 from dualpath.engine.buffers import BufferPool, BufferRun
 from dualpath.engine.kvcache import KVPool, OutOfBlocks
 from dualpath.engine.weights import load_pretrained
@@ -39,12 +39,6 @@ def sample(logits: torch.Tensor, temperature: float, seed: int | None, position:
     if not bool(torch.isfinite(probs).all()):
         return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=g))
-
-
-async def until_done(event: torch.cuda.Event | None, poll_s: float = 0.0002) -> None:
-    """Wait on the event loop for a CUDA event, polling: the loop stays free, and no thread blocks."""
-    while event is not None and not event.query():
-        await asyncio.sleep(poll_s)
 
 
 class Engine:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dualpath.device import device_threads
+from dualpath.device import device_threads, until_done
 from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, TransferError, as_bytes, check_write
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class CudaDataPlane(TcpDataPlane):
         if dst.get("pid") == os.getpid():  # our own region: nobody else can wait for the copy
             event = torch.cuda.Event()
             event.record(stream)
-            await _until(event)
+            await until_done(event, poll_s=0)  # a copy over NVLink: microseconds matter
             await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
             return
         event, ipc = self._take_event(dev, stream)
@@ -194,10 +194,4 @@ class CudaDataPlane(TcpDataPlane):
         event = self._peer_events.get(key)
         if event is None:
             event = self._peer_events[key] = torch.cuda.Event.from_ipc_handle(torch.device("cuda", dev), ipc)
-        await _until(event)
-
-
-async def _until(event: torch.cuda.Event) -> None:
-    """Poll, rather than block the event loop, until the work before `event` is done."""
-    while not event.query():
-        await asyncio.sleep(0)
+        await until_done(event, poll_s=0)  # a copy over NVLink: microseconds matter
