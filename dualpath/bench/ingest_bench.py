@@ -116,6 +116,10 @@ def run(preset: str, dtype: str, device: str, requests: int, context: int, port:
     with tempfile.TemporaryDirectory(prefix="dualpath-ingest-") as work:
         cfg = bench_cluster(1, 1, preset, dtype, device, port, f"{work}/store")
         cfg.store.readers, cfg.store.read_spans = readers, read_spans
+        per_request = -(-(context + 64) // cfg.store.block_tokens)  # blocks of a turn 2
+        # room for 8 requests in flight on each engine, and a write-behind queue for all of turn 1
+        cfg.engine.buffer_blocks = cfg.engine.hbm_blocks = max(cfg.engine.buffer_blocks, 8 * per_request)
+        cfg.store.write_queue_blocks = max(cfg.store.write_queue_blocks, requests * per_request)
         with LocalCluster(cfg, f"{work}/run") as c:
             turn2 = []
             for p in prompts:  # turn 1 stores the context
