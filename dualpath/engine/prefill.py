@@ -236,7 +236,11 @@ class PrefillEngine(Engine):
                                                        job.hit_blocks, stage="handoff_d2h_enqueue"))
             bpl = self.buffer.bytes_per_layer
             with self.timed("handoff_send"):
-                if start < nb:
+                if start == 0 and job.de_run.n_blocks == nb:  # the whole run, one write: both runs have one layout
+                    off, nbytes = self.buffer.byte_range(job.run)
+                    await self.dataplane.write(self.buffer.host[off : off + nbytes], job.de_run.region,
+                                               job.de_run.layer_offset(0, bpl), nbytes, "latency")
+                elif start < nb:  # each layer's blocks [start, nb)
                     writes = []
                     for l in range(self.model.cfg.n_layers):
                         off, nbytes = self.buffer.layer_range(job.run, l, start)
