@@ -129,11 +129,11 @@ def bench_store(**kw) -> None:
 
 
 @bench.command("transport")
-@click.option("--backend", type=click.Choice(["tcp", "cuda", "verbs"]), default="tcp", show_default=True)
+@click.option("--backend", type=click.Choice(["tcp", "shm", "cuda", "verbs"]), default="tcp", show_default=True)
 @click.option("--seconds", type=float, default=1.0, show_default=True, help="per message size")
 @click.option("--out", default="runs/bench_transport.json", show_default=True)
 def bench_transport(**kw) -> None:
-    """Data-plane write GB/s (1-64 MiB) next to iperf3 (tcp) or a P2P tensor copy (cuda)."""
+    """Data-plane write GB/s (1-64 MiB) next to iperf3 (tcp), a host memory copy (shm) or a P2P copy (cuda)."""
     from dualpath.bench.transport_bench import run as run_bench
 
     r = run_bench(**kw)

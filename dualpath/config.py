@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("prefill", "decode")
-BACKENDS = ("auto", "tcp", "verbs", "cuda")
+BACKENDS = ("auto", "tcp", "shm", "verbs", "cuda")
 POLICIES = ("pe-read", "de-read", "dualpath", "dualpath-split")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -121,7 +121,8 @@ def test_multi_turn_conversation_matches_reference_and_hits_every_full_block(clu
     elif policy == "de-read":
         assert paths[1:] == ["B", "B"] and delta_b == 2 and delta_a == 0
         links = {k: v for e in after["engines"].values() for k, v in e["links"].items()}
-        assert links and set(links.values()) == {"tcp"}  # each engine reports its peer links' backend
+        # each engine reports its peer links' backend: engines of one host copy into each other's buffers
+        assert links and set(links.values()) == {"shm"}
         assert engine_counter(after, "path_b_sent_blocks") > engine_counter(before, "path_b_sent_blocks")
     elif policy == "dualpath-split":  # an idle cluster: both queues empty, so each side reads half
         assert paths[1:] == ["A+B", "A+B"] and delta_a == 2 and delta_b == 2

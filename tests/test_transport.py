@@ -221,14 +221,18 @@ def test_unavailable_backend_falls_back_to_tcp(caplog):
     assert dp.backend == "tcp" and "not available" in caplog.text
 
 
-async def test_cuda_backend_writes_same_host_buffers_by_memory_copy():
-    """The cuda backend's host path (it needs no GPU): a peer's shared DRAM buffer is mapped and
-    written with one copy, no payload crosses the socket; a buffer of another host goes over tcp."""
+@pytest.mark.parametrize("backend", ["shm", "cuda"])
+async def test_same_host_buffers_are_written_by_memory_copy(backend):
+    """The shm backend, and the cuda backend's host path (neither needs a GPU): a peer's shared DRAM
+    buffer is mapped and written with one copy, no payload crosses the socket; a buffer of another
+    host goes over tcp."""
     from dualpath.engine.buffers import BufferPool
     from dualpath.transport.cuda import CudaDataPlane
+    from dualpath.transport.shm import ShmDataPlane
 
+    plane = {"shm": ShmDataPlane, "cuda": CudaDataPlane}[backend]
     done = []
-    a, b = CudaDataPlane("a", TOKEN), CudaDataPlane("b", TOKEN, on_complete=done.append)
+    a, b = plane("a", TOKEN), plane("b", TOKEN, on_complete=done.append)
     await a.start("127.0.0.1")
     await b.start("127.0.0.1")
     try:
@@ -238,6 +242,7 @@ async def test_cuda_backend_writes_same_host_buffers_by_memory_copy():
         await a.write(src, handle, 4096, 100_000, "bulk", notify={"layer": 1})
         assert done == [{"layer": 1}] and torch.equal(buf.host[4096:104096], src)
         assert b.bytes_received == 0  # the bytes did not travel over the socket
+        assert a.links() == {f"127.0.0.1:{b.port}": backend}
         with pytest.raises(TransferError, match="outside"):
             await a.write(src, handle, buf.host.numel() - 10, 100_000, "latency")
         granted_region = b.register(buf.host, share_path=buf.share_path, granted_only=True)

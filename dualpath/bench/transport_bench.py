@@ -2,7 +2,9 @@
 
 The receiver runs in its own process (as a peer engine would); iperf3's single-stream loopback
 rate is measured in the same run as the reference. With --backend cuda on a host with two GPUs,
-the reference is a plain peer-to-peer tensor copy between the two GPUs.
+the reference is a plain peer-to-peer tensor copy between the two GPUs; with --backend shm the
+receiver's region is a shared DRAM buffer (as an engine's is) and the reference is one host memory
+copy of the same size.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ def _receiver(backend: str, device: str, q) -> None:
     async def main():
         dp = make_dataplane(backend, "rx", TOKEN)
         await dp.start("127.0.0.1")
-        handle = dp.register(torch.zeros(64 << 20, dtype=torch.uint8, device=device))
+        if backend == "shm":  # an engine's DRAM buffer: shared memory the writer maps
+            from dualpath.engine.buffers import BufferPool
+
+            buf = BufferPool(n_blocks=64, n_layers=1, bytes_per_layer=1 << 20, pin=False, shared=True)
+            handle = dp.register(buf.host, share_path=buf.share_path)
+        else:
+            handle = dp.register(torch.zeros(64 << 20, dtype=torch.uint8, device=device))
         q.put(handle)
         await asyncio.Event().wait()
 
@@ -66,6 +74,15 @@ def _iperf3(seconds: float) -> float | None:
         server.wait()
 
 
+def _memcpy_gbps(n: int = 64 << 20, reps: int = 20) -> float:
+    a, b = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    b.copy_(a)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    return reps * n / (time.perf_counter() - t0) / 1e9
+
+
 def _p2p_copy_gbps() -> float | None:
     if torch.cuda.device_count() < 2:
         return None
@@ -96,8 +113,10 @@ def run(backend: str, seconds: float, out: str) -> dict:
     finally:
         proc.kill()
         proc.join()
-    reference = _p2p_copy_gbps() if backend == "cuda" else _iperf3(max(2.0, seconds))
-    ref_name = "p2p_tensor_copy_GBps" if backend == "cuda" else "iperf3_single_stream_GBps"
+    measure, ref_name = {"cuda": (_p2p_copy_gbps, "p2p_tensor_copy_GBps"),
+                         "shm": (_memcpy_gbps, "host_memory_copy_GBps")}.get(
+        backend, (lambda: _iperf3(max(2.0, seconds)), "iperf3_single_stream_GBps"))
+    reference = measure()
     best = max(rates.values())
     result = {"bench": "transport", "backend": backend, "write_GBps_by_MiB": rates, ref_name: reference,
               "best_ratio": best / reference if reference else None}

@@ -1,4 +1,4 @@
-"""Transport: control plane (msgpack frames) and data plane backends (tcp, verbs, cuda)."""
+"""Transport: control plane (msgpack frames) and data plane backends (tcp, shm, cuda, verbs)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ log = logging.getLogger(__name__)
 
 
 def available_backends() -> list[str]:
-    out = ["tcp"]
+    from dualpath.transport.shm import shm_available
+
+    out = ["tcp", "shm"] if shm_available() else ["tcp"]
     try:
         import torch
 
@@ -28,12 +30,13 @@ def available_backends() -> list[str]:
 
 
 def make_dataplane(backend: str, name: str, token: str, rdma: Any = None, **kwargs) -> "TcpDataPlane":
-    """'auto' picks verbs where an RDMA device exists, else cuda where GPUs are visible, else tcp.
+    """'auto' picks verbs where an RDMA device exists, else cuda where GPUs are visible, else shm
+    (engines of one host copy into each other's buffers; other hosts over tcp), else tcp.
     An explicit backend that cannot run here says why and falls back to tcp. rdma: the verbs
     plane's RdmaOptions (device, port, GID, hop limit)."""
     have = available_backends()
     if backend == "auto":
-        backend = "verbs" if "verbs" in have else ("cuda" if "cuda" in have else "tcp")
+        backend = next(b for b in ("verbs", "cuda", "shm", "tcp") if b in have)
     if backend not in have:
         log.warning("transport backend %r is not available on this host (have %s); using tcp", backend, have)
         backend = "tcp"
@@ -41,6 +44,10 @@ def make_dataplane(backend: str, name: str, token: str, rdma: Any = None, **kwar
         from dualpath.transport.cuda import CudaDataPlane
 
         return CudaDataPlane(name, token, **kwargs)
+    if backend == "shm":
+        from dualpath.transport.shm import ShmDataPlane
+
+        return ShmDataPlane(name, token, **kwargs)
     if backend == "verbs":
         from dualpath.transport.verbs import VerbsDataPlane
 

@@ -9,46 +9,30 @@ and the frame's round trip overlaps the copy instead of following it (64 MiB wri
 to 0.60-0.65 of a plain P2P copy on two H200s, runs/gpu/s5_transport). A writer in the receiver's
 own process waits for the copy itself: an IPC event cannot be opened by the process that made it.
 
-Host regions registered with a ``share_path`` (the engines' DRAM buffers, engine/buffers.py) are
-mapped by a writer of the same host and written with one memory copy, run on a copy thread: it
-holds no GIL and no event loop, so path-B traffic does not slow the DE's decode steps the way a
-socket loop in the same process does. Other host regions fall back to the TCP path.
+Host regions (the engines' DRAM buffers) are written as the shm backend writes them (shm.py): one
+memory copy into the peer's mapped buffer; other host regions go over tcp.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import socket
 from typing import Any
 
 import torch
 
-from dualpath.device import device_threads, until_done
-from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, TransferError, as_bytes, check_write
+from dualpath.device import until_done
+from dualpath.transport.dataplane import TransferError, as_bytes, check_write
+from dualpath.transport.shm import ShmDataPlane
 
 log = logging.getLogger(__name__)
-
-def _host_id() -> str:
-    """Same host id = same kernel and same network namespace: a /proc/<pid>/fd path of one is a path
-    of the other, and both are one host to the cluster (tests make hosts as network namespaces)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        return f"{socket.gethostname()}:{boot}:{os.stat('/proc/self/ns/net').st_ino}"
-    except OSError:
-        return socket.gethostname()
-
-
-HOST_ID = _host_id()
 
 # CUDA IPC handles cannot be opened by the process that made them: regions registered in this
 # process are found here instead (engines of one process, and the conformance tests).
 _LOCAL: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
-class CudaDataPlane(TcpDataPlane):
+class CudaDataPlane(ShmDataPlane):
     backend = "cuda"
 
     def __init__(self, *args, **kwargs):
@@ -56,17 +40,12 @@ class CudaDataPlane(TcpDataPlane):
         self._opened: dict[tuple, torch.Tensor] = {}
         self._copy_streams: dict[int, torch.cuda.Stream] = {}
         self._peer_enabled: set[tuple[int, int]] = set()
-        self._mapped: dict[tuple, torch.Tensor | None] = {}
         self._free_events: dict[int, list[tuple[torch.cuda.Event, bytes]]] = {}  # ours, per device
         self._peer_events: dict[tuple[int, bytes], torch.cuda.Event] = {}  # writers', opened once
-        # one copy thread per traffic class: a handoff copy never queues behind path-B bulk copies
-        self._copiers = {tc: device_threads(1, f"{self.name}-copy-{tc}", self.device) for tc in TRAFFIC_CLASSES}
 
     def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
-        handle = super().register(tensor, granted_only=granted_only)
+        handle = super().register(tensor, share_path=share_path, granted_only=granted_only)
         flat = self.regions[handle["region"]].tensor
-        if share_path is not None and not flat.is_cuda:
-            handle["shm"] = {"path": share_path, "host": HOST_ID}
         if flat.is_cuda:
             storage = flat.untyped_storage()
             dev, h, size, off, rc_h, rc_off, ev_h, ev_sync = storage._share_cuda_()
@@ -92,21 +71,6 @@ class CudaDataPlane(TcpDataPlane):
             self._opened[key] = t
         return t
 
-    def _map_shared(self, dst: dict) -> torch.Tensor | None:
-        """The peer's shared host region mapped here, or None (another host, or not mappable: tcp)."""
-        shm = dst.get("shm")
-        if shm is None or shm["host"] != HOST_ID:
-            return None
-        key = (tuple(dst["addr"]), dst["region"])
-        if key not in self._mapped:
-            try:
-                self._mapped[key] = torch.from_file(shm["path"], shared=True, size=dst["nbytes"],
-                                                    dtype=torch.uint8)
-            except (OSError, RuntimeError) as e:
-                log.warning("%s: cannot map %s's buffer (%s); writing to it over tcp", self.name, dst["addr"], e)
-                self._mapped[key] = None
-        return self._mapped[key]
-
     def _enable_peer_access(self, src_dev: int, dst_dev: int) -> None:
         """Let the source device write the destination's memory directly. Without this the driver
         stages a copy into another process's (IPC) memory: measured 37 GB/s instead of 355 GB/s
@@ -122,8 +86,6 @@ class CudaDataPlane(TcpDataPlane):
         """Peers whose memory we copy into directly say cuda; the others tcp (DRAM buffers of
         another host, or one we could not map)."""
         out = super().links()
-        for (addr, _), mapped in self._mapped.items():
-            out[f"{addr[0]}:{addr[1]}"] = "cuda" if mapped is not None else "tcp"
         for addr, _ in self._opened:
             out[f"{addr[0]}:{addr[1]}"] = "cuda"
         return out
@@ -132,25 +94,11 @@ class CudaDataPlane(TcpDataPlane):
         _LOCAL.pop((os.getpid(), self.port, handle["region"]), None)
         super().release(handle)
 
-    async def close(self) -> None:
-        await super().close()
-        for pool in self._copiers.values():
-            pool.shutdown(wait=False)
-
     async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
-        mapped = None if "ipc" in dst else self._map_shared(dst)
-        if "ipc" not in dst and mapped is None:
+        if "ipc" not in dst:  # host memory: a mapped same-host buffer (shm.py), else tcp
             return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
         check_write(dst, dst_offset, nbytes, traffic_class)
-        if mapped is not None:  # same-host host memory: one copy on the class's copy thread
-            source = as_bytes(src) if isinstance(src, torch.Tensor) else torch.frombuffer(src, dtype=torch.uint8)
-            target, source = mapped[dst_offset : dst_offset + nbytes], source[:nbytes]
-            if len(source) < nbytes:
-                raise ValueError(f"source has {len(source)} bytes, {nbytes} requested")
-            await asyncio.get_running_loop().run_in_executor(self._copiers[traffic_class], target.copy_, source)
-            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
-            return
         target = self._open(dst)[dst_offset : dst_offset + nbytes]
         source = as_bytes(src)[:nbytes]
         dev = target.device.index
