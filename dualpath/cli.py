@@ -199,9 +199,11 @@ def bench_agentic(out: str, **kw) -> None:
 @click.option("--warmup-turns", type=int, default=0, show_default=True)
 @click.option("--ttft-slo", type=float, default=None, help="seconds; reports SLO attainment")
 @click.option("--snic-gbps", type=float, default=0.0, help="the cluster's emulated SNIC rate, for utilisation")
+@click.option("--api", type=click.Choice(["completions", "chat"]), default="completions", show_default=True,
+              help="chat: each turn is the conversation's messages, as an agent framework sends them")
 @click.option("--out", default="runs/bench_run.json", show_default=True)
 def bench_run(path, url, policy, mode, rate, concurrency, limit, trace_block_tokens, time_scale, warmup_turns,
-              ttft_slo, snic_gbps, out) -> None:
+              ttft_slo, snic_gbps, api, out) -> None:
     """Replay a workload against a running cluster; prints a summary and writes JSON."""
     import asyncio
 
@@ -216,7 +218,7 @@ def bench_run(path, url, policy, mode, rate, concurrency, limit, trace_block_tok
         _fail(str(e))
     if rate:
         sessions = poisson_arrivals(sessions, rate)
-    r = asyncio.run(run(url, sessions, policy, mode, trace_block_tokens, concurrency, warmup_turns))
+    r = asyncio.run(run(url, sessions, policy, mode, trace_block_tokens, concurrency, warmup_turns, api=api))
     s = report.summarize(r, snic_gbps, ttft_slo)
     click.echo(report.table([s], [("policy", "policy"), ("mode", "mode"), ("seconds", "duration_s"),
                                   ("requests", "requests"), ("failed", "failed"), ("tokens/s", "tokens_per_s"),

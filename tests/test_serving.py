@@ -285,6 +285,21 @@ def test_bench_driver_offline_agents_hit_their_history_and_are_timed(cluster):
     assert sum(v["read_bytes"] for v in s["nodes"].values()) > 0
 
 
+def test_bench_driver_in_chat_mode_sends_messages_and_each_turn_hits_the_last(cluster):
+    """--api chat: the history goes as messages through the chat template; turn k+1's cached tokens
+    cover the last turn's prompt and answer but for the partial block and the new messages."""
+    sessions = agentic(AgenticSpec(agents=2, turns=3, first_prompt=(300, 400), tool_output=(5, 20), answer=(3, 6),
+                                   min_hit_ratio=0.8, block_tokens=BT, seed=8))
+    r = asyncio.run(bench_run(cluster.url, sessions, "dualpath", warmup_turns=1, progress=False, salt=2, api="chat"))
+    assert len(r.records) == 2 * 2 and all(rec.error is None for rec in r.records)
+    for rec in r.records:
+        # new: the tool output (<= 20 characters) and two messages' worth of template markup
+        assert rec.prompt_tokens > 300 and rec.cached_tokens >= rec.prompt_tokens - 20 - 6 - 64 - BT, rec
+        assert rec.output_tokens == sessions[rec.session].turns[rec.turn].output_tokens
+    with pytest.raises(ValueError, match="api must be"):
+        asyncio.run(bench_run(cluster.url, sessions, "dualpath", progress=False, api="grpc"))
+
+
 def test_bench_driver_online_sends_at_arrival_times_and_replays_a_trace(cluster, tmp_path):
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(json.dumps({"timestamp": t, "input_length": n, "output_length": 3, "hash_ids": ids}) + "\n"

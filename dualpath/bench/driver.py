@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import aiohttp
 from tqdm import tqdm
 
-from dualpath.bench.workload import Session, append_tokens, trace_prompt
+from dualpath.bench.workload import Session, append_text, append_tokens, trace_prompt
 
 
 @dataclass
@@ -63,11 +63,14 @@ class RunResult:
                 "records": [asdict(r) for r in self.records], "samples": self.samples}
 
 
-async def _stream_completion(http: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord) -> list[int]:
-    """POST with stream=true; fills the record's timing and usage; returns the generated token ids."""
+async def _stream_completion(http: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord,
+                             chat: bool = False) -> tuple[list[int], str]:
+    """POST with stream=true to /v1/completions (or /v1/chat/completions); fills the record's timing
+    and usage; returns the generated token ids and text."""
     out: list[int] = []
+    text: list[str] = []
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    async with http.post(url + "/v1/completions", json=body) as resp:
+    async with http.post(url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
         async for raw in resp.content:
@@ -85,37 +88,47 @@ async def _stream_completion(http: aiohttp.ClientSession, url: str, body: dict, 
                 dp = msg["dualpath"]
                 rec.path, rec.pe, rec.de = dp["path"], dp["pe"], dp["de"]
                 rec.read_bytes_pe, rec.read_bytes_de = dp["read_bytes"]["pe"], dp["read_bytes"]["de"]
-            tokens = msg["choices"][0]["token_ids"]
+            choice = msg["choices"][0]
+            tokens = choice["token_ids"]
             if tokens and rec.t_first is None:
                 rec.t_first = time.monotonic()
             out.extend(tokens)
+            text.append((choice.get("delta") or {}).get("content") or "" if chat else choice.get("text", ""))
     rec.t_done = time.monotonic()
     rec.output_tokens = len(out)
-    return out
+    return out, "".join(text)
 
 
-async def _run_turns(http, url: str, s: Session, turns: range, context: list[int], policy: str,
-                     trace_block_tokens: int, salt: int, records: list | None, bar: tqdm | None) -> list[int] | None:
-    """Send the session's turns in order (closed loop); returns the conversation so far, or None
-    if a turn failed (the session stops: its next prompt would need the failed answer)."""
+async def _run_turns(http, url: str, s: Session, turns: range, context: list, policy: str,
+                     trace_block_tokens: int, salt: int, records: list | None, bar: tqdm | None,
+                     api: str = "completions") -> list | None:
+    """Send the session's turns in order (closed loop); returns the conversation so far (token ids,
+    or chat messages with api="chat"), or None if a turn failed (the session stops: its next prompt
+    would need the failed answer)."""
     for k in turns:
         turn = s.turns[k]
-        if turn.hash_ids is not None:
-            prompt = trace_prompt(turn, trace_block_tokens)
-        else:
-            prompt = context + append_tokens(s, k, turn.append_tokens, salt)
         rec = RequestRecord(s.sid, k, time.monotonic())
         if records is not None:
             records.append(rec)
-        body = {"prompt": prompt, "max_tokens": turn.output_tokens, "temperature": 0, "dualpath_policy": policy}
+        if api == "chat":  # the history as messages; the server's chat template makes the prompt
+            if turn.hash_ids is not None:
+                raise ValueError("a Mooncake trace gives block hashes, not text: replay it with api='completions'")
+            messages = context + [{"role": "user", "content": append_text(s, k, turn.append_tokens, salt)}]
+            body = {"messages": messages, "max_tokens": turn.output_tokens, "temperature": 0, "dualpath_policy": policy}
+        elif turn.hash_ids is not None:
+            prompt = trace_prompt(turn, trace_block_tokens)
+            body = {"prompt": prompt, "max_tokens": turn.output_tokens, "temperature": 0, "dualpath_policy": policy}
+        else:
+            prompt = context + append_tokens(s, k, turn.append_tokens, salt)
+            body = {"prompt": prompt, "max_tokens": turn.output_tokens, "temperature": 0, "dualpath_policy": policy}
         try:
-            answer = await _stream_completion(http, url, body, rec)
+            answer, text = await _stream_completion(http, url, body, rec, chat=api == "chat")
         except Exception as e:
             rec.error = f"{type(e).__name__}: {e}"
             if bar is not None:
                 bar.update(turns.stop - k)
             return None
-        context = prompt + answer
+        context = messages + [{"role": "assistant", "content": text}] if api == "chat" else prompt + answer
         if bar is not None:
             bar.update(1)
     return context
@@ -141,8 +154,11 @@ async def _sample_cluster(http, url: str, t0: float, samples: list, stop: asynci
 
 async def run(url: str, sessions: list[Session], policy: str, mode: str = "offline",
               trace_block_tokens: int = 512, concurrency: int = 0, warmup_turns: int = 0, salt: int = 0,
-              progress: bool = True, sample_every: float = 0.25, timeout: float = 3600) -> RunResult:
-    """Run a workload; `concurrency` caps the sessions in flight (0 = all of them).
+              progress: bool = True, sample_every: float = 0.25, timeout: float = 3600,
+              api: str = "completions") -> RunResult:
+    """Run a workload; `concurrency` caps the sessions in flight (0 = all of them). With api="chat"
+    every turn goes to /v1/chat/completions as the session's messages so far (its appends as text,
+    ``append_text``), as an agent framework sends them; else to /v1/completions as token ids.
 
     The first `warmup_turns` turns of every session run before the clock starts and are not
     recorded: an agent's trajectory is then joined mid-way, with its history already in storage, as
@@ -150,6 +166,8 @@ async def run(url: str, sessions: list[Session], policy: str, mode: str = "offli
     """
     if mode not in ("offline", "online"):
         raise ValueError(f"mode must be 'offline' or 'online', got {mode!r}")
+    if api not in ("completions", "chat"):
+        raise ValueError(f"api must be 'completions' or 'chat', got {api!r}")
     records: list[RequestRecord] = []
     samples: list[dict] = []
     limit = asyncio.Semaphore(concurrency or len(sessions) or 1)
@@ -159,7 +177,7 @@ async def run(url: str, sessions: list[Session], policy: str, mode: str = "offli
         async def warm(s: Session) -> list[int] | None:
             async with limit:
                 return await _run_turns(http, url, s, range(min(warmup_turns, len(s.turns))), [], policy,
-                                        trace_block_tokens, salt, None, None)
+                                        trace_block_tokens, salt, None, None, api)
 
         contexts = await asyncio.gather(*(warm(s) for s in sessions))
         if any(c is None for c in contexts):
@@ -174,7 +192,7 @@ async def run(url: str, sessions: list[Session], policy: str, mode: str = "offli
                 await asyncio.sleep(max(0.0, t0 + s.arrival_s - time.monotonic()))
             async with limit:
                 await _run_turns(http, url, s, range(min(warmup_turns, len(s.turns)), len(s.turns)), context,
-                                 policy, trace_block_tokens, salt, records, bar)
+                                 policy, trace_block_tokens, salt, records, bar, api)
 
         await asyncio.gather(*(one(s, c) for s, c in zip(sessions, contexts)))
         t1 = time.monotonic()

@@ -139,6 +139,21 @@ def append_tokens(session: Session, turn_index: int, n: int, salt: int = 0) -> l
     return [rng.randrange(TOKEN_RANGE) for _ in range(n)]
 
 
+WORDS = ("read", "file", "line", "test", "passed", "failed", "error", "def", "return", "import", "class", "value",
+         "patch", "diff", "grep", "found", "module", "config", "build", "step", "result", "output", "call", "args")
+
+
+def append_text(session: Session, turn_index: int, n: int, salt: int = 0) -> str:
+    """The chat form of an append: about n characters of seeded words (one token per byte for the
+    presets' byte tokenizer; fewer for a real one), the same in every run of a workload."""
+    rng = random.Random((salt * 1_000_003 + session.sid) * 1_000_003 + turn_index)
+    words, size = [], 0
+    while size < n:
+        words.append(rng.choice(WORDS))
+        size += len(words[-1]) + 1
+    return " ".join(words)[:max(n, 1)]
+
+
 def write_jsonl(sessions: list[Session], path: str | Path) -> None:
     with open(path, "w") as f:
         for s in sessions:

@@ -29,6 +29,7 @@ from dualpath.config import POLICIES, ClusterConfig
 from dualpath.engine.tokenizer import load_tokenizer
 from dualpath.engine.weights import model_identity
 from dualpath.sched.chat import ChatError, ChatTemplate
+from dualpath.sched.dashboard import Dashboard
 from dualpath.sched.metrics import ClusterMetrics
 from dualpath.sched.policy import Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
 from dualpath.storage.blockfile import BlockShape
@@ -118,6 +119,7 @@ class Coordinator:
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count(1)
         self.metrics = ClusterMetrics(self)
+        self.dashboard = Dashboard(self)
         self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0,
                       "admit_retries": 0, "failed": 0, "client_gone": 0}
 
@@ -353,6 +355,7 @@ class Coordinator:
                         yield news.token
                     elif isinstance(news, Done):
                         self.metrics.answered(req, time.monotonic(), self.bt)
+                        self.dashboard.answered(req)
                         return
                     else:
                         break
@@ -396,7 +399,8 @@ class Coordinator:
         app.add_routes([web.post("/v1/completions", self.http_completions),
                         web.post("/v1/chat/completions", self.http_chat), web.get("/v1/models", self.http_models),
                         web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster),
-                        web.get("/metrics", self.http_metrics)])
+                        web.get("/metrics", self.http_metrics), *self.dashboard.routes()])
+        app.cleanup_ctx.append(self.dashboard.running)
         return app
 
     @web.middleware
