@@ -81,7 +81,8 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_cluster_serves(worked):
     in a real scrape of /metrics (after requests on both paths, so labelled series exist too)."""
     dashboard = json.loads((Path(__file__).parent.parent / "examples" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    assert len(dashboard["panels"]) >= 10 and all(p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in dashboard["panels"])
+    assert len(dashboard["panels"]) >= 10
+    assert all(p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in dashboard["panels"])
     text = get(worked.url + "/metrics").decode()
     scraped = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("dualpath_")}
     # a labelled family with no sample yet (no failure so far) is still declared by its TYPE line

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dualpath.engine.buffers import BufferPool, BufferTooLarge
+from dualpath.engine.kvcache import BlockAllocator, OutOfBlocks
 from dualpath.storage.blockfile import HEADER_BYTES, BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.persist import Persister
@@ -280,6 +281,21 @@ async def test_buffer_pool_exhaustion_waits_and_release_frees():
     assert pool.free_blocks == 8 and (await pool.alloc(8)).n_blocks == 8  # runs coalesced
     with pytest.raises(BufferTooLarge):
         pool.try_alloc(9)
+
+
+async def test_hbm_blocks_wait_the_same_way_and_a_request_larger_than_the_pool_is_refused():
+    """One way to wait for memory (engine/room.py): the HBM allocator waits for a release as the
+    buffer pool does, instead of polling."""
+    alloc = BlockAllocator(6)
+    held = alloc.alloc(5)
+    waiter = asyncio.create_task(alloc.alloc_wait(3))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # back-pressure
+    alloc.release(held[:2])
+    got = await asyncio.wait_for(waiter, 1)
+    assert len(got) == 3 and alloc.free == 0 and not set(got) & set(held[2:])
+    with pytest.raises(OutOfBlocks, match="the pool has 6"):
+        await alloc.alloc_wait(7)
 
 
 def test_buffer_views_are_zero_copy_and_layer_major():

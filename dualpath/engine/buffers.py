@@ -14,13 +14,13 @@ When the pool is exhausted ``alloc`` waits (back-pressure) until a release makes
 
 from __future__ import annotations
 
-import asyncio
 import os
 import weakref
 from dataclasses import dataclass
 
 import torch
 
+from dualpath.engine.room import Room
 from dualpath.protocol import layer_offset
 from dualpath.storage.store import SlotDests
 
@@ -65,7 +65,7 @@ class BufferPool:
         else:
             self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         self._free: list[tuple[int, int]] = [(0, n_blocks)]  # sorted (start, length) runs
-        self._changed = asyncio.Condition()  # binds to the running loop on first use
+        self.room = Room()
 
     @property
     def free_blocks(self) -> int:
@@ -84,10 +84,8 @@ class BufferPool:
         return None
 
     async def alloc(self, n: int) -> BufferRun:
-        async with self._changed:
-            while (run := self.try_alloc(n)) is None:
-                await self._changed.wait()
-            return run
+        """A run of n blocks, waiting until releases make one (the caller bounds the wait)."""
+        return await self.room.until(lambda: self.try_alloc(n))
 
     def release(self, run: BufferRun) -> None:
         runs = sorted(self._free + [(run.offset_blocks, run.n_blocks)])
@@ -99,14 +97,7 @@ class BufferPool:
                 assert not merged or merged[-1][0] + merged[-1][1] < start, "double release"
                 merged.append((start, length))
         self._free = merged
-        try:
-            asyncio.get_running_loop().create_task(self._notify())
-        except RuntimeError:  # no event loop (synchronous use): nobody can be waiting
-            pass
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        self.room.released()
 
     # -- views (zero-copy) --
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from dualpath.engine.model import ModelConfig
+from dualpath.engine.room import Room
 
 
 class OutOfBlocks(RuntimeError):
@@ -20,6 +21,7 @@ class BlockAllocator:
     def __init__(self, n_blocks: int):
         self.n_blocks = n_blocks
         self._free = list(range(n_blocks - 1, -1, -1))
+        self.room = Room()
 
     @property
     def free(self) -> int:
@@ -32,8 +34,15 @@ class BlockAllocator:
         del self._free[len(self._free) - n:]
         return out
 
+    async def alloc_wait(self, n: int) -> list[int]:
+        """n blocks, waiting until releases make room (the caller bounds the wait)."""
+        if n > self.n_blocks:
+            raise OutOfBlocks(f"need {n} blocks, the pool has {self.n_blocks}")
+        return await self.room.until(lambda: self.alloc(n) if n <= len(self._free) else None)
+
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
+        self.room.released()
 
 
 class KVPool:

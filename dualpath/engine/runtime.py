@@ -270,24 +270,22 @@ class Engine:
             req.blocks = []
 
     async def take_memory(self, req, buffer_blocks: int, hbm_blocks: int) -> None:
-        """A request's DRAM-buffer run and HBM blocks, waiting at most engine.memory_wait_s for room
-        (then MemoryError: the request fails and is retried, never stuck behind a leak)."""
+        """A request's DRAM-buffer run and HBM blocks, waiting (each pool's Room) at most
+        engine.memory_wait_s for both together; then MemoryError: the request fails and is retried,
+        never stuck behind a leak."""
         wait_s = self.cfg.engine.memory_wait_s
         deadline = time.monotonic() + wait_s
         try:
             req.run = await asyncio.wait_for(self.buffer.alloc(buffer_blocks), wait_s)
         except asyncio.TimeoutError:
             raise MemoryError(f"{self.name}: no room for {buffer_blocks} DRAM-buffer blocks within {wait_s:g} s")
-        while True:
-            try:
-                req.blocks = self.pool.allocator.alloc(hbm_blocks)
-                return
-            except OutOfBlocks:
-                if time.monotonic() >= deadline:
-                    self.buffer.release(req.run)
-                    req.run = None
-                    raise MemoryError(f"{self.name}: no room for {hbm_blocks} HBM blocks within {wait_s:g} s")
-                await asyncio.sleep(0.005)
+        try:
+            req.blocks = await asyncio.wait_for(self.pool.allocator.alloc_wait(hbm_blocks),
+                                                max(0.0, deadline - time.monotonic()))
+        except (asyncio.TimeoutError, OutOfBlocks):
+            self.buffer.release(req.run)
+            req.run = None
+            raise MemoryError(f"{self.name}: no room for {hbm_blocks} HBM blocks within {wait_s:g} s")
 
     async def in_compute(self, fn, *args, stage: str = "compute"):
         """Run fn on the compute thread; its time there counts toward `stage`."""

@@ -104,7 +104,8 @@ class Dashboard:
         samples = list(self.samples)
 
         def series(attr: str) -> dict[str, list]:
-            keys = sorted({k for s in samples for k in getattr(s, attr)}, key=lambda k: (PATHS.index(k) if k in PATHS else len(PATHS), k))
+            keys = sorted({k for s in samples for k in getattr(s, attr)},
+                          key=lambda k: (PATHS.index(k) if k in PATHS else len(PATHS), k))  # paths in order
             return {k: [getattr(s, attr).get(k) for s in samples] for k in keys}
 
         return {"t": [s.t for s in samples], "read_bps": series("read_bps"), "write_bps": series("write_bps"),

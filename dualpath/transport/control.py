@@ -41,16 +41,16 @@ class Connection:
     async def request(self, method: str, timeout: float | None = 30.0, **params: Any) -> Any:
         if self.closed.is_set():
             raise ConnectionError(f"connection to {self.peer_name} is closed")
-        rid = next(self._ids)
+        msg_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        self._pending[msg_id] = fut
         try:
-            self.writer.write(pack({"id": rid, "m": method, "p": params}))
+            self.writer.write(pack({"id": msg_id, "m": method, "p": params}))
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"{method} to {self.peer_name} timed out after {timeout}s") from None
         finally:
-            self._pending.pop(rid, None)
+            self._pending.pop(msg_id, None)
 
     def event(self, method: str, **params: Any) -> None:
         """Fire-and-forget; silently dropped if the connection is closed (the peer is gone)."""
@@ -81,16 +81,16 @@ class Connection:
             self.writer.close()
 
     async def _dispatch(self, msg: dict) -> None:
-        rid = msg.get("id")
+        msg_id = msg.get("id")
         try:
             if self.handler is None:
                 raise RemoteError("no handler")
             result = await self.handler(self, msg["m"], msg.get("p") or {})
-            if rid is not None:
-                self.writer.write(pack({"id": rid, "r": result}))
+            if msg_id is not None:
+                self.writer.write(pack({"id": msg_id, "r": result}))
         except Exception as e:  # report to the caller; the connection stays up
-            if rid is not None and not self.closed.is_set():
-                self.writer.write(pack({"id": rid, "e": f"{type(e).__name__}: {e}"}))
+            if msg_id is not None and not self.closed.is_set():
+                self.writer.write(pack({"id": msg_id, "e": f"{type(e).__name__}: {e}"}))
             else:
                 log.warning("event %s from %s failed: %s", msg.get("m"), self.peer_name, e)
 

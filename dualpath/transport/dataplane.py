@@ -183,9 +183,10 @@ class TcpDataPlane:
         backend copies into such regions directly, tcp always sends over its socket. A
         granted_only region takes writes only through a grant (``grant``)."""
         flat = as_bytes(tensor)
-        rid = next(self._region_ids)
-        self.regions[rid] = Region(rid, flat, host_view(flat) if flat.device.type == "cpu" else None, granted_only)
-        return {"backend": self.backend, "addr": [self.host, self.port], "region": rid, "nbytes": flat.numel(),
+        region_id = next(self._region_ids)
+        view = host_view(flat) if flat.device.type == "cpu" else None
+        self.regions[region_id] = Region(region_id, flat, view, granted_only)
+        return {"backend": self.backend, "addr": [self.host, self.port], "region": region_id, "nbytes": flat.numel(),
                 "device": str(flat.device)}
 
     def release(self, handle: dict) -> None:
@@ -204,19 +205,19 @@ class TcpDataPlane:
     def revoke(self, granted: dict) -> None:
         self.grants.pop(granted.get("grant"), None)
 
-    def _check(self, rid: int, off: int, n: int, need_host: bool = True, grant: int | None = None,
+    def _check(self, region_id: int, off: int, n: int, need_host: bool = True, grant: int | None = None,
                peer: str | None = None) -> Region:
-        region = self.regions.get(rid)
+        region = self.regions.get(region_id)
         if region is None:
-            raise TransferError(f"unknown or released region {rid} on {self.name}")
+            raise TransferError(f"unknown or released region {region_id} on {self.name}")
         if off < 0 or n < 0 or off + n > region.tensor.numel():
-            raise TransferError(f"write [{off}, {off + n}) outside region {rid} of {region.tensor.numel()} bytes")
+            raise TransferError(f"write [{off}, {off + n}) outside region {region_id} of {region.tensor.numel()} bytes")
         if need_host and region.view is None:
-            raise TransferError(f"region {rid} is device memory; the tcp backend writes host memory only")
+            raise TransferError(f"region {region_id} is device memory; the tcp backend writes host memory only")
         if region.granted_only:
             g = self.grants.get(grant)
-            if g is None or g.region != rid or g.peer != peer or not g.lo <= off <= off + n <= g.hi:
-                raise TransferError(f"{peer} holds no grant for bytes [{off}, {off + n}) of region {rid} on "
+            if g is None or g.region != region_id or g.peer != peer or not g.lo <= off <= off + n <= g.hi:
+                raise TransferError(f"{peer} holds no grant for bytes [{off}, {off + n}) of region {region_id} on "
                                     f"{self.name} (unknown, revoked, another peer's, or out of its range)")
         return region
 

@@ -255,8 +255,8 @@ class VerbsDataPlane(TcpDataPlane):
         """An MR covering the source bytes: one of our registered regions (the engines send from
         their registered DRAM buffer), else a temporary one (second value True: close it after)."""
         lo, hi = flat.data_ptr(), flat.data_ptr() + nbytes
-        for rid, mr in self.mrs.items():
-            t = self.regions[rid].tensor
+        for region_id, mr in self.mrs.items():
+            t = self.regions[region_id].tensor
             if t.data_ptr() <= lo and hi <= t.data_ptr() + t.numel():
                 return mr, False
         return self.dev.register(lo, nbytes, self.e.IBV_ACCESS_LOCAL_WRITE), True
