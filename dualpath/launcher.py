@@ -21,6 +21,8 @@ from pathlib import Path
 
 from dualpath.config import ClusterConfig, ConfigError, default_store_root, local_cluster, write_config
 
+READERS = {"A": "the PE", "B": "the DE", "A+B": "both"}  # who read the hit KV, for the demo's lines
+
 
 class ClusterDied(RuntimeError):
     """A cluster process exited; the message names it and quotes its log."""
@@ -139,7 +141,7 @@ def demo_conversation(url: str, turns: int = 4, max_tokens: int = 24) -> list[di
         results.append(r)
         u, dp = r["usage"], r["dualpath"]
         print(f"turn {turn}: prompt {u['prompt_tokens']:>5} tokens, cached {u['prompt_tokens_details']['cached_tokens']:>5}"
-              f" | policy {policy:<8} -> path {dp['path']} ({dp['read_side'].upper()} reads) PE={dp['pe']} "
+              f" | policy {policy:<8} -> path {dp['path']:<3} ({READERS[dp['path']]} read) PE={dp['pe']} "
               f"DE={dp['de']} | ttft {dp['ttft_s'] * 1000:.0f} ms | {len(r['choices'][0]['token_ids'])} tokens out")
         tokens = tokens + r["choices"][0]["token_ids"] + list((f"\n[tool output {turn}]\n" + "ok: all passed\n" * 12).encode())
     return results

@@ -569,7 +569,7 @@ class Coordinator:
         d = req.decision
         if d is None:
             return None
-        return {"pe": d.pe, "de": d.de, "read_side": d.read_side, "policy": req.policy, "path": d.path,
+        return {"pe": d.pe, "de": d.de, "policy": req.policy, "path": d.path,
                 "read_bytes": {"pe": d.pe_blocks * self.block_bytes, "de": d.de_blocks * self.block_bytes},
                 "ttft_s": (req.t_first or time.monotonic()) - req.t_arrival}
 

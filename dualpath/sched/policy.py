@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PE_SIDE, DE_SIDE, SPLIT = "pe", "de", "split"
+PATH_A, PATH_B, PATH_SPLIT = "A", "B", "A+B"  # the PE reads, the DE reads, both read
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,11 @@ class Decision:
         return self.hit_blocks - self.de_blocks
 
     @property
-    def read_side(self) -> str:
-        if self.de_blocks == 0:
-            return PE_SIDE
-        return DE_SIDE if self.pe_blocks == 0 else SPLIT
-
-    @property
     def path(self) -> str:
-        return {PE_SIDE: "A", DE_SIDE: "B", SPLIT: "A+B"}[self.read_side]
+        """How the hit KV travels: A (the PE reads it all), B (the DE reads it all) or A+B (a split)."""
+        if self.de_blocks == 0:
+            return PATH_A
+        return PATH_B if self.pe_blocks == 0 else PATH_SPLIT
 
 
 class NoEngine(RuntimeError):
