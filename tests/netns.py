@@ -82,8 +82,23 @@ class Hosts:
 
     def shape(self, i: int, rate: str, burst: str = "32kb") -> None:
         """Cap what host i sends (its compute NIC, say) with a token bucket: `rate` as tc writes it."""
-        subprocess.run(["ip", "netns", "exec", self.ns(i), "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
-                        "rate", rate, "burst", burst, "latency", "400ms"], check=True, capture_output=True, timeout=10)
+        self._tc(i, "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", burst, "latency", "400ms")
+
+    def shape_by_class(self, i: int, rate: str) -> None:
+        """Cap host i's link at `rate` and send latency-class packets (DSCP EF, as the data plane marks
+        them) first: an HTB class with priority for them, another for everything else; either may use
+        the whole link when the other is idle. A switch's strict-priority queue does the same."""
+        self._tc(i, "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb", "default", "20")
+        self._tc(i, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:1", "htb", "rate", rate)
+        self._tc(i, "class", "add", "dev", "eth0", "parent", "1:1", "classid", "1:10", "htb", "rate", rate,
+                 "ceil", rate, "prio", "0")
+        self._tc(i, "class", "add", "dev", "eth0", "parent", "1:1", "classid", "1:20", "htb", "rate", "100kbit",
+                 "ceil", rate, "prio", "1")
+        self._tc(i, "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match",
+                 "ip", "dsfield", "0xb8", "0xfc", "flowid", "1:10")
+
+    def _tc(self, i: int, *args: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.ns(i), "tc", *args], check=True, capture_output=True, timeout=10)
 
     def popen(self, i: int, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.ns(i), *argv], **kw)

@@ -94,6 +94,13 @@ async def _recv_frame(loop, sock: socket.socket, max_frame: int = _HEADER_LIMIT)
     return unpack(body)
 
 
+# Each traffic class's connections carry a DSCP mark in their IP header (EF for latency, CS1, "lower
+# effort", for bulk), so a link that schedules by class (a switch's priority queues, or tc on a
+# host, as tests/netns.py sets up) sends a handoff ahead of queued path-B bytes: the role InfiniBand
+# virtual lanes play in the paper, on any IP network.
+DSCP_TOS = {"latency": 46 << 2, "bulk": 8 << 2}
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -329,6 +336,7 @@ class TcpDataPlane:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             _tune(sock)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_TOS[tc])
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, addr), 5)
                 first = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
