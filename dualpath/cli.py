@@ -244,6 +244,10 @@ def bench_run(path, url, policy, mode, rate, concurrency, limit, trace_block_tok
 @click.option("--agents", type=int, default=16, show_default=True)
 @click.option("--port", "base_port", type=int, default=18000, show_default=True)
 @click.option("--policies", default=",".join(POLICIES), show_default=True, help="comma-separated; pe-read is the base")
+@click.option("--hosts", type=int, default=0, show_default=True,
+              help="root: spread each cluster over 1 + decode hosts made as network namespaces (offline runs only)")
+@click.option("--link-mbit", type=float, default=0.0, show_default=True,
+              help="with --hosts: each host's link (compute NIC), scheduled by traffic class; 0 = unshaped")
 def bench_repro(online: bool, agents: int, policies: str, **kw) -> None:
     """The headline: pe-read vs de-read vs dualpath (vs dualpath-split) on one workload, storage-bound."""
     import dataclasses
@@ -253,6 +257,13 @@ def bench_repro(online: bool, agents: int, policies: str, **kw) -> None:
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     if "pe-read" not in chosen or not set(chosen) <= set(POLICIES):
         _fail(f"--policies {policies!r}: a comma-separated subset of {', '.join(POLICIES)} that includes pe-read")
+    if kw["hosts"] and kw["hosts"] != 1 + kw["n_decode"]:
+        _fail(f"--hosts {kw['hosts']}: one host per engine, 1 + --decode = {1 + kw['n_decode']}")
+    if kw["hosts"]:
+        from dualpath.bench import netns
+
+        if (why := netns.available()) is not None:
+            _fail(f"--hosts: {why}")
     rc = ReproConfig(policies=chosen, **kw)
     rc.workload = dataclasses.replace(rc.workload, agents=agents)
     if not online:

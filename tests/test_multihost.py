@@ -1,4 +1,4 @@
-"""A cluster across hosts: the coordinator and each engine in its own network namespace (tests/netns.py),
+"""A cluster across hosts: the coordinator and each engine in its own network namespace (bench/netns.py),
 one shared store directory, every process started with `dualpath run` from one cluster.toml.
 
 A multi-turn conversation on paths A, B and A+B gives exactly forward_reference's greedy tokens,
@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from dualpath.config import local_cluster, write_config
+from dualpath.bench import netns
+from dualpath.config import local_cluster
 from dualpath.engine.weights import load_pretrained
-from tests import netns
 from tests.test_serving import greedy_reference
 
 WHY_NOT = netns.available()
@@ -26,81 +26,19 @@ pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"multi-host tests: 
 BT, HTTP, CONTROL = 16, 8000, 7000
 
 
-class Cluster:
-    """pe0 and the coordinator on host 0, de<i> on host i."""
+class Cluster(netns.NamespaceCluster):
+    """pe0 and the coordinator on host 0, de<i> on host i (or the coordinator alone on host 0)."""
 
     def __init__(self, hosts: netns.Hosts, workdir, snic_read_gbps: float = 0.0, ports: int = 0,
                  coordinator_alone: bool = False):
-        """`ports` shifts every port, so that two clusters can share the hosts; `coordinator_alone`
-        puts the coordinator on host 0 and engine i on host i + 1."""
-        self.hosts, self.workdir = hosts, workdir
+        """`ports` shifts every port, so that two clusters can share the hosts."""
         first = 1 if coordinator_alone else 0
         cfg = local_cluster(1, hosts.n - 1 - first, base_port=7100 + ports)
         cfg.model.preset, cfg.store.root, cfg.store.block_tokens = "tiny-gqa", str(workdir / "store"), BT
         cfg.store.snic_read_gbps = snic_read_gbps
-        cfg.scheduler.host, cfg.scheduler.http_port, cfg.scheduler.control_port = hosts.addr(0), HTTP + ports, \
-            CONTROL + ports
+        cfg.scheduler.http_port, cfg.scheduler.control_port = HTTP + ports, CONTROL + ports
         cfg.engine.hbm_blocks, cfg.engine.buffer_blocks, cfg.engine.max_context = 512, 256, 2048
-        cfg.transport.backend = "auto"  # tcp between hosts whatever this machine has
-        for i, e in enumerate(cfg.engines):
-            e.host = hosts.addr(i + first)
-        self.cfg, self.config_path, self.procs = cfg, workdir / "cluster.toml", {}
-        write_config(cfg, self.config_path)
-        self.url = f"http://{hosts.addr(0)}:{HTTP + ports}"
-
-    def start(self) -> "Cluster":
-        env = {**os.environ, "PYTHONPATH": netns._root()}
-        for name, role, node, host in [("coordinator", "coordinator", 0, 0)] + [
-                (e.name, e.role, e.node, i) for i, e in enumerate(self.cfg.engines)]:
-            log = open(self.workdir / f"{name}.log", "wb")
-            self.procs[name] = self.hosts.popen(host, [sys.executable, "-m", "dualpath.cli", "run", "--role", role,
-                                                       "--node", str(node), "--config", str(self.config_path)],
-                                                stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 90
-        want = sorted(e.name for e in self.cfg.engines)
-        try:
-            while sorted(self.get("/healthz", ok_only=False).get("engines", [])) != want:
-                dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
-                assert not dead and time.monotonic() < deadline, (dead, self.log_tails())
-                time.sleep(0.5)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-    def log_tails(self) -> str:
-        return "\n".join(f"--- {n}\n" + (self.workdir / f"{n}.log").read_text(errors="replace")[-1500:]
-                         for n in self.procs)
-
-    def _http(self, path: str, body: dict | None, ok_only: bool = True, timeout: float = 120) -> dict:
-        """HTTP to the coordinator, from host 0 (the test's own namespace has no route to the hosts)."""
-        code = (f"import json, urllib.request, urllib.error\n"
-                f"req = urllib.request.Request({self.url + path!r}, "
-                f"data={json.dumps(body).encode() if body is not None else None!r})\n"
-                f"try:\n    r = urllib.request.urlopen(req, timeout={timeout}); print(r.read().decode())\n"
-                f"except urllib.error.HTTPError as e:\n    print(e.read().decode())\n"
-                f"except OSError as e:\n    print('{{}}')\n")
-        out = json.loads(self.hosts.python(0, code, timeout=timeout + 30) or "{}")
-        if ok_only:
-            assert "error" not in out, out
-        return out
-
-    def get(self, path: str, ok_only: bool = True) -> dict:
-        return self._http(path, None, ok_only)
-
-    def complete(self, body: dict) -> dict:
-        return self._http("/v1/completions", body)
+        super().__init__(hosts, cfg, workdir, coordinator_alone)
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,10 @@ class RunResult:
         return {"policy": self.policy, "mode": self.mode, "duration_s": self.duration,
                 "records": [asdict(r) for r in self.records], "samples": self.samples}
 
+    @classmethod
+    def from_json(cls, d: dict) -> "RunResult":
+        return cls(d["policy"], d["mode"], d["duration_s"], [RequestRecord(**r) for r in d["records"]], d["samples"])
+
 
 async def _stream_completion(http: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord,
                              chat: bool = False) -> tuple[list[int], str]:

@@ -8,6 +8,10 @@ emulated (a token bucket on the real file I/O, per node) so that storage is the 
 3. the same offline workload without emulation (storage not the bottleneck): dualpath must not
    cost anything there.
 Every run starts from an empty store, so no policy inherits another's cache.
+
+With ``hosts`` (root only), each cluster spreads over that many hosts made as network namespaces
+(bench/netns.py): the coordinator and the PE on host 0, DE i on host i, every host's link shaped
+to ``link_mbit`` by traffic class (its compute NIC); the workload is driven from host 0.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import asyncio
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dualpath.bench import report
+from dualpath.bench import netns, report
 from dualpath.bench.common import bench_cluster
 from dualpath.bench.driver import RunResult, run
 from dualpath.bench.workload import AgenticSpec, agentic, hit_ratios, poisson_arrivals, write_jsonl
@@ -55,6 +61,8 @@ class ReproConfig:
     slo_attainment: float = 0.9  # a rate meets the SLO when this share of requests does
     unbounded: bool = True
     base_port: int = 18000
+    hosts: int = 0  # > 0: one cluster across this many namespace hosts (root), PE on host 0
+    link_mbit: float = 0.0  # with hosts: each host's link (compute NIC), scheduled by traffic class
 
 
 def cluster_config(rc: ReproConfig, snic_gbps: float, store_root: str) -> ClusterConfig:
@@ -65,10 +73,38 @@ def cluster_config(rc: ReproConfig, snic_gbps: float, store_root: str) -> Cluste
 def run_on_fresh_cluster(rc: ReproConfig, sessions, policy: str, mode: str, snic_gbps: float) -> RunResult:
     work = Path(tempfile.mkdtemp(prefix="dualpath-repro-"))
     try:
+        if rc.hosts:
+            return _run_across_hosts(rc, sessions, policy, mode, snic_gbps, work)
         with LocalCluster(cluster_config(rc, snic_gbps, str(work / "store")), str(work / "run")) as c:
             return asyncio.run(run(c.url, sessions, policy, mode, warmup_turns=rc.warmup_turns))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_across_hosts(rc: ReproConfig, sessions, policy: str, mode: str, snic_gbps: float, work: Path) -> RunResult:
+    """The same run on a cluster across namespace hosts; `dualpath bench run` drives it from host 0
+    (this process's namespace has no route to the hosts) and its JSON comes back."""
+    if mode != "offline" or rc.n_prefill != 1:
+        raise ValueError("across hosts, bench repro runs offline with one prefill engine")
+    write_jsonl(sessions, work / "workload.jsonl")
+    with netns.Hosts(1 + rc.n_decode) as hosts:
+        if rc.link_mbit:
+            for i in range(hosts.n):
+                hosts.shape_by_class(i, f"{rc.link_mbit:g}mbit")
+        cfg = cluster_config(rc, snic_gbps, str(work / "store"))
+        with netns.NamespaceCluster(hosts, cfg, work / "run") as c:
+            driver = hosts.popen(0, [sys.executable, "-m", "dualpath.cli", "bench", "run", "--workload",
+                                     str(work / "workload.jsonl"), "--url", c.url, "--policy", policy,
+                                     "--warmup-turns", str(rc.warmup_turns), "--out", str(work / "run.json")],
+                                 env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                _, err = driver.communicate(timeout=1800)
+            except subprocess.TimeoutExpired:
+                driver.kill()
+                raise
+            if driver.returncode:
+                raise RuntimeError(f"bench run on host 0 failed: {err[-2000:]}")
+    return RunResult.from_json(json.loads((work / "run.json").read_text())["run"])
 
 
 def offline(rc: ReproConfig, sessions, snic_gbps: float, policies) -> tuple[list[RunResult], list[dict]]:
@@ -149,14 +185,16 @@ def main(rc: ReproConfig) -> dict:
     for r in runs:
         (out / f"offline_{r.policy}.json").write_text(json.dumps(r.to_json()))
 
-    if rc.online_policies:
+    if rc.hosts and (rc.online_policies or rc.unbounded):
+        print("across hosts: the offline runs only")
+    if rc.online_policies and not rc.hosts:
         print(f"online (Poisson arrivals, TTFT SLO {rc.ttft_slo_s} s for {rc.slo_attainment:.0%} of requests):")
         on = online(rc)
         report.plot_ttft_cdf(list(on.pop("_runs").values()), out / "ttft_cdf.png",
                              "TTFT at each policy's highest rate within the SLO", rc.ttft_slo_s)
         result["online"] = on
 
-    if rc.unbounded:
+    if rc.unbounded and not rc.hosts:
         print("offline, storage not the bottleneck (no emulation):")
         _, free = offline(rc, sessions, 0.0, ("pe-read", "dualpath"))
         result["unbounded"] = {"summaries": free, "ratio_vs_pe_read": ratios(free)}

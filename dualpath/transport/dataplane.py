@@ -96,7 +96,7 @@ async def _recv_frame(loop, sock: socket.socket, max_frame: int = _HEADER_LIMIT)
 
 # Each traffic class's connections carry a DSCP mark in their IP header (EF for latency, CS1, "lower
 # effort", for bulk), so a link that schedules by class (a switch's priority queues, or tc on a
-# host, as tests/netns.py sets up) sends a handoff ahead of queued path-B bytes: the role InfiniBand
+# host, as bench/netns.py sets up) sends a handoff ahead of queued path-B bytes: the role InfiniBand
 # virtual lanes play in the paper, on any IP network.
 DSCP_TOS = {"latency": 46 << 2, "bulk": 8 << 2}
 
