@@ -151,6 +151,35 @@ def test_batched_decode_with_mixed_lengths_equals_reference(preset):
         assert ref[n_prompt - 1 :].argmax(-1).tolist() == s[n_prompt:]
 
 
+def test_a_step_of_several_appends_equals_the_reference_with_or_without_one_attention_call(preset):
+    """Agents' next turns in one prefill step: appends of 1 to 9 tokens after cached contexts of
+    different lengths (one inside its first block). Attended in one batched call (GQA: Batch.appends)
+    or one call per sequence, every sequence's logits equal a no-cache forward of it."""
+    model = load_pretrained(preset)
+    gen = torch.Generator().manual_seed(5)
+    pool = KVPool(model.cfg, 64, BT, "cpu", torch.float32)
+    seqs = []
+    for cached, new in [(40, 3), (7, 9), (64, 1), (33, 5)]:
+        tokens = torch.randint(0, model.cfg.vocab_size, (cached + new,), generator=gen)
+        table = pool.allocator.alloc(pool.blocks_for(cached + new))
+        _prefill(model, pool, table, tokens, 0, [cached])
+        seqs.append((tokens, table, cached, new))
+    spec = [(table, cached, new) for _, table, cached, new in seqs]
+    batch = Batch.build(spec, BT, "cpu")
+    assert batch.appends is not None and batch.appends.mask.shape == (4, 1, 9, pool.blocks_for(65) * BT)
+    ids = torch.cat([tokens[cached:] for tokens, _, cached, _ in seqs])
+    for appends in (batch.appends, None):  # the batched call, then one call per sequence
+        batch.appends = appends
+        h = model.embed(ids)
+        for l in range(model.cfg.n_layers):
+            h = model.layer(l, h, batch, pool.layer(l))
+        got, start = model.logits(h), 0
+        for tokens, _, cached, new in seqs:
+            torch.testing.assert_close(got[start : start + new], model.forward_reference(tokens)[cached:],
+                                       atol=2e-5, rtol=1e-4)
+            start += new
+
+
 def test_bucketed_decode_step_matches_the_plain_step(preset):
     """engine/graphs.py's step (batch and block tables padded to buckets, padding rows on a scratch
     block), run eagerly as on CPU, gives the logits of the plain step and the same KV."""

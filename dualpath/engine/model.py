@@ -96,6 +96,52 @@ class ModelConfig:
         return self
 
 
+MASK_MAX_ELEMENTS = 1 << 22  # above this an explicit [n, ctx] mask costs more memory than it saves time
+APPENDS_MAX_NEW = 128  # longest append attended in the one batched call (longer: one call per sequence)
+
+
+@dataclass
+class Appends:
+    """Several sequences' short appends (an agent's next turn: a few new tokens after a long cached
+    context) attended in one SDPA call instead of one per sequence, whose launches dominated such
+    steps on a GPU. Queries are padded to the longest append and keys to the longest context.
+
+    tables: [B, max_blocks] block tables, padded with block 0.
+    rows: [B, n_max] index of sequence b's new token i in the flat batch (padding: 0).
+    real: [B, n_max] which padded rows are real tokens (in flat-batch order when read row-major).
+    mask: [B, 1, n_max, L] query i of sequence b sees key j: causal, aligned to the lower right; a
+        padding query sees key 0 only, so that no row is masked entirely (that would give NaN).
+    """
+
+    tables: torch.Tensor
+    rows: torch.Tensor
+    real: torch.Tensor
+    mask: torch.Tensor
+
+    @staticmethod
+    def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device) -> "Appends | None":
+        """For (block_table, cached, new) sequences, or None where one call per sequence is better."""
+        n_max, max_blocks = max(n for _, _, n in seqs), max(len(t) for t, _, _ in seqs)
+        too_big = len(seqs) * n_max * max_blocks * block_tokens > MASK_MAX_ELEMENTS
+        if len(seqs) < 2 or n_max > APPENDS_MAX_NEW or too_big:
+            return None
+        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.long)
+        rows = torch.zeros(len(seqs), n_max, dtype=torch.long)
+        start = 0
+        for b, (table, _, n) in enumerate(seqs):
+            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+            rows[b, :n] = torch.arange(start, start + n)
+            start += n
+        new = torch.tensor([n for _, _, n in seqs]).unsqueeze(1)  # [B, 1]
+        ctx = torch.tensor([c + n for _, c, n in seqs]).unsqueeze(1)
+        i = torch.arange(n_max).unsqueeze(0)  # [1, n_max]
+        real = i < new
+        q_pos = torch.where(real, ctx - new + i, 0)  # a padding query's "position" 0: it sees key 0
+        keys = torch.arange(max_blocks * block_tokens).view(1, 1, -1)
+        mask = keys <= q_pos.unsqueeze(2)  # [B, n_max, L]; keys past a context are past every query of it
+        return Appends(tables.to(device), rows.to(device), real.to(device), mask.unsqueeze(1).to(device))
+
+
 @dataclass
 class Batch:
     """New tokens of several sequences, flattened (N = total new tokens).
@@ -117,6 +163,7 @@ class Batch:
     block_tables: list[torch.Tensor]
     padded_tables: torch.Tensor | None = None
     lens: torch.Tensor | None = None
+    appends: Appends | None = None  # short prefill appends of several sequences: one attention call
 
     @staticmethod
     def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device: torch.device | str) -> "Batch":
@@ -132,6 +179,7 @@ class Batch:
             ctx_lens=[c + n for _, c, n in seqs],
             new_lens=[n for _, _, n in seqs],
             block_tables=[torch.tensor(t, dtype=torch.long, device=device) for t, _, _ in seqs],
+            appends=Appends.build(seqs, block_tokens, device) if any(n > 1 for _, _, n in seqs) else None,
         )
 
     @property
@@ -188,7 +236,6 @@ def _causal_mask(n_new: int, ctx: int, device: torch.device) -> torch.Tensor:
     return torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
 
 
-MASK_MAX_ELEMENTS = 1 << 22  # above this an explicit [n, ctx] mask costs more memory than it saves time
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,6 +323,13 @@ class GQAttention(nn.Module):
             scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
             out = torch.einsum("bgrl,blgd->bgrd", scores.softmax(-1, dtype=torch.float32).to(q.dtype), vv)
             return self.o_proj(out.reshape(len(x), -1))
+        if batch.appends is not None:
+            a = batch.appends
+            kv = kv_layer[a.tables].flatten(1, 2).to(q.dtype)  # [B, L, W]
+            kk, vv = kv.view(*kv.shape[:2], 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B, L, G, d] each
+            out = F.scaled_dot_product_attention(q[a.rows].transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                                 attn_mask=a.mask, scale=c.scale, enable_gqa=rep > 1)
+            return self.o_proj(out.transpose(1, 2)[a.real].reshape(len(x), -1))  # real rows, in flat order
         outs, start = [], 0
         for table, ctx, n in zip(batch.block_tables, batch.ctx_lens, batch.new_lens):
             kv = _gather(kv_layer, table, ctx).to(q.dtype).view(ctx, 2, c.n_kv_heads, c.head_dim)
