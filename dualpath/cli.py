@@ -372,6 +372,30 @@ def bench_ingest(**kw) -> None:
     click.echo(f"wrote {kw['out']}")
 
 
+@bench.command("scheduler")
+@click.option("--prefill", type=int, default=48, show_default=True)
+@click.option("--decode", type=int, default=96, show_default=True)
+@click.option("--prompt-tokens", type=int, default=32_768, show_default=True)
+@click.option("--hit-ratio", type=float, default=0.95, show_default=True)
+@click.option("--requests", type=int, default=2000, show_default=True)
+@click.option("--policy", type=click.Choice(POLICIES), default="dualpath", show_default=True)
+@click.option("--heartbeat-every", type=int, default=50, show_default=True,
+              help="decisions between two rounds of heartbeats")
+@click.option("--out", default="runs/bench_scheduler.json", show_default=True)
+def bench_scheduler(**kw) -> None:
+    """One scheduling decision's cost on one core, step by step, for a cluster of 48P96D by default."""
+    from dualpath.bench.scheduler_bench import run as run_bench
+
+    r = run_bench(**kw)
+    click.echo(f"{r['engines']} engines, {r['prompt_tokens']}-token prompts ({r['hit_ratio']:.0%} stored), "
+               f"{r['requests']} decisions, policy {r['policy']}:")
+    for step, us in r["per_decision_us"].items():
+        click.echo(f"  {step:<24} {us:10.1f} us")
+    for what, n in r["decisions_per_s"].items():
+        click.echo(f"  decisions/s, {what.replace('_', ' ')}: {n:,.0f}")
+    click.echo(f"wrote {kw['out']}")
+
+
 @bench.command("gpu")
 @click.option("--out-dir", default="runs/gpu/acceptance", show_default=True)
 @click.option("--only", multiple=True, help="run only these steps (tests, demo, agreement, h2d, transport, "

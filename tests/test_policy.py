@@ -79,3 +79,17 @@ def test_dualpath_compares_drain_times_once_both_sides_have_measured_their_read_
     idle_pe = EngineLoad("pe0", "prefill", 0, read_rate_bps=1e9)
     idle_de = EngineLoad("de1", "decode", 1, read_rate_bps=3e9)
     assert choose("dualpath-split", REQ, [idle_pe, idle_de]).pe_blocks == 25
+
+
+def test_the_scheduler_benchmark_times_the_coordinators_own_decision_path(tmp_path):
+    """bench scheduler: the real Coordinator's steps on a registry of engines, each step timed, and
+    the stored prefix found (a lookup that found nothing would time a different path)."""
+    from dualpath.bench.scheduler_bench import run
+
+    r = run(prefill=2, decode=4, prompt_tokens=640, hit_ratio=0.5, requests=40, policy="dualpath",
+            heartbeat_every=10, out=str(tmp_path / "sched.json"))
+    assert set(r["per_decision_us"]) == {"block_chain", "prefix_lookup", "cluster_view", "policy_and_bookkeeping"}
+    assert all(us > 0 for us in r["per_decision_us"].values())
+    rates = r["decisions_per_s"]
+    assert rates["policy_and_bookkeeping"] > rates["with_cluster_view"] > rates["whole_path"] > 0
+    assert r["hit_blocks"] == 640 // 2 // r["block_tokens"]
