@@ -396,6 +396,41 @@ def bench_scheduler(**kw) -> None:
     click.echo(f"wrote {kw['out']}")
 
 
+@main.command()
+@click.option("--prefill", "n_prefill", type=int, default=1, show_default=True)
+@click.option("--decode", "n_decode", type=int, default=2, show_default=True)
+@click.option("--model", "preset", default="tiny-gqa", show_default=True, help="its KV bytes per block")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--profile", "profile_path", default="runs/cpu/bench_model_tiny_gqa.json", show_default=True,
+              help="compute times: a `dualpath bench model` JSON")
+@click.option("--snic-gbps", type=float, default=0.008, show_default=True, help="storage NIC read rate per node")
+@click.option("--compute-link-gbps", type=float, default=10.0, show_default=True, help="per engine")
+@click.option("--agents", type=int, default=16, show_default=True)
+@click.option("--policies", default=",".join(POLICIES), show_default=True)
+@click.option("--measured", default=None, help="a `bench repro` repro.json to put beside the simulation")
+@click.option("--out", default="runs/sim/sim.json", show_default=True)
+def sim(n_prefill, n_decode, preset, dtype, profile_path, snic_gbps, compute_link_gbps, agents, policies, measured,
+        out) -> None:
+    """The `bench repro` workload on a simulated cluster (docs/SIM.md), with the real policies."""
+    import dataclasses
+
+    from dualpath.bench.repro import ReproConfig
+    from dualpath.sim.profile import ComputeProfile
+    from dualpath.sim.run import main as run_sim
+
+    chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
+    if "pe-read" not in chosen or not set(chosen) <= set(POLICIES):
+        _fail(f"--policies {policies!r}: a comma-separated subset of {', '.join(POLICIES)} that includes pe-read")
+    try:
+        profile = ComputeProfile.from_bench(profile_path)
+    except (OSError, KeyError, ValueError) as e:
+        _fail(f"--profile {profile_path}: not a `dualpath bench model` result ({e})")
+    rc = ReproConfig(preset=preset, dtype=dtype, n_prefill=n_prefill, n_decode=n_decode, snic_gbps=snic_gbps,
+                     policies=chosen)
+    rc.workload = dataclasses.replace(rc.workload, agents=agents)
+    run_sim(rc, profile, compute_link_gbps, measured, out)
+
+
 @bench.command("gpu")
 @click.option("--out-dir", default="runs/gpu/acceptance", show_default=True)
 @click.option("--only", multiple=True, help="run only these steps (tests, demo, agreement, h2d, transport, "

@@ -1,0 +1,1 @@
+"""A discrete-event simulator of a DualPath cluster that decides with the real policies (docs/SIM.md)."""
