@@ -95,6 +95,7 @@ class Simulation:
                                 Link(cfg.compute_link_gbps * 1e9)) for i, r in enumerate(roles)]
         self.by_name = {e.name: e for e in self.engines}
         self.records: list[RequestRecord] = []
+        self.open_requests = 0  # sent and not done
         self.samples: list[dict] = []
 
     # -- the event queue --
@@ -114,14 +115,11 @@ class Simulation:
         while self._events:
             self.now, _, fn = heapq.heappop(self._events)
             fn()
-            if self._pending_turns() == 0 and not any(e.running for e in self.engines):
+            if self.open_requests == 0:  # every session has ended (heartbeats and samples still queued)
                 break
         self._sample()
         duration = max((r.t_done for r in self.records if r.t_done is not None), default=0.0)
         return RunResult(self.policy, "offline", duration, self.records, self.samples)
-
-    def _pending_turns(self) -> int:
-        return sum(r.t_done is None for r in self.records)
 
     # -- heartbeats and samples --
 
@@ -153,6 +151,7 @@ class Simulation:
         rec = RequestRecord(s.sid, k, self.now, prompt_tokens=prompt, cached_tokens=hit * bt,
                             output_tokens=turn.output_tokens)
         self.records.append(rec)
+        self.open_requests += 1
         info = RequestInfo(prompt, hit, c.block_bytes, turn.output_tokens, -(-prompt // bt),
                            -(-(prompt + turn.output_tokens) // bt))
         d = choose(self.policy, info, self._view())
@@ -213,6 +212,7 @@ class Simulation:
 
     def _finish(self, rec: RequestRecord) -> None:
         rec.t_done = self.now
+        self.open_requests -= 1
         s = self.sessions[rec.session]
         if rec.turn + 1 < len(s.turns):  # closed loop: the agent's next turn goes out at once
             self._send(s, rec.turn + 1, rec.prompt_tokens + rec.output_tokens)
