@@ -424,7 +424,8 @@ def sim(n_prefill, n_decode, preset, dtype, profile_path, snic_gbps, compute_lin
     try:
         profile = ComputeProfile.from_bench(profile_path)
     except (OSError, KeyError, ValueError) as e:
-        _fail(f"--profile {profile_path}: not a `dualpath bench model` result ({e})")
+        _fail(f"--profile {profile_path}: not a `dualpath bench model` result ({e}); the default is a path in the "
+              f"repository: run from its root, or give --profile")
     rc = ReproConfig(preset=preset, dtype=dtype, n_prefill=n_prefill, n_decode=n_decode, snic_gbps=snic_gbps,
                      policies=chosen)
     rc.workload = dataclasses.replace(rc.workload, agents=agents)
