@@ -72,6 +72,9 @@ def test_headless_chromium_draws_every_chart(worked, tmp_path):
     assert set(points) == set(CHARTS), dom[:2000]
     assert all(points[c] > 0 for c in CHARTS), points  # every chart received data
     assert 'data-updates="' in dom
+    # 3 of the 4 answers took path A; the shares come from rates over sample periods of nearly equal length
+    share = re.search(r"path share over them: A (\d+)%, B (\d+)%, A\+B 0%", dom)
+    assert share and 65 <= int(share[1]) <= 85 and int(share[1]) + int(share[2]) in (99, 100, 101), dom[:2000]
     subprocess.run([*args, f"--screenshot={shot}", worked.url + "/dashboard"], capture_output=True, timeout=90)
     assert shot.stat().st_size > 20_000  # a drawn page, not a blank one
 

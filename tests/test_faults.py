@@ -194,7 +194,14 @@ def test_an_api_key_guards_the_api(tmp_path):
                                      headers={"Authorization": "Bearer sk-test-key"})
         with urllib.request.urlopen(req, timeout=30) as r:
             assert len(json.load(r)["choices"][0]["token_ids"]) == 1
-    SUMMARY.append("API key: 401 without it, served with it")
+        # as docs/SECURITY.md says: /v1/* needs the key; the operational pages (numbers, never a prompt) do not
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(c.url + "/v1/cluster", timeout=10)
+        assert refused.value.code == 401
+        for path in ("/healthz", "/metrics", "/dashboard", "/dashboard/data"):
+            with urllib.request.urlopen(c.url + path, timeout=10) as r:
+                assert r.status == 200, path
+    SUMMARY.append("API key: 401 without it, served with it; /metrics and /dashboard open")
 
 
 def _children(pid: int) -> dict[int, str]:
