@@ -97,7 +97,7 @@ async def _stream_completion(http: aiohttp.ClientSession, url: str, body: dict, 
             if tokens and rec.t_first is None:
                 rec.t_first = time.monotonic()
             out.extend(tokens)
-            text.append((choice.get("delta") or {}).get("content") or "" if chat else choice.get("text", ""))
+            text.append(((choice.get("delta") or {}).get("content") or "") if chat else choice.get("text", ""))
     rec.t_done = time.monotonic()
     rec.output_tokens = len(out)
     return out, "".join(text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from dualpath.sched.coordinator import Coordinator, RequestState
 
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 PATHS = ("A", "B", "A+B")
 TTFT_WINDOW_S = 30.0
@@ -136,7 +138,10 @@ class Dashboard:
         """The sampler, for the app's cleanup_ctx: it runs while the app does."""
         async def loop():
             while True:
-                self.sample()
+                try:
+                    self.sample()
+                except Exception:  # a bug here must not stop the sampling for good, silently
+                    log.exception("dashboard sample failed")
                 await asyncio.sleep(self.period_s)
 
         task = asyncio.create_task(loop())
