@@ -89,6 +89,13 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_cluster_serves(worked):
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(dashboard["panels"]) >= 10
     assert all(p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in dashboard["panels"])
+    # a dashboard model Grafana imports as drawn: unique panel ids and refIds, panels side by side on
+    # its 24-column grid without overlapping
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    assert all(len({t["refId"] for t in p["targets"]}) == len(p["targets"]) for p in dashboard["panels"])
+    cells = [(x, y) for p in dashboard["panels"] for g in [p["gridPos"]]
+             for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]
+    assert len(set(cells)) == len(cells) and all(x < 24 for x, _ in cells)
     text = get(worked.url + "/metrics").decode()
     scraped = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("dualpath_")}
     # a labelled family with no sample yet (no failure so far) is still declared by its TYPE line
