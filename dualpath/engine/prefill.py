@@ -22,6 +22,7 @@ import torch
 
 from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
+from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
 from dualpath.engine.runtime import Engine, sample
@@ -151,14 +152,9 @@ class PrefillEngine(Engine):
 
     def _pick(self) -> list[tuple[PrefillJob, int]]:
         """Jobs for this step within the compute quota; a long miss is chunked across steps."""
-        quota, picked = self.cfg.engine.prefill_token_quota, []
-        for job in list(self.ready):
-            if quota <= 0:
-                break
-            n = min(len(job.tokens) - job.computed, quota)
-            picked.append((job, n))
-            quota -= n
-        return picked
+        jobs = list(self.ready)
+        quota = self.cfg.engine.prefill_token_quota
+        return list(zip(jobs, pick_batch((len(j.tokens) - j.computed for j in jobs), quota)))
 
     async def _step_loop(self) -> None:
         while not self.stopping.is_set():

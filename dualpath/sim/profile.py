@@ -1,9 +1,20 @@
-"""How long an engine computes, for the simulator: from a `dualpath bench model` measurement.
+"""How long an engine computes, for the simulator: measured, or a roofline from a model's shape.
 
-A profile is the prefill rate (tokens/s) and the decode step time at a batch size, as that bench
-writes them (runs/cpu/bench_model_tiny_gqa.json, runs/gpu/model_small_gqa.json). Prefill time is
-linear in the new tokens; a decode step costs the measured step time up to the measured batch and
-grows linearly past it (the step is bound by fixed costs below that batch, by work above it).
+Both answer the two questions the simulator asks:
+- ``prefill_s(work)``: one prefill step over ``work``, a list of (new tokens, tokens before them);
+- ``decode_step_s(batch, attended)``: one decode step of ``batch`` sequences that attend to
+  ``attended`` stored tokens in all.
+
+``ComputeProfile`` is a `dualpath bench model` measurement (runs/cpu/bench_model_tiny_gqa.json,
+runs/gpu/model_small_gqa.json): prefill time linear in the new tokens, a decode step at the measured
+time up to the measured batch and linear past it. Context length is not in it: it was measured at
+one context, which is what the real engines' small presets run at.
+
+``Roofline`` derives both from a ``ModelShape`` (the paper's three models are in ``SHAPES``) and a
+``GpuSpec``: a step takes the longer of its FLOPs at a sustained fraction of peak and its HBM bytes
+(weights read once per step, plus the KV it attends to) at a sustained fraction of bandwidth, plus a
+fixed launch overhead. It is a bound, not a measurement: real kernels, expert imbalance and
+communication make steps slower, and the sustained fractions below stand for all of that.
 """
 
 from __future__ import annotations
@@ -11,12 +22,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+
+class Profile(Protocol):
+    source: str
+
+    def prefill_s(self, work: list[tuple[int, int]]) -> float: ...
+
+    def decode_step_s(self, batch: int, attended: int) -> float: ...
 
 
 @dataclass(frozen=True)
 class ComputeProfile:
     prefill_tokens_per_s: float
-    decode_step_s: float  # one step at decode_batch sequences
+    decode_step_seconds: float  # one step at decode_batch sequences
     decode_batch: int
     source: str = ""
 
@@ -26,8 +46,108 @@ class ComputeProfile:
         return ComputeProfile(m["prefill"]["tokens_per_s"], m["decode"]["step_seconds"], m["decode"]["batch"],
                               f"{path} ({m.get('preset')}, {m.get('device')}, {m.get('dtype')})")
 
-    def prefill_s(self, new_tokens: int) -> float:
-        return new_tokens / self.prefill_tokens_per_s
+    def prefill_s(self, work: list[tuple[int, int]]) -> float:
+        return sum(new for new, _ in work) / self.prefill_tokens_per_s
 
-    def decode_step(self, batch: int) -> float:
-        return self.decode_step_s * max(1.0, batch / self.decode_batch)
+    def decode_step_s(self, batch: int, attended: int) -> float:
+        return self.decode_step_seconds * max(1.0, batch / self.decode_batch)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the simulator needs of a model: its KV bytes per token and its work per token."""
+
+    name: str
+    n_layers: int
+    params_total: float  # every weight (all experts)
+    params_active: float  # weights one token passes through
+    kv_per_token_layer: int  # KV elements one token stores per layer (GQA: 2 * kv_heads * head_dim; MLA: latent + rope)
+    attn_flops_per_pair: int  # FLOPs per (query token, attended token) per layer: scores and values
+    attn_window: int = 0  # sparse attention: a query attends to at most this many tokens (0: all)
+    kv_bytes_per_elem: int = 2  # bf16 KV
+    weight_bytes_per_param: float = 2.0
+    note: str = ""
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.n_layers * self.kv_per_token_layer * self.kv_bytes_per_elem
+
+    def attended(self, context: int) -> int:
+        return min(context, self.attn_window) if self.attn_window else context
+
+
+def _mla(heads: int, nope: int = 128, rope: int = 64, v: int = 128) -> int:
+    return 2 * heads * (nope + rope + v)  # non-absorbed prefill attention: q.k over nope+rope dims, p.v
+
+
+# The paper's three models. Shapes are from the public model configurations; the 660B's attention
+# window stands for DeepSeek-V3.2's sparse attention (each query attends to its top 2,048 tokens),
+# which is what makes its cache-compute ratio as high as the paper says (22 GB per PFLOP).
+SHAPES: dict[str, ModelShape] = {s.name: s for s in (
+    ModelShape("deepseek-660b", n_layers=61, params_total=671e9, params_active=37e9, kv_per_token_layer=512 + 64,
+               attn_flops_per_pair=_mla(128), attn_window=2048, weight_bytes_per_param=1.0,
+               note="DeepSeek-V3.2 shape: MLA (512 + 64 latent), 37B of 671B active, FP8 weights, top-2K sparse attention"),
+    ModelShape("deepseek-27b", n_layers=30, params_total=27e9, params_active=4.1e9, kv_per_token_layer=512 + 64,
+               attn_flops_per_pair=_mla(20), weight_bytes_per_param=2.0,
+               note="DeepSeekMoE 27B (DeepSeek-VL2's language model): MLA, 4.1B of 27B active, bf16"),
+    ModelShape("qwen2.5-32b", n_layers=64, params_total=32.5e9, params_active=32.5e9,
+               kv_per_token_layer=2 * 8 * 128, attn_flops_per_pair=2 * 40 * (128 + 128), weight_bytes_per_param=2.0,
+               note="Qwen2.5-32B: GQA with 40 query and 8 KV heads of 128, dense, bf16"),
+)}
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str = "H800-class Hopper"
+    peak_flops: float = 989e12  # dense bf16
+    hbm_Bps: float = 3.35e12
+    hbm_bytes: float = 80e9
+    mfu: float = 0.45  # sustained fraction of peak in a prefill or decode step
+    mbu: float = 0.7  # sustained fraction of HBM bandwidth
+    step_overhead_s: float = 0.002  # launches and synchronisation per step
+
+    @staticmethod
+    def named(name: str) -> "GpuSpec":
+        return {"h800": GpuSpec(), "h200": GpuSpec("H200", hbm_Bps=4.8e12, hbm_bytes=141e9)}[name]
+
+
+@dataclass(frozen=True)
+class Roofline:
+    shape: ModelShape
+    gpu: GpuSpec
+    gpus: int  # GPUs per engine (tensor or expert parallel: their FLOPs and bandwidth add up)
+
+    @property
+    def source(self) -> str:
+        return f"roofline: {self.shape.name} on {self.gpus} x {self.gpu.name}"
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.shape.params_total * self.shape.weight_bytes_per_param
+
+    @property
+    def kv_hbm_bytes(self) -> float:
+        """HBM left for KV on one engine once the weights are in (a tenth kept for activations)."""
+        return max(0.0, 0.9 * self.gpus * self.gpu.hbm_bytes - self.weight_bytes)
+
+    def _step(self, flops: float, hbm_bytes: float) -> float:
+        g = self.gpu
+        return max(flops / (self.gpus * g.peak_flops * g.mfu), hbm_bytes / (self.gpus * g.hbm_Bps * g.mbu)) \
+            + g.step_overhead_s
+
+    def _weights_read(self, tokens: int) -> float:
+        """An MoE step touches about active params per token, until every expert is in use."""
+        s = self.shape
+        return min(s.params_total, s.params_active * tokens) * s.weight_bytes_per_param
+
+    def prefill_s(self, work: list[tuple[int, int]]) -> float:
+        s, tokens = self.shape, sum(new for new, _ in work)
+        pairs = sum(new * s.attended(ctx + new // 2) for new, ctx in work)  # each new token attends to those before it
+        flops = 2 * s.params_active * tokens + s.n_layers * s.attn_flops_per_pair * pairs
+        kv = sum(s.attended(ctx + new) for new, ctx in work) * s.kv_bytes_per_token
+        return self._step(flops, self._weights_read(tokens) + kv)
+
+    def decode_step_s(self, batch: int, attended: int) -> float:
+        s = self.shape
+        flops = 2 * s.params_active * batch + s.n_layers * s.attn_flops_per_pair * attended
+        return self._step(flops, self._weights_read(batch) + attended * s.kv_bytes_per_token)

@@ -1,38 +1,46 @@
-"""The simulated cluster: engines, links and the coordinator, in virtual time, deciding with the
-same ``policy.choose`` the real coordinator calls, on loads as stale as heartbeats make them.
+"""The simulated cluster: engines, links, memory and the coordinator, in virtual time, deciding with
+the same ``policy.choose`` the real coordinator calls, on loads as stale as heartbeats make them,
+and batching prefills with the prefill engine's own ``pick_batch``.
 
-What is modelled, each in the simplest form that keeps the real system's bottlenecks:
+What is modelled, each in the simplest form that keeps the real system's bottlenecks (docs/SIM.md):
 - a node's storage NIC: one FIFO link at its read rate, shared by the node's engines; a read of n
   bytes takes [max(now, free), + n / rate], exactly the emulation the real engines run
-  (storage/snic.py), and the node's read queue is that link's backlog;
-- an engine's compute NIC: a FIFO link per engine, carrying path-B loads into the PE and handoffs
-  out of it;
-- a PE: one compute server; a request's prefill takes its new tokens over the profile's prefill
-  rate, and may start before its hit KV is in, finishing no earlier than one layer's compute
-  after the last layer lands (layer-wise overlap);
-- a DE: continuous batching; every step takes the profile's step time and gives each running
-  request one token; a request joins when its handoff is in;
-- the coordinator: each engine's load as of its last heartbeat (every ``heartbeat_s``) plus what
-  was assigned since, as ``Coordinator.cluster_view`` and ``_assign`` do.
-Not modelled: DRAM-buffer and HBM capacity (every engine has room), persistence writes, failures,
-the control plane's latency, and batching effects beyond the profile's rates.
+  (storage/snic.py); the node's read queue, the figure the policies compare, is that link's backlog;
+- an engine's compute NIC (its GPUs' NICs together): a FIFO link each way; path-B KV leaves the
+  DE's and enters the PE's, the handoff leaves the PE's and enters the DE's;
+- memory: an engine's DRAM buffer and the HBM it keeps for KV are pools its requests wait for,
+  first come first served, as the engines' ``Room`` does (the PE: the prompt's blocks in both until
+  its handoff is sent; the DE: the prompt's blocks in its buffer until the handoff is in, and the
+  prompt and answer in HBM until the request ends);
+- a PE: a step loop; each step computes ``pick_batch`` of its ready requests in the profile's time,
+  and ends no earlier than one layer's compute after the last hit layer it waits for lands
+  (layer-wise overlap);
+- a DE: continuous batching; each step takes the profile's time for its batch and context and
+  gives each running request one token; a request joins when its handoff is in;
+- the coordinator: each engine's load and free memory as of its last heartbeat (every
+  ``heartbeat_s``), plus what was assigned since, as ``Coordinator.cluster_view`` does; a request
+  no engine has room for waits for the next heartbeat.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
-from collections import Counter
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tqdm import tqdm
+
 from dualpath.bench.driver import RequestRecord, RunResult
 from dualpath.bench.workload import Session, cached_tokens
-from dualpath.sched.policy import EngineLoad, RequestInfo, choose
-from dualpath.sim.profile import ComputeProfile
+from dualpath.engine.batching import pick_batch
+from dualpath.sched.policy import EngineLoad, NoRoom, RequestInfo, choose
+from dualpath.sim.profile import Profile
 from dualpath.storage.blockfile import HEADER_BYTES
 
-ROOMY = 1 << 40  # free blocks every engine reports: memory is not modelled
+UNBOUNDED = 1 << 40  # free blocks an engine without a memory limit reports
 
 
 class Link:
@@ -52,17 +60,65 @@ class Link:
         return int(max(0.0, self.free - now) * self.rate) if self.rate else 0
 
 
+class Pool:
+    """Memory in blocks that requests take and give back; a request that does not fit waits, first
+    come first served (capacity 0: unbounded)."""
+
+    def __init__(self, blocks: int):
+        self.capacity, self.used = blocks, 0
+        self.waiting: deque[tuple[int, Callable[[], None]]] = deque()
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used if self.capacity else UNBOUNDED
+
+    def take(self, n: int, then: Callable[[], None]) -> None:
+        if self.capacity and n > self.capacity:
+            raise ValueError(f"a request of {n} blocks can never fit a pool of {self.capacity}")
+        if not self.waiting and n <= self.free:
+            self.used += n
+            then()
+        else:
+            self.waiting.append((n, then))
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        while self.waiting and self.waiting[0][0] <= self.free:
+            n, then = self.waiting.popleft()
+            self.used += n
+            then()
+
+
 @dataclass
 class SimConfig:
     n_prefill: int = 1
     n_decode: int = 2
-    snic_gbps: float = 0.008  # storage NIC read rate per node (one engine per node)
-    compute_link_gbps: float = 10.0  # per engine
+    snic_gbps: float = 0.008  # storage NIC read rate per node, GB/s
+    compute_link_gbps: float = 10.0  # compute NIC per GPU, GB/s each way
+    gpus_per_engine: int = 1
+    engines_per_node: int = 1  # engines of one role packed on a node share its storage NIC
     heartbeat_s: float = 0.2
     block_tokens: int = 64
     block_bytes: int = 0  # one stored block, header included (as the coordinator computes it)
     n_layers: int = 1
+    buffer_blocks: int = 0  # DRAM buffer per engine, in blocks; 0 = unbounded
+    hbm_blocks: int = 0  # HBM for KV per engine, in blocks; 0 = unbounded
+    prefill_token_quota: int = 4096  # as EngineConfig.prefill_token_quota
     sample_every_s: float = 0.25
+    send_until_s: float = 0.0  # > 0: no new turn starts after this; the run ends when the last one does
+    trace_block_tokens: int = 512  # tokens per hash id, in trace replay (workload.load_mooncake's block_tokens)
+
+
+@dataclass
+class _Request:
+    rec: RequestRecord
+    new_tokens: int  # tokens to compute
+    context: int  # tokens before them (the hit)
+    prompt_blocks: int
+    decode_blocks: int
+    loaded_at: float = 0.0  # when its last hit layer is in the PE's buffer (known once both reads start)
+    reads_pending: int = 2  # the PE's and the DE's reads, each started once its engine has room
+    computed: int = 0
 
 
 @dataclass
@@ -70,33 +126,46 @@ class _Engine:
     name: str
     role: str
     node: int
-    storage: Link
-    link: Link
-    free_at: float = 0.0  # PE: when its compute server is free
-    queued_tokens: int = 0  # PE: new tokens admitted and not yet computed
-    running: list = field(default_factory=list)  # DE: requests decoding
+    storage: Link  # the node's, shared
+    out: Link
+    inn: Link
+    buffer: Pool
+    hbm: Pool
+    ready: deque = field(default_factory=deque)  # PE: requests admitted, not yet prefilled
     stepping: bool = False
+    queued_tokens: int = 0  # PE: new tokens admitted and not yet computed
+    steps: int = 0  # DE: steps taken
+    finishing: list = field(default_factory=list)  # DE: heap of (step it ends at, seq, request)
+    decode_tokens: int = 0  # DE: prompt + answer tokens of its running requests
+    attended: int = 0  # DE: tokens its running requests attend to, in all
     read_bytes: int = 0
-    heartbeat: dict = field(default_factory=dict)
-    assigned: Counter = field(default_factory=Counter)
-
-    @property
-    def decode_tokens(self) -> int:
-        return sum(r.prompt_tokens + r.output_tokens for r, _ in self.running)
 
 
 class Simulation:
-    def __init__(self, cfg: SimConfig, profile: ComputeProfile, policy: str, sessions: list[Session]):
-        self.cfg, self.profile, self.policy = cfg, profile, policy
+    def __init__(self, cfg: SimConfig, profile: Profile, policy: str, sessions: list[Session],
+                 attended: Callable[[int], int] = lambda ctx: ctx, progress: bool = False):
+        self.cfg, self.profile, self.policy, self.attended = cfg, profile, policy, attended
         self.sessions = {s.sid: s for s in sessions}
         self.now, self._events, self._seq = 0.0, [], itertools.count()
-        roles = ["prefill"] * cfg.n_prefill + ["decode"] * cfg.n_decode
-        self.engines = [_Engine(f"{'pe' if r == 'prefill' else 'de'}{i}", r, i, Link(cfg.snic_gbps * 1e9),
-                                Link(cfg.compute_link_gbps * 1e9)) for i, r in enumerate(roles)]
-        self.by_name = {e.name: e for e in self.engines}
+        self.engines: list[_Engine] = []
+        nics: dict[int, Link] = {}
+        link = cfg.compute_link_gbps * 1e9 * cfg.gpus_per_engine
+        for role, n, first_node in (("prefill", cfg.n_prefill, 0),
+                                    ("decode", cfg.n_decode, -(-cfg.n_prefill // cfg.engines_per_node))):
+            for i in range(n):
+                node = first_node + i // cfg.engines_per_node
+                storage = nics.setdefault(node, Link(cfg.snic_gbps * 1e9))
+                self.engines.append(_Engine(f"{role[0]}e{i}", role, node, storage, Link(link), Link(link),
+                                            Pool(cfg.buffer_blocks), Pool(cfg.hbm_blocks)))
+        self.index = {e.name: k for k, e in enumerate(self.engines)}
+        self.view: list[EngineLoad] = []
         self.records: list[RequestRecord] = []
         self.open_requests = 0  # sent and not done
+        self.waiting: list[tuple[Session, int, int, float]] = []  # no engine had room: retried each heartbeat
+        self.to_arrive = 0  # sessions whose first timed turn has not been sent yet
+        self.stored: set[int] = set()  # trace replay: hash ids whose blocks are stored
         self.samples: list[dict] = []
+        self.bar = tqdm(total=None, unit="sim-s", disable=not progress, leave=False)
 
     # -- the event queue --
 
@@ -104,82 +173,105 @@ class Simulation:
         heapq.heappush(self._events, (t, next(self._seq), fn))
 
     def run(self, warmup_turns: int = 1) -> RunResult:
-        """Every session from turn `warmup_turns` on, closed loop, its earlier turns' blocks stored
-        (as the real benchmark's untimed warm-up leaves them)."""
+        """Every session from turn `warmup_turns` on, each starting at its arrival time, turns closed
+        loop, its earlier turns' blocks stored (as the real benchmark's untimed warm-up leaves them)."""
         self._beat()
         self._sample()
         for s in self.sessions.values():
             if len(s.turns) > warmup_turns:
                 context = sum(t.append_tokens + t.output_tokens for t in s.turns[:warmup_turns])
-                self.at(0.0, lambda s=s, context=context: self._send(s, warmup_turns, context))
+                self.to_arrive += 1
+                self.at(s.arrival_s, lambda s=s, context=context: self._arrive(s, warmup_turns, context))
+        mode = "online" if any(s.arrival_s for s in self.sessions.values()) else "offline"
         while self._events:
             self.now, _, fn = heapq.heappop(self._events)
             fn()
-            if self.open_requests == 0:  # every session has ended (heartbeats and samples still queued)
+            if self.open_requests == 0 and not self.waiting and not self.to_arrive:
                 break
         self._sample()
-        duration = max((r.t_done for r in self.records if r.t_done is not None), default=0.0)
-        return RunResult(self.policy, "offline", duration, self.records, self.samples)
+        self.bar.close()
+        t0 = min((r.t_send for r in self.records), default=0.0)
+        duration = max((r.t_done for r in self.records if r.t_done is not None), default=t0) - t0
+        return RunResult(self.policy, mode, duration, self.records, self.samples)
+
+    def _arrive(self, s: Session, k: int, context: int) -> None:
+        self.to_arrive -= 1
+        self._send(s, k, context)
 
     # -- heartbeats and samples --
 
     def _beat(self) -> None:
-        for e in self.engines:
-            e.heartbeat = {"queued_prefill_tokens": e.queued_tokens, "running_decode_tokens": e.decode_tokens,
-                           "read_queue_bytes": e.storage.backlog_bytes(self.now)}
-            e.assigned = Counter()
-        if self._events or not self.records:
+        self.view = [EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
+                                e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free)
+                     for e in self.engines]
+        retry, self.waiting = self.waiting, []
+        for s, k, context, t_send in retry:
+            self._send(s, k, context, t_send)
+        if self._events or self.waiting:
             self.at(self.now + self.cfg.heartbeat_s, self._beat)
 
     def _sample(self) -> None:
         self.samples.append({"t": self.now, "engines": {e.name: {"node": e.node, "role": e.role,
                                                                  "read_bytes": e.read_bytes, "write_bytes": 0}
                                                         for e in self.engines}})
+        self.bar.update(self.cfg.sample_every_s)
         if self._events:
             self.at(self.now + self.cfg.sample_every_s, self._sample)
 
+    def _assign(self, name: str, **added: int) -> None:
+        """What a decision adds to an engine's last heartbeat, until the next one."""
+        k = self.index[name]
+        v = self.view[k]
+        self.view[k] = dataclasses.replace(v, **{f: getattr(v, f) + n for f, n in added.items()})
+
     # -- a request's life --
 
-    def _view(self) -> list[EngineLoad]:
-        return [EngineLoad(e.name, e.role, e.node, **{k: e.heartbeat[k] + e.assigned[k] for k in e.heartbeat},
-                           free_buffer_blocks=ROOMY, free_hbm_blocks=ROOMY) for e in self.engines]
-
-    def _send(self, s: Session, k: int, context: int) -> None:
+    def _hit_blocks(self, s: Session, k: int, context: int, prompt: int) -> int:
         c, bt, turn = self.cfg, self.cfg.block_tokens, s.turns[k]
-        prompt = context + turn.append_tokens
-        hit = min(cached_tokens(context, bt) // bt, (prompt - 1) // bt) if context else 0
-        rec = RequestRecord(s.sid, k, self.now, prompt_tokens=prompt, cached_tokens=hit * bt,
-                            output_tokens=turn.output_tokens)
-        self.records.append(rec)
-        self.open_requests += 1
+        if turn.hash_ids is not None:  # a trace request: its leading trace blocks that are stored
+            stored = next((i for i, h in enumerate(turn.hash_ids) if h not in self.stored), len(turn.hash_ids))
+            return min(stored * c.trace_block_tokens // bt, (prompt - 1) // bt)
+        return min(cached_tokens(context, bt) // bt, (prompt - 1) // bt) if context else 0
+
+    def _send(self, s: Session, k: int, context: int, t_send: float | None = None) -> None:
+        """Turn k of session s, `context` tokens after its start; t_send: when it was first tried (a retry)."""
+        c, bt, turn = self.cfg, self.cfg.block_tokens, s.turns[k]
+        if t_send is None and c.send_until_s and self.now > c.send_until_s:
+            return
+        prompt = (context + turn.append_tokens) if turn.hash_ids is None else turn.append_tokens
+        hit = self._hit_blocks(s, k, context, prompt)
         info = RequestInfo(prompt, hit, c.block_bytes, turn.output_tokens, -(-prompt // bt),
                            -(-(prompt + turn.output_tokens) // bt))
-        d = choose(self.policy, info, self._view())
-        pe, de = self.by_name[d.pe], self.by_name[d.de]
-        new = prompt - hit * bt
-        pe.assigned["queued_prefill_tokens"] += new
-        pe.assigned["read_queue_bytes"] += d.pe_blocks * c.block_bytes
-        de.assigned["read_queue_bytes"] += d.de_blocks * c.block_bytes
-        de.assigned["running_decode_tokens"] += prompt + turn.output_tokens
-        rec.path, rec.pe, rec.de = d.path, d.pe, d.de
-        rec.read_bytes_pe, rec.read_bytes_de = d.pe_blocks * c.block_bytes, d.de_blocks * c.block_bytes
-        # storage -> PE (path A); storage -> DE -> compute link -> PE (path B)
-        a_in = self._read(pe, rec.read_bytes_pe)
-        b_read = self._read(de, rec.read_bytes_de)
-        b_in = de.link.reserve(b_read, d.de_blocks * (c.block_bytes - HEADER_BYTES))  # layers only
-        loaded = max(a_in, b_in)
-        pe.queued_tokens += new
-        work = self.profile.prefill_s(new)
-        done = max(max(pe.free_at, self.now) + work, loaded + work / c.n_layers)
-        pe.free_at = done
-        handoff_blocks = -(-prompt // bt) - d.de_blocks
-        layer_bytes = (c.block_bytes - HEADER_BYTES) * handoff_blocks
+        try:
+            d = choose(self.policy, info, self.view)
+        except NoRoom:
+            self.waiting.append((s, k, context, self.now if t_send is None else t_send))
+            return
+        rec = RequestRecord(s.sid, k, self.now if t_send is None else t_send, prompt_tokens=prompt, cached_tokens=hit * bt,
+                            output_tokens=turn.output_tokens, path=d.path, pe=d.pe, de=d.de,
+                            read_bytes_pe=d.pe_blocks * c.block_bytes, read_bytes_de=d.de_blocks * c.block_bytes)
+        self.records.append(rec)
+        self.open_requests += 1
+        req = _Request(rec, prompt - hit * bt, hit * bt, info.prompt_blocks, info.decode_blocks)
+        pe, de = self.engines[self.index[d.pe]], self.engines[self.index[d.de]]
+        self._assign(d.pe, queued_prefill_tokens=req.new_tokens, read_queue_bytes=rec.read_bytes_pe,
+                     free_buffer_blocks=-req.prompt_blocks, free_hbm_blocks=-req.prompt_blocks)
+        self._assign(d.de, running_decode_tokens=prompt + turn.output_tokens, read_queue_bytes=rec.read_bytes_de,
+                     free_buffer_blocks=-req.prompt_blocks, free_hbm_blocks=-req.decode_blocks)
+        pe.queued_tokens += req.new_tokens
 
-        def prefilled() -> None:
-            pe.queued_tokens -= new
-            self.at(pe.link.reserve(self.now, layer_bytes), lambda: self._join(de, rec))
+        def pe_admitted() -> None:  # storage -> PE buffer (path A)
+            self._loaded(pe, req, self._read(pe, rec.read_bytes_pe))
+            pe.ready.append(req)
+            self._prefill(pe)
 
-        self.at(done, prefilled)
+        def de_admitted() -> None:  # storage -> DE buffer -> compute links -> PE buffer (path B)
+            nbytes = d.de_blocks * (c.block_bytes - HEADER_BYTES)  # the layers, not the headers
+            read = self._read(de, rec.read_bytes_de)
+            self._loaded(pe, req, max(de.out.reserve(read, nbytes), pe.inn.reserve(read, nbytes)))
+
+        pe.hbm.take(req.prompt_blocks, lambda: pe.buffer.take(req.prompt_blocks, pe_admitted))
+        de.hbm.take(req.decode_blocks, lambda: de.buffer.take(req.prompt_blocks, de_admitted))
 
     def _read(self, e: _Engine, nbytes: int) -> float:
         end = e.storage.reserve(self.now, nbytes)
@@ -187,37 +279,88 @@ class Simulation:
             self.at(end, lambda: setattr(e, "read_bytes", e.read_bytes + nbytes))
         return end
 
-    def _join(self, de: _Engine, rec: RequestRecord) -> None:
+    def _loaded(self, pe: _Engine, req: _Request, t: float) -> None:
+        req.loaded_at = max(req.loaded_at, t)
+        req.reads_pending -= 1
+        if req.reads_pending == 0:
+            self._prefill(pe)
+
+    def _prefill(self, pe: _Engine) -> None:
+        """Start the PE's next step if it is idle. A step waits for every picked request whose hit
+        KV is still being read, as the real engine's step waits for layer l before running it."""
+        if pe.stepping or not pe.ready or any(r.reads_pending for r in itertools.islice(pe.ready, 1)):
+            return  # the head of the queue has not even started reading: the step would wait for it
+        ns = pick_batch((r.new_tokens - r.computed for r in pe.ready), self.cfg.prefill_token_quota)
+        picked = list(zip(itertools.islice(pe.ready, len(ns)), ns))
+        picked = [(r, n) for r, n in picked if not r.reads_pending]  # the head's reads have started
+        work = self.profile.prefill_s([(n, r.context + r.computed) for r, n in picked])
+        loading = [r.loaded_at for r, _ in picked if r.computed == 0 and r.context]
+        end = max(self.now + work, max(loading, default=0.0) + work / self.cfg.n_layers)
+        pe.stepping = True
+        self.at(end, lambda: self._prefilled(pe, picked))
+
+    def _prefilled(self, pe: _Engine, picked: list[tuple[_Request, int]]) -> None:
+        pe.stepping = False
+        for req, n in picked:
+            req.computed += n
+            pe.queued_tokens -= n
+            if req.computed == req.new_tokens:
+                pe.ready.remove(req)
+                self._handoff(pe, req)
+        self._prefill(pe)
+
+    def _handoff(self, pe: _Engine, req: _Request) -> None:
+        """The prompt's KV the DE did not read itself goes to the DE; the PE's memory is free once sent."""
+        c, rec = self.cfg, req.rec
+        de = self.engines[self.index[rec.de]]
+        nbytes = (req.prompt_blocks - rec.read_bytes_de // c.block_bytes) * (c.block_bytes - HEADER_BYTES)
+        sent = max(pe.out.reserve(self.now, nbytes), de.inn.reserve(self.now, nbytes))
+
+        def arrived() -> None:
+            pe.buffer.give(req.prompt_blocks)
+            pe.hbm.give(req.prompt_blocks)
+            de.buffer.give(req.prompt_blocks)
+            self._join(de, req)
+
+        self.at(sent, arrived)
+
+    def _join(self, de: _Engine, req: _Request) -> None:
+        rec = req.rec
         rec.t_first = self.now  # the PE's first token reaches the client with the handoff
         if rec.output_tokens <= 1:
-            return self._finish(rec)
-        de.running.append((rec, [1]))  # [tokens made so far]
+            return self._finish(de, req)
+        heapq.heappush(de.finishing, (de.steps + rec.output_tokens - 1, next(self._seq), req))
+        de.decode_tokens += rec.prompt_tokens + rec.output_tokens
+        de.attended += self.attended(rec.prompt_tokens)
         if not de.stepping:
             de.stepping = True
-            self.at(self.now + self.profile.decode_step(len(de.running)), lambda: self._step(de))
+            self.at(self.now + self.profile.decode_step_s(len(de.finishing), de.attended), lambda: self._step(de))
 
     def _step(self, de: _Engine) -> None:
-        still = []
-        for rec, made in de.running:
-            made[0] += 1
-            if made[0] >= rec.output_tokens:
-                self._finish(rec)
-            else:
-                still.append((rec, made))
-        de.running = still
-        if still:
-            self.at(self.now + self.profile.decode_step(len(still)), lambda: self._step(de))
+        de.steps += 1
+        while de.finishing and de.finishing[0][0] <= de.steps:
+            req = heapq.heappop(de.finishing)[2]
+            de.decode_tokens -= req.rec.prompt_tokens + req.rec.output_tokens
+            de.attended -= self.attended(req.rec.prompt_tokens)
+            self._finish(de, req)
+        if de.finishing:
+            self.at(self.now + self.profile.decode_step_s(len(de.finishing), de.attended), lambda: self._step(de))
         else:
             de.stepping = False
 
-    def _finish(self, rec: RequestRecord) -> None:
+    def _finish(self, de: _Engine, req: _Request) -> None:
+        rec = req.rec
         rec.t_done = self.now
+        de.hbm.give(req.decode_blocks)
         self.open_requests -= 1
         s = self.sessions[rec.session]
+        turn = s.turns[rec.turn]
+        if turn.hash_ids is not None:  # its full blocks are persisted (the DE writes them behind)
+            self.stored.update(turn.hash_ids[: (rec.prompt_tokens + rec.output_tokens) // self.cfg.trace_block_tokens])
         if rec.turn + 1 < len(s.turns):  # closed loop: the agent's next turn goes out at once
             self._send(s, rec.turn + 1, rec.prompt_tokens + rec.output_tokens)
 
 
-def simulate(cfg: SimConfig, profile: ComputeProfile, policy: str, sessions: list[Session],
-             warmup_turns: int = 1) -> RunResult:
-    return Simulation(cfg, profile, policy, sessions).run(warmup_turns)
+def simulate(cfg: SimConfig, profile: Profile, policy: str, sessions: list[Session], warmup_turns: int = 1,
+             attended: Callable[[int], int] = lambda ctx: ctx, progress: bool = False) -> RunResult:
+    return Simulation(cfg, profile, policy, sessions, attended, progress).run(warmup_turns)
