@@ -175,24 +175,25 @@ class Simulation:
     def run(self, warmup_turns: int = 1) -> RunResult:
         """Every session from turn `warmup_turns` on, each starting at its arrival time, turns closed
         loop, its earlier turns' blocks stored (as the real benchmark's untimed warm-up leaves them)."""
-        self._beat()
-        self._sample()
         for s in self.sessions.values():
             if len(s.turns) > warmup_turns:
                 context = sum(t.append_tokens + t.output_tokens for t in s.turns[:warmup_turns])
                 self.to_arrive += 1
                 self.at(s.arrival_s, lambda s=s, context=context: self._arrive(s, warmup_turns, context))
         mode = "online" if any(s.arrival_s for s in self.sessions.values()) else "offline"
-        while self._events:
+        self._beat()
+        self._sample()
+        while self._busy():
             self.now, _, fn = heapq.heappop(self._events)
             fn()
-            if self.open_requests == 0 and not self.waiting and not self.to_arrive:
-                break
         self._sample()
         self.bar.close()
         t0 = min((r.t_send for r in self.records), default=0.0)
         duration = max((r.t_done for r in self.records if r.t_done is not None), default=t0) - t0
         return RunResult(self.policy, mode, duration, self.records, self.samples)
+
+    def _busy(self) -> bool:
+        return bool(self.open_requests or self.waiting or self.to_arrive)
 
     def _arrive(self, s: Session, k: int, context: int) -> None:
         self.to_arrive -= 1
@@ -205,9 +206,11 @@ class Simulation:
                                 e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free)
                      for e in self.engines]
         retry, self.waiting = self.waiting, []
-        for s, k, context, t_send in retry:
-            self._send(s, k, context, t_send)
-        if self._events or self.waiting:
+        for i, (s, k, context, t_send) in enumerate(retry):  # first come first served: the rest wait on
+            if not self._send(s, k, context, t_send):
+                self.waiting += retry[i + 1:]
+                break
+        if self._busy():
             self.at(self.now + self.cfg.heartbeat_s, self._beat)
 
     def _sample(self) -> None:
@@ -215,7 +218,7 @@ class Simulation:
                                                                  "read_bytes": e.read_bytes, "write_bytes": 0}
                                                         for e in self.engines}})
         self.bar.update(self.cfg.sample_every_s)
-        if self._events:
+        if self._busy():
             self.at(self.now + self.cfg.sample_every_s, self._sample)
 
     def _assign(self, name: str, **added: int) -> None:
@@ -233,11 +236,15 @@ class Simulation:
             return min(stored * c.trace_block_tokens // bt, (prompt - 1) // bt)
         return min(cached_tokens(context, bt) // bt, (prompt - 1) // bt) if context else 0
 
-    def _send(self, s: Session, k: int, context: int, t_send: float | None = None) -> None:
-        """Turn k of session s, `context` tokens after its start; t_send: when it was first tried (a retry)."""
+    def _send(self, s: Session, k: int, context: int, t_send: float | None = None) -> bool:
+        """Turn k of session s, `context` tokens after its start; t_send: when it was first tried (a
+        retry). False if no engine had room for it: it waits for the next heartbeat."""
         c, bt, turn = self.cfg, self.cfg.block_tokens, s.turns[k]
         if t_send is None and c.send_until_s and self.now > c.send_until_s:
-            return
+            return True
+        if t_send is None and self.waiting:  # behind those already waiting
+            self.waiting.append((s, k, context, self.now))
+            return False
         prompt = (context + turn.append_tokens) if turn.hash_ids is None else turn.append_tokens
         hit = self._hit_blocks(s, k, context, prompt)
         info = RequestInfo(prompt, hit, c.block_bytes, turn.output_tokens, -(-prompt // bt),
@@ -246,7 +253,7 @@ class Simulation:
             d = choose(self.policy, info, self.view)
         except NoRoom:
             self.waiting.append((s, k, context, self.now if t_send is None else t_send))
-            return
+            return False
         rec = RequestRecord(s.sid, k, self.now if t_send is None else t_send, prompt_tokens=prompt, cached_tokens=hit * bt,
                             output_tokens=turn.output_tokens, path=d.path, pe=d.pe, de=d.de,
                             read_bytes_pe=d.pe_blocks * c.block_bytes, read_bytes_de=d.de_blocks * c.block_bytes)
@@ -272,6 +279,7 @@ class Simulation:
 
         pe.hbm.take(req.prompt_blocks, lambda: pe.buffer.take(req.prompt_blocks, pe_admitted))
         de.hbm.take(req.decode_blocks, lambda: de.buffer.take(req.prompt_blocks, de_admitted))
+        return True
 
     def _read(self, e: _Engine, nbytes: int) -> float:
         end = e.storage.reserve(self.now, nbytes)

@@ -1,0 +1,216 @@
+"""`dualpath sim paper`: the paper's questions at the paper's scale, on simulated clusters of the
+paper's model shapes (docs/SIM.md, "Paper scale").
+
+Each study writes its JSON (and a plot) under the output folder and returns rows for the tables:
+- ``ratios``: every policy across P:D = 1:1, 1:2, 1:4 and 2:1, for each model, next to the bound
+  (P+D)/P (all storage NICs over the PE's alone; 1 when P > D since a PE node's NIC then is not
+  the only one short);
+- ``scaling``: dualpath from 2P4D to 48P96D with agents scaled alike, tokens/s per GPU;
+- ``online``: the highest agent arrival rate meeting a TTFT SLO, dualpath and pe-read;
+- ``bandwidth``: compute-NIC against storage-NIC bandwidth, and hit ratio: where path B stops paying;
+- ``split``: whole-request choice (dualpath) against split reads (dualpath-split) at scale.
+The hardware (``Hardware``) is stated, not measured: an H200-class node of 8 GPUs, one 400 Gbps
+compute NIC per GPU and one 400 Gbps storage NIC per node, unless a study sweeps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dualpath.bench import report
+from dualpath.bench.repro import ratios
+from dualpath.bench.workload import AgenticSpec, Session, agentic, poisson_arrivals
+from dualpath.sim.profile import SHAPES, GpuSpec, Roofline
+from dualpath.sim.simulator import SimConfig, simulate
+from dualpath.storage.blockfile import HEADER_BYTES
+
+POLICIES = ("pe-read", "de-read", "dualpath", "dualpath-split")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu: str = "h200"  # GpuSpec.named; 8 x 141 GB is what holds the 660B's FP8 weights on one node
+    gpus_per_node: int = 8
+    snic_gbps: float = 50.0  # storage NIC per node: 400 Gbps
+    compute_gbps_per_gpu: float = 50.0  # one 400 Gbps compute NIC per GPU
+    buffer_gb_per_node: float = 512.0  # host DRAM kept for KV buffers
+    block_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class Scenario:
+    shape: str
+    n_prefill: int
+    n_decode: int
+    gpus_per_engine: int = 8
+    agents_per_pe: int = 1000  # the paper: 2K agents at 2P4D
+    turns: int = 6  # per agent, the first untimed (its KV is stored, as after a warm-up)
+    hw: Hardware = field(default_factory=Hardware)
+    workload: AgenticSpec = field(default_factory=AgenticSpec)  # agents, turns and block size set from above
+
+    @property
+    def gpus(self) -> int:
+        return (self.n_prefill + self.n_decode) * self.gpus_per_engine
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape} {self.n_prefill}P{self.n_decode}D"
+
+
+def build(sc: Scenario) -> tuple[SimConfig, Roofline, list[Session]]:
+    shape, hw = SHAPES[sc.shape], sc.hw
+    profile = Roofline(shape, GpuSpec.named(hw.gpu), sc.gpus_per_engine)
+    block_bytes = HEADER_BYTES + shape.kv_bytes_per_token * hw.block_tokens
+    engines_per_node = hw.gpus_per_node // sc.gpus_per_engine
+    cfg = SimConfig(sc.n_prefill, sc.n_decode, hw.snic_gbps, hw.compute_gbps_per_gpu, sc.gpus_per_engine,
+                    engines_per_node, block_tokens=hw.block_tokens, block_bytes=block_bytes,
+                    n_layers=shape.n_layers, buffer_blocks=int(hw.buffer_gb_per_node * 1e9 / engines_per_node
+                                                               / block_bytes),
+                    hbm_blocks=int(profile.kv_hbm_bytes / block_bytes), sample_every_s=1.0)
+    spec = dataclasses.replace(sc.workload, agents=sc.agents_per_pe * sc.n_prefill, turns=sc.turns,
+                               block_tokens=hw.block_tokens)
+    return cfg, profile, agentic(spec)
+
+
+def run(sc: Scenario, policies=POLICIES, sessions: list[Session] | None = None, progress: bool = False,
+        ttft_slo_s: float | None = None, **cfg_changes) -> tuple[list[dict], list]:
+    cfg, profile, built = build(sc)
+    cfg = dataclasses.replace(cfg, **cfg_changes)
+    summaries, runs = [], []
+    for p in policies:
+        r = simulate(cfg, profile, p, sessions or built, 1, profile.shape.attended, progress)
+        s = report.summarize(r, cfg.snic_gbps, ttft_slo_s)
+        s.update(scenario=sc.label, gpus=sc.gpus, tokens_per_s_per_gpu=s["tokens_per_s"] / sc.gpus)
+        summaries.append(s)
+        runs.append(r)
+    if "pe-read" in policies:
+        ratios(summaries)
+    return summaries, runs
+
+
+def _slim(s: dict) -> dict:
+    """A summary without its per-node figures (144 nodes at scale)."""
+    return {k: v for k, v in s.items() if k != "nodes"}
+
+
+# -- the studies --
+
+def study_ratios(out: Path, shapes=tuple(SHAPES)) -> list[dict]:
+    rows = []
+    gpus_per_engine = {"deepseek-660b": 8, "deepseek-27b": 1, "qwen2.5-32b": 1}
+    for shape in shapes:
+        g = gpus_per_engine[shape]
+        scale = 8 // g  # whole nodes: engines of one GPU come 8 to a node
+        for p, d in ((1, 1), (1, 2), (1, 4), (2, 1)):
+            sc = Scenario(shape, p * scale, d * scale, g, agents_per_pe=1000 // scale)
+            summaries, _ = run(sc)
+            bound = (p + d) / p if d >= p else 1.0
+            row = {"model": shape, "P:D": f"{p}:{d}", "cluster": f"{sc.n_prefill}P{sc.n_decode}D", "gpus": sc.gpus,
+                   **{pol: s["ratio"] for pol, s in zip(POLICIES, summaries)},
+                   "pe-read tokens/s": summaries[0]["tokens_per_s"], "bound": bound,
+                   "pe-read PE-node read util": _pe_util(summaries[0], sc)}
+            rows.append(row)
+            print(f"  {sc.label}: " + ", ".join(f"{pol} {row[pol]:.2f}x" for pol in POLICIES) + f" (bound {bound:g})",
+                  flush=True)
+    _write(out / "ratios.json", {"hardware": dataclasses.asdict(Hardware()), "rows": rows})
+    return rows
+
+
+def _pe_util(s: dict, sc: Scenario) -> float:
+    pe_nodes = -(-sc.n_prefill * sc.gpus_per_engine // sc.hw.gpus_per_node)
+    return sum(s["nodes"][str(n)]["read_util"] for n in range(pe_nodes)) / pe_nodes
+
+
+def study_scaling(out: Path, sizes=((2, 4), (8, 16), (24, 48), (48, 96)), progress: bool = False) -> list[dict]:
+    rows = []
+    for p, d in sizes:
+        sc = Scenario("deepseek-660b", p, d)
+        t0 = time.monotonic()
+        (s,), _ = run(sc, ("dualpath",), progress=progress)
+        rows.append({"cluster": f"{p}P{d}D", "gpus": sc.gpus, "agents": sc.agents_per_pe * p,
+                     "tokens/s": s["tokens_per_s"], "tokens/s per GPU": s["tokens_per_s_per_gpu"],
+                     "requests": s["requests"], "wall_s": time.monotonic() - t0})
+        print(f"  {p}P{d}D: {s['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU ({rows[-1]['wall_s']:.0f} s)", flush=True)
+    base = rows[0]["tokens/s per GPU"]
+    for r in rows:
+        r["per GPU vs 2P4D"] = r["tokens/s per GPU"] / base
+    _write(out / "scaling.json", {"rows": rows})
+    return rows
+
+
+def study_online(out: Path, ttft_slo_s: float = 2.0, attainment: float = 0.9, first_rate: float = 4.0,
+                 factor: float = 1.25, steps: int = 14) -> list[dict]:
+    """Agents arrive as a Poisson process, each running 6 turns; the highest rate at which 90% of
+    requests meet the TTFT SLO, per policy, on 2P4D of the 660B."""
+    sc = Scenario("deepseek-660b", 2, 4, agents_per_pe=400)
+    _, _, base = build(sc)
+    points, best = [], {}
+    for policy in ("pe-read", "dualpath"):
+        rate, best[policy] = first_rate, None
+        for _ in range(steps):
+            (s,), _ = run(sc, (policy,), sessions=poisson_arrivals(base, rate, seed=1), ttft_slo_s=ttft_slo_s)
+            met = s["slo_attainment"] >= attainment
+            points.append({"policy": policy, "rate": rate, "ttft_p90": s["ttft_s"]["p90"], "met": met})
+            print(f"  {policy:<9} {rate:6.2f} agents/s TTFT p90 {s['ttft_s']['p90']:.2f} s {'ok' if met else 'missed'}",
+                  flush=True)
+            if not met:
+                break
+            best[policy], rate = rate, rate * factor
+    rows = [{"policy": p, "highest rate (agents/s)": r,
+             "x pe-read": r / best["pe-read"] if r and best["pe-read"] else None} for p, r in best.items()]
+    _write(out / "online.json", {"ttft_slo_s": ttft_slo_s, "attainment": attainment, "rows": rows, "points": points})
+    return rows
+
+
+def study_bandwidth(out: Path) -> list[dict]:
+    """2P4D of the 660B: the compute NIC per GPU swept against the 50 GB/s storage NIC per node, at
+    three hit ratios; dualpath and de-read over pe-read."""
+    rows = []
+    hit_workloads = {0.95: AgenticSpec(), 0.8: AgenticSpec(tool_output=(4_000, 6_000), min_hit_ratio=0.75),
+                     0.5: AgenticSpec(first_prompt=(8_000, 12_000), tool_output=(12_000, 16_000),
+                                      min_hit_ratio=0.4)}
+    for hit, spec in hit_workloads.items():
+        for per_gpu in (50.0, 12.5, 3.125, 0.78, 0.2):
+            sc = Scenario("deepseek-660b", 2, 4, agents_per_pe=300, turns=4, workload=spec)
+            summaries, _ = run(sc, ("pe-read", "de-read", "dualpath"), compute_link_gbps=per_gpu)
+            s = {x["policy"]: x for x in summaries}
+            rows.append({"hit ratio": s["pe-read"]["hit_ratio_after_first_turn"],
+                         "compute NIC per node GB/s": per_gpu * 8, "storage NIC per node GB/s": sc.hw.snic_gbps,
+                         "de-read": s["de-read"]["ratio"], "dualpath": s["dualpath"]["ratio"],
+                         "path B share of hit bytes": s["dualpath"]["read_bytes"]["de"]
+                         / max(1, sum(s["dualpath"]["read_bytes"].values()))})
+            r = rows[-1]
+            print(f"  hit {r['hit ratio']:.2f} compute {r['compute NIC per node GB/s']:6.1f} GB/s: "
+                  f"de-read {r['de-read']:.2f}x dualpath {r['dualpath']:.2f}x", flush=True)
+    _write(out / "bandwidth.json", {"rows": rows})
+    return rows
+
+
+def study_split(out: Path, sizes=((2, 4), (48, 96))) -> list[dict]:
+    rows = []
+    for p, d in sizes:
+        summaries, _ = run(Scenario("deepseek-660b", p, d), ("pe-read", "dualpath", "dualpath-split"))
+        s = {x["policy"]: x for x in summaries}
+        rows.append({"cluster": f"{p}P{d}D", "dualpath": s["dualpath"]["ratio"],
+                     "dualpath-split": s["dualpath-split"]["ratio"],
+                     "split / whole": s["dualpath-split"]["tokens_per_s"] / s["dualpath"]["tokens_per_s"],
+                     "TTFT p90 whole": s["dualpath"]["ttft_s"]["p90"],
+                     "TTFT p90 split": s["dualpath-split"]["ttft_s"]["p90"]})
+        print(f"  {p}P{d}D: dualpath {rows[-1]['dualpath']:.2f}x, split {rows[-1]['dualpath-split']:.2f}x", flush=True)
+    _write(out / "split.json", {"rows": rows})
+    return rows
+
+
+STUDIES: dict[str, Callable[[Path], list[dict]]] = {
+    "ratios": study_ratios, "scaling": study_scaling, "online": study_online, "bandwidth": study_bandwidth,
+    "split": study_split}
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
