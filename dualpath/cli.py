@@ -396,7 +396,12 @@ def bench_scheduler(**kw) -> None:
     click.echo(f"wrote {kw['out']}")
 
 
-@main.command()
+@main.group()
+def sim() -> None:
+    """A cluster in virtual time that decides with the real policies (docs/SIM.md)."""
+
+
+@sim.command("repro")
 @click.option("--prefill", "n_prefill", type=int, default=1, show_default=True)
 @click.option("--decode", "n_decode", type=int, default=2, show_default=True)
 @click.option("--model", "preset", default="tiny-gqa", show_default=True, help="its KV bytes per block")
@@ -404,17 +409,26 @@ def bench_scheduler(**kw) -> None:
 @click.option("--profile", "profile_path", default="runs/cpu/bench_model_tiny_gqa.json", show_default=True,
               help="compute times: a `dualpath bench model` JSON")
 @click.option("--snic-gbps", type=float, default=0.008, show_default=True, help="storage NIC read rate per node")
-@click.option("--compute-link-gbps", type=float, default=10.0, show_default=True, help="per engine")
-@click.option("--agents", type=int, default=16, show_default=True)
+@click.option("--compute-link-gbps", type=float, default=10.0, show_default=True, help="per engine, each way")
+@click.option("--egress-only", is_flag=True, help="links limit only what an engine sends (as tc does on the "
+              "benchmark's namespace hosts, bench repro --hosts)")
+@click.option("--agents", type=int, default=16, show_default=True, help="agents of the bench repro workload")
+@click.option("--workload", "path", default=None,
+              help="instead: a JSONL workload (bench agentic) or a Mooncake trace, e.g. ../shared/data/*.jsonl")
+@click.option("--limit", type=int, default=None, help="with --workload: its first N sessions")
+@click.option("--trace-block-tokens", type=int, default=512, show_default=True,
+              help="with a trace: tokens per hash id (shrink below 512 as bench run does)")
 @click.option("--policies", default=",".join(POLICIES), show_default=True)
 @click.option("--measured", default=None, help="a `bench repro` repro.json to put beside the simulation")
-@click.option("--out", default="runs/sim/sim.json", show_default=True)
-def sim(n_prefill, n_decode, preset, dtype, profile_path, snic_gbps, compute_link_gbps, agents, policies, measured,
-        out) -> None:
-    """The `bench repro` workload on a simulated cluster (docs/SIM.md), with the real policies."""
+@click.option("--progress/--no-progress", default=False, help="a progress bar in simulated seconds")
+@click.option("--out", default="runs/sim/sim.json", show_default=True, help="the JSON; plots go beside it")
+def sim_repro(n_prefill, n_decode, preset, dtype, profile_path, snic_gbps, compute_link_gbps, egress_only, agents,
+              path, limit, trace_block_tokens, policies, measured, progress, out) -> None:
+    """The `bench repro` workload (or --workload) on a simulated cluster, every policy, one table."""
     import dataclasses
 
     from dualpath.bench.repro import ReproConfig
+    from dualpath.bench.workload import read_jsonl
     from dualpath.sim.profile import ComputeProfile
     from dualpath.sim.run import main as run_sim
 
@@ -426,10 +440,27 @@ def sim(n_prefill, n_decode, preset, dtype, profile_path, snic_gbps, compute_lin
     except (OSError, KeyError, ValueError) as e:
         _fail(f"--profile {profile_path}: not a `dualpath bench model` result ({e}); the default is a path in the "
               f"repository: run from its root, or give --profile")
+    sessions = None
+    if path:
+        try:
+            sessions = read_jsonl(path, limit=limit, block_tokens=trace_block_tokens)
+        except (OSError, KeyError, ValueError) as e:
+            _fail(f"--workload {path}: {e}")
     rc = ReproConfig(preset=preset, dtype=dtype, n_prefill=n_prefill, n_decode=n_decode, snic_gbps=snic_gbps,
                      policies=chosen)
     rc.workload = dataclasses.replace(rc.workload, agents=agents)
-    run_sim(rc, profile, compute_link_gbps, measured, out)
+    run_sim(rc, profile, compute_link_gbps, measured, out, sessions, trace_block_tokens, progress, egress_only)
+
+
+@sim.command("paper")
+@click.option("--only", multiple=True, type=click.Choice(["ratios", "scaling", "online", "bandwidth", "split", "speed"]),
+              help="run only these studies; repeatable (default: all)")
+@click.option("--out-dir", default="runs/sim/paper", show_default=True)
+def sim_paper(only: tuple[str, ...], out_dir: str) -> None:
+    """The paper's questions on its model shapes and scale (up to 48P96D, 1,152 GPUs): JSON, plots, tables."""
+    from dualpath.sim.paper import main as run_paper
+
+    run_paper(only, out_dir)
 
 
 @bench.command("gpu")

@@ -1,5 +1,6 @@
 """The simulator decides with the real policies and agrees with measured runs of the real system."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -55,3 +56,117 @@ def test_the_simulated_bench_repro_is_within_15_percent_of_the_measured_one(meas
     assert v["same_ordering"], v
     assert all(0.85 <= row["sim / measured"] <= 1.15 for row in v["rows"]), v["rows"]
     assert json.loads((tmp_path / "sim.json").read_text())["validation"]["rows"] == v["rows"]
+
+
+def test_a_pool_serves_waiters_first_come_first_served_and_refuses_what_never_fits():
+    from dualpath.sim.simulator import Pool
+
+    pool, order = Pool(10), []
+    pool.take(8, lambda: order.append("a"))
+    pool.take(5, lambda: order.append("b"))  # waits: 2 free
+    pool.take(1, lambda: order.append("c"))  # fits, but waits behind b
+    assert order == ["a"] and pool.free == 2
+    pool.give(8)
+    assert order == ["a", "b", "c"] and pool.used == 6
+    with pytest.raises(ValueError):
+        pool.take(11, lambda: None)
+    assert Pool(0).free > 10**12  # unbounded
+
+
+def test_the_prefill_engine_and_the_simulator_batch_alike():
+    from dualpath.engine.batching import pick_batch
+
+    assert pick_batch([100, 5000, 300], 4096) == [100, 3996]  # the second is chunked, the third waits
+    assert pick_batch([], 4096) == [] and pick_batch([10, 10], 20) == [10, 10]
+
+
+def test_memory_bounds_concurrency_and_every_request_still_ends():
+    """A DE whose HBM holds two requests: never more than that in flight, and nothing is lost."""
+    rc = ReproConfig()
+    sessions = agentic(rc.workload.__class__(**{**vars(rc.workload), "agents": 6, "turns": 3}))
+    bb, layers = block_bytes(rc.preset, rc.dtype, rc.block_tokens)
+    big = max(-(-(c + t.append_tokens + t.output_tokens) // 64) for s in sessions for c, t in
+              zip([0] + [sum(x.append_tokens + x.output_tokens for x in s.turns[:k]) for k in range(1, 3)], s.turns))
+    from dualpath.sim.simulator import Simulation
+
+    cfg = SimConfig(1, 1, 0.008, 10.0, block_tokens=64, block_bytes=bb, n_layers=layers, hbm_blocks=2 * big + 1)
+    sim = Simulation(cfg, CPU_PROFILE, "dualpath", sessions)
+    peak = []
+    real_take = sim.engines[1].hbm.take
+    sim.engines[1].hbm.take = lambda n, then: (real_take(n, then), peak.append(sim.engines[1].hbm.used))
+    r = sim.run(1)
+    assert len(r.records) == 6 * 2 and all(rec.t_done is not None for rec in r.records)
+    assert max(peak) <= cfg.hbm_blocks and sim.engines[1].hbm.used == 0  # all given back
+    free = simulate(dataclasses.replace(cfg, hbm_blocks=0), CPU_PROFILE, "dualpath", sessions)
+    assert r.duration > free.duration  # the limit costs time
+
+
+def test_engines_on_one_node_share_its_storage_nic():
+    rc = ReproConfig()
+    sessions = agentic(rc.workload.__class__(**{**vars(rc.workload), "agents": 8, "turns": 3}))
+    bb, layers = block_bytes(rc.preset, rc.dtype, rc.block_tokens)
+    apart = SimConfig(2, 2, 0.008, 10.0, block_tokens=64, block_bytes=bb, n_layers=layers)
+    together = dataclasses.replace(apart, engines_per_node=2)  # both PEs on node 0, both DEs on node 1
+    a, t = (simulate(c, CPU_PROFILE, "pe-read", sessions) for c in (apart, together))
+    assert {e["node"] for e in t.samples[0]["engines"].values()} == {0, 1}
+    assert 1.8 < t.duration / a.duration < 2.2  # storage-bound: one NIC where there were two
+
+
+def test_the_roofline_knows_the_papers_shapes():
+    from dualpath.sim.profile import SHAPES, GpuSpec, Roofline
+
+    assert SHAPES["qwen2.5-32b"].kv_bytes_per_token == 64 * 2 * 8 * 128 * 2  # 256 KiB: GQA, bf16
+    assert SHAPES["deepseek-660b"].kv_bytes_per_token == 61 * 576 * 2  # MLA latent + rope
+    qwen = Roofline(SHAPES["qwen2.5-32b"], GpuSpec.named("h200"), 1)
+    ds = Roofline(SHAPES["deepseek-660b"], GpuSpec.named("h200"), 8)
+    assert qwen.prefill_s([(1024, 64_000)]) > 1.5 * qwen.prefill_s([(1024, 1_000)])  # dense attention grows
+    assert ds.prefill_s([(1024, 64_000)]) < 1.05 * ds.prefill_s([(1024, 4_000)])  # a 2K window does not
+    assert ds.kv_hbm_bytes > 0 and Roofline(SHAPES["deepseek-660b"], GpuSpec.named("h800"), 8).kv_hbm_bytes == 0
+    assert ds.decode_step_s(128, 128 * 2048) > ds.decode_step_s(1, 2048)
+
+
+def test_a_trace_hits_what_earlier_requests_stored(tmp_path):
+    """Mooncake-format replay: a request whose leading hash ids an earlier one computed loads them."""
+    from dualpath.bench.workload import read_jsonl
+
+    lines = [{"timestamp": 0, "input_length": 2048, "output_length": 4, "hash_ids": [1, 2, 3, 4]},
+             {"timestamp": 5000, "input_length": 2560, "output_length": 4, "hash_ids": [1, 2, 3, 4, 5]},
+             {"timestamp": 5000, "input_length": 1024, "output_length": 4, "hash_ids": [9, 10]}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    sessions = read_jsonl(tmp_path / "t.jsonl", block_tokens=64)
+    bb, layers = block_bytes("tiny-gqa", "float32", 64)
+    cfg = SimConfig(1, 1, 0.008, 10.0, block_tokens=64, block_bytes=bb, n_layers=layers, trace_block_tokens=64)
+    r = simulate(cfg, CPU_PROFILE, "dualpath", sessions, warmup_turns=0)
+    cached = {rec.session: rec.cached_tokens for rec in r.records}
+    assert cached == {0: 0, 1: 4 * 64, 2: 0} and r.mode == "online"
+
+
+def test_paper_scale_dualpath_beats_pe_read_within_the_bound():
+    from dualpath.sim.paper import Scenario, run
+
+    sc = Scenario("qwen2.5-32b", 1, 2, gpus_per_engine=8, agents_per_pe=100, turns=3)  # one engine a node
+    summaries, _ = run(sc, ("pe-read", "dualpath"))
+    ratio = summaries[1]["ratio"]
+    assert summaries[0]["failed"] == summaries[1]["failed"] == 0
+    assert 2.5 < ratio <= 3.0 + 1e-6, ratio  # storage-bound: three NICs where pe-read has one
+
+
+def test_sim_repro_replays_a_trace_file_and_writes_the_bench_repro_plots(tmp_path):
+    import subprocess
+    import sys
+
+    lines = [{"timestamp": i * 100, "input_length": 1024, "output_length": 8, "hash_ids": [1, 2, 3 + i]}
+             for i in range(20)]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "sim.json"
+    argv = [sys.executable, "-m", "dualpath.cli", "sim", "repro", "--workload", str(trace), "--trace-block-tokens",
+            "64", "--policies", "pe-read,dualpath", "--out", str(out)]
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert [s["requests"] for s in r["summaries"]] == [20, 20] and r["summaries"][0]["cached_tokens"] > 0
+    assert all((tmp_path / f"sim_{k}.png").stat().st_size > 0 for k in ("throughput", "node_bandwidth", "path_share"))
+    bad = subprocess.run(argv[:6] + [str(tmp_path / "missing.jsonl")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "--workload" in bad.stderr and "Traceback" not in bad.stderr

@@ -85,7 +85,8 @@ def run(prefill: int, decode: int, prompt_tokens: int, hit_ratio: float, request
                           "policy_and_bookkeeping": t4 - t3})
             if (i + 1) % heartbeat_every == 0:  # heartbeats arrive: fresh loads, assignments folded in
                 for e in coord.engines.values():
-                    e.load, e.assigned = _heartbeat(rng, e.role, cfg), Counter()
+                    e.heard(_heartbeat(rng, e.role, cfg))
+                    e.last_seen = now + 3600
         wall = time.perf_counter() - t_all
     per_decision_us = {k: v / requests * 1e6 for k, v in spent.items()}
     result = {"bench": "scheduler", "engines": prefill + decode, "prefill": prefill, "decode": decode,

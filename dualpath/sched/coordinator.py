@@ -75,6 +75,30 @@ class EngineEntry:
     # Work assigned since the last heartbeat (which cannot reflect it yet), so that a burst of
     # requests does not all go to the engine that looked idlest at the last heartbeat.
     assigned: Counter = field(default_factory=Counter)
+    _view: EngineLoad | None = field(default=None, repr=False)  # load + assigned, until either changes
+
+    def heard(self, load: dict) -> None:
+        """A heartbeat: its load now shows what was assigned before it."""
+        self.load, self.last_seen, self.assigned, self._view = load, time.monotonic(), Counter(), None
+
+    def assign(self, **work: int) -> None:
+        for what, n in work.items():
+            self.assigned[what] += n
+        self._view = None
+
+    def view(self, drain_rates: bool) -> EngineLoad:
+        """What the policies see of this engine (kept between changes: every decision reads every engine)."""
+        if self._view is None:
+            load, more = self.load, self.assigned
+            self._view = EngineLoad(
+                self.name, self.role, self.node,
+                queued_prefill_tokens=load.get("queued_prefill_tokens", 0) + more["queued_prefill_tokens"],
+                running_decode_tokens=load.get("running_decode_tokens", 0) + more["running_decode_tokens"],
+                read_queue_bytes=load.get("read_queue_bytes", 0) + more["read_queue_bytes"],
+                free_buffer_blocks=load.get("free_buffer_blocks", 0) - more["buffer_blocks"],
+                free_hbm_blocks=load.get("free_hbm_blocks", 0) - more["hbm_blocks"],
+                read_rate_bps=load.get("read_rate_bps", 0.0) if drain_rates else 0.0)
+        return self._view
 
 
 @dataclass
@@ -135,7 +159,7 @@ class Coordinator:
     async def on_heartbeat(self, conn: Connection, msg: Heartbeat) -> None:
         e = self.engines.get(msg.engine)
         if e is not None and e.conn is conn:
-            e.load, e.last_seen, e.assigned = msg.load, time.monotonic(), Counter()
+            e.heard(msg.load)
 
     async def on_token(self, conn: Connection, msg: Token) -> None:
         self._to_request(conn, msg)
@@ -173,12 +197,7 @@ class Coordinator:
                 if not e.conn.closed.is_set() and now - e.last_seen < self.cfg.scheduler.dead_after_s]
 
     def cluster_view(self) -> list[EngineLoad]:
-        fields = ("queued_prefill_tokens", "running_decode_tokens", "read_queue_bytes")
-        return [EngineLoad(e.name, e.role, e.node, **{f: e.load.get(f, 0) + e.assigned[f] for f in fields},
-                           free_buffer_blocks=e.load.get("free_buffer_blocks", 0) - e.assigned["buffer_blocks"],
-                           free_hbm_blocks=e.load.get("free_hbm_blocks", 0) - e.assigned["hbm_blocks"],
-                           read_rate_bps=e.load.get("read_rate_bps", 0.0) if self.cfg.scheduler.drain_rates else 0.0)
-                for e in self.live_engines()]
+        return [e.view(self.cfg.scheduler.drain_rates) for e in self.live_engines()]
 
     # ------------------------------------------------------------------ validation
 
@@ -314,14 +333,12 @@ class Coordinator:
     def _assign(self, d: Decision, info: RequestInfo) -> None:
         """Count the work and memory just given to engines until their next heartbeat shows it."""
         pe, de = self.engines[d.pe], self.engines[d.de]
-        pe.assigned["read_queue_bytes"] += d.pe_blocks * self.block_bytes
-        pe.assigned["queued_prefill_tokens"] += info.prompt_tokens - d.hit_blocks * self.bt
-        pe.assigned["buffer_blocks"] += info.prompt_blocks
-        pe.assigned["hbm_blocks"] += info.prompt_blocks
-        de.assigned["read_queue_bytes"] += d.de_blocks * self.block_bytes
-        de.assigned["running_decode_tokens"] += info.prompt_tokens + info.max_tokens
-        de.assigned["buffer_blocks"] += info.prompt_blocks
-        de.assigned["hbm_blocks"] += info.decode_blocks
+        pe.assign(read_queue_bytes=d.pe_blocks * self.block_bytes,
+                  queued_prefill_tokens=info.prompt_tokens - d.hit_blocks * self.bt,
+                  buffer_blocks=info.prompt_blocks, hbm_blocks=info.prompt_blocks)
+        de.assign(read_queue_bytes=d.de_blocks * self.block_bytes,
+                  running_decode_tokens=info.prompt_tokens + info.max_tokens,
+                  buffer_blocks=info.prompt_blocks, hbm_blocks=info.decode_blocks)
 
     async def _ask(self, e: EngineEntry, msg: Message, timeout: float = 30.0) -> Any:
         """Ask an engine; fails as soon as the engine stops heartbeating (a stopped process keeps

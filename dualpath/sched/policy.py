@@ -28,6 +28,7 @@ blocks, as last reported); ``NoRoom`` when no engine of a role has it right now.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 PATH_A, PATH_B, PATH_SPLIT = "A", "B", "A+B"  # the PE reads, the DE reads, both read
 
@@ -88,31 +89,31 @@ class NoRoom(NoEngine):
     """Live engines of a needed role, but none with room for this request right now."""
 
 
-def has_room(e: EngineLoad, req: RequestInfo) -> bool:
-    hbm = req.prompt_blocks if e.role == "prefill" else req.decode_blocks
-    return e.free_buffer_blocks >= req.prompt_blocks and e.free_hbm_blocks >= hbm
+# Sort keys (attrgetter builds the tuple in C: these run over every engine of every decision)
+_PREFILL_ORDER = attrgetter("queued_prefill_tokens", "read_queue_bytes", "name")
+_DECODE_ORDER = attrgetter("running_decode_tokens", "name")
+_READ_QUEUE_ORDER = attrgetter("read_queue_bytes", "running_decode_tokens", "name")
+_DECODE_LOAD = attrgetter("running_decode_tokens")
 
 
 def _engines(engines: list[EngineLoad], role: str, req: RequestInfo) -> list[EngineLoad]:
-    live = [e for e in engines if e.role == role]
-    if not live:
+    """The live engines of a role with room for the request: the prompt's blocks in its DRAM buffer,
+    and in HBM the prompt's (a PE) or the prompt's and answer's (a DE)."""
+    buffer, hbm = req.prompt_blocks, req.prompt_blocks if role == "prefill" else req.decode_blocks
+    roomy = [e for e in engines if e.role == role and e.free_buffer_blocks >= buffer and e.free_hbm_blocks >= hbm]
+    if roomy:
+        return roomy
+    if not any(e.role == role for e in engines):
         raise NoEngine(f"no live {role} engine")
-    roomy = [e for e in live if has_room(e, req)]
-    if not roomy:
-        raise NoRoom(f"no {role} engine has room for this request now ({req.prompt_blocks} buffer blocks"
-                     f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})")
-    return roomy
-
-
-def _least(engines: list[EngineLoad], key) -> EngineLoad:
-    return min(engines, key=lambda e: (key(e), e.name))
+    raise NoRoom(f"no {role} engine has room for this request now ({req.prompt_blocks} buffer blocks"
+                 f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})")
 
 
 def _balanced_decode_engines(des: list[EngineLoad], req: RequestInfo) -> list[EngineLoad]:
     """DEs that could take this request without running more than one request's worth of tokens
     beyond the least loaded DE: the read-queue choice must not unbalance decoding."""
-    floor = min(e.running_decode_tokens for e in des)
-    return [e for e in des if e.running_decode_tokens <= floor + req.prompt_tokens + req.max_tokens]
+    ceiling = min(map(_DECODE_LOAD, des)) + req.prompt_tokens + req.max_tokens
+    return [e for e in des if e.running_decode_tokens <= ceiling]
 
 
 def _rates(*engines: EngineLoad) -> list[float]:
@@ -135,14 +136,17 @@ def split_blocks(req: RequestInfo, pe: EngineLoad, de: EngineLoad) -> int:
 
 def choose(policy: str, req: RequestInfo, engines: list[EngineLoad]) -> Decision:
     pes, des = _engines(engines, "prefill", req), _engines(engines, "decode", req)
-    pe = _least(pes, lambda e: (e.queued_prefill_tokens, e.read_queue_bytes))
+    # ties go to the first name, so a decision does not depend on the order engines are listed in
+    pe = min(pes, key=_PREFILL_ORDER)
     if policy in ("pe-read", "de-read"):
-        de = _least(des, lambda e: e.running_decode_tokens)
+        de = min(des, key=_DECODE_ORDER)
         de_blocks = req.hit_blocks if policy == "de-read" else 0
     elif policy in ("dualpath", "dualpath-split"):
         balanced = _balanced_decode_engines(des, req)
-        rate = dict(zip((e.name for e in balanced), _rates(*balanced)))
-        de = _least(balanced, lambda e: (_drain_s(e, rate[e.name]), e.running_decode_tokens))
+        if all(e.read_rate_bps > 0 for e in balanced):  # measured drain rates: compare drain times
+            de = min(balanced, key=lambda e: (e.read_queue_bytes / e.read_rate_bps, e.running_decode_tokens, e.name))
+        else:  # bytes stand in for time
+            de = min(balanced, key=_READ_QUEUE_ORDER)
         if policy == "dualpath-split":
             de_blocks = split_blocks(req, pe, de)
         else:  # the side that would finish the read first reads all; a tie goes to the PE (no extra hop)

@@ -3,8 +3,8 @@ paper's model shapes (docs/SIM.md, "Paper scale").
 
 Each study writes its JSON (and a plot) under the output folder and returns rows for the tables:
 - ``ratios``: every policy across P:D = 1:1, 1:2, 1:4 and 2:1, for each model, next to the bound
-  (P+D)/P (all storage NICs over the PE's alone; 1 when P > D since a PE node's NIC then is not
-  the only one short);
+  (P+D)/P (all storage NICs over the PEs' alone), and next to what dualpath reaches with storage
+  unlimited (the ceiling that compute and memory set);
 - ``scaling``: dualpath from 2P4D to 48P96D with agents scaled alike, tokens/s per GPU;
 - ``online``: the highest agent arrival rate meeting a TTFT SLO, dualpath and pe-read;
 - ``bandwidth``: compute-NIC against storage-NIC bandwidth, and hit ratio: where path B stops paying;
@@ -109,10 +109,12 @@ def study_ratios(out: Path, shapes=tuple(SHAPES)) -> list[dict]:
         for p, d in ((1, 1), (1, 2), (1, 4), (2, 1)):
             sc = Scenario(shape, p * scale, d * scale, g, agents_per_pe=1000 // scale)
             summaries, _ = run(sc)
-            bound = (p + d) / p if d >= p else 1.0
+            (free,), _ = run(sc, ("dualpath",), snic_gbps=0.0)  # storage unlimited: what compute and memory allow
+            bound = (p + d) / p
             row = {"model": shape, "P:D": f"{p}:{d}", "cluster": f"{sc.n_prefill}P{sc.n_decode}D", "gpus": sc.gpus,
                    **{pol: s["ratio"] for pol, s in zip(POLICIES, summaries)},
-                   "pe-read tokens/s": summaries[0]["tokens_per_s"], "bound": bound,
+                   "bound": bound, "storage unlimited": free["tokens_per_s"] / summaries[0]["tokens_per_s"],
+                   "pe-read tokens/s": summaries[0]["tokens_per_s"],
                    "pe-read PE-node read util": _pe_util(summaries[0], sc)}
             rows.append(row)
             print(f"  {sc.label}: " + ", ".join(f"{pol} {row[pol]:.2f}x" for pol in POLICIES) + f" (bound {bound:g})",
@@ -126,12 +128,14 @@ def _pe_util(s: dict, sc: Scenario) -> float:
     return sum(s["nodes"][str(n)]["read_util"] for n in range(pe_nodes)) / pe_nodes
 
 
-def study_scaling(out: Path, sizes=((2, 4), (8, 16), (24, 48), (48, 96)), progress: bool = False) -> list[dict]:
+def study_scaling(out: Path, sizes=((2, 4), (8, 16), (24, 48), (48, 96)), send_until_s: float = 120.0,
+                  progress: bool = False) -> list[dict]:
+    """Agents scaled with the cluster (1,000 per PE), each sending turns for `send_until_s`."""
     rows = []
     for p, d in sizes:
-        sc = Scenario("deepseek-660b", p, d)
+        sc = Scenario("deepseek-660b", p, d, turns=20)
         t0 = time.monotonic()
-        (s,), _ = run(sc, ("dualpath",), progress=progress)
+        (s,), _ = run(sc, ("dualpath",), progress=progress, send_until_s=send_until_s)
         rows.append({"cluster": f"{p}P{d}D", "gpus": sc.gpus, "agents": sc.agents_per_pe * p,
                      "tokens/s": s["tokens_per_s"], "tokens/s per GPU": s["tokens_per_s_per_gpu"],
                      "requests": s["requests"], "wall_s": time.monotonic() - t0})
@@ -168,40 +172,47 @@ def study_online(out: Path, ttft_slo_s: float = 2.0, attainment: float = 0.9, fi
 
 
 def study_bandwidth(out: Path) -> list[dict]:
-    """2P4D of the 660B: the compute NIC per GPU swept against the 50 GB/s storage NIC per node, at
-    three hit ratios; dualpath and de-read over pe-read."""
+    """2P4D of the 660B: the compute NIC per node swept against the 50 GB/s storage NIC per node, at
+    three hit ratios. In PD disaggregation every hit byte crosses the compute network once on
+    either path: on path A in the PE's handoff to the DE, on path B from the DE to the PE."""
     rows = []
     hit_workloads = {0.95: AgenticSpec(), 0.8: AgenticSpec(tool_output=(4_000, 6_000), min_hit_ratio=0.75),
                      0.5: AgenticSpec(first_prompt=(8_000, 12_000), tool_output=(12_000, 16_000),
                                       min_hit_ratio=0.4)}
     for hit, spec in hit_workloads.items():
-        for per_gpu in (50.0, 12.5, 3.125, 0.78, 0.2):
+        for per_node in (400.0, 100.0, 50.0, 25.0, 12.5):
             sc = Scenario("deepseek-660b", 2, 4, agents_per_pe=300, turns=4, workload=spec)
-            summaries, _ = run(sc, ("pe-read", "de-read", "dualpath"), compute_link_gbps=per_gpu)
+            summaries, _ = run(sc, ("pe-read", "de-read", "dualpath"), compute_link_gbps=per_node / 8)
             s = {x["policy"]: x for x in summaries}
             rows.append({"hit ratio": s["pe-read"]["hit_ratio_after_first_turn"],
-                         "compute NIC per node GB/s": per_gpu * 8, "storage NIC per node GB/s": sc.hw.snic_gbps,
+                         "compute / storage NIC": per_node / sc.hw.snic_gbps,
+                         "pe-read tokens/s": s["pe-read"]["tokens_per_s"],
                          "de-read": s["de-read"]["ratio"], "dualpath": s["dualpath"]["ratio"],
                          "path B share of hit bytes": s["dualpath"]["read_bytes"]["de"]
                          / max(1, sum(s["dualpath"]["read_bytes"].values()))})
             r = rows[-1]
-            print(f"  hit {r['hit ratio']:.2f} compute {r['compute NIC per node GB/s']:6.1f} GB/s: "
-                  f"de-read {r['de-read']:.2f}x dualpath {r['dualpath']:.2f}x", flush=True)
+            print(f"  hit {r['hit ratio']:.2f} compute/storage {r['compute / storage NIC']:5.2f}: pe-read "
+                  f"{r['pe-read tokens/s']:,.0f} tokens/s, de-read {r['de-read']:.2f}x dualpath {r['dualpath']:.2f}x",
+                  flush=True)
     _write(out / "bandwidth.json", {"rows": rows})
     return rows
 
 
-def study_split(out: Path, sizes=((2, 4), (48, 96))) -> list[dict]:
+def study_split(out: Path) -> list[dict]:
+    """Storage-bound clusters of one-GPU engines (8 to a node), small and at 144 engines."""
     rows = []
-    for p, d in sizes:
-        summaries, _ = run(Scenario("deepseek-660b", p, d), ("pe-read", "dualpath", "dualpath-split"))
-        s = {x["policy"]: x for x in summaries}
-        rows.append({"cluster": f"{p}P{d}D", "dualpath": s["dualpath"]["ratio"],
-                     "dualpath-split": s["dualpath-split"]["ratio"],
-                     "split / whole": s["dualpath-split"]["tokens_per_s"] / s["dualpath"]["tokens_per_s"],
-                     "TTFT p90 whole": s["dualpath"]["ttft_s"]["p90"],
-                     "TTFT p90 split": s["dualpath-split"]["ttft_s"]["p90"]})
-        print(f"  {p}P{d}D: dualpath {rows[-1]['dualpath']:.2f}x, split {rows[-1]['dualpath-split']:.2f}x", flush=True)
+    for shape in ("deepseek-27b", "qwen2.5-32b"):
+        for p, d in ((8, 16), (48, 96)):
+            sc = Scenario(shape, p, d, gpus_per_engine=1, agents_per_pe=125)
+            summaries, _ = run(sc, ("pe-read", "dualpath", "dualpath-split"))
+            s = {x["policy"]: x for x in summaries}
+            rows.append({"cluster": sc.label, "dualpath": s["dualpath"]["ratio"],
+                         "dualpath-split": s["dualpath-split"]["ratio"],
+                         "split / whole": s["dualpath-split"]["tokens_per_s"] / s["dualpath"]["tokens_per_s"],
+                         "TTFT p90 whole": s["dualpath"]["ttft_s"]["p90"],
+                         "TTFT p90 split": s["dualpath-split"]["ttft_s"]["p90"]})
+            print(f"  {sc.label}: dualpath {rows[-1]['dualpath']:.2f}x, split {rows[-1]['dualpath-split']:.2f}x",
+                  flush=True)
     _write(out / "split.json", {"rows": rows})
     return rows
 
@@ -214,3 +225,103 @@ STUDIES: dict[str, Callable[[Path], list[dict]]] = {
 def _write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
+
+
+def study_speed(out: Path, minutes: float = 10.0) -> list[dict]:
+    """Wall time of the largest cluster (48P96D, 48K agents) over `minutes` of simulated time."""
+    sc = Scenario("deepseek-660b", 48, 96, turns=45)
+    t0 = time.monotonic()
+    (s,), _ = run(sc, ("dualpath",), progress=True, send_until_s=minutes * 60)
+    wall = time.monotonic() - t0
+    rows = [{"cluster": "48P96D", "agents": sc.agents_per_pe * 48, "simulated s": s["duration_s"],
+             "requests": s["requests"], "wall s": wall, "simulated s per wall s": s["duration_s"] / wall,
+             "requests/s simulated": s["requests"] / s["duration_s"]}]
+    print(f"  48P96D: {s['duration_s']:.0f} simulated s, {s['requests']:,} requests in {wall:.0f} s of wall time",
+          flush=True)
+    _write(out / "speed.json", {"rows": rows})
+    return rows
+
+
+STUDIES["speed"] = study_speed
+
+
+# -- plots and the summary --
+
+def plot(study: str, rows: list[dict], path: Path) -> None:
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if study == "ratios":
+        short = {"deepseek-660b": "DS 660B", "deepseek-27b": "DS 27B", "qwen2.5-32b": "Qwen 32B"}
+        labels = [f"{short.get(r['model'], r['model'])}\n{r['P:D']}" for r in rows]
+        x = range(len(rows))
+        for k, pol in enumerate(POLICIES):
+            ax.bar([i + (k - 1.5) * 0.2 for i in x], [r[pol] for r in rows], 0.2, label=pol)
+        ax.scatter(list(x), [r["bound"] for r in rows], marker="_", s=300, color="k", label="bound (P+D)/P", zorder=3)
+        ax.scatter(list(x), [r["storage unlimited"] for r in rows], marker="v", s=25, color="k",
+                   label="dualpath, storage unlimited", zorder=3)
+        ax.set_xticks(list(x), labels, fontsize=6)
+        ax.set_ylabel("tokens/s over pe-read")
+    elif study == "scaling":
+        ax.plot([r["gpus"] for r in rows], [r["tokens/s per GPU"] for r in rows], "o-", label="dualpath")
+        ax.set_xscale("log")
+        ax.set_xlabel("GPUs (2P4D ... 48P96D, 8 per engine)")
+        ax.set_ylabel("tokens/s per GPU")
+        ax.set_ylim(bottom=0)
+    elif study == "online":
+        points = json.loads((path.parent / "online.json").read_text())["points"]
+        for pol in ("pe-read", "dualpath"):
+            pts = [p for p in points if p["policy"] == pol]
+            ax.plot([p["rate"] for p in pts], [p["ttft_p90"] for p in pts], "o-", label=pol)
+        slo = json.loads((path.parent / "online.json").read_text())["ttft_slo_s"]
+        ax.axhline(slo, color="k", ls=":", label=f"SLO {slo:g} s")
+        ax.set_yscale("log")
+        ax.set_xlabel("agent arrival rate (agents/s)")
+        ax.set_ylabel("TTFT p90 (s)")
+    elif study == "bandwidth":
+        for hit in sorted({round(r["hit ratio"], 2) for r in rows}, reverse=True):
+            pts = [r for r in rows if round(r["hit ratio"], 2) == hit]
+            x = [r["compute / storage NIC"] for r in pts]
+            line, = ax.plot(x, [r["dualpath"] for r in pts], "o-", label=f"dualpath, hit {hit:.2f}")
+            ax.plot(x, [r["de-read"] for r in pts], "x--", alpha=0.6, color=line.get_color(), label=f"de-read, hit {hit:.2f}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("compute NIC / storage NIC bandwidth, per node (each way)")
+        ax.set_ylabel("tokens/s over pe-read")
+    else:
+        plt.close(fig)
+        return
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:,.0f}" if isinstance(v, float) and abs(v) >= 100 else (
+        f"{v:.2f}" if isinstance(v, float) else str(v))
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+                     + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows])
+
+
+def main(only: tuple[str, ...], out_dir: str) -> dict[str, list[dict]]:
+    out = Path(out_dir)
+    results = {}
+    for name, study in STUDIES.items():
+        if only and name not in only:
+            continue
+        print(f"{name}:", flush=True)
+        results[name] = study(out)
+        plot(name, results[name], out / f"{name}.png")
+        print(markdown(results[name]), flush=True)
+    summary = out / "SUMMARY.md"
+    sections = {}
+    if summary.exists():  # keep the studies not re-run
+        for part in summary.read_text().split("\n## ")[1:]:
+            sections[part.split("\n", 1)[0]] = part.split("\n", 1)[1]
+    for name, rows in results.items():
+        sections[name] = "\n" + markdown(rows) + "\n"
+    summary.write_text(f"# `dualpath sim paper` (hardware: {Hardware()})\n"
+                       + "".join(f"\n## {n}\n{sections[n]}" for n in STUDIES if n in sections))
+    print(f"wrote {out}/ (JSON, plots, SUMMARY.md)")
+    return results

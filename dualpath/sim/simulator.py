@@ -97,6 +97,7 @@ class SimConfig:
     compute_link_gbps: float = 10.0  # compute NIC per GPU, GB/s each way
     gpus_per_engine: int = 1
     engines_per_node: int = 1  # engines of one role packed on a node share its storage NIC
+    egress_only: bool = False  # links limit what an engine sends, not what it receives (tc-shaped test hosts)
     heartbeat_s: float = 0.2
     block_tokens: int = 64
     block_bytes: int = 0  # one stored block, header included (as the coordinator computes it)
@@ -155,7 +156,8 @@ class Simulation:
             for i in range(n):
                 node = first_node + i // cfg.engines_per_node
                 storage = nics.setdefault(node, Link(cfg.snic_gbps * 1e9))
-                self.engines.append(_Engine(f"{role[0]}e{i}", role, node, storage, Link(link), Link(link),
+                self.engines.append(_Engine(f"{role[0]}e{i}", role, node, storage, Link(link),
+                                            Link(0 if cfg.egress_only else link),
                                             Pool(cfg.buffer_blocks), Pool(cfg.hbm_blocks)))
         self.index = {e.name: k for k, e in enumerate(self.engines)}
         self.view: list[EngineLoad] = []
