@@ -33,7 +33,7 @@ from operator import attrgetter
 PATH_A, PATH_B, PATH_SPLIT = "A", "B", "A+B"  # the PE reads, the DE reads, both read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EngineLoad:
     """What an engine reports by heartbeat (plus what the coordinator assigned since)."""
 
@@ -48,7 +48,7 @@ class EngineLoad:
     read_rate_bps: float = 0.0  # measured drain rate of its read queue; 0 = not measured yet
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestInfo:
     prompt_tokens: int
     hit_blocks: int
@@ -62,7 +62,7 @@ class RequestInfo:
         return self.hit_blocks * self.block_bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     pe: str
     de: str

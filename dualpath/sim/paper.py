@@ -264,7 +264,9 @@ def plot(study: str, rows: list[dict], path: Path) -> None:
     elif study == "scaling":
         ax.plot([r["gpus"] for r in rows], [r["tokens/s per GPU"] for r in rows], "o-", label="dualpath")
         ax.set_xscale("log")
-        ax.set_xlabel("GPUs (2P4D ... 48P96D, 8 per engine)")
+        ax.set_xticks([r["gpus"] for r in rows], [f"{r['cluster']}\n{r['gpus']}" for r in rows])
+        ax.minorticks_off()
+        ax.set_xlabel("cluster and GPUs (8 per engine)")
         ax.set_ylabel("tokens/s per GPU")
         ax.set_ylim(bottom=0)
     elif study == "online":
@@ -285,6 +287,9 @@ def plot(study: str, rows: list[dict], path: Path) -> None:
             ax.plot(x, [r["de-read"] for r in pts], "x--", alpha=0.6, color=line.get_color(), label=f"de-read, hit {hit:.2f}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
+        ticks = sorted({r["compute / storage NIC"] for r in rows})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("compute NIC / storage NIC bandwidth, per node (each way)")
         ax.set_ylabel("tokens/s over pe-read")
     else:

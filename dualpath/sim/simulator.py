@@ -167,7 +167,7 @@ class Simulation:
         self.to_arrive = 0  # sessions whose first timed turn has not been sent yet
         self.stored: set[int] = set()  # trace replay: hash ids whose blocks are stored
         self.samples: list[dict] = []
-        self.bar = tqdm(total=None, unit="sim-s", disable=not progress, leave=False)
+        self.bar = tqdm(total=cfg.send_until_s or None, unit="sim-s", disable=not progress, leave=False)
 
     # -- the event queue --
 
