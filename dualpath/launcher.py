@@ -102,22 +102,28 @@ class LocalCluster:
                 raise ClusterDied(f"{name} exited with code {p.returncode}; last lines of its log:\n{tail}")
 
     def stop(self, grace: float = 10.0) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in self.procs.values():
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values(), grace)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_processes(procs: Iterable[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM to all, then each gets what is left of `grace` seconds to exit before SIGKILL."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def complete(url: str, body: dict, timeout: float = 300.0) -> dict:

@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dualpath.config import ClusterConfig, write_config
+from dualpath.launcher import stop_processes
 
 
 _made = itertools.count()
@@ -165,15 +165,7 @@ class NamespaceCluster:
         return self
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values(), grace=15.0)
 
     def __enter__(self) -> "NamespaceCluster":
         return self.start()

@@ -298,7 +298,7 @@ class Simulation:
     def _prefill(self, pe: _Engine) -> None:
         """Start the PE's next step if it is idle. A step waits for every picked request whose hit
         KV is still being read, as the real engine's step waits for layer l before running it."""
-        if pe.stepping or not pe.ready or any(r.reads_pending for r in itertools.islice(pe.ready, 1)):
+        if pe.stepping or not pe.ready or pe.ready[0].reads_pending:
             return  # the head of the queue has not even started reading: the step would wait for it
         ns = pick_batch((r.new_tokens - r.computed for r in pe.ready), self.cfg.prefill_token_quota)
         picked = list(zip(itertools.islice(pe.ready, len(ns)), ns))
