@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from dualpath.config import ClusterConfig, ConfigError, default_store_root, local_cluster, write_config

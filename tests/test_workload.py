@@ -6,7 +6,7 @@ import pytest
 
 from dualpath.bench import report
 from dualpath.bench.driver import RequestRecord, RunResult
-from dualpath.bench.workload import (AgenticSpec, Session, Turn, agentic, block_of, hit_ratios, load_mooncake,
+from dualpath.bench.workload import (AgenticSpec, agentic, block_of, hit_ratios, load_mooncake,
                                      poisson_arrivals, read_jsonl, trace_prompt, write_jsonl)
 
 TRACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "conversation_trace.jsonl"
