@@ -2,10 +2,15 @@
 
 import pytest
 
-from dualpath.sched.policy import PATH_A, PATH_B, PATH_SPLIT, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
+from dualpath.sched.policy import (PATH_A, PATH_B, PATH_SPLIT, ClusterView, Decision, EngineLoad, NoEngine, NoRoom,
+                                   RequestInfo, choose)
 
 MB = 1 << 20
 REQ = RequestInfo(prompt_tokens=8000, hit_blocks=100, block_bytes=MB, max_tokens=64)
+
+
+def pick(policy: str, req: RequestInfo, engines: list[EngineLoad]) -> Decision:
+    return choose(policy, req, ClusterView.of(engines))
 
 
 def view(pe_queue=0, de_queues=(0, 0), de_tokens=(0, 0)) -> list[EngineLoad]:
@@ -16,38 +21,38 @@ def view(pe_queue=0, de_queues=(0, 0), de_tokens=(0, 0)) -> list[EngineLoad]:
 
 def test_baselines_read_on_one_side_whatever_the_queues():
     busy_pe = view(pe_queue=500 * MB)
-    assert choose("pe-read", REQ, busy_pe).path == PATH_A
-    assert choose("de-read", REQ, view(de_queues=(500 * MB, 500 * MB))).path == PATH_B
+    assert pick("pe-read", REQ, busy_pe).path == PATH_A
+    assert pick("de-read", REQ, view(de_queues=(500 * MB, 500 * MB))).path == PATH_B
 
 
 def test_dualpath_reads_on_the_shorter_queue_and_picks_the_idlest_balanced_de():
-    d = choose("dualpath", REQ, view(pe_queue=300 * MB, de_queues=(200 * MB, 50 * MB)))
+    d = pick("dualpath", REQ, view(pe_queue=300 * MB, de_queues=(200 * MB, 50 * MB)))
     assert (d.de, d.de_blocks, d.path) == ("de1", 100, PATH_B)
-    d = choose("dualpath", REQ, view(pe_queue=10 * MB, de_queues=(200 * MB, 50 * MB)))
+    d = pick("dualpath", REQ, view(pe_queue=10 * MB, de_queues=(200 * MB, 50 * MB)))
     assert (d.de_blocks, d.path) == (0, PATH_A)
 
 
 def test_dualpath_does_not_unbalance_decoding_for_a_shorter_read_queue():
     # de1 has the shorter queue but runs far more than one request's tokens beyond de0.
-    d = choose("dualpath", REQ, view(pe_queue=300 * MB, de_queues=(200 * MB, 0), de_tokens=(0, 50_000)))
+    d = pick("dualpath", REQ, view(pe_queue=300 * MB, de_queues=(200 * MB, 0), de_tokens=(0, 50_000)))
     assert d.de == "de0" and d.path == PATH_B
 
 
 def test_split_equalises_the_drain_times_of_both_queues():
-    d = choose("dualpath-split", REQ, view(pe_queue=40 * MB, de_queues=(0, 0)))
+    d = pick("dualpath-split", REQ, view(pe_queue=40 * MB, de_queues=(0, 0)))
     assert d.path == PATH_SPLIT and d.path == "A+B"
     assert 40 * MB + d.pe_blocks * MB == d.de_blocks * MB  # 70 blocks on the DE, 30 on the PE
-    assert choose("dualpath-split", REQ, view(pe_queue=500 * MB)).de_blocks == 100  # clamped: all on the DE
+    assert pick("dualpath-split", REQ, view(pe_queue=500 * MB)).de_blocks == 100  # clamped: all on the DE
 
 
 def test_no_hit_means_no_read_and_a_missing_role_is_an_error():
     cold = RequestInfo(prompt_tokens=100, hit_blocks=0, block_bytes=MB, max_tokens=8)
     for policy in ("pe-read", "de-read", "dualpath", "dualpath-split"):
-        assert choose(policy, cold, view()).de_blocks == 0
+        assert pick(policy, cold, view()).de_blocks == 0
     with pytest.raises(NoEngine):
-        choose("dualpath", REQ, [EngineLoad("pe0", "prefill", 0)])
+        pick("dualpath", REQ, [EngineLoad("pe0", "prefill", 0)])
     with pytest.raises(ValueError):
-        choose("fastest", REQ, view())
+        pick("fastest", REQ, view())
 
 
 def test_no_policy_picks_an_engine_without_room_for_the_request():
@@ -61,11 +66,11 @@ def test_no_policy_picks_an_engine_without_room_for_the_request():
     roomy = EngineLoad("de3", "decode", 3, free_buffer_blocks=125, free_hbm_blocks=126, running_decode_tokens=10**6,
                        read_queue_bytes=10**12)
     for policy in ("pe-read", "de-read", "dualpath", "dualpath-split"):
-        assert choose(policy, req, [pe, full_hbm, full_buf, roomy]).de == "de3"
+        assert pick(policy, req, [pe, full_hbm, full_buf, roomy]).de == "de3"
         with pytest.raises(NoRoom, match="decode"):
-            choose(policy, req, [pe, full_hbm, full_buf])
+            pick(policy, req, [pe, full_hbm, full_buf])
         with pytest.raises(NoRoom, match="prefill"):
-            choose(policy, req, [EngineLoad("pe0", "prefill", 0, free_buffer_blocks=200, free_hbm_blocks=124), roomy])
+            pick(policy, req, [EngineLoad("pe0", "prefill", 0, free_buffer_blocks=200, free_hbm_blocks=124), roomy])
 
 
 def test_dualpath_compares_drain_times_once_both_sides_have_measured_their_read_rates():
@@ -73,12 +78,12 @@ def test_dualpath_compares_drain_times_once_both_sides_have_measured_their_read_
     read it would win on queue bytes alone; split gives it a quarter of an idle cluster's blocks."""
     slow_pe = EngineLoad("pe0", "prefill", 0, read_queue_bytes=10 * MB, read_rate_bps=1e9)
     de = EngineLoad("de1", "decode", 1, read_queue_bytes=30 * MB, read_rate_bps=4e9)
-    assert choose("dualpath", REQ, [slow_pe, de]).path == PATH_B
+    assert pick("dualpath", REQ, [slow_pe, de]).path == PATH_B
     unmeasured = EngineLoad("de1", "decode", 1, read_queue_bytes=30 * MB)  # bytes stand in for time
-    assert choose("dualpath", REQ, [slow_pe, unmeasured]).path == PATH_A
+    assert pick("dualpath", REQ, [slow_pe, unmeasured]).path == PATH_A
     idle_pe = EngineLoad("pe0", "prefill", 0, read_rate_bps=1e9)
     idle_de = EngineLoad("de1", "decode", 1, read_rate_bps=3e9)
-    assert choose("dualpath-split", REQ, [idle_pe, idle_de]).pe_blocks == 25
+    assert pick("dualpath-split", REQ, [idle_pe, idle_de]).pe_blocks == 25
 
 
 def test_the_scheduler_benchmark_times_the_coordinators_own_decision_path(tmp_path):

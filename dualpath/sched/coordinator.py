@@ -31,7 +31,7 @@ from dualpath.engine.weights import model_identity
 from dualpath.sched.chat import ChatError, ChatTemplate
 from dualpath.sched.dashboard import Dashboard
 from dualpath.sched.metrics import ClusterMetrics
-from dualpath.sched.policy import Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
+from dualpath.sched.policy import ClusterView, Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
@@ -196,8 +196,10 @@ class Coordinator:
         return [e for e in self.engines.values()
                 if not e.conn.closed.is_set() and now - e.last_seen < self.cfg.scheduler.dead_after_s]
 
-    def cluster_view(self) -> list[EngineLoad]:
-        return [e.view(self.cfg.scheduler.drain_rates) for e in self.live_engines()]
+    def cluster_view(self) -> ClusterView:
+        rates, live = self.cfg.scheduler.drain_rates, self.live_engines()
+        return ClusterView([e.view(rates) for e in live if e.role == "prefill"],
+                           [e.view(rates) for e in live if e.role == "decode"])
 
     # ------------------------------------------------------------------ validation
 
@@ -303,8 +305,8 @@ class Coordinator:
         passed_over: set[str] = set()
         while True:
             try:
-                d = req.decision = choose(req.policy, info, [v for v in self.cluster_view()
-                                                             if v.name not in passed_over])
+                view = self.cluster_view()
+                d = req.decision = choose(req.policy, info, view.without(passed_over) if passed_over else view)
             except NoRoom:
                 if time.monotonic() + self.cfg.scheduler.heartbeat_s > req.deadline:
                     raise

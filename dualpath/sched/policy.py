@@ -27,6 +27,7 @@ blocks, as last reported); ``NoRoom`` when no engine of a role has it right now.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -46,6 +47,23 @@ class EngineLoad:
     free_buffer_blocks: int = 0
     free_hbm_blocks: int = 0
     read_rate_bps: float = 0.0  # measured drain rate of its read queue; 0 = not measured yet
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """The live engines by role, each as last heard of plus what was assigned to it since."""
+
+    prefill: list[EngineLoad]
+    decode: list[EngineLoad]
+
+    @staticmethod
+    def of(engines: Iterable[EngineLoad]) -> ClusterView:
+        engines = list(engines)
+        return ClusterView([e for e in engines if e.role == "prefill"], [e for e in engines if e.role == "decode"])
+
+    def without(self, names: set[str]) -> ClusterView:
+        return ClusterView([e for e in self.prefill if e.name not in names],
+                           [e for e in self.decode if e.name not in names])
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +114,14 @@ _READ_QUEUE_ORDER = attrgetter("read_queue_bytes", "running_decode_tokens", "nam
 _DECODE_LOAD = attrgetter("running_decode_tokens")
 
 
-def _engines(engines: list[EngineLoad], role: str, req: RequestInfo) -> list[EngineLoad]:
+def _roomy(engines: list[EngineLoad], role: str, req: RequestInfo) -> list[EngineLoad]:
     """The live engines of a role with room for the request: the prompt's blocks in its DRAM buffer,
     and in HBM the prompt's (a PE) or the prompt's and answer's (a DE)."""
     buffer, hbm = req.prompt_blocks, req.prompt_blocks if role == "prefill" else req.decode_blocks
-    roomy = [e for e in engines if e.role == role and e.free_buffer_blocks >= buffer and e.free_hbm_blocks >= hbm]
+    roomy = [e for e in engines if e.free_buffer_blocks >= buffer and e.free_hbm_blocks >= hbm]
     if roomy:
         return roomy
-    if not any(e.role == role for e in engines):
+    if not engines:
         raise NoEngine(f"no live {role} engine")
     raise NoRoom(f"no {role} engine has room for this request now ({req.prompt_blocks} buffer blocks"
                  f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})")
@@ -134,8 +152,8 @@ def split_blocks(req: RequestInfo, pe: EngineLoad, de: EngineLoad) -> int:
     return max(0, min(req.hit_blocks, round(x)))
 
 
-def choose(policy: str, req: RequestInfo, engines: list[EngineLoad]) -> Decision:
-    pes, des = _engines(engines, "prefill", req), _engines(engines, "decode", req)
+def choose(policy: str, req: RequestInfo, view: ClusterView) -> Decision:
+    pes, des = _roomy(view.prefill, "prefill", req), _roomy(view.decode, "decode", req)
     # ties go to the first name, so a decision does not depend on the order engines are listed in
     pe = min(pes, key=_PREFILL_ORDER)
     if policy in ("pe-read", "de-read"):

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from dualpath.bench.driver import RequestRecord, RunResult
 from dualpath.bench.workload import Session, cached_tokens
 from dualpath.engine.batching import pick_batch
-from dualpath.sched.policy import EngineLoad, NoRoom, RequestInfo, choose
+from dualpath.sched.policy import ClusterView, EngineLoad, NoRoom, RequestInfo, choose
 from dualpath.sim.profile import Profile
 from dualpath.storage.blockfile import HEADER_BYTES
 
@@ -160,7 +160,7 @@ class Simulation:
                                             Link(0 if cfg.egress_only else link),
                                             Pool(cfg.buffer_blocks), Pool(cfg.hbm_blocks)))
         self.index = {e.name: k for k, e in enumerate(self.engines)}
-        self.view: list[EngineLoad] = []
+        self.view = ClusterView([], [])
         self.records: list[RequestRecord] = []
         self.open_requests = 0  # sent and not done
         self.waiting: list[tuple[Session, int, int, float]] = []  # no engine had room: retried each heartbeat
@@ -204,9 +204,9 @@ class Simulation:
     # -- heartbeats and samples --
 
     def _beat(self) -> None:
-        self.view = [EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
-                                e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free)
-                     for e in self.engines]
+        self.view = ClusterView.of(EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
+                                              e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free)
+                                   for e in self.engines)
         retry, self.waiting = self.waiting, []
         for i, (s, k, context, t_send) in enumerate(retry):  # first come first served: the rest wait on
             if not self._send(s, k, context, t_send):
@@ -225,9 +225,9 @@ class Simulation:
 
     def _assign(self, name: str, **added: int) -> None:
         """What a decision adds to an engine's last heartbeat, until the next one."""
-        k = self.index[name]
-        v = self.view[k]
-        self.view[k] = dataclasses.replace(v, **{f: getattr(v, f) + n for f, n in added.items()})
+        k, p = self.index[name], self.cfg.n_prefill  # engines are listed PEs first
+        side, k = (self.view.prefill, k) if k < p else (self.view.decode, k - p)
+        side[k] = dataclasses.replace(side[k], **{f: getattr(side[k], f) + n for f, n in added.items()})
 
     # -- a request's life --
 
