@@ -83,7 +83,7 @@ def run(sc: Scenario, policies=POLICIES, sessions: list[Session] | None = None, 
     cfg = dataclasses.replace(cfg, **cfg_changes)
     summaries, runs = [], []
     for p in policies:
-        r = simulate(cfg, profile, p, sessions or built, 1, profile.shape.attended, progress)
+        r = simulate(cfg, profile, p, sessions or built, 1, progress)
         s = report.summarize(r, cfg.snic_gbps, ttft_slo_s)
         s.update(scenario=sc.label, gpus=sc.gpus, tokens_per_s_per_gpu=s["tokens_per_s"] / sc.gpus)
         summaries.append(s)

@@ -3,7 +3,7 @@
 Both answer the two questions the simulator asks:
 - ``prefill_s(work)``: one prefill step over ``work``, a list of (new tokens, tokens before them);
 - ``decode_step_s(batch, attended)``: one decode step of ``batch`` sequences that attend to
-  ``attended`` stored tokens in all.
+  ``attended`` stored tokens in all, where a sequence of n tokens attends to ``attended(n)``.
 
 ``ComputeProfile`` is a `dualpath bench model` measurement (runs/cpu/bench_model_tiny_gqa.json,
 runs/gpu/model_small_gqa.json): prefill time linear in the new tokens, a decode step at the measured
@@ -32,6 +32,8 @@ class Profile(Protocol):
 
     def decode_step_s(self, batch: int, attended: int) -> float: ...
 
+    def attended(self, context: int) -> int: ...
+
 
 @dataclass(frozen=True)
 class ComputeProfile:
@@ -51,6 +53,9 @@ class ComputeProfile:
 
     def decode_step_s(self, batch: int, attended: int) -> float:
         return self.decode_step_seconds * max(1.0, batch / self.decode_batch)
+
+    def attended(self, context: int) -> int:
+        return context
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,9 @@ class Roofline:
         flops = 2 * s.params_active * tokens + s.n_layers * s.attn_flops_per_pair * pairs
         kv = sum(s.attended(ctx + new) for new, ctx in work) * s.kv_bytes_per_token
         return self._step(flops, self._weights_read(tokens) + kv)
+
+    def attended(self, context: int) -> int:
+        return self.shape.attended(context)
 
     def decode_step_s(self, batch: int, attended: int) -> float:
         s = self.shape

@@ -144,8 +144,8 @@ class _Engine:
 
 class Simulation:
     def __init__(self, cfg: SimConfig, profile: Profile, policy: str, sessions: list[Session],
-                 attended: Callable[[int], int] = lambda ctx: ctx, progress: bool = False):
-        self.cfg, self.profile, self.policy, self.attended = cfg, profile, policy, attended
+                 progress: bool = False):
+        self.cfg, self.profile, self.policy = cfg, profile, policy
         self.sessions = {s.sid: s for s in sessions}
         self.now, self._events, self._seq = 0.0, [], itertools.count()
         self.engines: list[_Engine] = []
@@ -341,7 +341,7 @@ class Simulation:
             return self._finish(de, req)
         heapq.heappush(de.finishing, (de.steps + rec.output_tokens - 1, next(self._seq), req))
         de.decode_tokens += rec.prompt_tokens + rec.output_tokens
-        de.attended += self.attended(rec.prompt_tokens)
+        de.attended += self.profile.attended(rec.prompt_tokens)
         if not de.stepping:
             de.stepping = True
             self.at(self.now + self.profile.decode_step_s(len(de.finishing), de.attended), lambda: self._step(de))
@@ -351,7 +351,7 @@ class Simulation:
         while de.finishing and de.finishing[0][0] <= de.steps:
             req = heapq.heappop(de.finishing)[2]
             de.decode_tokens -= req.rec.prompt_tokens + req.rec.output_tokens
-            de.attended -= self.attended(req.rec.prompt_tokens)
+            de.attended -= self.profile.attended(req.rec.prompt_tokens)
             self._finish(de, req)
         if de.finishing:
             self.at(self.now + self.profile.decode_step_s(len(de.finishing), de.attended), lambda: self._step(de))
@@ -372,5 +372,5 @@ class Simulation:
 
 
 def simulate(cfg: SimConfig, profile: Profile, policy: str, sessions: list[Session], warmup_turns: int = 1,
-             attended: Callable[[int], int] = lambda ctx: ctx, progress: bool = False) -> RunResult:
-    return Simulation(cfg, profile, policy, sessions, attended, progress).run(warmup_turns)
+             progress: bool = False) -> RunResult:
+    return Simulation(cfg, profile, policy, sessions, progress).run(warmup_turns)
