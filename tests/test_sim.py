@@ -170,3 +170,15 @@ def test_sim_repro_replays_a_trace_file_and_writes_the_bench_repro_plots(tmp_pat
     bad = subprocess.run(argv[:6] + [str(tmp_path / "missing.jsonl")], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode != 0 and "--workload" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_request_larger_than_an_engines_memory_fails_and_the_rest_go_on():
+    rc = ReproConfig()
+    sessions = agentic(rc.workload.__class__(**{**vars(rc.workload), "agents": 3, "turns": 3}))
+    bb, layers = block_bytes(rc.preset, rc.dtype, rc.block_tokens)
+    small = -(-(sessions[0].turns[0].append_tokens + sessions[0].turns[0].output_tokens) // 64)  # fits turn 1 only
+    cfg = SimConfig(1, 1, 0.008, 10.0, block_tokens=64, block_bytes=bb, n_layers=layers, hbm_blocks=small + 2)
+    r = simulate(cfg, CPU_PROFILE, "dualpath", sessions)  # returns: nothing waits forever
+    failed = [rec for rec in r.records if rec.error]
+    assert failed and all("memory" in rec.error for rec in failed)
+    assert all(rec.t_done is not None for rec in r.records if not rec.error)

@@ -8,10 +8,11 @@ What is modelled, each in the simplest form that keeps the real system's bottlen
   (storage/snic.py); the node's read queue, the figure the policies compare, is that link's backlog;
 - an engine's compute NIC (its GPUs' NICs together): a FIFO link each way; path-B KV leaves the
   DE's and enters the PE's, the handoff leaves the PE's and enters the DE's;
-- memory: an engine's DRAM buffer and the HBM it keeps for KV are pools its requests wait for,
-  first come first served, as the engines' ``Room`` does (the PE: the prompt's blocks in both until
-  its handoff is sent; the DE: the prompt's blocks in its buffer until the handoff is in, and the
-  prompt and answer in HBM until the request ends);
+- memory: an engine's DRAM buffer and the HBM it keeps for KV, in blocks. The DE takes the
+  prompt's blocks in its buffer until the handoff is in, and the prompt and answer in HBM until the
+  request ends, or refuses at once (the request goes back to the coordinator). The PE then waits,
+  first come first served, for the prompt's blocks in both until its handoff is sent, as the
+  engines' ``Room`` does. A request larger than an engine's memory fails;
 - a PE: a step loop; each step computes ``pick_batch`` of its ready requests in the profile's time,
   and ends no earlier than one layer's compute after the last hit layer it waits for lands
   (layer-wise overlap);
@@ -71,6 +72,9 @@ class Pool:
     @property
     def free(self) -> int:
         return self.capacity - self.used if self.capacity else UNBOUNDED
+
+    def never_fits(self, n: int) -> bool:
+        return bool(self.capacity) and n > self.capacity
 
     def take(self, n: int, then: Callable[[], None]) -> None:
         if self.capacity and n > self.capacity:
@@ -251,18 +255,27 @@ class Simulation:
         hit = self._hit_blocks(s, k, context, prompt)
         info = RequestInfo(prompt, hit, c.block_bytes, turn.output_tokens, -(-prompt // bt),
                            -(-(prompt + turn.output_tokens) // bt))
+        t_send = self.now if t_send is None else t_send
+        e = self.engines[0]  # every engine has the same memory
+        if e.buffer.never_fits(info.prompt_blocks) or e.hbm.never_fits(max(info.prompt_blocks, info.decode_blocks)):
+            self.records.append(RequestRecord(s.sid, k, t_send, prompt_tokens=prompt,
+                                              error="larger than an engine's memory"))
+            return True  # the coordinator would answer 503 at its deadline; the agent stops
         try:
             d = choose(self.policy, info, self.view)
         except NoRoom:
-            self.waiting.append((s, k, context, self.now if t_send is None else t_send))
+            self.waiting.append((s, k, context, t_send))
             return False
-        rec = RequestRecord(s.sid, k, self.now if t_send is None else t_send, prompt_tokens=prompt, cached_tokens=hit * bt,
+        pe, de = self.engines[self.index[d.pe]], self.engines[self.index[d.de]]
+        if de.hbm.free < info.decode_blocks or de.buffer.free < info.prompt_blocks:
+            self.waiting.append((s, k, context, t_send))  # the DE refuses at once (heartbeat-stale view)
+            return False
+        rec = RequestRecord(s.sid, k, t_send, prompt_tokens=prompt, cached_tokens=hit * bt,
                             output_tokens=turn.output_tokens, path=d.path, pe=d.pe, de=d.de,
                             read_bytes_pe=d.pe_blocks * c.block_bytes, read_bytes_de=d.de_blocks * c.block_bytes)
         self.records.append(rec)
         self.open_requests += 1
         req = _Request(rec, prompt - hit * bt, hit * bt, info.prompt_blocks, info.decode_blocks)
-        pe, de = self.engines[self.index[d.pe]], self.engines[self.index[d.de]]
         self._assign(d.pe, queued_prefill_tokens=req.new_tokens, read_queue_bytes=rec.read_bytes_pe,
                      free_buffer_blocks=-req.prompt_blocks, free_hbm_blocks=-req.prompt_blocks)
         self._assign(d.de, running_decode_tokens=prompt + turn.output_tokens, read_queue_bytes=rec.read_bytes_de,
@@ -279,8 +292,9 @@ class Simulation:
             read = self._read(de, rec.read_bytes_de)
             self._loaded(pe, req, max(de.out.reserve(read, nbytes), pe.inn.reserve(read, nbytes)))
 
-        pe.hbm.take(req.prompt_blocks, lambda: pe.buffer.take(req.prompt_blocks, pe_admitted))
+        # The DE admits first, or refuses (above); the PE then waits for room, as the engines' Room does
         de.hbm.take(req.decode_blocks, lambda: de.buffer.take(req.prompt_blocks, de_admitted))
+        pe.hbm.take(req.prompt_blocks, lambda: pe.buffer.take(req.prompt_blocks, pe_admitted))
         return True
 
     def _read(self, e: _Engine, nbytes: int) -> float:
