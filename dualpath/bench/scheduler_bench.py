@@ -53,8 +53,10 @@ def run(prefill: int, decode: int, prompt_tokens: int, hit_ratio: float, request
         coord = Coordinator(cfg)
         now = time.monotonic()
         for spec in cfg.engines:
-            coord.engines[spec.name] = EngineEntry(spec.name, spec.role, spec.node, (spec.host, spec.port), _Link(),
-                                                   now + 3600, _heartbeat(rng, spec.role, cfg))
+            e = coord.engines[spec.name] = EngineEntry(spec.name, spec.role, spec.node, (spec.host, spec.port),
+                                                       _Link(), now)
+            e.heard(_heartbeat(rng, spec.role, cfg), drain_rates=False)
+            e.last_seen = now + 3600
         # the prompts' hit blocks are stored, as earlier turns would have left them
         bt, prompts = coord.bt, []
         layers = [bytes(coord.store.shape.bytes_per_layer)] * coord.store.shape.n_layers
@@ -85,7 +87,7 @@ def run(prefill: int, decode: int, prompt_tokens: int, hit_ratio: float, request
                           "policy_and_bookkeeping": t4 - t3})
             if (i + 1) % heartbeat_every == 0:  # heartbeats arrive: fresh loads, assignments folded in
                 for e in coord.engines.values():
-                    e.heard(_heartbeat(rng, e.role, cfg))
+                    e.heard(_heartbeat(rng, e.role, cfg), drain_rates=False)
                     e.last_seen = now + 3600
         wall = time.perf_counter() - t_all
     per_decision_us = {k: v / requests * 1e6 for k, v in spent.items()}

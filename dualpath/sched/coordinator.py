@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,34 +70,30 @@ class EngineEntry:
     addr: tuple[str, int]
     conn: Connection
     last_seen: float
-    load: dict = field(default_factory=dict)
-    # Work assigned since the last heartbeat (which cannot reflect it yet), so that a burst of
-    # requests does not all go to the engine that looked idlest at the last heartbeat.
-    assigned: Counter = field(default_factory=Counter)
-    _view: EngineLoad | None = field(default=None, repr=False)  # load + assigned, until either changes
+    load: dict = field(default_factory=dict)  # as last reported by heartbeat
+    # What the policies see: the last heartbeat plus the work and memory assigned since (which the
+    # heartbeat cannot show yet), so that a burst of requests does not all go to the engine that
+    # looked idlest at the last heartbeat. Kept whole: every decision reads every engine.
+    view: EngineLoad | None = None
 
-    def heard(self, load: dict) -> None:
+    def __post_init__(self) -> None:
+        if self.view is None:
+            self.view = EngineLoad(self.name, self.role, self.node)
+
+    def heard(self, load: dict, drain_rates: bool) -> None:
         """A heartbeat: its load now shows what was assigned before it."""
-        self.load, self.last_seen, self.assigned, self._view = load, time.monotonic(), Counter(), None
+        self.load, self.last_seen = load, time.monotonic()
+        self.view = EngineLoad(self.name, self.role, self.node, load.get("queued_prefill_tokens", 0),
+                               load.get("running_decode_tokens", 0), load.get("read_queue_bytes", 0),
+                               load.get("free_buffer_blocks", 0), load.get("free_hbm_blocks", 0),
+                               load.get("read_rate_bps", 0.0) if drain_rates else 0.0)
 
-    def assign(self, **work: int) -> None:
-        for what, n in work.items():
-            self.assigned[what] += n
-        self._view = None
-
-    def view(self, drain_rates: bool) -> EngineLoad:
-        """What the policies see of this engine (kept between changes: every decision reads every engine)."""
-        if self._view is None:
-            load, more = self.load, self.assigned
-            self._view = EngineLoad(
-                self.name, self.role, self.node,
-                queued_prefill_tokens=load.get("queued_prefill_tokens", 0) + more["queued_prefill_tokens"],
-                running_decode_tokens=load.get("running_decode_tokens", 0) + more["running_decode_tokens"],
-                read_queue_bytes=load.get("read_queue_bytes", 0) + more["read_queue_bytes"],
-                free_buffer_blocks=load.get("free_buffer_blocks", 0) - more["buffer_blocks"],
-                free_hbm_blocks=load.get("free_hbm_blocks", 0) - more["hbm_blocks"],
-                read_rate_bps=load.get("read_rate_bps", 0.0) if drain_rates else 0.0)
-        return self._view
+    def assign(self, queued_prefill_tokens: int = 0, running_decode_tokens: int = 0, read_queue_bytes: int = 0,
+               buffer_blocks: int = 0, hbm_blocks: int = 0) -> None:
+        v = self.view
+        self.view = EngineLoad(v.name, v.role, v.node, v.queued_prefill_tokens + queued_prefill_tokens,
+                               v.running_decode_tokens + running_decode_tokens, v.read_queue_bytes + read_queue_bytes,
+                               v.free_buffer_blocks - buffer_blocks, v.free_hbm_blocks - hbm_blocks, v.read_rate_bps)
 
 
 @dataclass
@@ -159,7 +154,7 @@ class Coordinator:
     async def on_heartbeat(self, conn: Connection, msg: Heartbeat) -> None:
         e = self.engines.get(msg.engine)
         if e is not None and e.conn is conn:
-            e.heard(msg.load)
+            e.heard(msg.load, self.cfg.scheduler.drain_rates)
 
     async def on_token(self, conn: Connection, msg: Token) -> None:
         self._to_request(conn, msg)
@@ -197,9 +192,8 @@ class Coordinator:
                 if not e.conn.closed.is_set() and now - e.last_seen < self.cfg.scheduler.dead_after_s]
 
     def cluster_view(self) -> ClusterView:
-        rates, live = self.cfg.scheduler.drain_rates, self.live_engines()
-        return ClusterView([e.view(rates) for e in live if e.role == "prefill"],
-                           [e.view(rates) for e in live if e.role == "decode"])
+        live = self.live_engines()
+        return ClusterView([e.view for e in live if e.role == "prefill"], [e.view for e in live if e.role == "decode"])
 
     # ------------------------------------------------------------------ validation
 
