@@ -466,7 +466,8 @@ def sim_paper(only: tuple[str, ...], out_dir: str) -> None:
 @bench.command("gpu")
 @click.option("--out-dir", default="runs/gpu/acceptance", show_default=True)
 @click.option("--only", multiple=True, help="run only these steps (tests, demo, agreement, h2d, transport, "
-              "overlap, interference, repro); repeatable")
+              "overlap, interference, repro, ingest, rates); repeatable. All of them take about 20 minutes on "
+              "2x H200: split them across calls where a call's time is limited")
 @click.option("--port", type=int, default=18700, show_default=True, help="HTTP port of the clusters it starts")
 @click.option("--step-timeout", "step_timeout_s", type=float, default=600, show_default=True, help="seconds")
 def bench_gpu(out_dir: str, only: tuple[str, ...], port: int, step_timeout_s: float) -> None:
