@@ -307,3 +307,15 @@ def test_buffer_views_are_zero_copy_and_layer_major():
     assert n == 16 and dest.offset + 2 * dest.layer_stride == off + 8
     pool.view(run)[2, 1] = 7  # views write through to the pool
     assert (pool.host[off + 8 : off + 16] == 7).all() and (pool.host[off : off + 8] == 0).all()
+
+
+def test_a_key_is_blake2b_of_the_previous_key_the_model_and_the_blocks_int64_token_ids():
+    """The key format is what stored blocks are named by: it must not drift with an implementation."""
+    import hashlib
+
+    tokens = list(range(64)) + [255] * 64
+    first = hashlib.blake2b(b"\x00" * 16 + FP + b"".join(t.to_bytes(8, "little") for t in tokens[:64]),
+                            digest_size=16).digest()
+    second = hashlib.blake2b(first + FP + b"".join(t.to_bytes(8, "little") for t in tokens[64:]),
+                             digest_size=16).digest()
+    assert block_chain(tokens + [1, 2, 3], FP, 64) == [first, second]
