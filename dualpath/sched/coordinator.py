@@ -30,7 +30,8 @@ from dualpath.engine.weights import model_identity
 from dualpath.sched.chat import ChatError, ChatTemplate
 from dualpath.sched.dashboard import Dashboard
 from dualpath.sched.metrics import ClusterMetrics
-from dualpath.sched.policy import ClusterView, Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, choose
+from dualpath.sched.policy import (ClusterView, Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, assigned,
+                                   choose)
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
@@ -71,9 +72,8 @@ class EngineEntry:
     conn: Connection
     last_seen: float
     load: dict = field(default_factory=dict)  # as last reported by heartbeat
-    # What the policies see: the last heartbeat plus the work and memory assigned since (which the
-    # heartbeat cannot show yet), so that a burst of requests does not all go to the engine that
-    # looked idlest at the last heartbeat. Kept whole: every decision reads every engine.
+    # What the policies see: the last heartbeat plus what was assigned since (policy.assigned), kept
+    # whole because every decision reads every engine
     view: EngineLoad | None = None
 
     def __post_init__(self) -> None:
@@ -88,12 +88,6 @@ class EngineEntry:
                                load.get("free_buffer_blocks", 0), load.get("free_hbm_blocks", 0),
                                load.get("read_rate_bps", 0.0) if drain_rates else 0.0)
 
-    def assign(self, queued_prefill_tokens: int = 0, running_decode_tokens: int = 0, read_queue_bytes: int = 0,
-               buffer_blocks: int = 0, hbm_blocks: int = 0) -> None:
-        v = self.view
-        self.view = EngineLoad(v.name, v.role, v.node, v.queued_prefill_tokens + queued_prefill_tokens,
-                               v.running_decode_tokens + running_decode_tokens, v.read_queue_bytes + read_queue_bytes,
-                               v.free_buffer_blocks - buffer_blocks, v.free_hbm_blocks - hbm_blocks, v.read_rate_bps)
 
 
 @dataclass
@@ -329,12 +323,8 @@ class Coordinator:
     def _assign(self, d: Decision, info: RequestInfo) -> None:
         """Count the work and memory just given to engines until their next heartbeat shows it."""
         pe, de = self.engines[d.pe], self.engines[d.de]
-        pe.assign(read_queue_bytes=d.pe_blocks * self.block_bytes,
-                  queued_prefill_tokens=info.prompt_tokens - d.hit_blocks * self.bt,
-                  buffer_blocks=info.prompt_blocks, hbm_blocks=info.prompt_blocks)
-        de.assign(read_queue_bytes=d.de_blocks * self.block_bytes,
-                  running_decode_tokens=info.prompt_tokens + info.max_tokens,
-                  buffer_blocks=info.prompt_blocks, hbm_blocks=info.decode_blocks)
+        to_pe, to_de = assigned(d, info, self.bt)
+        pe.view, de.view = pe.view.plus(**to_pe), de.view.plus(**to_de)
 
     async def _ask(self, e: EngineEntry, msg: Message, timeout: float = 30.0) -> Any:
         """Ask an engine; fails as soon as the engine stops heartbeating (a stopped process keeps

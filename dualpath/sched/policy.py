@@ -48,6 +48,14 @@ class EngineLoad:
     free_hbm_blocks: int = 0
     read_rate_bps: float = 0.0  # measured drain rate of its read queue; 0 = not measured yet
 
+    def plus(self, queued_prefill_tokens: int = 0, running_decode_tokens: int = 0, read_queue_bytes: int = 0,
+             buffer_blocks: int = 0, hbm_blocks: int = 0) -> EngineLoad:
+        """This engine with work and memory just assigned to it (see ``assigned``)."""
+        return EngineLoad(self.name, self.role, self.node, self.queued_prefill_tokens + queued_prefill_tokens,
+                          self.running_decode_tokens + running_decode_tokens,
+                          self.read_queue_bytes + read_queue_bytes, self.free_buffer_blocks - buffer_blocks,
+                          self.free_hbm_blocks - hbm_blocks, self.read_rate_bps)
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterView:
@@ -162,7 +170,7 @@ def choose(policy: str, req: RequestInfo, view: ClusterView) -> Decision:
     elif policy in ("dualpath", "dualpath-split"):
         balanced = _balanced_decode_engines(des, req)
         if all(e.read_rate_bps > 0 for e in balanced):  # measured drain rates: compare drain times
-            de = min(balanced, key=lambda e: (e.read_queue_bytes / e.read_rate_bps, e.running_decode_tokens, e.name))
+            de = min(balanced, key=lambda e: (_drain_s(e, e.read_rate_bps), e.running_decode_tokens, e.name))
         else:  # bytes stand in for time
             de = min(balanced, key=_READ_QUEUE_ORDER)
         if policy == "dualpath-split":
@@ -173,3 +181,16 @@ def choose(policy: str, req: RequestInfo, view: ClusterView) -> Decision:
     else:
         raise ValueError(f"unknown policy {policy!r}")
     return Decision(pe.name, de.name, req.hit_blocks, de_blocks)
+
+
+def assigned(d: Decision, req: RequestInfo, block_tokens: int) -> tuple[dict[str, int], dict[str, int]]:
+    """What a decision gives its PE and its DE (``EngineLoad.plus`` arguments), counted in their loads
+    until their next heartbeats show it, so that a burst of requests does not all go to the engine
+    that looked idlest at the last heartbeat."""
+    pe = {"queued_prefill_tokens": req.prompt_tokens - d.hit_blocks * block_tokens,
+          "read_queue_bytes": d.pe_blocks * req.block_bytes, "buffer_blocks": req.prompt_blocks,
+          "hbm_blocks": req.prompt_blocks}
+    de = {"running_decode_tokens": req.prompt_tokens + req.max_tokens,
+          "read_queue_bytes": d.de_blocks * req.block_bytes, "buffer_blocks": req.prompt_blocks,
+          "hbm_blocks": req.decode_blocks}
+    return pe, de

@@ -284,7 +284,8 @@ def plot(study: str, rows: list[dict], path: Path) -> None:
             pts = [r for r in rows if round(r["hit ratio"], 2) == hit]
             x = [r["compute / storage NIC"] for r in pts]
             line, = ax.plot(x, [r["dualpath"] for r in pts], "o-", label=f"dualpath, hit {hit:.2f}")
-            ax.plot(x, [r["de-read"] for r in pts], "x--", alpha=0.6, color=line.get_color(), label=f"de-read, hit {hit:.2f}")
+            ax.plot(x, [r["de-read"] for r in pts], "x--", alpha=0.6, color=line.get_color(),
+                    label=f"de-read, hit {hit:.2f}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ticks = sorted({r["compute / storage NIC"] for r in rows})

@@ -91,7 +91,8 @@ def _mla(heads: int, nope: int = 128, rope: int = 64, v: int = 128) -> int:
 SHAPES: dict[str, ModelShape] = {s.name: s for s in (
     ModelShape("deepseek-660b", n_layers=61, params_total=671e9, params_active=37e9, kv_per_token_layer=512 + 64,
                attn_flops_per_pair=_mla(128), attn_window=2048, weight_bytes_per_param=1.0,
-               note="DeepSeek-V3.2 shape: MLA (512 + 64 latent), 37B of 671B active, FP8 weights, top-2K sparse attention"),
+               note="DeepSeek-V3.2 shape: MLA (512 + 64 latent), 37B of 671B active, FP8 weights, "
+                    "top-2K sparse attention"),
     ModelShape("deepseek-27b", n_layers=30, params_total=27e9, params_active=4.1e9, kv_per_token_layer=512 + 64,
                attn_flops_per_pair=_mla(20), weight_bytes_per_param=2.0,
                note="DeepSeekMoE 27B (DeepSeek-VL2's language model): MLA, 4.1B of 27B active, bf16"),

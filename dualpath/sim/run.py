@@ -68,7 +68,8 @@ def _beside(summaries: list[dict], measured: str) -> dict:
     rows = []
     for s in summaries:
         m = real.get(s["policy"])
-        rows.append({"policy": s["policy"], "simulated": s["tokens_per_s"], "measured": m["tokens_per_s"] if m else None,
+        rows.append({"policy": s["policy"], "simulated": s["tokens_per_s"],
+                     "measured": m["tokens_per_s"] if m else None,
                      "sim / measured": s["tokens_per_s"] / m["tokens_per_s"] if m else None})
     order_sim = [r["policy"] for r in sorted(rows, key=lambda r: r["simulated"])]
     order_real = [r["policy"] for r in sorted((r for r in rows if r["measured"]), key=lambda r: r["measured"])]

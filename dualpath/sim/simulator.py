@@ -25,7 +25,6 @@ What is modelled, each in the simplest form that keeps the real system's bottlen
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 from collections import deque
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from dualpath.bench.driver import RequestRecord, RunResult
 from dualpath.bench.workload import Session, cached_tokens
 from dualpath.engine.batching import pick_batch
-from dualpath.sched.policy import ClusterView, EngineLoad, NoRoom, RequestInfo, choose
+from dualpath.sched.policy import ClusterView, EngineLoad, NoRoom, RequestInfo, assigned, choose
 from dualpath.sim.profile import Profile
 from dualpath.storage.blockfile import HEADER_BYTES
 
@@ -227,11 +226,11 @@ class Simulation:
         if self._busy():
             self.at(self.now + self.cfg.sample_every_s, self._sample)
 
-    def _assign(self, name: str, **added: int) -> None:
+    def _assign(self, name: str, work: dict[str, int]) -> None:
         """What a decision adds to an engine's last heartbeat, until the next one."""
         k, p = self.index[name], self.cfg.n_prefill  # engines are listed PEs first
         side, k = (self.view.prefill, k) if k < p else (self.view.decode, k - p)
-        side[k] = dataclasses.replace(side[k], **{f: getattr(side[k], f) + n for f, n in added.items()})
+        side[k] = side[k].plus(**work)
 
     # -- a request's life --
 
@@ -276,10 +275,9 @@ class Simulation:
         self.records.append(rec)
         self.open_requests += 1
         req = _Request(rec, prompt - hit * bt, hit * bt, info.prompt_blocks, info.decode_blocks)
-        self._assign(d.pe, queued_prefill_tokens=req.new_tokens, read_queue_bytes=rec.read_bytes_pe,
-                     free_buffer_blocks=-req.prompt_blocks, free_hbm_blocks=-req.prompt_blocks)
-        self._assign(d.de, running_decode_tokens=prompt + turn.output_tokens, read_queue_bytes=rec.read_bytes_de,
-                     free_buffer_blocks=-req.prompt_blocks, free_hbm_blocks=-req.decode_blocks)
+        to_pe, to_de = assigned(d, info, bt)
+        self._assign(d.pe, to_pe)
+        self._assign(d.de, to_de)
         pe.queued_tokens += req.new_tokens
 
         def pe_admitted() -> None:  # storage -> PE buffer (path A)
