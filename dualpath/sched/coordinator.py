@@ -72,22 +72,15 @@ class EngineEntry:
     conn: Connection
     last_seen: float
     load: dict = field(default_factory=dict)  # as last reported by heartbeat
-    # What the policies see: the last heartbeat plus what was assigned since (policy.assigned), kept
-    # whole because every decision reads every engine
-    view: EngineLoad | None = None
 
-    def __post_init__(self) -> None:
-        if self.view is None:
-            self.view = EngineLoad(self.name, self.role, self.node)
-
-    def heard(self, load: dict, drain_rates: bool) -> None:
-        """A heartbeat: its load now shows what was assigned before it."""
+    def heard(self, load: dict, drain_rates: bool) -> EngineLoad:
+        """A heartbeat; returns the engine's load as the policies see it, which now shows what was
+        assigned to it before the heartbeat."""
         self.load, self.last_seen = load, time.monotonic()
-        self.view = EngineLoad(self.name, self.role, self.node, load.get("queued_prefill_tokens", 0),
-                               load.get("running_decode_tokens", 0), load.get("read_queue_bytes", 0),
-                               load.get("free_buffer_blocks", 0), load.get("free_hbm_blocks", 0),
-                               load.get("read_rate_bps", 0.0) if drain_rates else 0.0)
-
+        return EngineLoad(self.name, self.role, self.node, load.get("queued_prefill_tokens", 0),
+                          load.get("running_decode_tokens", 0), load.get("read_queue_bytes", 0),
+                          load.get("free_buffer_blocks", 0), load.get("free_hbm_blocks", 0),
+                          load.get("read_rate_bps", 0.0) if drain_rates else 0.0)
 
 
 @dataclass
@@ -129,6 +122,9 @@ class Coordinator:
         self.block_bytes = shape.file_bytes
         self.max_context = cfg.engine.max_context or self.model_cfg.max_position
         self.engines: dict[str, EngineEntry] = {}
+        # What the policies see: each live engine's last heartbeat plus what was assigned since
+        self.view = ClusterView()
+        self._sweep_at = 0.0  # when cluster_view next drops the engines that stopped heartbeating
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count(1)
         self.metrics = ClusterMetrics(self)
@@ -148,7 +144,7 @@ class Coordinator:
     async def on_heartbeat(self, conn: Connection, msg: Heartbeat) -> None:
         e = self.engines.get(msg.engine)
         if e is not None and e.conn is conn:
-            e.heard(msg.load, self.cfg.scheduler.drain_rates)
+            self.view.put(e.heard(msg.load, self.cfg.scheduler.drain_rates))
 
     async def on_token(self, conn: Connection, msg: Token) -> None:
         self._to_request(conn, msg)
@@ -177,6 +173,7 @@ class Coordinator:
                         conn.writer.get_extra_info("peername"))
             raise PermissionError(f"engine {name} is already registered and live")
         self.engines[name] = EngineEntry(name, msg.role, msg.node, (msg.host, msg.port), conn, time.monotonic())
+        self.view.put(EngineLoad(name, msg.role, msg.node))  # no room to offer until its first heartbeat
         log.info("engine %s registered (%s, node %d)", name, msg.role, msg.node)
         return {"ok": True}
 
@@ -185,9 +182,23 @@ class Coordinator:
         return [e for e in self.engines.values()
                 if not e.conn.closed.is_set() and now - e.last_seen < self.cfg.scheduler.dead_after_s]
 
+    def on_close(self, conn: Connection) -> None:
+        """An engine's control connection closed: the policies stop seeing it at once."""
+        e = self.engines.get(conn.peer_name)
+        if e is not None and e.conn is conn:
+            self.view.drop(e.name)
+
     def cluster_view(self) -> ClusterView:
-        live = self.live_engines()
-        return ClusterView([e.view for e in live if e.role == "prefill"], [e.view for e in live if e.role == "decode"])
+        """The live engines as the policies see them. Those that stopped heartbeating are dropped by
+        a sweep once per heartbeat interval, counted dead one interval early so that no decision
+        sees an engine silent for longer than dead_after_s (a heartbeat brings it back)."""
+        now, s = time.monotonic(), self.cfg.scheduler
+        if now >= self._sweep_at:
+            self._sweep_at = now + s.heartbeat_s
+            for e in self.engines.values():
+                if e.conn.closed.is_set() or now + s.heartbeat_s - e.last_seen >= s.dead_after_s:
+                    self.view.drop(e.name)
+        return self.view
 
     # ------------------------------------------------------------------ validation
 
@@ -293,8 +304,7 @@ class Coordinator:
         passed_over: set[str] = set()
         while True:
             try:
-                view = self.cluster_view()
-                d = req.decision = choose(req.policy, info, view.without(passed_over) if passed_over else view)
+                d = req.decision = choose(req.policy, info, self.cluster_view(), skip=passed_over)
             except NoRoom:
                 if time.monotonic() + self.cfg.scheduler.heartbeat_s > req.deadline:
                     raise
@@ -322,9 +332,9 @@ class Coordinator:
 
     def _assign(self, d: Decision, info: RequestInfo) -> None:
         """Count the work and memory just given to engines until their next heartbeat shows it."""
-        pe, de = self.engines[d.pe], self.engines[d.de]
         to_pe, to_de = assigned(d, info, self.bt)
-        pe.view, de.view = pe.view.plus(**to_pe), de.view.plus(**to_de)
+        self.view.put(self.view.loads[d.pe].plus(**to_pe))
+        self.view.put(self.view.loads[d.de].plus(**to_de))
 
     async def _ask(self, e: EngineEntry, msg: Message, timeout: float = 30.0) -> Any:
         """Ask an engine; fails as soon as the engine stops heartbeating (a stopped process keeps
@@ -604,7 +614,7 @@ class Coordinator:
 
 async def serve(cfg: ClusterConfig, stop: asyncio.Event) -> None:
     coord = Coordinator(cfg)
-    server = Server(cfg.transport.token, coord.on_engine)
+    server = Server(cfg.transport.token, coord.on_engine, on_close=coord.on_close)
     await server.start(cfg.scheduler.host, cfg.scheduler.control_port)
     runner = web.AppRunner(coord.app(), handle_signals=False)
     await runner.setup()

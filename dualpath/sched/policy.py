@@ -27,16 +27,21 @@ blocks, as last reported); ``NoRoom`` when no engine of a role has it right now.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from bisect import bisect_left, insort
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from operator import attrgetter
 
 PATH_A, PATH_B, PATH_SPLIT = "A", "B", "A+B"  # the PE reads, the DE reads, both read
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EngineLoad:
-    """What an engine reports by heartbeat (plus what the coordinator assigned since)."""
+    """What an engine reports by heartbeat (plus what the coordinator assigned since).
+
+    A value: replaced, never changed in place, as the ClusterView keeps it sorted by its fields.
+    (Not frozen only because one is built per engine and decision, and frozen's __init__ is 5x slower.)"""
 
     name: str
     role: str  # "prefill" | "decode"
@@ -57,21 +62,63 @@ class EngineLoad:
                           self.free_hbm_blocks - hbm_blocks, self.read_rate_bps)
 
 
-@dataclass(frozen=True, slots=True)
+# The orders the policies read engines in, by role. Each key ends with the engine's name, so ties go
+# to the first name and a decision does not depend on the order engines were added in.
+_ORDERS: dict[str, tuple[str, Callable[[EngineLoad], tuple]]] = {
+    "prefill": ("prefill", attrgetter("queued_prefill_tokens", "read_queue_bytes", "name")),
+    "decode_load": ("decode", attrgetter("running_decode_tokens", "name")),
+    "read_queue": ("decode", attrgetter("read_queue_bytes", "running_decode_tokens", "name")),
+    # only the DEs that measured their drain rate; read once all of them have
+    "drain_time": ("decode", lambda e: (e.read_queue_bytes / e.read_rate_bps, e.running_decode_tokens, e.name)),
+}
+# The orders an engine is kept in, by its role and whether it has measured its drain rate
+_KEPT_IN = {(role, rated): [(o, key) for o, (r, key) in _ORDERS.items() if r == role and (rated or o != "drain_time")]
+            for role in ("prefill", "decode") for rated in (False, True)}
+
+
 class ClusterView:
-    """The live engines by role, each as last heard of plus what was assigned to it since."""
+    """The live engines, each as last heard of plus what was assigned to it since, kept sorted in
+    the orders the policies read them in (a sorted list of keys per order). A decision reads the
+    engines at the front of an order instead of all of them: at 48P96D that is a few of 144, for a
+    decision every few hundred microseconds (`dualpath bench scheduler`). Updating an engine's load
+    moves its keys, a bisect in each of its role's orders."""
 
-    prefill: list[EngineLoad]
-    decode: list[EngineLoad]
+    def __init__(self, engines: Iterable[EngineLoad] = ()) -> None:
+        self.loads: dict[str, EngineLoad] = {}
+        self.keys: dict[str, list[tuple]] = {order: [] for order in _ORDERS}
+        self.unrated_decode = 0  # decode engines that have not measured their drain rate yet
+        for e in engines:
+            self.put(e)
 
-    @staticmethod
-    def of(engines: Iterable[EngineLoad]) -> ClusterView:
-        engines = list(engines)
-        return ClusterView([e for e in engines if e.role == "prefill"], [e for e in engines if e.role == "decode"])
+    def put(self, e: EngineLoad) -> None:
+        """Add an engine, or replace its load."""
+        self.drop(e.name)
+        self.loads[e.name] = e
+        for order, key in _KEPT_IN[e.role, e.read_rate_bps > 0]:
+            insort(self.keys[order], key(e))
+        self.unrated_decode += e.role == "decode" and not e.read_rate_bps > 0
 
-    def without(self, names: set[str]) -> ClusterView:
-        return ClusterView([e for e in self.prefill if e.name not in names],
-                           [e for e in self.decode if e.name not in names])
+    def drop(self, name: str) -> None:
+        """Forget an engine (it died or left); nothing if it is not here."""
+        e = self.loads.pop(name, None)
+        if e is None:
+            return
+        for order, key in _KEPT_IN[e.role, e.read_rate_bps > 0]:
+            keys = self.keys[order]
+            del keys[bisect_left(keys, key(e))]
+        self.unrated_decode -= e.role == "decode" and not e.read_rate_bps > 0
+
+    def in_order(self, order: str) -> Iterator[EngineLoad]:
+        loads = self.loads
+        return (loads[key[-1]] for key in self.keys[order])
+
+    @property
+    def prefill(self) -> list[EngineLoad]:
+        return list(self.in_order("prefill"))
+
+    @property
+    def decode(self) -> list[EngineLoad]:
+        return list(self.in_order("decode_load"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,31 +162,37 @@ class NoRoom(NoEngine):
     """Live engines of a needed role, but none with room for this request right now."""
 
 
-# Sort keys (attrgetter builds the tuple in C: these run over every engine of every decision)
-_PREFILL_ORDER = attrgetter("queued_prefill_tokens", "read_queue_bytes", "name")
-_DECODE_ORDER = attrgetter("running_decode_tokens", "name")
-_READ_QUEUE_ORDER = attrgetter("read_queue_bytes", "running_decode_tokens", "name")
-_DECODE_LOAD = attrgetter("running_decode_tokens")
+def _fits(e: EngineLoad, req: RequestInfo, skip: Collection[str]) -> bool:
+    """Room for the request as last reported: the prompt's blocks in the engine's DRAM buffer, and in
+    HBM the prompt's (a PE) or the prompt's and answer's (a DE)."""
+    hbm = req.prompt_blocks if e.role == "prefill" else req.decode_blocks
+    return e.free_buffer_blocks >= req.prompt_blocks and e.free_hbm_blocks >= hbm and e.name not in skip
 
 
-def _roomy(engines: list[EngineLoad], role: str, req: RequestInfo) -> list[EngineLoad]:
-    """The live engines of a role with room for the request: the prompt's blocks in its DRAM buffer,
-    and in HBM the prompt's (a PE) or the prompt's and answer's (a DE)."""
-    buffer, hbm = req.prompt_blocks, req.prompt_blocks if role == "prefill" else req.decode_blocks
-    roomy = [e for e in engines if e.free_buffer_blocks >= buffer and e.free_hbm_blocks >= hbm]
-    if roomy:
-        return roomy
-    if not engines:
+def _first_fit(view: ClusterView, order: str, req: RequestInfo, skip: Collection[str]) -> EngineLoad:
+    """The first engine in an order with room for the request (NoRoom if none has it now)."""
+    for e in view.in_order(order):
+        if _fits(e, req, skip):
+            return e
+    role = _ORDERS[order][0]
+    if all(key[-1] in skip for key in view.keys[order]):  # none, or every one passed over
         raise NoEngine(f"no live {role} engine")
     raise NoRoom(f"no {role} engine has room for this request now ({req.prompt_blocks} buffer blocks"
                  f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})")
 
 
-def _balanced_decode_engines(des: list[EngineLoad], req: RequestInfo) -> list[EngineLoad]:
-    """DEs that could take this request without running more than one request's worth of tokens
-    beyond the least loaded DE: the read-queue choice must not unbalance decoding."""
-    ceiling = min(map(_DECODE_LOAD, des)) + req.prompt_tokens + req.max_tokens
-    return [e for e in des if e.running_decode_tokens <= ceiling]
+def _shortest_queue(view: ClusterView, req: RequestInfo, skip: Collection[str], ceiling: int) -> EngineLoad:
+    """Among the DEs with room that run at most `ceiling` tokens (the balanced ones), the one with the
+    shortest read queue: in drain time once every DE has measured its rate, else in bytes.
+    Two walks reach it: the k balanced DEs, lightest first, or every DE in queue order up to the
+    first balanced one (about n/k); the shorter is taken."""
+    order = "drain_time" if view.unrated_decode == 0 else "read_queue"
+    by_load = view.keys["decode_load"]
+    k = bisect_left(by_load, (ceiling + 1,))  # the balanced DEs are the first k by decode load
+    if k * k <= len(by_load):
+        return min((e for e in islice(view.in_order("decode_load"), k) if _fits(e, req, skip)),
+                   key=_ORDERS[order][1])
+    return next(e for e in view.in_order(order) if e.running_decode_tokens <= ceiling and _fits(e, req, skip))
 
 
 def _rates(*engines: EngineLoad) -> list[float]:
@@ -160,19 +213,16 @@ def split_blocks(req: RequestInfo, pe: EngineLoad, de: EngineLoad) -> int:
     return max(0, min(req.hit_blocks, round(x)))
 
 
-def choose(policy: str, req: RequestInfo, view: ClusterView) -> Decision:
-    pes, des = _roomy(view.prefill, "prefill", req), _roomy(view.decode, "decode", req)
-    # ties go to the first name, so a decision does not depend on the order engines are listed in
-    pe = min(pes, key=_PREFILL_ORDER)
+def choose(policy: str, req: RequestInfo, view: ClusterView, skip: Collection[str] = ()) -> Decision:
+    """The engines and path for a request; engines named in `skip` are passed over (they refused it)."""
+    pe = _first_fit(view, "prefill", req, skip)  # the fewest queued prefill tokens
+    lightest = _first_fit(view, "decode_load", req, skip)  # the fewest running decode tokens
     if policy in ("pe-read", "de-read"):
-        de = min(des, key=_DECODE_ORDER)
-        de_blocks = req.hit_blocks if policy == "de-read" else 0
+        de, de_blocks = lightest, req.hit_blocks if policy == "de-read" else 0
     elif policy in ("dualpath", "dualpath-split"):
-        balanced = _balanced_decode_engines(des, req)
-        if all(e.read_rate_bps > 0 for e in balanced):  # measured drain rates: compare drain times
-            de = min(balanced, key=lambda e: (_drain_s(e, e.read_rate_bps), e.running_decode_tokens, e.name))
-        else:  # bytes stand in for time
-            de = min(balanced, key=_READ_QUEUE_ORDER)
+        # the read-queue choice must not unbalance decoding: at most one request's worth of tokens
+        # beyond the least loaded DE
+        de = _shortest_queue(view, req, skip, lightest.running_decode_tokens + req.prompt_tokens + req.max_tokens)
         if policy == "dualpath-split":
             de_blocks = split_blocks(req, pe, de)
         else:  # the side that would finish the read first reads all; a tie goes to the PE (no extra hop)

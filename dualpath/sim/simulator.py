@@ -163,7 +163,7 @@ class Simulation:
                                             Link(0 if cfg.egress_only else link),
                                             Pool(cfg.buffer_blocks), Pool(cfg.hbm_blocks)))
         self.index = {e.name: k for k, e in enumerate(self.engines)}
-        self.view = ClusterView([], [])
+        self.view = ClusterView()
         self.records: list[RequestRecord] = []
         self.open_requests = 0  # sent and not done
         self.waiting: list[tuple[Session, int, int, float]] = []  # no engine had room: retried each heartbeat
@@ -207,9 +207,9 @@ class Simulation:
     # -- heartbeats and samples --
 
     def _beat(self) -> None:
-        self.view = ClusterView.of(EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
-                                              e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free)
-                                   for e in self.engines)
+        for e in self.engines:
+            self.view.put(EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
+                                     e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free))
         retry, self.waiting = self.waiting, []
         for i, (s, k, context, t_send) in enumerate(retry):  # first come first served: the rest wait on
             if not self._send(s, k, context, t_send):
@@ -228,9 +228,7 @@ class Simulation:
 
     def _assign(self, name: str, work: dict[str, int]) -> None:
         """What a decision adds to an engine's last heartbeat, until the next one."""
-        k, p = self.index[name], self.cfg.n_prefill  # engines are listed PEs first
-        side, k = (self.view.prefill, k) if k < p else (self.view.decode, k - p)
-        side[k] = side[k].plus(**work)
+        self.view.put(self.view.loads[name].plus(**work))
 
     # -- a request's life --
 

@@ -131,11 +131,11 @@ async def connect(host: str, port: int, token: str, name: str, handler: Handler 
 
 
 class Server:
-    """Accepts authenticated control connections; ``on_connect`` sees each new Connection."""
+    """Accepts authenticated control connections; ``on_close`` hears of each one that closes."""
 
-    def __init__(self, token: str, handler: Handler, on_connect: Callable[[Connection], None] | None = None,
+    def __init__(self, token: str, handler: Handler, on_close: Callable[[Connection], None] | None = None,
                  max_frame: int = MAX_FRAME):
-        self.token, self.handler, self.on_connect, self.max_frame = token, handler, on_connect, max_frame
+        self.token, self.handler, self.on_close, self.max_frame = token, handler, on_close, max_frame
         self.connections: set[Connection] = set()
         self.refused = 0
         self._server: asyncio.base_events.Server | None = None
@@ -159,10 +159,10 @@ class Server:
             return
         conn = Connection(reader, writer, self.handler, name, self.max_frame)
         self.connections.add(conn)
-        if self.on_connect:
-            self.on_connect(conn)
         await conn.closed.wait()
         self.connections.discard(conn)
+        if self.on_close:
+            self.on_close(conn)
 
     async def close(self) -> None:
         if self._server:
