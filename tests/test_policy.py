@@ -71,6 +71,8 @@ def test_no_policy_picks_an_engine_without_room_for_the_request():
         assert pick(policy, req, [pe, full_hbm, full_buf, roomy]).de == "de3"
         with pytest.raises(NoRoom, match="decode"):
             pick(policy, req, [pe, full_hbm, full_buf])
+        with pytest.raises(NoRoom, match="decode"):  # every DE refused it: wait for room, do not fail
+            choose(policy, req, ClusterView([pe, roomy]), skip={"de3"})
         with pytest.raises(NoRoom, match="prefill"):
             pick(policy, req, [EngineLoad("pe0", "prefill", 0, free_buffer_blocks=200, free_hbm_blocks=124), roomy])
 

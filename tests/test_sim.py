@@ -80,6 +80,32 @@ def test_the_prefill_engine_and_the_simulator_batch_alike():
     assert pick_batch([], 4096) == [] and pick_batch([10, 10], 20) == [10, 10]
 
 
+async def test_a_prefill_step_takes_the_jobs_whose_kv_is_in_and_else_the_first_loading_one():
+    """A step waits for each layer of every job in it: a job read early must not wait for the slowest
+    read. Only fully loaded jobs go in; with none, the first job whose layer 0 is in runs alone."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from dualpath.config import EngineConfig
+    from dualpath.engine.prefill import PrefillEngine, PrefillJob
+
+    def job(rid: str, layers_in: int, hit_blocks: int = 4) -> PrefillJob:
+        j = PrefillJob(rid, list(range(300)), hit_blocks, 0, "de", None, 0.0, None, computed=hit_blocks * 64)
+        j.path_a_layer = [asyncio.Event() for _ in range(3)]
+        j.path_b_layer = [asyncio.Event() for _ in range(3)]
+        for ev in j.path_a_layer[:layers_in] + j.path_b_layer:
+            ev.set()
+        return j
+
+    engine = SimpleNamespace(cfg=SimpleNamespace(engine=EngineConfig()), ready=[])
+    engine.ready = [job("loading", 1), job("loaded", 3), job("cold", 0, hit_blocks=0), job("unread", 0)]
+    assert [j.rid for j, _ in PrefillEngine._pick(engine)] == ["loaded", "cold"]
+    engine.ready = [job("unread", 0), job("one layer", 1), job("two layers", 2)]
+    assert [j.rid for j, _ in PrefillEngine._pick(engine)] == ["one layer"]
+    engine.ready = [job("unread", 0)]
+    assert PrefillEngine._pick(engine) == []  # the step loop waits for a layer to land
+
+
 def test_memory_bounds_concurrency_and_every_request_still_ends():
     """A DE whose HBM holds two requests: never more than that in flight, and nothing is lost."""
     rc = ReproConfig()

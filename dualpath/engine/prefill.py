@@ -59,6 +59,12 @@ class PrefillJob:
     failed: str | None = None
 
 
+def _kv_in(job: PrefillJob, layer: int) -> bool:
+    """Layer `layer` of the job's hit KV is in our buffer from both paths (or it needs none now)."""
+    return (not job.hit_blocks or job.loaded_to_hbm or job.failed is not None
+            or (job.path_a_layer[layer].is_set() and job.path_b_layer[layer].is_set()))
+
+
 class PrefillEngine(Engine):
     role = "prefill"
 
@@ -97,6 +103,7 @@ class PrefillEngine(Engine):
         job = self.jobs.get(notify["rid"]) if isinstance(notify, dict) else None
         if job is not None and job.path_b_layer:
             job.path_b_layer[notify["layer"]].set()
+            self.wake.set()
 
     # -- admission and loading --
 
@@ -123,6 +130,7 @@ class PrefillEngine(Engine):
             def landed(l: int) -> None:
                 job.t_landed.setdefault(l, time.monotonic())
                 layers[l].set()
+                self.wake.set()
 
             if not await self.read_blocks(keys, job.run, first=lo, on_layer=landed):
                 job.failed = "retry: a hit block was missing or corrupt"
@@ -131,12 +139,14 @@ class PrefillEngine(Engine):
                 self.metrics["path_a_blocks"] += hi - lo
         for ev in layers:  # nothing to read, or a miss: the step loop must not wait (it checks job.failed)
             ev.set()
+        self.wake.set()
 
     async def _read_path_b(self, job: PrefillJob) -> None:
         """Hit blocks [0, de_blocks): the DE reads them and writes them into our buffer layer by layer."""
         if job.de_blocks == 0:
             for ev in job.path_b_layer:
                 ev.set()
+            self.wake.set()
             return
         try:
             de = await self.peer(job.de)
@@ -151,8 +161,17 @@ class PrefillEngine(Engine):
     # -- the prefill step loop --
 
     def _pick(self) -> list[tuple[PrefillJob, int]]:
-        """Jobs for this step within the compute quota; a long miss is chunked across steps."""
-        jobs = list(self.ready)
+        """Jobs for this step within the compute quota; a long miss is chunked across steps.
+
+        A step waits for layer l of every job in it before running layer l, so it takes only the
+        jobs whose hit KV is all in our buffer (or in HBM already). With none, the first job whose
+        first layer is in runs alone, its load overlapping its compute layer by layer. (A step of
+        every ready job held the jobs read early behind the last one's read, and their handoffs and
+        freed memory with them: `bench ingest`, one H200, path A 5.2 -> 8.7 GB/s together with room
+        for every request.)"""
+        jobs = [j for j in self.ready if _kv_in(j, -1)]
+        if not jobs:
+            jobs = [j for j in self.ready if _kv_in(j, 0)][:1]
         quota = self.cfg.engine.prefill_token_quota
         return list(zip(jobs, pick_batch((len(j.tokens) - j.computed for j in jobs), quota)))
 
@@ -165,13 +184,14 @@ class PrefillEngine(Engine):
                     self.ready.remove(job)
                     await self._fail(job, job.failed)
                 picked = self._pick()
-                if picked:
-                    try:
-                        await self._step(picked)
-                    except Exception as e:
-                        log.exception("%s: prefill step failed", self.name)
-                        for job, _ in picked:
-                            job.failed = f"prefill step failed: {e}"
+                if not picked:
+                    break  # until more KV lands (the wake event)
+                try:
+                    await self._step(picked)
+                except Exception as e:
+                    log.exception("%s: prefill step failed", self.name)
+                    for job, _ in picked:
+                        job.failed = f"prefill step failed: {e}"
 
     async def _step(self, picked: list[tuple[PrefillJob, int]]) -> None:
         batch = Batch.build([(j.blocks, j.computed, n) for j, n in picked], self.bt, self.device)

@@ -175,7 +175,7 @@ def _first_fit(view: ClusterView, order: str, req: RequestInfo, skip: Collection
         if _fits(e, req, skip):
             return e
     role = _ORDERS[order][0]
-    if all(key[-1] in skip for key in view.keys[order]):  # none, or every one passed over
+    if not view.keys[order]:  # (engines passed over are live: they refused for want of room)
         raise NoEngine(f"no live {role} engine")
     raise NoRoom(f"no {role} engine has room for this request now ({req.prompt_blocks} buffer blocks"
                  f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})")
