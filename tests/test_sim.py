@@ -129,7 +129,7 @@ def test_memory_bounds_concurrency_and_every_request_still_ends():
 
 def test_engines_on_one_node_share_its_storage_nic():
     rc = ReproConfig()
-    sessions = agentic(rc.workload.__class__(**{**vars(rc.workload), "agents": 8, "turns": 3}))
+    sessions = agentic(rc.workload.__class__(**{**vars(rc.workload), "agents": 16, "turns": 3}))
     bb, layers = block_bytes(rc.preset, rc.dtype, rc.block_tokens)
     apart = SimConfig(2, 2, 0.008, 10.0, block_tokens=64, block_bytes=bb, n_layers=layers)
     together = dataclasses.replace(apart, engines_per_node=2)  # both PEs on node 0, both DEs on node 1

@@ -13,13 +13,13 @@ What is modelled, each in the simplest form that keeps the real system's bottlen
   request ends, or refuses at once (the request goes back to the coordinator). The PE then waits,
   first come first served, for the prompt's blocks in both until its handoff is sent, as the
   engines' ``Room`` does. A request larger than an engine's memory fails;
-- a PE: a step loop; each step computes ``pick_batch`` of its ready requests in the profile's time,
-  and ends no earlier than one layer's compute after the last hit layer it waits for lands
-  (layer-wise overlap);
+- a PE: a step loop; each step computes ``pick_batch`` of its ready requests whose hit KV is in
+  (else of the first one still loading) in the profile's time, and ends no earlier than one
+  layer's compute after the last hit layer it waits for lands (layer-wise overlap);
 - a DE: continuous batching; each step takes the profile's time for its batch and context and
   gives each running request one token; a request joins when its handoff is in;
 - the coordinator: each engine's load and free memory as of its last heartbeat (every
-  ``heartbeat_s``), plus what was assigned since, as ``Coordinator.cluster_view`` does; a request
+  ``heartbeat_s``), plus what was assigned since, as the coordinator's ``ClusterView`` does; a request
   no engine has room for waits for the next heartbeat.
 """
 
@@ -306,13 +306,18 @@ class Simulation:
             self._prefill(pe)
 
     def _prefill(self, pe: _Engine) -> None:
-        """Start the PE's next step if it is idle. A step waits for every picked request whose hit
-        KV is still being read, as the real engine's step waits for layer l before running it."""
-        if pe.stepping or not pe.ready or pe.ready[0].reads_pending:
-            return  # the head of the queue has not even started reading: the step would wait for it
-        ns = pick_batch((r.new_tokens - r.computed for r in pe.ready), self.cfg.prefill_token_quota)
-        picked = list(zip(itertools.islice(pe.ready, len(ns)), ns))
-        picked = [(r, n) for r, n in picked if not r.reads_pending]  # the head's reads have started
+        """Start the PE's next step if it is idle. As in the real engine (``PrefillEngine._pick``), a
+        step takes the ready requests whose hit KV is all in; with none, the first whose reads are
+        under way runs alone and ends no earlier than one layer's compute after its last layer
+        lands (layer-wise overlap)."""
+        if pe.stepping:
+            return
+        jobs = [r for r in pe.ready if not r.reads_pending and r.loaded_at <= self.now]
+        if not jobs:
+            jobs = [r for r in pe.ready if not r.reads_pending][:1]
+        if not jobs:
+            return  # no read has started yet: _loaded starts the step
+        picked = list(zip(jobs, pick_batch((r.new_tokens - r.computed for r in jobs), self.cfg.prefill_token_quota)))
         work = self.profile.prefill_s([(n, r.context + r.computed) for r, n in picked])
         loading = [r.loaded_at for r, _ in picked if r.computed == 0 and r.context]
         end = max(self.now + work, max(loading, default=0.0) + work / self.cfg.n_layers)
