@@ -69,6 +69,7 @@ def run(prefill: int, decode: int, prompt_tokens: int, hit_ratio: float, request
             for key in block_chain(tokens, coord.fingerprint, bt)[: int(prompt_tokens * hit_ratio) // bt]:
                 coord.store.write(key, layers)
             prompts.append(tokens)
+
         def heartbeats() -> None:  # fresh loads, in which the assignments so far show
             for e in coord.engines.values():
                 coord.view.put(e.heard(_heartbeat(rng, e.role, cfg), drain_rates=False))
