@@ -98,7 +98,9 @@ async def test_a_prefill_step_takes_the_jobs_whose_kv_is_in_and_else_the_first_l
         return j
 
     engine = SimpleNamespace(cfg=SimpleNamespace(engine=EngineConfig()), ready=[])
-    engine.ready = [job("loading", 1), job("loaded", 3), job("cold", 0, hit_blocks=0), job("unread", 0)]
+    last_only = job("last layer only", 0)  # spans of layers land in any order
+    last_only.path_a_layer[-1].set()
+    engine.ready = [job("loading", 1), job("loaded", 3), last_only, job("cold", 0, hit_blocks=0), job("unread", 0)]
     assert [j.rid for j, _ in PrefillEngine._pick(engine)] == ["loaded", "cold"]
     engine.ready = [job("unread", 0), job("one layer", 1), job("two layers", 2)]
     assert [j.rid for j, _ in PrefillEngine._pick(engine)] == ["unread"]  # the first to be read
