@@ -57,10 +57,15 @@ def run(prefill: int, decode: int, prompt_tokens: int, hit_ratio: float, request
         coord = Coordinator(cfg)
         now = time.monotonic()
         for spec in cfg.engines:
-            e = coord.engines[spec.name] = EngineEntry(spec.name, spec.role, spec.node, (spec.host, spec.port),
-                                                       _Link(), now)
-            coord.view.put(e.heard(_heartbeat(rng, spec.role, cfg), drain_rates=False))
-            e.last_seen = now + 3600
+            coord.engines[spec.name] = EngineEntry(spec.name, spec.role, spec.node, (spec.host, spec.port), _Link(),
+                                                   now)
+
+        def heartbeats() -> None:  # fresh loads, in which the assignments so far show
+            for e in coord.engines.values():
+                coord.view.put(e.heard(_heartbeat(rng, e.role, cfg), drain_rates=False))
+                e.last_seen = now + 3600
+
+        heartbeats()
         # the prompts' hit blocks are stored, as earlier turns would have left them
         bt, prompts = coord.bt, []
         layers = [bytes(coord.store.shape.bytes_per_layer)] * coord.store.shape.n_layers
@@ -69,11 +74,6 @@ def run(prefill: int, decode: int, prompt_tokens: int, hit_ratio: float, request
             for key in block_chain(tokens, coord.fingerprint, bt)[: int(prompt_tokens * hit_ratio) // bt]:
                 coord.store.write(key, layers)
             prompts.append(tokens)
-
-        def heartbeats() -> None:  # fresh loads, in which the assignments so far show
-            for e in coord.engines.values():
-                coord.view.put(e.heard(_heartbeat(rng, e.role, cfg), drain_rates=False))
-                e.last_seen = now + 3600
 
         def decide(tokens: list[int], hit: int) -> None:  # the timed policy and bookkeeping
             info = RequestInfo(len(tokens), hit, coord.block_bytes, 64, coord.blocks_for(len(tokens)),

@@ -112,14 +112,6 @@ class ClusterView:
         loads = self.loads
         return (loads[key[-1]] for key in self.keys[order])
 
-    @property
-    def prefill(self) -> list[EngineLoad]:
-        return list(self.in_order("prefill"))
-
-    @property
-    def decode(self) -> list[EngineLoad]:
-        return list(self.in_order("decode_load"))
-
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
