@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dualpath.engine.kvcache import KVPool
-from dualpath.engine.model import Batch, last_token_index
+from dualpath.engine.model import Batch, Packed, _gather, flash_available, last_token_index
 from dualpath.engine.weights import CheckpointError, load_pretrained
 
 BT = 16  # small blocks so that short sequences cross many block boundaries
@@ -100,11 +100,11 @@ def test_moe_checkpoint_is_refused(tmp_path):
         load_pretrained(str(tmp_path))
 
 
-def _prefill(model, pool, table, tokens, cached, chunks):
+def _prefill(model, pool, table, tokens, cached, chunks, device="cpu"):
     """Prefill tokens[cached:] on top of `cached` tokens already in the pool, in chunks, layer by layer."""
     logits, pos = [], cached
     for n in chunks:
-        batch = Batch.build([(table, pos, n)], BT, "cpu")
+        batch = Batch.build([(table, pos, n)], BT, device)
         h = model.embed(tokens[pos : pos + n])
         for l in range(model.cfg.n_layers):
             h = model.layer(l, h, batch, pool.layer(l))
@@ -151,33 +151,68 @@ def test_batched_decode_with_mixed_lengths_equals_reference(preset):
         assert ref[n_prompt - 1 :].argmax(-1).tolist() == s[n_prompt:]
 
 
-def test_a_step_of_several_appends_equals_the_reference_with_or_without_one_attention_call(preset):
+def _appends_step(model, device: str, dtype: torch.dtype):
     """Agents' next turns in one prefill step: appends of 1 to 9 tokens after cached contexts of
-    different lengths (one inside its first block). Attended in one batched call (GQA: Batch.appends)
-    or one call per sequence, every sequence's logits equal a no-cache forward of it."""
-    model = load_pretrained(preset)
+    different lengths (one inside its first block). -> (batch, pool, ids, sequences)."""
     gen = torch.Generator().manual_seed(5)
-    pool = KVPool(model.cfg, 64, BT, "cpu", torch.float32)
+    pool = KVPool(model.cfg, 64, BT, device, dtype)
     seqs = []
     for cached, new in [(40, 3), (7, 9), (64, 1), (33, 5)]:
         tokens = torch.randint(0, model.cfg.vocab_size, (cached + new,), generator=gen)
         table = pool.allocator.alloc(pool.blocks_for(cached + new))
-        _prefill(model, pool, table, tokens, 0, [cached])
+        _prefill(model, pool, table, tokens.to(device), 0, [cached], device)
         seqs.append((tokens, table, cached, new))
-    spec = [(table, cached, new) for _, table, cached, new in seqs]
-    batch = Batch.build(spec, BT, "cpu")
-    assert batch.appends is not None and batch.appends.mask.shape == (4, 1, 9, pool.blocks_for(65) * BT)
-    ids = torch.cat([tokens[cached:] for tokens, _, cached, _ in seqs])
-    for appends in (batch.appends, None):  # the batched call, then one call per sequence
-        batch.appends = appends
-        h = model.embed(ids)
-        for l in range(model.cfg.n_layers):
-            h = model.layer(l, h, batch, pool.layer(l))
-        got, start = model.logits(h), 0
-        for tokens, _, cached, new in seqs:
-            torch.testing.assert_close(got[start : start + new], model.forward_reference(tokens)[cached:],
-                                       atol=2e-5, rtol=1e-4)
-            start += new
+    batch = Batch.build([(table, cached, new) for _, table, cached, new in seqs], BT, device)
+    ids = torch.cat([tokens[cached:] for tokens, _, cached, _ in seqs]).to(device)
+    return batch, pool, ids, seqs
+
+
+def _step_logits(model, batch, pool, ids) -> torch.Tensor:
+    h = model.embed(ids)
+    for l in range(model.cfg.n_layers):
+        h = model.layer(l, h, batch, pool.layer(l))
+    return model.logits(h)
+
+
+def test_a_step_of_several_appends_equals_the_reference(preset):
+    model = load_pretrained(preset)
+    batch, pool, ids, seqs = _appends_step(model, "cpu", torch.float32)
+    got, start = _step_logits(model, batch, pool, ids), 0
+    for tokens, _, cached, new in seqs:
+        torch.testing.assert_close(got[start : start + new], model.forward_reference(tokens)[cached:],
+                                   atol=2e-5, rtol=1e-4)
+        start += new
+
+
+def test_packed_step_gathers_every_context_in_order():
+    """Packed (the GPU's one attention call per layer): its slots gather each sequence's context
+    exactly as the per-sequence path does, and its starts split queries and keys per sequence."""
+    seqs = [([5, 2, 9], 40, 3), ([7], 7, 9), ([1, 3, 4, 8, 0], 64, 1)]
+    p = Packed.build(seqs, BT, torch.device("cpu"))
+    kv_layer = torch.randn(10, BT, 6)
+    want = torch.cat([_gather(kv_layer, torch.tensor(t), c + n) for t, c, n in seqs])
+    torch.testing.assert_close(kv_layer.view(-1, 6)[p.key_slots], want, atol=0, rtol=0)
+    assert p.cu_q.tolist() == [0, 3, 12, 13] and p.cu_k.tolist() == [0, 43, 59, 124]
+    assert (p.max_q, p.max_k) == (9, 65) and p.cu_q.dtype == torch.int32
+
+
+@pytest.mark.skipif(not flash_available(torch.device("cuda")) if torch.cuda.is_available() else True,
+                    reason="needs a GPU with the flash kernel")
+def test_packed_flash_step_equals_one_call_per_sequence_on_gpu():
+    """bf16 on the GPU: the one flash call per layer gives the per-sequence path's logits within bf16
+    noise, and is as close as that path to the fp32 no-cache reference (a causal mask aligned to the
+    wrong corner, or a context gathered out of order, would be far off)."""
+    model = load_pretrained("tiny-gqa", device="cuda", dtype=torch.bfloat16)
+    batch, pool, ids, seqs = _appends_step(model, "cuda", torch.bfloat16)
+    assert batch.packed is not None
+    packed = _step_logits(model, batch, pool, ids).float()
+    batch.packed = None
+    plain = _step_logits(model, batch, pool, ids).float()
+    torch.testing.assert_close(packed, plain, atol=0.05, rtol=0.05)
+    fp32 = load_pretrained("tiny-gqa", device="cuda")  # the same seeded weights, unrounded
+    ref = torch.cat([fp32.forward_reference(tokens.cuda())[cached:] for tokens, _, cached, _ in seqs])
+    err_packed, err_plain = (packed - ref).abs().max().item(), (plain - ref).abs().max().item()
+    assert err_packed <= 1.5 * err_plain + 0.01, (err_packed, err_plain)
 
 
 def test_bucketed_decode_step_matches_the_plain_step(preset):

@@ -23,6 +23,7 @@ Dense MLP only (SwiGLU); DeepSeek MoE layers are not supported and are refused a
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -97,49 +98,50 @@ class ModelConfig:
 
 
 MASK_MAX_ELEMENTS = 1 << 22  # above this an explicit [n, ctx] mask costs more memory than it saves time
-APPENDS_MAX_NEW = 128  # longest append attended in the one batched call (longer: one call per sequence)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+# cuDNN's attention (which SDPA prefers for a boolean mask on Hopper) compiles a kernel for each new
+# shape, 0.5-1.3 s each on an H200, and every agent's turn has a new context length. The kernels
+# used instead (flash, memory-efficient, math) are precompiled.
+torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+@functools.lru_cache(maxsize=None)
+def flash_available(device: torch.device) -> bool:
+    """The flash kernel runs here: a CUDA build that has it, on an Ampere or newer GPU."""
+    return (device.type == "cuda" and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 @dataclass
-class Appends:
-    """Several sequences' short appends (an agent's next turn: a few new tokens after a long cached
-    context) attended in one SDPA call instead of one per sequence, whose launches dominated such
-    steps on a GPU. Queries are padded to the longest append and keys to the longest context.
+class Packed:
+    """A prefill step's sequences packed end to end for one flash-attention call per layer (GQA,
+    half precision, CUDA): each sequence's context gathered from the pool in order, and where each
+    sequence's new tokens and context start. One call attends every sequence, whatever the lengths,
+    with no padding and no mask tensor (causal, aligned to the lower right).
 
-    tables: [B, max_blocks] block tables, padded with block 0.
-    rows: [B, n_max] index of sequence b's new token i in the flat batch (padding: 0).
-    real: [B, n_max] which padded rows are real tokens (in flat-batch order when read row-major).
-    mask: [B, 1, n_max, L] query i of sequence b sees key j: causal, aligned to the lower right; a
-        padding query sees key 0 only, so that no row is masked entirely (that would give NaN).
+    key_slots: LongTensor[sum of contexts], the pool slot of every context token, sequence by sequence.
+    cu_q, cu_k: IntTensor[B + 1], where each sequence's new tokens / context tokens start.
     """
 
-    tables: torch.Tensor
-    rows: torch.Tensor
-    real: torch.Tensor
-    mask: torch.Tensor
+    key_slots: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
 
     @staticmethod
-    def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device) -> "Appends | None":
-        """For (block_table, cached, new) sequences, or None where one call per sequence is better."""
-        n_max, max_blocks = max(n for _, _, n in seqs), max(len(t) for t, _, _ in seqs)
-        too_big = len(seqs) * n_max * max_blocks * block_tokens > MASK_MAX_ELEMENTS
-        if len(seqs) < 2 or n_max > APPENDS_MAX_NEW or too_big:
-            return None
-        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.long)
-        rows = torch.zeros(len(seqs), n_max, dtype=torch.long)
-        start = 0
-        for b, (table, _, n) in enumerate(seqs):
-            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
-            rows[b, :n] = torch.arange(start, start + n)
-            start += n
-        new = torch.tensor([n for _, _, n in seqs]).unsqueeze(1)  # [B, 1]
-        ctx = torch.tensor([c + n for _, c, n in seqs]).unsqueeze(1)
-        i = torch.arange(n_max).unsqueeze(0)  # [1, n_max]
-        real = i < new
-        q_pos = torch.where(real, ctx - new + i, 0)  # a padding query's "position" 0: it sees key 0
-        keys = torch.arange(max_blocks * block_tokens).view(1, 1, -1)
-        mask = keys <= q_pos.unsqueeze(2)  # [B, n_max, L]; keys past a context are past every query of it
-        return Appends(tables.to(device), rows.to(device), real.to(device), mask.unsqueeze(1).to(device))
+    def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device: torch.device) -> "Packed":
+        """For (block_table, cached, new) sequences."""
+        offsets = torch.arange(block_tokens)
+        slots = [(torch.tensor(t, dtype=torch.long).unsqueeze(1) * block_tokens + offsets).flatten()[: c + n]
+                 for t, c, n in seqs]
+        new, ctx = [n for _, _, n in seqs], [c + n for _, c, n in seqs]
+
+        def starts(lengths: list[int]) -> torch.Tensor:
+            return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+        return Packed(torch.cat(slots).to(device), starts(new), starts(ctx), max(new), max(ctx))
 
 
 @dataclass
@@ -163,7 +165,7 @@ class Batch:
     block_tables: list[torch.Tensor]
     padded_tables: torch.Tensor | None = None
     lens: torch.Tensor | None = None
-    appends: Appends | None = None  # short prefill appends of several sequences: one attention call
+    packed: Packed | None = None  # a prefill step on a GPU with the flash kernel: one attention call
 
     @staticmethod
     def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device: torch.device | str) -> "Batch":
@@ -179,7 +181,8 @@ class Batch:
             ctx_lens=[c + n for _, c, n in seqs],
             new_lens=[n for _, _, n in seqs],
             block_tables=[torch.tensor(t, dtype=torch.long, device=device) for t, _, _ in seqs],
-            appends=Appends.build(seqs, block_tokens, device) if any(n > 1 for _, _, n in seqs) else None,
+            packed=(Packed.build(seqs, block_tokens, torch.device(device))
+                    if any(n > 1 for _, _, n in seqs) and flash_available(torch.device(device)) else None),
         )
 
     @property
@@ -246,10 +249,11 @@ def _lower_right_mask(n: int, ctx: int, device: torch.device) -> torch.Tensor:
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Prefill attention of n new queries [n, H, d] over ctx keys/values [ctx, G, d] (G divides H),
     the new tokens being the last n of the context: causal, aligned to the lower right (query i sees
-    keys up to ctx - n + i). The mask takes the cheapest form that SDPA's fused kernels accept: none
-    for one query (it sees every key), is_causal when n == ctx, a cached boolean [n, ctx] mask for
-    short appends (a CausalBias is decided in Python on every call, which dominated a step of many
-    short appends on a GPU), and a CausalBias for long ones (no [n, ctx] tensor at all)."""
+    keys up to ctx - n + i). One call per sequence: the CPU's path, and the GPU's for fp32 and MLA
+    (``_attend_packed`` is the GPU's for GQA). The mask takes the cheapest form that SDPA's fused
+    kernels accept: none for one query (it sees every key), is_causal when n == ctx, a cached boolean
+    [n, ctx] mask for short appends (a CausalBias is decided in Python on every call), and a
+    CausalBias for long ones (no [n, ctx] tensor at all)."""
     n, ctx = len(q), len(k)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, len, d]: fused kernels want 4-D
     mask, causal = None, n == ctx and n > 1
@@ -258,6 +262,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return out[0].transpose(0, 1)
+
+
+def _attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, scale: float) -> torch.Tensor:
+    """``_attend`` for every sequence of a step in one call: q [new tokens, H, d] and k, v
+    [context tokens, G, d], packed as ``p`` says. This is the flash kernel's variable-length entry
+    (``torch.nn.attention.varlen`` wraps it from torch 2.10 on, but its signature still changes
+    between releases). It takes grouped heads as they are, and aligns the causal mask of a sequence
+    with fewer queries than keys to the lower right."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, p.cu_q, p.cu_k, p.max_q, p.max_k, 0.0, True, False,
+                                                   scale=scale)[0]
 
 
 def _gather(kv_layer: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -323,13 +337,10 @@ class GQAttention(nn.Module):
             scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
             out = torch.einsum("bgrl,blgd->bgrd", scores.softmax(-1, dtype=torch.float32).to(q.dtype), vv)
             return self.o_proj(out.reshape(len(x), -1))
-        if batch.appends is not None:
-            a = batch.appends
-            kv = kv_layer[a.tables].flatten(1, 2).to(q.dtype)  # [B, L, W]
-            kk, vv = kv.view(*kv.shape[:2], 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B, L, G, d] each
-            out = F.scaled_dot_product_attention(q[a.rows].transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                                 attn_mask=a.mask, scale=c.scale, enable_gqa=rep > 1)
-            return self.o_proj(out.transpose(1, 2)[a.real].reshape(len(x), -1))  # real rows, in flat order
+        if batch.packed is not None and q.dtype in FLASH_DTYPES:
+            p = batch.packed
+            kv = kv_layer.view(-1, c.kv_width)[p.key_slots].to(q.dtype).view(-1, 2, c.n_kv_heads, c.head_dim)
+            return self.o_proj(_attend_packed(q, kv[:, 0], kv[:, 1], p, c.scale).reshape(len(x), -1))
         outs, start = [], 0
         for table, ctx, n in zip(batch.block_tables, batch.ctx_lens, batch.new_lens):
             kv = _gather(kv_layer, table, ctx).to(q.dtype).view(ctx, 2, c.n_kv_heads, c.head_dim)
