@@ -82,6 +82,47 @@ def test_no_room_on_the_idlest_decode_engine_is_not_the_clients_problem(cluster)
     assert_decode_engines_idle(cluster)
 
 
+def _timed_stream(url: str, body: dict, out: dict) -> None:
+    """A streaming request; out gets the client's times of its first and last token."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                out.setdefault("first", time.monotonic())
+    out["done"] = time.monotonic()
+
+
+def test_requests_waiting_for_room_get_it_as_soon_as_it_is_freed_oldest_first(tmp_path):
+    """1P1D whose DE holds one long request at a time, heartbeats 4 s apart. Of three long requests
+    sent in turn, the second and third each start within 2 s of the one before finishing, in the
+    order they came: an engine that frees memory says so at once, and the oldest waiter goes first.
+    (Each used to sleep a heartbeat interval between tries: it started 0 to 8 s later.)"""
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
+    cfg.engine.hbm_blocks = HBM_BLOCKS  # 100 + 480 tokens is 37 of the DE's 39 usable blocks
+    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 4.0, 12.0
+    with LocalCluster(cfg, str(tmp_path / "run")) as c:
+        times = [{}, {}, {}]
+        threads = [threading.Thread(target=_timed_stream, args=(c.url, {"prompt": list(range(100 + i)),
+                                                                        "max_tokens": 480}, t), daemon=True)
+                   for i, t in enumerate(times)]
+        threads[0].start()
+        deadline = time.monotonic() + 60
+        while "first" not in times[0] and time.monotonic() < deadline:  # the first one holds the DE
+            time.sleep(0.01)
+        for t in threads[1:]:
+            t.start()
+            time.sleep(0.3)
+        for t in threads:
+            t.join(120)
+        assert all("done" in t for t in times), times
+        gaps = [nxt["first"] - prev["done"] for prev, nxt in zip(times, times[1:])]
+        assert all(0 < g < 2.0 for g in gaps), gaps  # started after the one before, oldest first
+        assert_decode_engines_idle(c)
+    SUMMARY.append(f"waiting for room: the next request started {max(gaps):.2f} s after room was freed "
+                   "(heartbeats 4 s apart)")
+
+
 @pytest.mark.parametrize("body,needle", [
     ('{"prompt": [1, 2, 3], "temperature": NaN}', "temperature"),
     ('{"prompt": [1, 2, 3], "temperature": Infinity}', "temperature"),

@@ -199,6 +199,7 @@ class DecodeEngine(Engine):
                 seq.persisted.append(fut)
         self.buffer.release(seq.run)
         seq.run = None
+        self.freed.set()
         self._emit(seq, first_token)
         if not self._finished(seq):
             self.running.append(seq)

@@ -68,6 +68,7 @@ class Engine:
         self.peer_addrs: dict[str, tuple[str, int]] = {}
         self.coord: Connection | None = None
         self.stopping = asyncio.Event()
+        self.freed = asyncio.Event()  # memory was given back: say so in a heartbeat now (sched/waiting.py)
         self.read_rate_bps = 0.0  # how fast we drain our storage reads (policy.py compares drain times)
         self._rate_mark = (0, 0.0)  # (verified bytes, busy seconds) at the last rate update
 
@@ -145,8 +146,12 @@ class Engine:
                 self.stopping.set()
                 return
             self._measure_read_rate()
+            self.freed.clear()
             tell(self.coord, Heartbeat(self.name, self.load()))
-            await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
+            try:  # the next one after an interval, or as soon as memory is freed (requests wait for room)
+                await asyncio.wait_for(self.freed.wait(), self.cfg.scheduler.heartbeat_s)
+            except TimeoutError:
+                pass
 
     def _measure_read_rate(self, alpha: float = 0.3) -> None:
         """Fold the reading done since the last update into read_rate_bps (a moving average), once
@@ -265,9 +270,11 @@ class Engine:
         if req.run is not None:
             self.buffer.release(req.run)
             req.run = None
+            self.freed.set()
         if req.blocks:
             self.pool.allocator.release(req.blocks)
             req.blocks = []
+            self.freed.set()
 
     async def take_memory(self, req, buffer_blocks: int, hbm_blocks: int) -> None:
         """A request's DRAM-buffer run and HBM blocks, waiting (each pool's Room) at most

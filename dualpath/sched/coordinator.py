@@ -32,6 +32,7 @@ from dualpath.sched.dashboard import Dashboard
 from dualpath.sched.metrics import ClusterMetrics
 from dualpath.sched.policy import (ClusterView, Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, assigned,
                                    choose)
+from dualpath.sched.waiting import WaitingRoom
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
@@ -125,6 +126,7 @@ class Coordinator:
         # What the policies see: each live engine's last heartbeat plus what was assigned since
         self.view = ClusterView()
         self._sweep_at = 0.0  # when cluster_view next drops the engines that stopped heartbeating
+        self.waiting = WaitingRoom()  # requests that found no room, oldest first
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count(1)
         self.metrics = ClusterMetrics(self)
@@ -145,6 +147,7 @@ class Coordinator:
         e = self.engines.get(msg.engine)
         if e is not None and e.conn is conn:
             self.view.put(e.heard(msg.load, self.cfg.scheduler.drain_rates))
+            self.waiting.room_changed()
 
     async def on_token(self, conn: Connection, msg: Token) -> None:
         self._to_request(conn, msg)
@@ -292,8 +295,9 @@ class Coordinator:
 
     async def schedule(self, req: RequestState) -> None:
         """Steps 2-4: prefix lookup, policy, then admit on the DE and submit to the PE. Only engines
-        with room are chosen; with none, wait for the next heartbeats (until the deadline). A DE that
-        refuses (no room after all) or does not answer while its heartbeats stop is passed over."""
+        with room are chosen; with none, the request waits its turn for room (oldest first, until
+        its deadline). A DE that refuses (no room after all) or does not answer while its heartbeats
+        stop is passed over."""
         req.attempts += 1
         self.requests[req.attempt_rid] = req
         chain = block_chain(req.tokens, self.fingerprint, self.bt)
@@ -302,16 +306,22 @@ class Coordinator:
         n, m = len(req.tokens), req.params["max_tokens"]
         info = RequestInfo(n, req.hit_blocks, self.block_bytes, m, self.blocks_for(n), self.blocks_for(n + m))
         passed_over: set[str] = set()
+        may_try, waited = not self.waiting, False  # a newcomer queues behind the requests waiting for room
         while True:
+            if not may_try:
+                try:
+                    await self.waiting.wait(req.deadline, keep_place=waited)
+                except TimeoutError:
+                    raise NoRoom("no engine had room for this request before its deadline") from None
+                may_try, waited = True, True
+                passed_over.clear()  # room may have come back anywhere
             try:
                 d = req.decision = choose(req.policy, info, self.cluster_view(), skip=passed_over)
             except NoRoom:
-                if time.monotonic() + self.cfg.scheduler.heartbeat_s > req.deadline:
-                    raise
-                passed_over.clear()  # room may have come back anywhere
-                await asyncio.sleep(self.cfg.scheduler.heartbeat_s)
+                may_try = False
                 continue
             self._assign(d, info)
+            self.waiting.room_changed()  # what is left may fit the next waiter
             rid, temperature, seed = req.attempt_rid, req.params["temperature"], req.params["seed"]
             admit = Admit(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature, seed, m, self.tokenizer.eos_id,
                           pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()))

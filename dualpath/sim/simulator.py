@@ -19,8 +19,9 @@ What is modelled, each in the simplest form that keeps the real system's bottlen
 - a DE: continuous batching; each step takes the profile's time for its batch and context and
   gives each running request one token; a request joins when its handoff is in;
 - the coordinator: each engine's load and free memory as of its last heartbeat (every
-  ``heartbeat_s``), plus what was assigned since, as the coordinator's ``ClusterView`` does; a request
-  no engine has room for waits for the next heartbeat.
+  ``heartbeat_s``, and at once from an engine that freed memory), plus what was assigned since, as
+  the coordinator's ``ClusterView`` does; a request no engine has room for waits for the next
+  heartbeat, oldest first.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class _Engine:
     queued_tokens: int = 0  # PE: new tokens admitted and not yet computed
     steps: int = 0  # DE: steps taken
     finishing: list = field(default_factory=list)  # DE: heap of (step it ends at, seq, request)
-    decode_tokens: int = 0  # DE: prompt + answer tokens of its running requests
+    decode_tokens: int = 0  # DE: prompt + answer tokens of the requests it admitted and has not finished
     attended: int = 0  # DE: tokens its running requests attend to, in all
     read_bytes: int = 0
 
@@ -166,7 +167,7 @@ class Simulation:
         self.view = ClusterView()
         self.records: list[RequestRecord] = []
         self.open_requests = 0  # sent and not done
-        self.waiting: list[tuple[Session, int, int, float]] = []  # no engine had room: retried each heartbeat
+        self.waiting: list[tuple[Session, int, int, float]] = []  # no engine had room: retried at each heartbeat
         self.to_arrive = 0  # sessions whose first timed turn has not been sent yet
         self.stored: set[int] = set()  # trace replay: hash ids whose blocks are stored
         self.samples: list[dict] = []
@@ -208,15 +209,28 @@ class Simulation:
 
     def _beat(self) -> None:
         for e in self.engines:
-            self.view.put(EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
-                                     e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free))
+            self.view.put(self._load(e))
+        self._retry_waiting()
+        if self._busy():
+            self.at(self.now + self.cfg.heartbeat_s, self._beat)
+
+    def _freed(self, *engines: _Engine) -> None:
+        """Engines that gave memory back say so in a heartbeat at once, and the requests waiting for
+        room try again, oldest first (sched/waiting.py)."""
+        for e in engines:
+            self.view.put(self._load(e))
+        self._retry_waiting()
+
+    def _load(self, e: _Engine) -> EngineLoad:
+        return EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
+                          e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free)
+
+    def _retry_waiting(self) -> None:
         retry, self.waiting = self.waiting, []
         for i, (s, k, context, t_send) in enumerate(retry):  # first come first served: the rest wait on
             if not self._send(s, k, context, t_send):
                 self.waiting += retry[i + 1:]
                 break
-        if self._busy():
-            self.at(self.now + self.cfg.heartbeat_s, self._beat)
 
     def _sample(self) -> None:
         self.samples.append({"t": self.now, "engines": {e.name: {"node": e.node, "role": e.role,
@@ -277,6 +291,7 @@ class Simulation:
         self._assign(d.pe, to_pe)
         self._assign(d.de, to_de)
         pe.queued_tokens += req.new_tokens
+        de.decode_tokens += prompt + turn.output_tokens  # a DE counts a request from its admission on
 
         def pe_admitted() -> None:  # storage -> PE buffer (path A)
             self._loaded(pe, req, self._read(pe, rec.read_bytes_pe))
@@ -345,6 +360,7 @@ class Simulation:
             pe.buffer.give(req.prompt_blocks)
             pe.hbm.give(req.prompt_blocks)
             de.buffer.give(req.prompt_blocks)
+            self._freed(pe, de)
             self._join(de, req)
 
         self.at(sent, arrived)
@@ -355,7 +371,6 @@ class Simulation:
         if rec.output_tokens <= 1:
             return self._finish(de, req)
         heapq.heappush(de.finishing, (de.steps + rec.output_tokens - 1, next(self._seq), req))
-        de.decode_tokens += rec.prompt_tokens + rec.output_tokens
         de.attended += self.profile.attended(rec.prompt_tokens)
         if not de.stepping:
             de.stepping = True
@@ -365,7 +380,6 @@ class Simulation:
         de.steps += 1
         while de.finishing and de.finishing[0][0] <= de.steps:
             req = heapq.heappop(de.finishing)[2]
-            de.decode_tokens -= req.rec.prompt_tokens + req.rec.output_tokens
             de.attended -= self.profile.attended(req.rec.prompt_tokens)
             self._finish(de, req)
         if de.finishing:
@@ -377,7 +391,9 @@ class Simulation:
         rec = req.rec
         rec.t_done = self.now
         de.hbm.give(req.decode_blocks)
+        de.decode_tokens -= rec.prompt_tokens + rec.output_tokens
         self.open_requests -= 1
+        self._freed(de)
         s = self.sessions[rec.session]
         turn = s.turns[rec.turn]
         if turn.hash_ids is not None:  # its full blocks are persisted (the DE writes them behind)
