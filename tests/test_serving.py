@@ -285,6 +285,14 @@ def test_bench_driver_offline_agents_hit_their_history_and_are_timed(cluster):
     assert sum(v["read_bytes"] for v in s["nodes"].values()) > 0
 
 
+def test_a_failed_warm_up_turn_says_why(cluster):
+    """A benchmark whose warm-up fails names the first failure (it used to say only 'failed')."""
+    sessions = agentic(AgenticSpec(agents=2, turns=2, first_prompt=(3000, 3000), tool_output=(5, 20), answer=(3, 6),
+                                   block_tokens=BT, seed=7))  # 3000 tokens: over the cluster's context limit
+    with pytest.raises(RuntimeError, match=r"2 warm-up turns failed, the first: session \d turn 0: .*context limit"):
+        asyncio.run(bench_run(cluster.url, sessions, "dualpath", warmup_turns=1, progress=False, salt=2))
+
+
 def test_bench_driver_in_chat_mode_sends_messages_and_each_turn_hits_the_last(cluster):
     """--api chat: the history goes as messages through the chat template; turn k+1's cached tokens
     cover the last turn's prompt and answer but for the partial block and the new messages."""

@@ -178,14 +178,17 @@ async def run(url: str, sessions: list[Session], policy: str, mode: str = "offli
     stop = asyncio.Event()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
 
+        warm_records: list[RequestRecord] = []  # not reported, but a failed one says why
+
         async def warm(s: Session) -> list[int] | None:
             async with limit:
                 return await _run_turns(http, url, s, range(min(warmup_turns, len(s.turns))), [], policy,
-                                        trace_block_tokens, salt, None, None, api)
+                                        trace_block_tokens, salt, warm_records, None, api)
 
         contexts = await asyncio.gather(*(warm(s) for s in sessions))
         if any(c is None for c in contexts):
-            raise RuntimeError("the warm-up turns failed; see the cluster's logs")
+            errors = [f"session {r.session} turn {r.turn}: {r.error}" for r in warm_records if r.error]
+            raise RuntimeError(f"{len(errors)} warm-up turns failed, the first: {errors[0]}; see the cluster's logs")
         bar = tqdm(total=sum(max(0, len(s.turns) - warmup_turns) for s in sessions), desc=f"{policy} {mode}",
                    unit="req", disable=not progress, leave=False)
         t0 = time.monotonic()

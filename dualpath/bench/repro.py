@@ -77,6 +77,11 @@ def run_on_fresh_cluster(rc: ReproConfig, sessions, policy: str, mode: str, snic
             return _run_across_hosts(rc, sessions, policy, mode, snic_gbps, work)
         with LocalCluster(cluster_config(rc, snic_gbps, str(work / "store")), str(work / "run")) as c:
             return asyncio.run(run(c.url, sessions, policy, mode, warmup_turns=rc.warmup_turns))
+    except Exception:
+        kept = Path(rc.out_dir) / f"failed_{policy}_{mode}_logs"
+        shutil.copytree(work / "run", kept, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
+        print(f"the {policy} {mode} run failed; its cluster's logs are in {kept}", file=sys.stderr)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
