@@ -47,7 +47,7 @@ def test_a_simulation_is_deterministic():
     assert [(r.t_first, r.t_done, r.path) for r in a.records] == [(r.t_first, r.t_done, r.path) for r in b.records]
 
 
-@pytest.mark.parametrize("measured", ["runs/repro_s6/offline_repro.json"])
+@pytest.mark.parametrize("measured", ["runs/repro_s9/repro.json"])
 def test_the_simulated_bench_repro_is_within_15_percent_of_the_measured_one(measured, tmp_path):
     """The CPU headline (1P2D, 8 MB/s storage NICs, the same seeded workload): tokens/s per policy
     within 15% of the committed measured run, and the same ordering of the policies."""
