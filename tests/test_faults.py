@@ -113,9 +113,16 @@ def test_requests_waiting_for_room_get_it_as_soon_as_it_is_freed_oldest_first(tm
         for t in threads[1:]:
             t.start()
             time.sleep(0.3)
+        waiting = []  # what /v1/cluster says while the first one decodes
+        while "done" not in times[0] and time.monotonic() < deadline:
+            waiting.append(cluster_metrics(c)["waiting_for_room"])
+            time.sleep(0.05)
         for t in threads:
             t.join(120)
         assert all("done" in t for t in times), times
+        assert max(waiting) == 2 and cluster_metrics(c)["waiting_for_room"] == 0, waiting
+        with urllib.request.urlopen(c.url + "/metrics") as r:
+            assert b"dualpath_requests_waiting_for_room 0.0" in r.read()
         gaps = [nxt["first"] - prev["done"] for prev, nxt in zip(times, times[1:])]
         assert all(0 < g < 2.0 for g in gaps), gaps  # started after the one before, oldest first
         assert_decode_engines_idle(c)

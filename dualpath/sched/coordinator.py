@@ -618,8 +618,9 @@ class Coordinator:
         return web.json_response({"ok": ok, "engines": sorted(e.name for e in live)}, status=200 if ok else 503)
 
     async def http_cluster(self, _: web.Request) -> web.Response:
-        return web.json_response({"stats": self.stats, "engines": {e.name: {"role": e.role, "node": e.node, **e.load}
-                                                                   for e in self.live_engines()}})
+        return web.json_response({"stats": self.stats, "waiting_for_room": len(self.waiting),
+                                  "engines": {e.name: {"role": e.role, "node": e.node, **e.load}
+                                              for e in self.live_engines()}})
 
 
 async def serve(cfg: ClusterConfig, stop: asyncio.Event) -> None:

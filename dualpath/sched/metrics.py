@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ class ClusterMetrics:
                               registry=r, buckets=LATENCY_BUCKETS)
         self.queueing = Histogram("dualpath_request_queue_seconds", "Arrival to admission on its engines",
                                   registry=r, buckets=LATENCY_BUCKETS)
+        self.waiting = Gauge("dualpath_requests_waiting_for_room", "Requests that found no engine with room, "
+                             "waiting their turn (oldest first)", registry=r)
+        self.waiting.set_function(lambda: len(coordinator.waiting))
         r.register(EngineCollector(coordinator))
 
     def answered(self, req: RequestState, t_done: float, bt: int) -> None:
