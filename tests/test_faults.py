@@ -130,6 +130,36 @@ def test_requests_waiting_for_room_get_it_as_soon_as_it_is_freed_oldest_first(tm
                    "(heartbeats 4 s apart)")
 
 
+def test_a_request_waiting_for_room_fails_at_once_when_the_last_decode_engine_dies(tmp_path):
+    """1P1D whose DE holds one long request at a time: a second one waits for room. SIGKILL the DE:
+    the waiter gets 503 "no live decode engine" within seconds, not at its 60 s deadline."""
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
+    cfg.engine.hbm_blocks = HBM_BLOCKS
+    cfg.scheduler.request_timeout_s = 60.0
+    with LocalCluster(cfg, str(tmp_path / "run")) as c:
+        first, _ = stream_until_first_token(c.url, {"prompt": list(range(100)), "max_tokens": 480})
+        reply = {}
+
+        def waiter() -> None:
+            reply["status"], reply["body"] = post_raw(c.url, json.dumps({"prompt": list(range(1, 101)),
+                                                                        "max_tokens": 480}).encode())
+
+        t = threading.Thread(target=waiter, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while cluster_metrics(c)["waiting_for_room"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cluster_metrics(c)["waiting_for_room"] == 1
+        t0 = time.monotonic()
+        os.kill(c.procs["de1"].pid, signal.SIGKILL)
+        t.join(30)
+        took = time.monotonic() - t0
+        first.join(30)
+    assert reply["status"] == 503 and "no live decode engine" in reply["body"]["error"]["message"], reply
+    assert took < 10, took
+    SUMMARY.append(f"the last DE killed: the request waiting for room got 503 after {took:.1f} s")
+
+
 @pytest.mark.parametrize("body,needle", [
     ('{"prompt": [1, 2, 3], "temperature": NaN}', "temperature"),
     ('{"prompt": [1, 2, 3], "temperature": Infinity}', "temperature"),

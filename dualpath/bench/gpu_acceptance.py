@@ -255,7 +255,8 @@ def _commit() -> str | None:
     if os.environ.get("DUALPATH_COMMIT"):  # a copy of the tree without .git (a lent GPU machine)
         return os.environ["DUALPATH_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        # --dirty: a tree that is not its HEAD says so (a lent machine's copy may carry an older .git)
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
     except OSError:
         return None

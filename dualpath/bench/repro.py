@@ -79,8 +79,12 @@ def run_on_fresh_cluster(rc: ReproConfig, sessions, policy: str, mode: str, snic
             return asyncio.run(run(c.url, sessions, policy, mode, warmup_turns=rc.warmup_turns))
     except Exception:
         kept = Path(rc.out_dir) / f"failed_{policy}_{mode}_logs"
-        shutil.copytree(work / "run", kept, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
-        print(f"the {policy} {mode} run failed; its cluster's logs are in {kept}", file=sys.stderr)
+        try:  # never in the way of the error itself
+            if (work / "run").exists():
+                shutil.copytree(work / "run", kept, dirs_exist_ok=True)
+                print(f"the {policy} {mode} run failed; its cluster's logs are in {kept}", file=sys.stderr)
+        except OSError as e:
+            print(f"the {policy} {mode} run failed, and its logs could not be kept: {e}", file=sys.stderr)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +165,8 @@ class Batch:
     block_tables: list[torch.Tensor]
     padded_tables: torch.Tensor | None = None
     lens: torch.Tensor | None = None
-    packed: Packed | None = None  # a prefill step on a GPU with the flash kernel: one attention call
+    seqs: list[tuple[list[int], int, int]] = field(default_factory=list)  # as given to build
+    block_tokens: int = 0
 
     @staticmethod
     def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device: torch.device | str) -> "Batch":
@@ -181,9 +182,16 @@ class Batch:
             ctx_lens=[c + n for _, c, n in seqs],
             new_lens=[n for _, _, n in seqs],
             block_tables=[torch.tensor(t, dtype=torch.long, device=device) for t, _, _ in seqs],
-            packed=(Packed.build(seqs, block_tokens, torch.device(device))
-                    if any(n > 1 for _, _, n in seqs) and flash_available(torch.device(device)) else None),
+            seqs=seqs, block_tokens=block_tokens,
         )
+
+    @functools.cached_property
+    def packed(self) -> Packed | None:
+        """The step packed for one flash-attention call per layer, made when an attention first
+        asks (GQA in half precision on a GPU with flash); None for a decode step."""
+        if self.is_decode or not self.seqs:
+            return None
+        return Packed.build(self.seqs, self.block_tokens, self.positions.device)
 
     @property
     def is_decode(self) -> bool:
@@ -337,7 +345,7 @@ class GQAttention(nn.Module):
             scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
             out = torch.einsum("bgrl,blgd->bgrd", scores.softmax(-1, dtype=torch.float32).to(q.dtype), vv)
             return self.o_proj(out.reshape(len(x), -1))
-        if batch.packed is not None and q.dtype in FLASH_DTYPES:
+        if q.dtype in FLASH_DTYPES and c.head_dim <= 256 and flash_available(q.device) and batch.packed is not None:
             p = batch.packed
             kv = kv_layer.view(-1, c.kv_width)[p.key_slots].to(q.dtype).view(-1, 2, c.n_kv_heads, c.head_dim)
             return self.o_proj(_attend_packed(q, kv[:, 0], kv[:, 1], p, c.scale).reshape(len(x), -1))

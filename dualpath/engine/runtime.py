@@ -41,6 +41,9 @@ def sample(logits: torch.Tensor, temperature: float, seed: int | None, position:
     return int(torch.multinomial(probs, 1, generator=g))
 
 
+FREED_BEAT_GAP_S = 0.02  # frees closer together than this share one heartbeat
+
+
 class Engine:
     role = ""
 
@@ -140,16 +143,23 @@ class Engine:
                                   "storage_reads_outstanding": self.store.read_busy_s()}}
 
     async def _heartbeat(self) -> None:
+        """A heartbeat every interval, and one as soon as memory is freed (requests may be waiting
+        for room: sched/waiting.py), frees within FREED_BEAT_GAP_S of each other sharing one."""
+        interval = self.cfg.scheduler.heartbeat_s
+        rate_at = 0.0
         while not self.stopping.is_set():
             if self.coord.closed.is_set():
                 log.error("%s lost the coordinator; stopping", self.name)
                 self.stopping.set()
                 return
-            self._measure_read_rate()
+            if time.monotonic() - rate_at >= interval:  # over intervals, however often we beat
+                self._measure_read_rate()
+                rate_at = time.monotonic()
             self.freed.clear()
             tell(self.coord, Heartbeat(self.name, self.load()))
-            try:  # the next one after an interval, or as soon as memory is freed (requests wait for room)
-                await asyncio.wait_for(self.freed.wait(), self.cfg.scheduler.heartbeat_s)
+            try:
+                await asyncio.wait_for(self.freed.wait(), interval)
+                await asyncio.sleep(min(FREED_BEAT_GAP_S, interval))
             except TimeoutError:
                 pass
 

@@ -190,6 +190,7 @@ class Coordinator:
         e = self.engines.get(conn.peer_name)
         if e is not None and e.conn is conn:
             self.view.drop(e.name)
+            self.waiting.room_changed()  # if it was the last of its role, the waiters fail at once
 
     def cluster_view(self) -> ClusterView:
         """The live engines as the policies see them. Those that stopped heartbeating are dropped by
@@ -310,7 +311,8 @@ class Coordinator:
         while True:
             if not may_try:
                 try:
-                    await self.waiting.wait(req.deadline, keep_place=waited)
+                    await self.waiting.wait(req.deadline, keep_place=waited,
+                                            check_every_s=self.cfg.scheduler.heartbeat_s, check=self._engines_left)
                 except TimeoutError:
                     raise NoRoom("no engine had room for this request before its deadline") from None
                 may_try, waited = True, True
@@ -320,6 +322,9 @@ class Coordinator:
             except NoRoom:
                 may_try = False
                 continue
+            except NoEngine:
+                self.waiting.room_changed()  # the next waiter finds out too, at once
+                raise
             self._assign(d, info)
             self.waiting.room_changed()  # what is left may fit the next waiter
             rid, temperature, seed = req.attempt_rid, req.params["temperature"], req.params["seed"]
@@ -339,6 +344,13 @@ class Coordinator:
                                                         seed, d.de, de_run))
             req.t_scheduled = time.monotonic()
             return
+
+    def _engines_left(self) -> None:
+        """NoEngine once no live engine of a role is left: waiting for room would wait for nothing."""
+        view = self.cluster_view()
+        for order, role in (("prefill", "prefill"), ("decode_load", "decode")):
+            if not view.keys[order]:
+                raise NoEngine(f"no live {role} engine")
 
     def _assign(self, d: Decision, info: RequestInfo) -> None:
         """Count the work and memory just given to engines until their next heartbeat shows it."""
