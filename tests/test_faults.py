@@ -110,13 +110,16 @@ def test_requests_waiting_for_room_get_it_as_soon_as_it_is_freed_oldest_first(tm
         deadline = time.monotonic() + 60
         while "first" not in times[0] and time.monotonic() < deadline:  # the first one holds the DE
             time.sleep(0.01)
+        waiting = []  # what /v1/cluster says while the first one decodes
         for t in threads[1:]:
             t.start()
-            time.sleep(0.3)
-        waiting = []  # what /v1/cluster says while the first one decodes
+            until = time.monotonic() + 0.3
+            while time.monotonic() < until:
+                waiting.append(cluster_metrics(c)["waiting_for_room"])
+                time.sleep(0.02)
         while "done" not in times[0] and time.monotonic() < deadline:
             waiting.append(cluster_metrics(c)["waiting_for_room"])
-            time.sleep(0.05)
+            time.sleep(0.02)
         for t in threads:
             t.join(120)
         assert all("done" in t for t in times), times

@@ -205,7 +205,7 @@ def main(rc: ReproConfig) -> dict:
 
     if rc.unbounded and not rc.hosts:
         print("offline, storage not the bottleneck (no emulation):")
-        _, free = offline(rc, sessions, 0.0, ("pe-read", "dualpath"))
+        _, free = offline(rc, sessions, 0.0, rc.policies)  # every policy: a mixing one must not lose to a fixed one
         result["unbounded"] = {"summaries": free, "ratio_vs_pe_read": ratios(free)}
 
     result["wall_s"] = time.monotonic() - t0
