@@ -244,6 +244,8 @@ def bench_run(path, url, policy, mode, rate, concurrency, limit, trace_block_tok
 @click.option("--agents", type=int, default=16, show_default=True)
 @click.option("--port", "base_port", type=int, default=18000, show_default=True)
 @click.option("--policies", default=",".join(POLICIES), show_default=True, help="comma-separated; pe-read is the base")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="offline runs of each policy, taking turns; the median run is reported")
 @click.option("--hosts", type=int, default=0, show_default=True,
               help="root: spread each cluster over 1 + decode hosts made as network namespaces (offline runs only)")
 @click.option("--link-mbit", type=float, default=0.0, show_default=True,
@@ -257,6 +259,8 @@ def bench_repro(online: bool, agents: int, policies: str, **kw) -> None:
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     if "pe-read" not in chosen or not set(chosen) <= set(POLICIES):
         _fail(f"--policies {policies!r}: a comma-separated subset of {', '.join(POLICIES)} that includes pe-read")
+    if kw["repeats"] < 1:
+        _fail(f"--repeats {kw['repeats']}: must be at least 1")
     if kw["hosts"] and kw["hosts"] != 1 + kw["n_decode"]:
         _fail(f"--hosts {kw['hosts']}: one host per engine, 1 + --decode = {1 + kw['n_decode']}")
     if kw["hosts"]:
