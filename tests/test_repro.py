@@ -7,7 +7,7 @@ from dualpath.bench.workload import agentic
 from tests.test_serving import _free_port_block
 
 
-def test_repeated_runs_take_turns_and_report_the_median_run_and_every_run(tmp_path):
+def test_repeated_runs_report_the_median_run_and_every_run(tmp_path):
     rc = ReproConfig(out_dir=str(tmp_path), policies=("pe-read", "dualpath"), snic_gbps=0.0, repeats=2,
                      base_port=_free_port_block())
     rc.workload = dataclasses.replace(rc.workload, agents=2, turns=3, first_prompt=(300, 400))
