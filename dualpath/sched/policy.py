@@ -153,6 +153,10 @@ class NoEngine(RuntimeError):
 class NoRoom(NoEngine):
     """Live engines of a needed role, but none with room for this request right now."""
 
+    def __init__(self, message: str, role: str = ""):
+        super().__init__(message)
+        self.role = role  # the role without room
+
 
 def _fits(e: EngineLoad, req: RequestInfo, skip: Collection[str]) -> bool:
     """Room for the request as last reported: the prompt's blocks in the engine's DRAM buffer, and in
@@ -170,7 +174,7 @@ def _first_fit(view: ClusterView, order: str, req: RequestInfo, skip: Collection
     if not view.keys[order]:  # (engines passed over are live: they refused for want of room)
         raise NoEngine(f"no live {role} engine")
     raise NoRoom(f"no {role} engine has room for this request now ({req.prompt_blocks} buffer blocks"
-                 f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})")
+                 f"{f', {req.decode_blocks} HBM blocks' if role == 'decode' else ''})", role)
 
 
 def _shortest_queue(view: ClusterView, req: RequestInfo, skip: Collection[str], ceiling: int) -> EngineLoad:
