@@ -232,11 +232,16 @@ class Simulation:
         if e.role != self.short_of:
             return False
         s, k, context, _ = self.waiting[0]
+        _, blocks, decode_blocks = self._size(s, k, context)
+        hbm = blocks if e.role == "prefill" else decode_blocks
+        return e.buffer.free >= blocks and e.hbm.free >= hbm
+
+    def _size(self, s: Session, k: int, context: int) -> tuple[int, int, int]:
+        """Turn k's prompt tokens, its prompt blocks (DRAM buffer; a PE's HBM) and its decode
+        blocks (a DE's HBM: prompt and answer)."""
         turn, bt = s.turns[k], self.cfg.block_tokens
         prompt = (context + turn.append_tokens) if turn.hash_ids is None else turn.append_tokens
-        blocks = -(-prompt // bt)
-        hbm = blocks if e.role == "prefill" else -(-(prompt + turn.output_tokens) // bt)
-        return e.buffer.free >= blocks and e.hbm.free >= hbm
+        return prompt, -(-prompt // bt), -(-(prompt + turn.output_tokens) // bt)
 
     def _load(self, e: _Engine) -> EngineLoad:
         return EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
@@ -281,10 +286,9 @@ class Simulation:
         if t_send is None and self.waiting:  # behind those already waiting
             self.waiting.append((s, k, context, self.now))
             return False
-        prompt = (context + turn.append_tokens) if turn.hash_ids is None else turn.append_tokens
+        prompt, prompt_blocks, decode_blocks = self._size(s, k, context)
         hit = self._hit_blocks(s, k, context, prompt)
-        info = RequestInfo(prompt, hit, c.block_bytes, turn.output_tokens, -(-prompt // bt),
-                           -(-(prompt + turn.output_tokens) // bt))
+        info = RequestInfo(prompt, hit, c.block_bytes, turn.output_tokens, prompt_blocks, decode_blocks)
         t_send = self.now if t_send is None else t_send
         e = self.engines[0]  # every engine has the same memory
         if e.buffer.never_fits(info.prompt_blocks) or e.hbm.never_fits(max(info.prompt_blocks, info.decode_blocks)):
