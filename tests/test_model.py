@@ -217,7 +217,7 @@ def test_packed_flash_step_equals_one_call_per_sequence_on_gpu():
 
 def test_bucketed_decode_step_matches_the_plain_step(preset):
     """engine/graphs.py's step (batch and block tables padded to buckets, padding rows on a scratch
-    block), run eagerly as on CPU, gives the logits of the plain step and the same KV."""
+    block), run eagerly, gives the logits of the plain step and the same KV."""
     from dualpath.engine.graphs import DecodeGraphs
 
     torch.manual_seed(0)
@@ -228,13 +228,17 @@ def test_bucketed_decode_step_matches_the_plain_step(preset):
     for blocks, ctx in seqs:  # fill each sequence's cache with a prefill
         tokens = torch.randint(0, model.cfg.vocab_size, (ctx,))
         model.forward_paged(tokens, Batch.build([(blocks, 0, ctx)], bt, "cpu"), kv_plain)
-    kv_graph = kv_plain.clone()
+    kv_graph, kv_cpu = kv_plain.clone(), kv_plain.clone()
     last = [7, 9, 11]
     plain = model.forward_paged(torch.tensor(last), Batch.build([(b, c, 1) for b, c in seqs], bt, "cpu"), kv_plain)
-    graphs = DecodeGraphs(model, kv_graph, bt, scratch_block=n_blocks - 1, capture=False)
+    graphs = DecodeGraphs(model, kv_graph, bt, scratch_block=n_blocks - 1, capture=False, pad=True)
     stepped = graphs.run([(tok, ctx, blocks) for tok, (blocks, ctx) in zip(last, seqs)])
     assert stepped.shape == plain.shape and torch.allclose(stepped, plain, atol=1e-5)
     assert list(graphs.steps) == [(4, 8)]  # 3 sequences -> a batch of 4; 7 blocks -> tables of 8
     # the same KV was written, and the padding row wrote nowhere but the scratch block
     torch.testing.assert_close(kv_graph[:, : n_blocks - 1], kv_plain[:, : n_blocks - 1], atol=1e-6, rtol=1e-5)
     assert kv_plain[:, n_blocks - 1].abs().sum() == 0 and kv_graph[:, n_blocks - 1].abs().sum() > 0
+    # as a DE on a CPU runs it: not padded, nothing bucketed, the same logits and KV
+    on_cpu = DecodeGraphs(model, kv_cpu, bt, scratch_block=n_blocks - 1)
+    assert torch.allclose(on_cpu.run([(tok, ctx, blocks) for tok, (blocks, ctx) in zip(last, seqs)]), plain, atol=1e-5)
+    assert not on_cpu.steps and torch.equal(kv_cpu, kv_plain)
