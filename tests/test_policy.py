@@ -90,6 +90,28 @@ def test_dualpath_compares_drain_times_once_both_sides_have_measured_their_read_
     assert pick("dualpath-split", REQ, [idle_pe, idle_de]).pe_blocks == 25
 
 
+def test_a_busy_clock_counts_overlapping_work_once(monkeypatch):
+    """What drain rates are measured over (a DE's path-B deliveries): seconds with any work under way."""
+    from dualpath.engine import runtime
+
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    clock = runtime.BusyClock()
+    clock.enter()  # [0, 3): one delivery, then a second overlapping it from 1 to 3
+    now[0] = 1.0
+    clock.enter()
+    now[0] = 2.0
+    clock.leave()
+    now[0] = 3.0
+    assert clock.seconds() == 3.0
+    clock.leave()
+    now[0] = 10.0  # idle time does not count
+    assert clock.seconds() == 3.0
+    clock.enter()
+    now[0] = 10.5
+    assert clock.seconds() == 3.5
+
+
 def _by_scanning(policy: str, req: RequestInfo, engines: list[EngineLoad], skip: set[str]) -> Decision:
     """The policies written as plain scans over every engine (as before the view kept its orders)."""
     def roomy(role, hbm):

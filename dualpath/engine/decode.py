@@ -24,7 +24,7 @@ from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
-from dualpath.engine.runtime import Engine, sample
+from dualpath.engine.runtime import BusyClock, Engine, sample
 from dualpath.protocol import Abort, Admit, Done, Failed, Load, Prefilled, RunHandle, Token, tell
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
@@ -75,6 +75,9 @@ class DecodeEngine(Engine):
         self.graphs = DecodeGraphs(self.model, self.pool.kv, self.bt, self.pool.allocator.alloc(1)[0],
                                    capture=self.cfg.engine.cuda_graphs)
         self.persister: Persister | None = None  # needs the store, opened in start()
+        # Path B drains into a PE's buffer, so its rate counts bytes delivered there, per second of
+        # reading or sending them: the hop's cost is part of it (policy.py compares drain times)
+        self.delivering, self.delivered_bytes = BusyClock(), 0
 
     async def start(self) -> None:
         await super().start()
@@ -139,12 +142,19 @@ class DecodeEngine(Engine):
             seq.io.append(asyncio.create_task(self._read_hits(seq)))
         return dataclasses.asdict(self.run_handle(seq, msg.pe))
 
+    def drained(self) -> tuple[int, float]:
+        return self.delivered_bytes, self.delivering.seconds()
+
     async def _read_hits(self, seq: DecodeSeq) -> None:
         def on_layer(l: int) -> None:
             seq.layers_read = l + 1
             seq.hit_layers[l].set()
 
-        await self.read_blocks(seq.keys[: seq.de_blocks], seq.run, on_layer=on_layer)
+        self.delivering.enter()
+        try:
+            await self.read_blocks(seq.keys[: seq.de_blocks], seq.run, on_layer=on_layer)
+        finally:
+            self.delivering.leave()
         for ev in seq.hit_layers:  # on a miss, wake _send_hits to report it
             ev.set()
 
@@ -153,6 +163,7 @@ class DecodeEngine(Engine):
         started as soon as that layer is read (not after the previous write's acknowledgement), so the
         PE can compute layer 0 while later layers are read and travel."""
         bpl, writes = self.buffer.bytes_per_layer, []
+        self.delivering.enter()
         try:
             for l in range(self.model.cfg.n_layers):
                 with self.timed("path_b_read_wait"):
@@ -168,7 +179,9 @@ class DecodeEngine(Engine):
                 await asyncio.gather(*writes)
         finally:  # on a miss or a failed write, no write may still be under way when we answer
             await asyncio.gather(*writes, return_exceptions=True)
+            self.delivering.leave()
         self.metrics["path_b_sent_blocks"] += seq.de_blocks
+        self.delivered_bytes += seq.de_blocks * self.shape.file_bytes  # as the store counts reads
         return {"ok": True}
 
     # -- merge: handed-off KV into HBM, persist the prompt's new full blocks --

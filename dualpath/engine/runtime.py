@@ -44,6 +44,26 @@ def sample(logits: torch.Tensor, temperature: float, seed: int | None, position:
 FREED_BEAT_GAP_S = 0.02  # frees closer together than this share one heartbeat
 
 
+class BusyClock:
+    """Seconds during which at least one piece of some work was under way (overlaps count once)."""
+
+    def __init__(self) -> None:
+        self.active, self.since, self.total = 0, 0.0, 0.0
+
+    def enter(self) -> None:
+        if not self.active:
+            self.since = time.monotonic()
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self.total += time.monotonic() - self.since
+
+    def seconds(self) -> float:
+        return self.total + (time.monotonic() - self.since if self.active else 0.0)
+
+
 class Engine:
     role = ""
 
@@ -163,10 +183,15 @@ class Engine:
             except TimeoutError:
                 pass
 
+    def drained(self) -> tuple[int, float]:
+        """(bytes, busy seconds) our reads have drained so far: what read_rate_bps is measured from.
+        A PE's reads land in its own buffer; a DE counts its path-B deliveries instead."""
+        return self.store.read_done_bytes, self.store.read_busy_s()
+
     def _measure_read_rate(self, alpha: float = 0.3) -> None:
-        """Fold the reading done since the last update into read_rate_bps (a moving average), once
-        there was at least 20 ms of it: idle time says nothing about how fast we read."""
-        done, busy = self.store.read_done_bytes, self.store.read_busy_s()
+        """Fold the draining done since the last update into read_rate_bps (a moving average), once
+        there was at least 20 ms of it: idle time says nothing about how fast we drain."""
+        done, busy = self.drained()
         d_done, d_busy = done - self._rate_mark[0], busy - self._rate_mark[1]
         if d_busy >= 0.02:
             rate = d_done / d_busy
