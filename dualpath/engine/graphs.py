@@ -69,7 +69,10 @@ class DecodeGraphs:
             self.model.forward_paged(step.ids, step.batch, self.kv)
         torch.cuda.current_stream(self.kv.device).wait_stream(side)
         step.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(step.graph, pool=self.memory_pool):
+        # thread_local: the event loop's CUDA calls (path-B sends, event queries) go on while we
+        # capture; in torch's default ("global") mode any of them invalidated the capture and
+        # failed the step (cudaErrorStreamCaptureInvalidated, seen on one H200 under de-read)
+        with torch.cuda.graph(step.graph, pool=self.memory_pool, capture_error_mode="thread_local"):
             step.logits = self.model.forward_paged(step.ids, step.batch, self.kv)
 
     def run(self, seqs: list[tuple[int, int, list[int]]]) -> torch.Tensor:
