@@ -78,8 +78,8 @@ class EngineCollector:
         write = CounterMetricFamily("dualpath_storage_write_bytes", "Bytes persisted to storage", labels=labels)
         queue = GaugeMetricFamily("dualpath_storage_read_queue_bytes", "Storage reads queued", labels=labels)
         rate = GaugeMetricFamily("dualpath_storage_read_rate_bytes_per_second",
-                                 "Measured drain rate of the engine's storage reads (a DE's: delivered into PEs over path B)",
-                                 labels=labels)
+                                 "Measured drain rate of the engine's storage reads (a DE's: delivered into PEs "
+                                 "over path B)", labels=labels)
         net = CounterMetricFamily("dualpath_network_sent_bytes", "Compute-network bytes sent, by traffic class",
                                   labels=[*labels, "traffic_class"])
         backend = GaugeMetricFamily("dualpath_transport_info", "The data plane in use", labels=[*labels, "backend"])
