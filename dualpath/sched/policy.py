@@ -31,7 +31,7 @@ from bisect import bisect_left, insort
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 
 PATH_A, PATH_B, PATH_SPLIT = "A", "B", "A+B"  # the PE reads, the DE reads, both read
 
@@ -71,7 +71,6 @@ _ORDERS: dict[str, tuple[str, Callable[[EngineLoad], tuple]]] = {
     # only the DEs that measured their drain rate; read once all of them have
     "drain_time": ("decode", lambda e: (e.read_queue_bytes / e.read_rate_bps, e.running_decode_tokens, e.name)),
 }
-_NAME = itemgetter(-1)  # a key's last field
 # The orders an engine is kept in, by its role and whether it has measured its drain rate
 _KEPT_IN = {(role, rated): [(o, key) for o, (r, key) in _ORDERS.items() if r == role and (rated or o != "drain_time")]
             for role in ("prefill", "decode") for rated in (False, True)}
@@ -110,7 +109,8 @@ class ClusterView:
         self.unrated_decode -= e.role == "decode" and not e.read_rate_bps > 0
 
     def in_order(self, order: str) -> Iterator[EngineLoad]:
-        return map(self.loads.__getitem__, map(_NAME, self.keys[order]))  # (C loops: a hot path)
+        loads = self.loads
+        return (loads[key[-1]] for key in self.keys[order])
 
 
 @dataclass(frozen=True, slots=True)

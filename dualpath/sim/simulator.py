@@ -30,7 +30,7 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -352,20 +352,12 @@ class Simulation:
         lands (layer-wise overlap)."""
         if pe.stepping:
             return
-        jobs: list[_Request] = []
-
-        def remaining(reqs: Iterable[_Request]) -> Iterator[int]:  # read only as far as pick_batch reads
-            for r in reqs:
-                jobs.append(r)
-                yield r.new_tokens - r.computed
-
-        quota = self.cfg.prefill_token_quota
-        counts = pick_batch(remaining(r for r in pe.ready if not r.reads_pending and r.loaded_at <= self.now), quota)
-        if not counts:
-            counts = pick_batch(remaining(itertools.islice((r for r in pe.ready if not r.reads_pending), 1)), quota)
-        if not counts:
+        jobs = [r for r in pe.ready if not r.reads_pending and r.loaded_at <= self.now]
+        if not jobs:
+            jobs = [r for r in pe.ready if not r.reads_pending][:1]
+        if not jobs:
             return  # no read has started yet: _loaded starts the step
-        picked = list(zip(jobs, counts))
+        picked = list(zip(jobs, pick_batch((r.new_tokens - r.computed for r in jobs), self.cfg.prefill_token_quota)))
         work = self.profile.prefill_s([(n, r.context + r.computed) for r, n in picked])
         loading = [r.loaded_at for r, _ in picked if r.computed == 0 and r.context]
         end = max(self.now + work, max(loading, default=0.0) + work / self.cfg.n_layers)
