@@ -71,7 +71,7 @@ class DecodeEngine(Engine):
         # frees what it took instead of holding it until the deadline; the newest 1024 are kept
         self.aborted_early: deque[str] = deque(maxlen=1024)
         self.wake = asyncio.Event()
-        # one HBM block no request owns: the padding rows of a bucketed decode step write there
+        # one HBM block no request owns: the padding rows of a bucketed decode step (a GPU's) write there
         self.graphs = DecodeGraphs(self.model, self.pool.kv, self.bt, self.pool.allocator.alloc(1)[0],
                                    capture=self.cfg.engine.cuda_graphs)
         self.persister: Persister | None = None  # needs the store, opened in start()
@@ -178,8 +178,10 @@ class DecodeEngine(Engine):
             with self.timed("path_b_send"):
                 await asyncio.gather(*writes)
         finally:  # on a miss or a failed write, no write may still be under way when we answer
-            await asyncio.gather(*writes, return_exceptions=True)
-            self.delivering.leave()
+            try:
+                await asyncio.gather(*writes, return_exceptions=True)
+            finally:
+                self.delivering.leave()
         self.metrics["path_b_sent_blocks"] += seq.de_blocks
         self.delivered_bytes += seq.de_blocks * self.shape.file_bytes  # as the store counts reads
         return {"ok": True}

@@ -56,6 +56,7 @@ class BusyClock:
         self.active += 1
 
     def leave(self) -> None:
+        assert self.active > 0, "BusyClock.leave() without enter()"
         self.active -= 1
         if not self.active:
             self.total += time.monotonic() - self.since
@@ -92,8 +93,8 @@ class Engine:
         self.coord: Connection | None = None
         self.stopping = asyncio.Event()
         self.freed = asyncio.Event()  # memory was given back: say so in a heartbeat now (sched/waiting.py)
-        self.read_rate_bps = 0.0  # how fast we drain our storage reads (policy.py compares drain times)
-        self._rate_mark = (0, 0.0)  # (verified bytes, busy seconds) at the last rate update
+        self.read_rate_bps = 0.0  # how fast we drain our reads, as drained() counts (policy.py compares drain times)
+        self._rate_mark = (0, 0.0)  # drained() at the last rate update
 
     # -- start / stop --
 
