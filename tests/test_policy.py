@@ -90,6 +90,35 @@ def test_dualpath_compares_drain_times_once_both_sides_have_measured_their_read_
     assert pick("dualpath-split", REQ, [idle_pe, idle_de]).pe_blocks == 25
 
 
+def test_path_b_is_charged_what_its_delivery_costs_the_de_decoding():
+    """Both sides measured and idle, the DE draining 1.5x as fast: dualpath takes path B, unless each
+    second the DE spends delivering costs its running sequences 0.6 s of decoding; split gives the
+    DE 60% of the blocks uncharged, and (1.5 / (1.5 + 1.6) =) 48% charged."""
+    pe = EngineLoad("pe0", "prefill", 0, read_rate_bps=2e9)
+    de = EngineLoad("de1", "decode", 1, read_rate_bps=3e9)
+    costly = EngineLoad("de1", "decode", 1, read_rate_bps=3e9, delivery_cost=0.6)
+    assert pick("dualpath", REQ, [pe, de]).path == PATH_B
+    assert pick("dualpath", REQ, [pe, costly]).path == PATH_A
+    assert pick("dualpath-split", REQ, [pe, de]).de_blocks == 60
+    assert pick("dualpath-split", REQ, [pe, costly]).de_blocks == 48
+
+
+def test_a_decode_engine_measures_what_its_deliveries_cost_its_decoding():
+    from dualpath.engine.decode import DeliveryCost
+
+    cost = DeliveryCost()
+    assert cost.seconds_per_second == 0.0  # nothing measured yet
+    cost.step(0.010, 8, delivering=False)
+    cost.step(0.020, 16, delivering=True)  # a larger batch while delivering: not comparable
+    assert cost.seconds_per_second == 0.0
+    cost.step(0.0125, 8, delivering=True)  # 25% slower at the same size, delaying 8 sequences
+    assert cost.seconds_per_second == pytest.approx(2.0)
+    faster = DeliveryCost()
+    faster.step(0.010, 8, delivering=False)
+    faster.step(0.009, 8, delivering=True)  # noise the other way is no credit
+    assert faster.seconds_per_second == 0.0
+
+
 def test_a_busy_clock_counts_overlapping_work_once(monkeypatch):
     """What drain rates are measured over (a DE's path-B deliveries): seconds with any work under way."""
     from dualpath.engine import runtime

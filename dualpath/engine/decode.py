@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,36 @@ class DecodeSeq:
         return len(self.tokens) - self.prompt_len
 
 
+@dataclass
+class DeliveryCost:
+    """What path-B deliveries cost this DE's decoding, measured like for like: decode steps of the
+    same batch size taken while a delivery was under way against those taken without one (moving
+    averages of step time per size), the slowdown weighted by the sequences it delays. The policies
+    charge path B this many seconds of decoding per second of delivery (policy.py). A size seen
+    only one way says nothing: under storage load a delivery is under way at almost every step, and
+    comparing with the idle moments' smaller batches measured load, not path B."""
+
+    alpha: float = 0.2
+    with_s: dict[int, float] = field(default_factory=dict)  # batch size -> step time while delivering
+    without_s: dict[int, float] = field(default_factory=dict)  # ... and while not
+    with_steps: Counter[int] = field(default_factory=Counter)  # steps taken while delivering, by size
+
+    def step(self, seconds: float, n_seqs: int, delivering: bool) -> None:
+        avg = self.with_s if delivering else self.without_s
+        old = avg.get(n_seqs)
+        avg[n_seqs] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        self.with_steps[n_seqs] += delivering
+
+    @property
+    def seconds_per_second(self) -> float:
+        both = [n for n in self.with_s if n in self.without_s]
+        weight = sum(self.with_steps[n] for n in both)
+        if not weight:
+            return 0.0
+        slowdown = sum(self.with_steps[n] * n * (self.with_s[n] / self.without_s[n] - 1) for n in both) / weight
+        return max(0.0, slowdown)
+
+
 class DecodeEngine(Engine):
     role = "decode"
 
@@ -78,6 +109,7 @@ class DecodeEngine(Engine):
         # Path B drains into a PE's buffer, so its rate counts bytes delivered there, per second of
         # reading or sending them: the hop's cost is part of it (policy.py compares drain times)
         self.delivering, self.delivered_bytes = BusyClock(), 0
+        self.delivery_cost = DeliveryCost()
 
     async def start(self) -> None:
         await super().start()
@@ -93,7 +125,7 @@ class DecodeEngine(Engine):
         # dropped: the write-behind queue was full; failed: the store refused the write (a full disk)
         return {**super().load(), "running_decode_tokens": tokens, "persist_queue": self.persister.queued,
                 "persist_written": self.persister.written, "persist_dropped": self.persister.dropped,
-                "persist_failed": self.persister.failed}
+                "persist_failed": self.persister.failed, "delivery_cost": self.delivery_cost.seconds_per_second}
 
     async def on_load(self, conn: Connection, msg: Load) -> dict:
         return await self._send_hits(self.seqs[msg.rid], msg.pe_run)
@@ -245,8 +277,11 @@ class DecodeEngine(Engine):
             batch_seqs = self.running[: self.cfg.engine.max_decode_batch]
             if not batch_seqs:
                 continue
+            delivering, t0 = self.delivering.active > 0, time.monotonic()
             try:
                 next_tokens = await self.in_compute(self._decode_step, batch_seqs, stage="decode_step")
+                delivering = delivering or self.delivering.active > 0  # at any time during the step
+                self.delivery_cost.step(time.monotonic() - t0, len(batch_seqs), delivering)
             except Exception as e:
                 log.exception("%s: decode step failed", self.name)
                 for seq in batch_seqs:

@@ -81,7 +81,8 @@ class EngineEntry:
         return EngineLoad(self.name, self.role, self.node, load.get("queued_prefill_tokens", 0),
                           load.get("running_decode_tokens", 0), load.get("read_queue_bytes", 0),
                           load.get("free_buffer_blocks", 0), load.get("free_hbm_blocks", 0),
-                          load.get("read_rate_bps", 0.0) if drain_rates else 0.0)
+                          load.get("read_rate_bps", 0.0) if drain_rates else 0.0,
+                          load.get("delivery_cost", 0.0) if drain_rates else 0.0)
 
 
 @dataclass

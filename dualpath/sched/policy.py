@@ -18,8 +18,11 @@ of the leading hit blocks the DE reads (``de_blocks``); the PE reads the rest. P
 Queues can be compared as *drain times*, beyond the paper, which compares queue lengths (its storage
 NICs all run at one rate, and the NIC is what drains a queue): given each engine's measured drain
 rate (``read_rate_bps``), an engine whose own load pipeline, not its NIC, is the bottleneck gets
-its fair share and no more. Without rates (the coordinator passes them only with
-scheduler.drain_rates on; see config.py for why it is off), bytes stand in for time.
+its fair share and no more. Path B is also charged what it costs the DE beyond the read (also beyond
+the paper): its deliveries slow the DE's decoding, by ``delivery_cost`` seconds of its sequences'
+decoding per second of delivery, as the DE measures it. Without rates (the coordinator passes them,
+and the cost, only with scheduler.drain_rates on; see config.py for why it is off), bytes stand in
+for time.
 
 Every policy chooses only among engines with room for the request (free DRAM-buffer and HBM
 blocks, as last reported); ``NoRoom`` when no engine of a role has it right now.
@@ -52,6 +55,9 @@ class EngineLoad:
     free_buffer_blocks: int = 0
     free_hbm_blocks: int = 0
     read_rate_bps: float = 0.0  # measured drain rate of its read queue; 0 = not measured yet
+    # A DE: seconds of its running sequences' decoding lost per second it spends delivering path-B
+    # KV (measured; 0 = none seen). Path B is charged it: its reads and sends share the DE.
+    delivery_cost: float = 0.0
 
     def plus(self, queued_prefill_tokens: int = 0, running_decode_tokens: int = 0, read_queue_bytes: int = 0,
              buffer_blocks: int = 0, hbm_blocks: int = 0) -> EngineLoad:
@@ -59,7 +65,7 @@ class EngineLoad:
         return EngineLoad(self.name, self.role, self.node, self.queued_prefill_tokens + queued_prefill_tokens,
                           self.running_decode_tokens + running_decode_tokens,
                           self.read_queue_bytes + read_queue_bytes, self.free_buffer_blocks - buffer_blocks,
-                          self.free_hbm_blocks - hbm_blocks, self.read_rate_bps)
+                          self.free_hbm_blocks - hbm_blocks, self.read_rate_bps, self.delivery_cost)
 
 
 # The orders the policies read engines in, by role. Each key ends with the engine's name, so ties go
@@ -202,10 +208,10 @@ def _drain_s(e: EngineLoad, rate: float, extra_bytes: int = 0) -> float:
 
 
 def split_blocks(req: RequestInfo, pe: EngineLoad, de: EngineLoad) -> int:
-    """Blocks for the DE such that both queues drain together:
-    (pe_queue + (hit - x) * b) / pe_rate == (de_queue + x * b) / de_rate."""
-    b, (rp, rd) = req.block_bytes, _rates(pe, de)
-    x = (rd * (pe.read_queue_bytes + req.hit_blocks * b) - rp * de.read_queue_bytes) / (b * (rp + rd))
+    """Blocks for the DE such that both queues drain together, the DE's share charged its
+    delivery cost c: (pe_queue + (hit - x) * b) / pe_rate == (de_queue + x * b * (1 + c)) / de_rate."""
+    b, (rp, rd), c = req.block_bytes, _rates(pe, de), de.delivery_cost
+    x = (rd * (pe.read_queue_bytes + req.hit_blocks * b) - rp * de.read_queue_bytes) / (b * (rp * (1 + c) + rd))
     return max(0, min(req.hit_blocks, round(x)))
 
 
@@ -223,7 +229,8 @@ def choose(policy: str, req: RequestInfo, view: ClusterView, skip: Collection[st
             de_blocks = split_blocks(req, pe, de)
         else:  # the side that would finish the read first reads all; a tie goes to the PE (no extra hop)
             rp, rd = _rates(pe, de)
-            de_blocks = req.hit_blocks if _drain_s(de, rd, req.read_bytes) < _drain_s(pe, rp, req.read_bytes) else 0
+            path_b_s = _drain_s(de, rd, req.read_bytes) + de.delivery_cost * req.read_bytes / rd
+            de_blocks = req.hit_blocks if path_b_s < _drain_s(pe, rp, req.read_bytes) else 0
     else:
         raise ValueError(f"unknown policy {policy!r}")
     return Decision(pe.name, de.name, req.hit_blocks, de_blocks)
