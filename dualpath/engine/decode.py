@@ -280,7 +280,7 @@ class DecodeEngine(Engine):
             delivering, t0 = self.delivering.active > 0, time.monotonic()
             try:
                 next_tokens = await self.in_compute(self._decode_step, batch_seqs, stage="decode_step")
-                delivering = delivering or self.delivering.active > 0  # at any time during the step
+                delivering = delivering or self.delivering.active > 0  # under way as the step began or ended
                 self.delivery_cost.step(time.monotonic() - t0, len(batch_seqs), delivering)
             except Exception as e:
                 log.exception("%s: decode step failed", self.name)
