@@ -121,11 +121,11 @@ def test_a_decode_engine_measures_what_its_deliveries_cost_its_decoding():
 
 def test_a_busy_clock_counts_overlapping_work_once(monkeypatch):
     """What drain rates are measured over (a DE's path-B deliveries): seconds with any work under way."""
-    from dualpath.engine import runtime
+    from dualpath.storage import store
 
     now = [0.0]
-    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
-    clock = runtime.BusyClock()
+    monkeypatch.setattr(store.time, "monotonic", lambda: now[0])
+    clock = store.BusyClock()
     clock.enter()  # [0, 3): one delivery, then a second overlapping it from 1 to 3
     now[0] = 1.0
     clock.enter()

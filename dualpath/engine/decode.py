@@ -25,10 +25,11 @@ from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
-from dualpath.engine.runtime import BusyClock, Engine, sample
+from dualpath.engine.runtime import Engine, sample
 from dualpath.protocol import Abort, Admit, Done, Failed, Load, Prefilled, RunHandle, Token, tell
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
+from dualpath.storage.store import BusyClock
 from dualpath.transport.control import Connection
 
 log = logging.getLogger(__name__)

@@ -44,27 +44,6 @@ def sample(logits: torch.Tensor, temperature: float, seed: int | None, position:
 FREED_BEAT_GAP_S = 0.02  # frees closer together than this share one heartbeat
 
 
-class BusyClock:
-    """Seconds during which at least one piece of some work was under way (overlaps count once)."""
-
-    def __init__(self) -> None:
-        self.active, self.since, self.total = 0, 0.0, 0.0
-
-    def enter(self) -> None:
-        if not self.active:
-            self.since = time.monotonic()
-        self.active += 1
-
-    def leave(self) -> None:
-        assert self.active > 0, "BusyClock.leave() without enter()"
-        self.active -= 1
-        if not self.active:
-            self.total += time.monotonic() - self.since
-
-    def seconds(self) -> float:
-        return self.total + (time.monotonic() - self.since if self.active else 0.0)
-
-
 class Engine:
     role = ""
 

@@ -290,6 +290,28 @@ async def _nic_done(end: float) -> None:
         await asyncio.sleep(delay)
 
 
+class BusyClock:
+    """Seconds during which at least one piece of some work was under way (overlaps count once):
+    what drain rates are measured over (an engine's storage reads; a DE's path-B deliveries)."""
+
+    def __init__(self) -> None:
+        self.active, self.since, self.total = 0, 0.0, 0.0
+
+    def enter(self) -> None:
+        if not self.active:
+            self.since = time.monotonic()
+        self.active += 1
+
+    def leave(self) -> None:
+        assert self.active > 0, "BusyClock.leave() without enter()"
+        self.active -= 1
+        if not self.active:
+            self.total += time.monotonic() - self.since
+
+    def seconds(self) -> float:
+        return self.total + (time.monotonic() - self.since if self.active else 0.0)
+
+
 class AsyncStore:
     """The engines' view: reads by reader processes straight into the engine's shared buffer
     (readers.py), writes on a thread pool; both throttled by the emulated SNIC."""
@@ -303,12 +325,10 @@ class AsyncStore:
         self._buffer_bytes = 0
         self._spans = read_spans  # see layer_spans
         self.pending_read_bytes = 0
-        self.pending_reads = 0
         # How fast this engine drains its read queue, whatever bounds it (the NIC, the readers, the
         # event loop): verified bytes over the time reads were outstanding, cumulative.
         self.read_done_bytes = 0
-        self._read_busy_s = 0.0
-        self._busy_since = 0.0
+        self.reading = BusyClock()
 
     @property
     def stats(self) -> StoreStats:
@@ -353,10 +373,8 @@ class AsyncStore:
         bounds = [(len(keys) * g // groups, len(keys) * (g + 1) // groups) for g in range(groups)]
         codes = bytearray(len(keys))  # OK until a span says otherwise
         nbytes = shape.file_bytes * len(keys)
-        if not self.pending_reads:
-            self._busy_since = time.monotonic()
+        self.reading.enter()
         self.pending_read_bytes += nbytes
-        self.pending_reads += len(keys)
         try:
             ends = [self.read_bucket.reserve(bpl * len(sp) * len(keys) + (HEADER_BYTES * len(keys) if k == 0 else 0))
                     for k, sp in enumerate(spans)]
@@ -386,9 +404,7 @@ class AsyncStore:
             return [c == OK for c in codes]
         finally:
             self.pending_read_bytes -= nbytes
-            self.pending_reads -= len(keys)
-            if not self.pending_reads:
-                self._read_busy_s += time.monotonic() - self._busy_since
+            self.reading.leave()
 
     async def write(self, key: bytes, layers: list) -> None:
         end = self.write_bucket.reserve(self.store.shape.file_bytes)
@@ -402,7 +418,7 @@ class AsyncStore:
 
     def read_busy_s(self) -> float:
         """Seconds during which this engine had reads outstanding (so far, the current stretch included)."""
-        return self._read_busy_s + (time.monotonic() - self._busy_since if self.pending_reads else 0.0)
+        return self.reading.seconds()
 
     def read_queue_bytes(self) -> int:
         """Storage read queue for the scheduler: the node's emulated NIC backlog when emulation is on
