@@ -20,8 +20,8 @@ What is modelled, each in the simplest form that keeps the real system's bottlen
   gives each running request one token; a request joins when its handoff is in;
 - the coordinator: each engine's load and free memory as of its last heartbeat (every
   ``heartbeat_s``, and at once from an engine that freed memory), plus what was assigned since, as
-  the coordinator's ``ClusterView`` does; a request no engine has room for waits for the next
-  heartbeat, oldest first.
+  the coordinator's ``ClusterView`` does; a request no engine has room for waits, oldest first,
+  and tries again when an engine that could fit it frees memory, or at the next heartbeat.
 """
 
 from __future__ import annotations
@@ -114,6 +114,16 @@ class SimConfig:
     trace_block_tokens: int = 512  # tokens per hash id, in trace replay (workload.load_mooncake's block_tokens)
 
 
+@dataclass(slots=True)
+class _Turn:
+    """A turn sent to the coordinator, sized and looked up once, as the coordinator does before a
+    request waits for room (it may be tried again)."""
+    session: Session
+    k: int
+    t_send: float
+    info: RequestInfo
+
+
 @dataclass
 class _Request:
     rec: RequestRecord
@@ -143,7 +153,8 @@ class _Engine:
     finishing: list = field(default_factory=list)  # DE: heap of (step it ends at, seq, request)
     decode_tokens: int = 0  # DE: prompt + answer tokens of the requests it admitted and has not finished
     attended: int = 0  # DE: tokens its running requests attend to, in all
-    read_bytes: int = 0
+    read_bytes: int = 0  # read from storage by the last sample
+    reading: deque = field(default_factory=deque)  # (when it ends, bytes) of its reads, in order (FIFO NIC)
 
 
 class Simulation:
@@ -167,7 +178,7 @@ class Simulation:
         self.view = ClusterView()
         self.records: list[RequestRecord] = []
         self.open_requests = 0  # sent and not done
-        self.waiting: deque[tuple[Session, int, int, float]] = deque()  # no engine had room: oldest first
+        self.waiting: deque[_Turn] = deque()  # no engine had room: oldest first
         self.short_of = ""  # the role the oldest waiter found no room in, at its last try
         self.to_arrive = 0  # sessions whose first timed turn has not been sent yet
         self.stored: set[int] = set()  # trace replay: hash ids whose blocks are stored
@@ -231,17 +242,9 @@ class Simulation:
         """This engine is of the role the oldest waiter found no room in, and fits it now."""
         if e.role != self.short_of:
             return False
-        s, k, context, _ = self.waiting[0]
-        _, blocks, decode_blocks = self._size(s, k, context)
-        hbm = blocks if e.role == "prefill" else decode_blocks
-        return e.buffer.free >= blocks and e.hbm.free >= hbm
-
-    def _size(self, s: Session, k: int, context: int) -> tuple[int, int, int]:
-        """Turn k's prompt tokens, its prompt blocks (DRAM buffer; a PE's HBM) and its decode
-        blocks (a DE's HBM: prompt and answer)."""
-        turn, bt = s.turns[k], self.cfg.block_tokens
-        prompt = (context + turn.append_tokens) if turn.hash_ids is None else turn.append_tokens
-        return prompt, -(-prompt // bt), -(-(prompt + turn.output_tokens) // bt)
+        info = self.waiting[0].info
+        hbm = info.prompt_blocks if e.role == "prefill" else info.decode_blocks
+        return e.buffer.free >= info.prompt_blocks and e.hbm.free >= hbm
 
     def _load(self, e: _Engine) -> EngineLoad:
         return EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
@@ -250,13 +253,13 @@ class Simulation:
     def _retry_waiting(self) -> None:
         """The oldest waiters try, first come first served, until one finds no room (it keeps its
         place at the front). O(requests admitted): this runs at every free."""
-        while self.waiting:
-            s, k, context, t_send = self.waiting.popleft()
-            if not self._send(s, k, context, t_send):
-                self.waiting.appendleft(self.waiting.pop())  # _send queued it at the back
-                return
+        while self.waiting and self._admit(self.waiting[0]):
+            self.waiting.popleft()
 
     def _sample(self) -> None:
+        for e in self.engines:
+            while e.reading and e.reading[0][0] <= self.now:
+                e.read_bytes += e.reading.popleft()[1]
         self.samples.append({"t": self.now, "engines": {e.name: {"node": e.node, "role": e.role,
                                                                  "read_bytes": e.read_bytes, "write_bytes": 0}
                                                         for e in self.engines}})
@@ -277,36 +280,38 @@ class Simulation:
             return min(stored * c.trace_block_tokens // bt, (prompt - 1) // bt)
         return min(cached_tokens(context, bt) // bt, (prompt - 1) // bt) if context else 0
 
-    def _send(self, s: Session, k: int, context: int, t_send: float | None = None) -> bool:
-        """Turn k of session s, `context` tokens after its start; t_send: when it was first tried (a
-        retry). False if no engine had room for it: it waits for the next heartbeat."""
+    def _send(self, s: Session, k: int, context: int) -> None:
+        """Turn k of session s, `context` tokens after its start: sized and looked up, then admitted,
+        or it waits for room behind the requests already waiting."""
         c, bt, turn = self.cfg, self.cfg.block_tokens, s.turns[k]
-        if t_send is None and c.send_until_s and self.now > c.send_until_s:
-            return True
-        if t_send is None and self.waiting:  # behind those already waiting
-            self.waiting.append((s, k, context, self.now))
-            return False
-        prompt, prompt_blocks, decode_blocks = self._size(s, k, context)
-        hit = self._hit_blocks(s, k, context, prompt)
-        info = RequestInfo(prompt, hit, c.block_bytes, turn.output_tokens, prompt_blocks, decode_blocks)
-        t_send = self.now if t_send is None else t_send
+        if c.send_until_s and self.now > c.send_until_s:
+            return
+        prompt = (context + turn.append_tokens) if turn.hash_ids is None else turn.append_tokens
+        info = RequestInfo(prompt, self._hit_blocks(s, k, context, prompt), c.block_bytes, turn.output_tokens,
+                           -(-prompt // bt), -(-(prompt + turn.output_tokens) // bt))
         e = self.engines[0]  # every engine has the same memory
         if e.buffer.never_fits(info.prompt_blocks) or e.hbm.never_fits(max(info.prompt_blocks, info.decode_blocks)):
-            self.records.append(RequestRecord(s.sid, k, t_send, prompt_tokens=prompt,
+            self.records.append(RequestRecord(s.sid, k, self.now, prompt_tokens=prompt,
                                               error="larger than an engine's memory"))
-            return True  # the coordinator would answer 503 at its deadline; the agent stops
+            return  # the coordinator refuses it at once; the agent stops
+        t = _Turn(s, k, self.now, info)
+        if self.waiting or not self._admit(t):
+            self.waiting.append(t)
+
+    def _admit(self, t: _Turn) -> bool:
+        """Choose engines and path for a turn and start it; False if no engine had room for it."""
+        c, bt, info, s = self.cfg, self.cfg.block_tokens, t.info, t.session
+        prompt, hit, turn = info.prompt_tokens, info.hit_blocks, s.turns[t.k]
         try:
             d = choose(self.policy, info, self.view)
         except NoRoom as e:
-            self.waiting.append((s, k, context, t_send))
             self.short_of = e.role
             return False
         pe, de = self.engines[self.index[d.pe]], self.engines[self.index[d.de]]
         if de.hbm.free < info.decode_blocks or de.buffer.free < info.prompt_blocks:
-            self.waiting.append((s, k, context, t_send))  # the DE refuses at once (heartbeat-stale view)
-            self.short_of = "decode"
+            self.short_of = "decode"  # the DE refuses at once (heartbeat-stale view)
             return False
-        rec = RequestRecord(s.sid, k, t_send, prompt_tokens=prompt, cached_tokens=hit * bt,
+        rec = RequestRecord(s.sid, t.k, t.t_send, prompt_tokens=prompt, cached_tokens=hit * bt,
                             output_tokens=turn.output_tokens, path=d.path, pe=d.pe, de=d.de,
                             read_bytes_pe=d.pe_blocks * c.block_bytes, read_bytes_de=d.de_blocks * c.block_bytes)
         self.records.append(rec)
@@ -336,7 +341,7 @@ class Simulation:
     def _read(self, e: _Engine, nbytes: int) -> float:
         end = e.storage.reserve(self.now, nbytes)
         if nbytes:
-            self.at(end, lambda: setattr(e, "read_bytes", e.read_bytes + nbytes))
+            e.reading.append((end, nbytes))
         return end
 
     def _loaded(self, pe: _Engine, req: _Request, t: float) -> None:
