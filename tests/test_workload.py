@@ -68,6 +68,8 @@ def test_summary_percentiles_paths_and_storage_nic_utilisation():
     assert s["requests"] == 11 and s["failed"] == 1 and s["errors"] == ["RuntimeError: boom"]
     assert s["paths"] == {"A": 5, "B": 5} and s["read_bytes"] == {"pe": 500, "de": 500}
     assert s["ttft_s"]["p50"] == pytest.approx(0.55) and s["tpot_s"]["p50"] == pytest.approx(0.19, abs=0.05)
+    by_path = s["ttft_s_by_path"]
+    assert by_path["A"]["p50"] == pytest.approx(0.5) and by_path["B"]["p50"] == pytest.approx(0.6)
     assert s["slo_attainment"] == pytest.approx(5 / 11)
     assert s["nodes"]["0"]["read_util"] == pytest.approx(0.5) and s["nodes"]["1"]["read_util"] == pytest.approx(0.25)
     assert s["read_util_all_nodes"] == pytest.approx(0.375)

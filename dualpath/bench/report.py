@@ -51,6 +51,9 @@ def summarize(run: RunResult, snic_read_gbps: float = 0.0, ttft_slo_s: float | N
         "requests_per_s": len(ok) / run.duration if run.duration else 0.0,
         "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
         "paths": dict(Counter(r.path for r in ok)),
+        # what each path's loading adds before the first token (path B's extra hop shows here)
+        "ttft_s_by_path": {p: percentiles([r.ttft for r in ok if r.path == p and r.ttft is not None])
+                           for p in sorted({r.path for r in ok})},
         "read_bytes": {"pe": sum(r.read_bytes_pe for r in ok), "de": sum(r.read_bytes_de for r in ok)},
     }
     if ttft_slo_s is not None:
