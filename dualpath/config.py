@@ -193,8 +193,9 @@ class SchedulerConfig:
     dead_after_s: float = 3.0
     # Compare sides by measured drain time (policy.py), not queue bytes, and charge path B what its
     # deliveries cost the DE's decoding. Off by default until measured on two GPUs: there, with
-    # rates only, dualpath fell from 1.96x to 1.79x pe-read (session 6); on one H200 (session 10)
-    # the charge lifted 16 GB/s from 0.93x to 1.02x pe-read and 1 GB/s went from 1.70x to 1.55x.
+    # rates only, dualpath fell from 1.96x to 1.79x pe-read (session 6); on one H200, three runs
+    # each (session 11), the charge gave 0.89x pe-read at 16 GB/s (0.85x off) and 1.65x at 1 GB/s
+    # (1.70x off): it does not make dualpath match pe-read where storage is not the bound.
     drain_rates: bool = False
     request_timeout_s: float = 600.0  # a request not answered by then fails with 504 and frees its memory
     api_key: str = ""  # when set, /v1/* needs 'Authorization: Bearer <api_key>' (or $DUALPATH_API_KEY)
