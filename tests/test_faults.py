@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from dualpath.launcher import LocalCluster, complete
-from dualpath.protocol import Engines, Register, ask
+from dualpath.protocol import Abort, Admit, Engines, Register, ask
 from dualpath.transport.control import ProtocolError, connect
 from tests.test_serving import assert_decode_engines_idle, cluster_config, cluster_metrics, post_raw
 
@@ -380,3 +380,106 @@ def test_an_engine_given_another_hosts_address_says_so_and_exits(tmp_path):
                         str(tmp_path / "cluster.toml")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot listen on 192.0.2.7" in r.stderr
     assert "must be an address of this host" in r.stderr
+
+
+def test_a_decode_engine_that_refused_an_admit_takes_the_request_once_it_has_room(tmp_path):
+    """The coordinator's view says de0 has room, but a squatter took it behind the view's back (it
+    heartbeats every 30 s), so de0 refuses the admit. The request waits and is served by de0 once the
+    squatter leaves. (The coordinator once told de0 to abort the refused admit; de0 then refused that
+    request again on every try, until its deadline.)"""
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
+    cfg.engine.hbm_blocks = HBM_BLOCKS
+    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s, cfg.scheduler.request_timeout_s = 30.0, 120.0, 20.0
+    with LocalCluster(cfg, str(tmp_path / "run")) as c:
+        de = next(e for e in cfg.engines if e.role == "decode")
+
+        async def squat_then_leave() -> dict:
+            conn = await connect(de.host, de.port, cfg.transport.token, "squatter")
+            try:  # 100 + 500 tokens: 38 of de0's 39 blocks
+                await ask(conn, Admit("squat", list(range(100)), 0, 0, 0.0, None, 500, None, pe="pe0",
+                                      handoff_timeout_s=60))
+                loop = asyncio.get_running_loop()
+                served = loop.run_in_executor(None, lambda: complete(
+                    c.url, {"prompt": list(range(40)), "max_tokens": 100}, timeout=60))
+                deadline = time.monotonic() + 10
+                while not (await loop.run_in_executor(None, cluster_metrics, c))["stats"]["admit_retries"]:
+                    assert time.monotonic() < deadline, "de0 never refused the admit"
+                    await asyncio.sleep(0.05)
+                await ask(conn, Abort("squat"))
+                return await served
+            finally:
+                await conn.close()
+
+        t0 = time.monotonic()
+        r = asyncio.run(squat_then_leave())
+        assert len(r["choices"][0]["token_ids"]) == 100 and r["dualpath"]["de"] == de.name
+        SUMMARY.append(f"a DE refused an admit (no room after all): served by it {time.monotonic() - t0:.1f} s "
+                       "later, once it had room")
+        assert_decode_engines_idle(c)
+
+
+def _stream(url: str, body: dict, out: dict, first: threading.Event) -> None:
+    """A streaming request: out gets its token ids, finish reason and any error chunk."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    out["tokens"] = []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out["error"] = chunk["error"]
+                    break
+                out["tokens"] += chunk["choices"][0]["token_ids"]
+                out["finish"] = chunk["choices"][0]["finish_reason"]
+                first.set()
+    first.set()
+
+
+def test_a_request_already_decoding_outlives_its_prefill_engine(tmp_path):
+    """Once its first token is out, a request needs only its DE: the PE dying mid-decode is no
+    failure of it. (It once failed with 500 at the first pause of its tokens, made here by stopping
+    the DE for longer than two heartbeats but not long enough to count as dead.)"""
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
+    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 0.1, 1.0
+    with LocalCluster(cfg, str(tmp_path / "run")) as c:
+        out, first = {}, threading.Event()
+        t = threading.Thread(target=_stream, args=(c.url, {"prompt": list(range(50)), "max_tokens": 1900}, out, first),
+                             daemon=True)
+        t.start()
+        assert first.wait(60), "no first token"
+        c.procs["pe0"].kill()
+        deadline = time.monotonic() + 10
+        while "pe0" in cluster_metrics(c)["engines"]:
+            assert time.monotonic() < deadline, "the coordinator never saw pe0 die"
+            time.sleep(0.05)
+        de = c.procs["de1"].pid
+        os.kill(de, signal.SIGSTOP)
+        time.sleep(0.5)
+        os.kill(de, signal.SIGCONT)
+        assert "error" not in out, out["error"]
+        assert t.is_alive() and len(out["tokens"]) < 1900, "the answer ended before the pause: make it longer"
+        t.join(120)
+        assert "error" not in out, out["error"]
+        assert len(out["tokens"]) == 1900 and out["finish"] == "length"
+        SUMMARY.append("the PE was killed while a request decoded: all 1900 tokens arrived")
+
+
+def test_a_streaming_client_that_hangs_up_is_not_counted_as_a_failure(cluster):
+    """Its generation stops and its memory is freed; the coordinator counts it as a client gone, not
+    as a 500 of its own."""
+    body = json.dumps({"prompt": list(range(60)), "max_tokens": 500, "stream": True}).encode()
+    before = cluster_metrics(cluster)["stats"]
+    with socket.create_connection(("127.0.0.1", cluster.cfg.scheduler.http_port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        got = b""
+        while b"data: {" not in got:
+            got += s.recv(4096)
+    deadline = time.monotonic() + 10
+    while (after := cluster_metrics(cluster)["stats"])["client_gone"] == before["client_gone"]:
+        assert time.monotonic() < deadline, "the coordinator never saw the client go"
+        time.sleep(0.05)
+    assert after["client_gone"] == before["client_gone"] + 1 and after["failed"] == before["failed"]
+    assert_decode_engines_idle(cluster, timeout=10)
+    SUMMARY.append("a streaming client hung up: generation stopped, counted as gone, not failed")

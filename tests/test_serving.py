@@ -472,3 +472,20 @@ def test_chat_streams_deltas_that_join_to_the_answer_and_refuses_bad_messages(cl
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=30)
         assert e.value.code == 400 and json.load(e.value)["error"]["param"] == "messages"
+
+
+def test_answers_ended_by_a_stop_string_are_counted_like_any_other(cluster):
+    """A stop string ends a request at the coordinator, before its engines finish it: it is still an
+    answered request in /metrics, streamed or not. (Such requests were once not counted at all.)"""
+    body = {"prompt": list(range(30)), "max_tokens": 8, "temperature": 0}
+    text = complete(cluster.url, body)["choices"][0]["text"]
+    assert text.strip(), "no text to stop on"
+    stop = text.strip()[-1]
+    before = scrape(cluster)
+    plain = complete(cluster.url, {**body, "stop": [stop]})["choices"][0]
+    *_, last = stream_events(cluster, {**body, "stop": [stop]})
+    assert plain["finish_reason"] == last["choices"][0]["finish_reason"] == "stop"
+    after = scrape(cluster)
+    for name in ("dualpath_requests_total", "dualpath_time_to_first_token_seconds_count"):
+        assert total(after, name) - total(before, name) == 2, name
+    assert_decode_engines_idle(cluster)

@@ -52,10 +52,11 @@ class DecodeSeq:
     keys: list[bytes] = field(default_factory=list)  # chain keys of the full blocks so far
     hit_layers: list[asyncio.Event] = field(default_factory=list)  # path B: set when layer l is read, or on a miss
     layers_read: int = 0  # layers of our path-B read that are in and verified
-    io: list[asyncio.Task] = field(default_factory=list)  # reads into our run
+    io: list[asyncio.Task] = field(default_factory=list)  # reads into our run, and path-B sends out of it
     persisted: list[asyncio.Future] = field(default_factory=list)
+    expiry: asyncio.TimerHandle | None = None  # frees the slot if no handoff comes by the deadline
     cancelled: bool = False
-    prefilled: bool = False  # the PE's handoff arrived
+    prefilled: bool = False  # the PE's handoff arrived: _merge, then the decode loop, end the request
 
     @property
     def generated(self) -> int:
@@ -129,7 +130,10 @@ class DecodeEngine(Engine):
                 "persist_failed": self.persister.failed, "delivery_cost": self.delivery_cost.seconds_per_second}
 
     async def on_load(self, conn: Connection, msg: Load) -> dict:
-        return await self._send_hits(self.seqs[msg.rid], msg.pe_run)
+        seq = self.seqs[msg.rid]
+        send = asyncio.create_task(self._send_hits(seq, msg.pe_run))
+        seq.io.append(send)  # an abort does not give the run back while our writes still read from it
+        return await send
 
     async def on_prefilled(self, conn: Connection, msg: Prefilled) -> dict:
         return await self._merge(self.seqs[msg.rid], msg.first_token)
@@ -140,7 +144,7 @@ class DecodeEngine(Engine):
             self.aborted_early.append(msg.rid)
         else:
             seq.cancelled = True
-            if seq not in self.running:
+            if not seq.prefilled:  # else _merge or the decode loop ends it (they are using its memory)
                 self._release(seq)
         return {"ok": True}
 
@@ -169,7 +173,7 @@ class DecodeEngine(Engine):
         self.seqs[seq.rid] = seq
         # Bounded: a slot whose handoff never comes (the coordinator gave up on this admit, or the
         # PE failed without telling us) is freed when the request's deadline has passed.
-        asyncio.get_running_loop().call_later(msg.handoff_timeout_s, self._expire, seq)
+        seq.expiry = asyncio.get_running_loop().call_later(msg.handoff_timeout_s, self._expire, seq)
         if seq.de_blocks:
             seq.hit_layers = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
             seq.io.append(asyncio.create_task(self._read_hits(seq)))
@@ -201,6 +205,8 @@ class DecodeEngine(Engine):
             for l in range(self.model.cfg.n_layers):
                 with self.timed("path_b_read_wait"):
                     await seq.hit_layers[l].wait()
+                if seq.cancelled:
+                    raise RuntimeError(f"{seq.rid} was aborted")
                 if seq.layers_read <= l:
                     raise RuntimeError("retry: a hit block was missing or corrupt")
                 off, _ = self.buffer.layer_range(seq.run, l)
@@ -237,9 +243,13 @@ class DecodeEngine(Engine):
 
         # The running batch's decode steps do not wait for these copies (they do not read these
         # blocks): the request joins the batch, and its run is released, once the copies are done.
-        with self.timed("merge_h2d"):
-            await self.in_compute(copy_in, stage="merge_h2d_enqueue")
-            await self.copies_done()
+        try:
+            with self.timed("merge_h2d"):
+                await self.in_compute(copy_in, stage="merge_h2d_enqueue")
+                await self.copies_done()
+        except BaseException:  # an abort no longer frees a handed-off request: it must not strand here
+            self._release(seq)
+            raise
         view = self.buffer.view(seq.run)
         for b in range(seq.hit_blocks, n_full):  # hit blocks are stored already
             fut = self.persister.submit(seq.keys[b], [view[l, b].numpy().copy() for l in range(view.shape[0])])
@@ -324,5 +334,7 @@ class DecodeEngine(Engine):
         self._release(seq)
 
     def _release(self, seq: DecodeSeq) -> None:
+        if seq.expiry is not None:
+            seq.expiry.cancel()  # (a pending timer would keep the finished request in memory until then)
         self.free_request_memory(seq)
         self.seqs.pop(seq.rid, None)

@@ -51,7 +51,7 @@ class PrefillJob:
     # compute thread only reads them, in run_layers)
     path_a_layer: list[asyncio.Event] = field(default_factory=list)
     path_b_layer: list[asyncio.Event] = field(default_factory=list)
-    computed: int = 0  # tokens whose KV is in HBM (hit tokens count once loaded)
+    computed: int = 0  # tokens whose KV needs no computing: the hits, then each step's tokens
     loaded_to_hbm: bool = False
     t_admit: float = field(default_factory=time.monotonic)
     t_landed: dict[int, float] = field(default_factory=dict)  # layer -> when our storage read of it was in
@@ -88,7 +88,7 @@ class PrefillEngine(Engine):
 
     async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
         job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.temperature,
-                         msg.seed)
+                         msg.seed, computed=msg.hit_blocks * self.bt)  # its queued work is the miss alone
         self.jobs[job.rid] = job
         asyncio.create_task(self._admit(job))
         return {"accepted": True}
@@ -97,6 +97,8 @@ class PrefillEngine(Engine):
         job = self.jobs.get(msg.rid)
         if job:
             job.failed = "aborted"
+            for ev in job.path_a_layer + job.path_b_layer:  # a step waiting on its KV stops waiting (it checks failed)
+                ev.set()
         return {"ok": True}
 
     def on_write_complete(self, notify: Any) -> None:
@@ -114,7 +116,6 @@ class PrefillEngine(Engine):
             n = self.pool.blocks_for(len(job.tokens))
             with self.timed("admit_wait"):
                 await self.take_memory(job, n, n)
-            job.computed = job.hit_blocks * self.bt
             job.io = [asyncio.create_task(self._read_path_a(job, job.de_blocks, job.hit_blocks, job.path_a_layer)),
                       asyncio.create_task(self._read_path_b(job))]
             self.ready.append(job)

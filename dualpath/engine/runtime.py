@@ -224,15 +224,14 @@ class Engine:
             index.record_stream(self.h2d_stream)
         return index
 
-    def buffer_to_hbm(self, run: BufferRun, blocks: torch.Tensor, layer: int, lo: int = 0,
-                      compute_waits: bool = True) -> None:
-        """Copy layer `layer` of run slots [lo, lo+len(blocks)) into the given HBM blocks (index from
+    def buffer_to_hbm(self, run: BufferRun, blocks: torch.Tensor, layer: int, compute_waits: bool = True) -> None:
+        """Copy layer `layer` of the run's first len(blocks) slots into the given HBM blocks (index from
         hbm_index) (H2D). On CUDA the copy runs on its own stream and the compute stream waits for
         it there (not the host), so the copy of layer l+1 overlaps the compute of layer l. With
         compute_waits=False the caller waits instead (``copies_done``) before computing on them."""
         if not len(blocks):
             return
-        src = self.buffer.view(run)[layer, lo : lo + len(blocks)]
+        src = self.buffer.view(run)[layer, : len(blocks)]
         src = src.view(self.dtype).view(len(blocks), self.bt, self.model.cfg.kv_width)
         if self.h2d_stream is None:
             self.pool.layer(layer).index_copy_(0, blocks, src)
@@ -293,8 +292,8 @@ class Engine:
 
     async def take_memory(self, req, buffer_blocks: int, hbm_blocks: int) -> None:
         """A request's DRAM-buffer run and HBM blocks, waiting (each pool's Room) at most
-        engine.memory_wait_s for both together; then MemoryError: the request fails and is retried,
-        never stuck behind a leak."""
+        engine.memory_wait_s for both together; then MemoryError: the request fails rather than wait
+        behind a leak."""
         wait_s = self.cfg.engine.memory_wait_s
         deadline = time.monotonic() + wait_s
         try:

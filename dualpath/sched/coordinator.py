@@ -12,6 +12,7 @@ Life of a request here (DESIGN.md §2 steps 1-4):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import json
@@ -100,7 +101,6 @@ class RequestState:
     t_first: float | None = None
     t_scheduled: float | None = None  # admitted on its engines
     deadline: float = math.inf  # monotonic time by which the request is answered or failed
-    cancelled: bool = False  # the client went away
 
     @property
     def attempt_rid(self) -> str:
@@ -307,7 +307,8 @@ class Coordinator:
         req.hit_blocks = min(self.store.lookup(chain), (len(req.tokens) - 1) // self.bt)
         n, m = len(req.tokens), req.params["max_tokens"]
         info = RequestInfo(n, req.hit_blocks, self.block_bytes, m, self.blocks_for(n), self.blocks_for(n + m))
-        passed_over: set[str] = set()
+        passed_over: set[str] = set()  # DEs that refused it: asked again once room may have come back
+        given_up: set[str] = set()  # DEs that did not answer its admit: told to drop it, never asked again
         may_try, waited = not self.waiting, False  # a newcomer queues behind the requests waiting for room
         while True:
             if not may_try:
@@ -319,7 +320,7 @@ class Coordinator:
                 may_try, waited = True, True
                 passed_over.clear()  # room may have come back anywhere
             try:
-                d = req.decision = choose(req.policy, info, self.cluster_view(), skip=passed_over)
+                d = req.decision = choose(req.policy, info, self.cluster_view(), skip=passed_over | given_up)
             except NoRoom:
                 may_try = False
                 continue
@@ -335,10 +336,13 @@ class Coordinator:
                 de_run = RunHandle(**await self._ask(self.engines[d.de], admit))
             except (RemoteError, ConnectionError, TimeoutError) as e:
                 log.warning("%s: %s did not admit it (%s); trying another decode engine", req.rid, d.de, e)
-                tell(self.engines[d.de].conn, Abort(rid))  # in case it admits it late
                 self.stats["admit_retries"] += 1
                 self.metrics.retries.labels("admit").inc()
-                passed_over.add(d.de)
+                if isinstance(e, RemoteError):  # it refused, holding nothing (no room after all)
+                    passed_over.add(d.de)
+                else:  # no answer: it may still admit it, so it drops it then; this attempt's id is spent there
+                    tell(self.engines[d.de].conn, Abort(rid))
+                    given_up.add(d.de)
                 continue
             self.stats[f"path_{d.path}"] += 1
             await self._ask(self.engines[d.pe], Prefill(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature,
@@ -390,8 +394,7 @@ class Coordinator:
                         req.output.append(news.token)
                         yield news.token
                     elif isinstance(news, Done):
-                        self.metrics.answered(req, time.monotonic(), self.bt)
-                        self.dashboard.answered(req)
+                        self._answered(req)
                         return
                     else:
                         break
@@ -402,6 +405,11 @@ class Coordinator:
                 self._end_attempt(req)  # its DE slot and buffers are freed before the retry takes new ones
         finally:
             self._end_attempt(req)
+
+    def _answered(self, req: RequestState) -> None:
+        """Count an answered request: its engines finished it, or a stop string ended it here."""
+        self.metrics.answered(req, time.monotonic(), self.bt)
+        self.dashboard.answered(req)
 
     def _end_attempt(self, req: RequestState) -> None:
         """Forget the current attempt and tell its engines to drop whatever they still hold for it."""
@@ -425,8 +433,10 @@ class Coordinator:
             except asyncio.TimeoutError:
                 live = {e.name for e in self.live_engines()}
                 d = req.decision
-                if d is not None and not {d.pe, d.de} <= live:
-                    return Failed(req.attempt_rid, f"engine {({d.pe, d.de} - live).pop()} died", retry=True)
+                # the first token comes with the handoff: from then on only the DE matters
+                needed = set() if d is None else {d.de} if req.output else {d.pe, d.de}
+                if not needed <= live:
+                    return Failed(req.attempt_rid, f"engine {(needed - live).pop()} died", retry=True)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -467,6 +477,7 @@ class Coordinator:
         if key and request.path.startswith("/v1/"):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                self.metrics.failed(401)
                 return self._error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
         return await handler(request)
 
@@ -490,7 +501,12 @@ class Coordinator:
         self.stats["requests"] += len(reqs)
         if params["stream"]:
             return await self._stream(request, reqs[0])
-        done = await asyncio.gather(*(self._complete(request, r) for r in reqs))
+        try:
+            async with asyncio.TaskGroup() as group:  # one prompt failing stops the others: nobody gets them
+                tasks = [group.create_task(self._complete(request, r)) for r in reqs]
+        except ExceptionGroup as e:  # the first failure answers the request
+            raise e.exceptions[0] from None
+        done = [t.result() for t in tasks]
         return web.json_response(self._body(cid, reqs, done))
 
     async def http_chat(self, request: web.Request) -> web.StreamResponse:
@@ -517,15 +533,17 @@ class Coordinator:
     async def _complete(self, request: web.Request, req: RequestState) -> tuple[str, str]:
         """Run one prompt to its end: (text, finish_reason)."""
         text, hit_stop = "", False
-        async for _ in self.generate(req):
-            text, hit_stop = self._apply_stop(req)
-            if hit_stop:
-                break
-            if request.transport is None or request.transport.is_closing():
-                # aiohttp does not cancel a handler whose client left: stop generating for nobody
-                log.info("client of %s went away; its slot and buffers are freed", req.rid)
-                self.stats["client_gone"] += 1
-                break
+        async with contextlib.aclosing(self.generate(req)) as tokens:  # leaving it ends the attempt at once
+            async for _ in tokens:
+                text, hit_stop = self._apply_stop(req)
+                if hit_stop:
+                    self._answered(req)
+                    break
+                if request.transport is None or request.transport.is_closing():
+                    # aiohttp does not cancel a handler whose client left: stop generating for nobody
+                    log.info("client of %s went away; its slot and buffers are freed", req.rid)
+                    self.stats["client_gone"] += 1
+                    break
         return text, self._finish_reason(req, hit_stop)
 
     def _finish_reason(self, req: RequestState, hit_stop: bool) -> str:
@@ -557,20 +575,25 @@ class Coordinator:
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         try:
-            async for tok in self.generate(req):
-                text, hit_stop = self._apply_stop(req)
-                await send([piece(text[len(sent):], [tok], None)])
-                sent = text
-                if hit_stop:
-                    break
+            async with contextlib.aclosing(self.generate(req)) as tokens:  # leaving it ends the attempt at once
+                async for tok in tokens:
+                    text, hit_stop = self._apply_stop(req)
+                    await send([piece(text[len(sent):], [tok], None)])
+                    sent = text
+                    if hit_stop:
+                        self._answered(req)
+                        break
             await send([piece(None if chat else "", [], self._finish_reason(req, hit_stop))],
                        dualpath=self._dualpath(req))
             if usage is not ...:
                 await send([], usage=self._usage([req]))
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            log.info("client of %s went away; its slot and buffers are freed", req.rid)  # generate()'s finally
-            raise
+        except (ConnectionResetError, asyncio.CancelledError) as e:  # the client hung up: a write failed, or
+            # aiohttp cancelled us. Not a failure of ours; generate()'s closing frees the slot and buffers.
+            log.info("client of %s went away; its slot and buffers are freed", req.rid)
+            self.stats["client_gone"] += 1
+            if isinstance(e, asyncio.CancelledError):
+                raise  # a cancelled task ends cancelled
         except RequestFailed as e:
             self.stats["failed"] += 1
             self.metrics.failed(e.status)
