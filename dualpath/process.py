@@ -41,7 +41,7 @@ async def _main(cfg: ClusterConfig, role: str, node: int) -> None:
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     await engine.stop()
     if not stop.is_set():
-        raise SystemExit(f"{spec.name}: lost the coordinator")
+        raise SystemExit(f"{spec.name}: {engine.stop_reason}")
 
 
 def run_process(cfg: ClusterConfig, role: str, node: int) -> None:

@@ -116,14 +116,15 @@ class DecodeEngine(Engine):
     async def start(self) -> None:
         await super().start()
         self.persister = Persister(self.store, self.cfg.store.write_queue_blocks)
-        asyncio.create_task(self._decode_loop())
+        self.start_loop(self._decode_loop())
 
     async def stop(self) -> None:
         await self.persister.close()  # flush: every queued block reaches storage on a clean shutdown
         await super().stop()
 
     def load(self) -> dict[str, Any]:
-        tokens = sum(len(s.tokens) for s in self.seqs.values())
+        # every request it holds at its full length, as the coordinator charges an admission (policy.assigned)
+        tokens = sum(s.prompt_len + s.max_tokens for s in self.seqs.values())
         # dropped: the write-behind queue was full; failed: the store refused the write (a full disk)
         return {**super().load(), "running_decode_tokens": tokens, "persist_queue": self.persister.queued,
                 "persist_written": self.persister.written, "persist_dropped": self.persister.dropped,

@@ -80,7 +80,7 @@ class PrefillEngine(Engine):
 
     async def start(self) -> None:
         await super().start()
-        asyncio.create_task(self._step_loop())
+        self.start_loop(self._step_loop())
 
     def load(self) -> dict[str, Any]:
         queued = sum(len(j.tokens) - j.computed for j in self.jobs.values())

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Coroutine
 
 import torch
 
@@ -68,9 +68,12 @@ class Engine:
         # Where this engine's time goes, in seconds per stage (bench ingest prints it; /metrics has it)
         self.stage_s: Counter[str] = Counter()
         self.peers: dict[str, Connection] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}  # one connect per peer at a time (no duplicates)
         self.peer_addrs: dict[str, tuple[str, int]] = {}
         self.coord: Connection | None = None
         self.stopping = asyncio.Event()
+        self.stop_reason = "lost the coordinator"
+        self._loops: set[asyncio.Task] = set()
         self.freed = asyncio.Event()  # memory was given back: say so in a heartbeat now (sched/waiting.py)
         self.read_rate_bps = 0.0  # how fast we drain our reads, as drained() counts (policy.py compares drain times)
         self._rate_mark = (0, 0.0)  # drained() at the last rate update
@@ -108,8 +111,23 @@ class Engine:
         self.spec.port = port
         self.coord = await self._connect_coordinator()
         await ask(self.coord, Register(self.name, self.role, self.spec.node, self.spec.host, port))
-        asyncio.create_task(self._heartbeat())
+        self.start_loop(self._heartbeat())
         log.info("%s ready (device %s, backend %s)", self.name, self.device, self.dataplane.backend)
+
+    def start_loop(self, loop: Coroutine[Any, Any, None]) -> None:
+        """Run one of the engine's loops (heartbeats, steps). If one fails, the engine stops and its
+        process exits: an engine that heartbeats but no longer steps would take requests and hold them."""
+        task = asyncio.create_task(loop)
+        self._loops.add(task)  # (the event loop keeps only a weak reference to a task)
+
+        def ended(t: asyncio.Task) -> None:
+            self._loops.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s: %s failed; stopping", self.name, t.get_coro().__qualname__, exc_info=t.exception())
+                self.stop_reason = f"{t.get_coro().__qualname__} failed: {t.exception()!r}"
+                self.stopping.set()
+
+        task.add_done_callback(ended)
 
     async def _connect_coordinator(self) -> Connection:
         s = self.cfg.scheduler
@@ -181,15 +199,16 @@ class Engine:
     # -- peers --
 
     async def peer(self, name: str) -> Connection:
-        conn = self.peers.get(name)
-        if conn is None or conn.closed.is_set():
-            if name not in self.peer_addrs:
-                self.peer_addrs.update({k: tuple(v) for k, v in (await ask(self.coord, Engines())).items()})
-            if name not in self.peer_addrs:
-                raise KeyError(f"unknown peer engine {name!r}")
-            host, port = self.peer_addrs[name]
-            conn = self.peers[name] = await connect(host, port, self.cfg.transport.token, self.name, self.handle)
-        return conn
+        async with self._connecting.setdefault(name, asyncio.Lock()):
+            conn = self.peers.get(name)
+            if conn is None or conn.closed.is_set():
+                if name not in self.peer_addrs:
+                    self.peer_addrs.update({k: tuple(v) for k, v in (await ask(self.coord, Engines())).items()})
+                if name not in self.peer_addrs:
+                    raise KeyError(f"unknown peer engine {name!r}")
+                host, port = self.peer_addrs[name]
+                conn = self.peers[name] = await connect(host, port, self.cfg.transport.token, self.name, self.handle)
+            return conn
 
     # -- helpers shared by both roles --
 

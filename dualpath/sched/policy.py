@@ -50,7 +50,7 @@ class EngineLoad:
     role: str  # "prefill" | "decode"
     node: int
     queued_prefill_tokens: int = 0
-    running_decode_tokens: int = 0
+    running_decode_tokens: int = 0  # a DE: prompt + max_tokens of each request it holds (its full length)
     read_queue_bytes: int = 0
     free_buffer_blocks: int = 0
     free_hbm_blocks: int = 0
