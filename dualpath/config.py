@@ -122,7 +122,7 @@ class EngineConfig:
     max_decode_batch: int = 64
     max_context: int = 0            # 0 = the model's max_position
     cuda_graphs: bool = True        # decode steps replayed from CUDA graphs (on CUDA devices)
-    memory_wait_s: float = 30.0     # longest wait for DRAM-buffer / HBM room; then the request fails
+    memory_wait_s: float = 30.0     # a PE's longest wait for DRAM-buffer / HBM room; then the request fails
 
     def validate(self) -> None:
         for name in ("hbm_blocks", "buffer_blocks", "prefill_token_quota", "max_decode_batch"):

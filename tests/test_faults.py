@@ -383,10 +383,10 @@ def test_an_engine_given_another_hosts_address_says_so_and_exits(tmp_path):
 
 
 def test_a_decode_engine_that_refused_an_admit_takes_the_request_once_it_has_room(tmp_path):
-    """The coordinator's view says de0 has room, but a squatter took it behind the view's back (it
-    heartbeats every 30 s), so de0 refuses the admit. The request waits and is served by de0 once the
-    squatter leaves. (The coordinator once told de0 to abort the refused admit; de0 then refused that
-    request again on every try, until its deadline.)"""
+    """The coordinator's view says the DE has room, but a squatter took it behind the view's back (it
+    heartbeats every 30 s), so the DE refuses the admit. The request waits and is served by that DE
+    once the squatter leaves. (The coordinator once told the DE to abort the refused admit; the DE
+    then refused that request again on every try, until its deadline.)"""
     cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
     cfg.engine.hbm_blocks = HBM_BLOCKS
     cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s, cfg.scheduler.request_timeout_s = 30.0, 120.0, 20.0
@@ -395,7 +395,7 @@ def test_a_decode_engine_that_refused_an_admit_takes_the_request_once_it_has_roo
 
         async def squat_then_leave() -> dict:
             conn = await connect(de.host, de.port, cfg.transport.token, "squatter")
-            try:  # 100 + 500 tokens: 38 of de0's 39 blocks
+            try:  # 100 + 500 tokens: 38 of the DE's 39 blocks
                 await ask(conn, Admit("squat", list(range(100)), 0, 0, 0.0, None, 500, None, pe="pe0",
                                       handoff_timeout_s=60))
                 loop = asyncio.get_running_loop()
@@ -403,7 +403,7 @@ def test_a_decode_engine_that_refused_an_admit_takes_the_request_once_it_has_roo
                     c.url, {"prompt": list(range(40)), "max_tokens": 100}, timeout=60))
                 deadline = time.monotonic() + 10
                 while not (await loop.run_in_executor(None, cluster_metrics, c))["stats"]["admit_retries"]:
-                    assert time.monotonic() < deadline, "de0 never refused the admit"
+                    assert time.monotonic() < deadline, "the DE never refused the admit"
                     await asyncio.sleep(0.05)
                 await ask(conn, Abort("squat"))
                 return await served
@@ -441,7 +441,7 @@ def test_a_request_already_decoding_outlives_its_prefill_engine(tmp_path):
     failure of it. (It once failed with 500 at the first pause of its tokens, made here by stopping
     the DE for longer than two heartbeats but not long enough to count as dead.)"""
     cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
-    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 0.1, 1.0
+    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 0.1, 3.0  # (pe0's closed socket says it died)
     with LocalCluster(cfg, str(tmp_path / "run")) as c:
         out, first = {}, threading.Event()
         t = threading.Thread(target=_stream, args=(c.url, {"prompt": list(range(50)), "max_tokens": 1900}, out, first),
@@ -475,7 +475,9 @@ def test_a_streaming_client_that_hangs_up_is_not_counted_as_a_failure(cluster):
                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
         got = b""
         while b"data: {" not in got:
-            got += s.recv(4096)
+            chunk = s.recv(4096)
+            assert chunk, f"the server closed the stream before its first token: {got!r}"
+            got += chunk
     deadline = time.monotonic() + 10
     while (after := cluster_metrics(cluster)["stats"])["client_gone"] == before["client_gone"]:
         assert time.monotonic() < deadline, "the coordinator never saw the client go"

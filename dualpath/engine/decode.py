@@ -25,8 +25,8 @@ from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
-from dualpath.engine.runtime import Engine, sample
-from dualpath.protocol import Abort, Admit, Done, Failed, Load, Prefilled, RunHandle, Token, tell
+from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample
+from dualpath.protocol import Abort, Admit, Done, Failed, Load, Prefilled, RunHandle, Token, ask, tell
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
 from dualpath.storage.store import BusyClock
@@ -46,6 +46,7 @@ class DecodeSeq:
     temperature: float
     seed: int | None
     eos_id: int | None
+    pe: str = ""  # the PE that writes its handoff into our run
     run: BufferRun | None = None
     grant: dict | None = None  # the PE's leave to write its handoff into our run
     blocks: list[int] = field(default_factory=list)
@@ -144,29 +145,46 @@ class DecodeEngine(Engine):
         if seq is None:
             self.aborted_early.append(msg.rid)
         else:
-            seq.cancelled = True
-            if not seq.prefilled:  # else _merge or the decode loop ends it (they are using its memory)
-                self._release(seq)
+            await self._drop(seq)
         return {"ok": True}
+
+    async def _drop(self, seq: DecodeSeq) -> None:
+        """End a request early (an abort, or no handoff by its deadline)."""
+        if seq.cancelled:
+            return
+        seq.cancelled = True
+        if not seq.prefilled:  # else _merge or the decode loop ends it (they are using its memory)
+            await self._handoff_stopped(seq)
+        if not seq.prefilled:  # (a handoff that was under way may have come in meanwhile)
+            self._release(seq)
+
+    async def _handoff_stopped(self, seq: DecodeSeq) -> None:
+        """Return once the PE writes no more of its handoff into our run: the run must not go to
+        another request while bytes still land in it (a same-host backend writes straight into our
+        memory, past any revoked grant). The PE answers its abort once its writes are done."""
+        try:
+            await ask(await self.peer(seq.pe), Abort(seq.rid), timeout=HANDOFF_FENCE_S + 5)
+        except Exception as e:  # the PE is gone or its link is: none of its writes is under way
+            log.info("%s: no answer from %s on aborting %s (%s)", self.name, seq.pe, seq.rid, e)
 
     # -- admission and path-B reads --
 
     async def on_admit(self, conn: Connection, msg: Admit) -> dict:
-        """Reserve HBM for prompt + answer (refused at once if there is none: the coordinator tries
-        another DE) and a buffer run for the prompt; start reading our share of the hits (path B).
-        Answers the RunHandle where the PE writes its handoff."""
+        """Reserve HBM for prompt + answer and a buffer run for the prompt, or refuse at once (the
+        coordinator tries another DE, or waits for room: it must not wait out its admit's timeout
+        here); start reading our share of the hits (path B). Answers the RunHandle where the PE
+        writes its handoff."""
         seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens), msg.hit_blocks, msg.de_blocks, msg.max_tokens,
-                        msg.temperature, msg.seed, msg.eos_id)
+                        msg.temperature, msg.seed, msg.eos_id, msg.pe)
         try:
             seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
         except OutOfBlocks as e:
             raise RuntimeError(f"{self.name} has no room for this request: {e}") from None
-        try:
-            seq.run = await asyncio.wait_for(self.buffer.alloc(self.pool.blocks_for(seq.prompt_len)),
-                                             self.cfg.engine.memory_wait_s)
-        except BaseException:
+        seq.run = self.buffer.try_alloc(self.pool.blocks_for(seq.prompt_len))
+        if seq.run is None:  # (free blocks may be enough, but not in one run)
             self.pool.allocator.release(seq.blocks)
-            raise
+            raise RuntimeError(f"{self.name} has no room for this request: no run of "
+                               f"{self.pool.blocks_for(seq.prompt_len)} free DRAM-buffer blocks")
         if seq.rid in self.aborted_early:
             self.free_request_memory(seq)
             raise RuntimeError(f"{seq.rid} was aborted while {self.name} admitted it")
@@ -231,7 +249,7 @@ class DecodeEngine(Engine):
     def _expire(self, seq: DecodeSeq) -> None:
         if not seq.prefilled and self.seqs.get(seq.rid) is seq:
             log.warning("%s: no handoff for %s before its deadline; its slot and buffer are freed", self.name, seq.rid)
-            self._release(seq)
+            asyncio.create_task(self._drop(seq))
 
     async def _merge(self, seq: DecodeSeq, first_token: int) -> dict:
         seq.prefilled = True
@@ -248,14 +266,14 @@ class DecodeEngine(Engine):
             with self.timed("merge_h2d"):
                 await self.in_compute(copy_in, stage="merge_h2d_enqueue")
                 await self.copies_done()
+            view = self.buffer.view(seq.run)
+            for b in range(seq.hit_blocks, n_full):  # hit blocks are stored already
+                fut = self.persister.submit(seq.keys[b], [view[l, b].numpy().copy() for l in range(view.shape[0])])
+                if fut is not None:
+                    seq.persisted.append(fut)
         except BaseException:  # an abort no longer frees a handed-off request: it must not strand here
             self._release(seq)
             raise
-        view = self.buffer.view(seq.run)
-        for b in range(seq.hit_blocks, n_full):  # hit blocks are stored already
-            fut = self.persister.submit(seq.keys[b], [view[l, b].numpy().copy() for l in range(view.shape[0])])
-            if fut is not None:
-                seq.persisted.append(fut)
         self.buffer.release(seq.run)
         seq.run = None
         self.freed.set()

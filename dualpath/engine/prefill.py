@@ -25,7 +25,7 @@ from dualpath.engine.buffers import BufferRun
 from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
-from dualpath.engine.runtime import Engine, sample
+from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample
 from dualpath.protocol import Abort, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
@@ -57,6 +57,7 @@ class PrefillJob:
     t_landed: dict[int, float] = field(default_factory=dict)  # layer -> when our storage read of it was in
     t_started: list[float] = field(default_factory=list)  # when the compute thread started layer l
     failed: str | None = None
+    handoff: asyncio.Task | None = None  # writing the prompt's KV into the DE's run, then telling it
 
 
 def _kv_landed(job: PrefillJob) -> bool:
@@ -94,11 +95,15 @@ class PrefillEngine(Engine):
         return {"accepted": True}
 
     async def on_abort(self, conn: Connection, msg: Abort) -> dict:
+        """Drop a request. The answer comes once no write of its handoff is under way: the DE waits
+        for it before giving the run those writes land in to another request."""
         job = self.jobs.get(msg.rid)
         if job:
             job.failed = "aborted"
             for ev in job.path_a_layer + job.path_b_layer:  # a step waiting on its KV stops waiting (it checks failed)
                 ev.set()
+            if job.handoff is not None:
+                await asyncio.wait([job.handoff], timeout=HANDOFF_FENCE_S)
         return {"ok": True}
 
     def on_write_complete(self, notify: Any) -> None:
@@ -152,6 +157,10 @@ class PrefillEngine(Engine):
             self.metrics["path_b_requests"] += 1
             self.metrics["path_b_blocks"] += job.de_blocks
         except Exception as e:  # DESIGN §5: a path-B failure falls back to path A
+            if job.failed:  # aborted: nothing to read for
+                for ev in job.path_b_layer:
+                    ev.set()
+                return
             log.warning("%s: path B for %s failed (%s); falling back to path A", self.name, job.rid, e)
             self.metrics["path_b_fallbacks"] += 1
             await self._read_path_a(job, 0, job.de_blocks, job.path_b_layer)
@@ -235,7 +244,7 @@ class PrefillEngine(Engine):
             self.last_prefill = {"total_s": time.monotonic() - job.t_admit,
                                  "started_s": [round(t - job.t_admit, 5) for t in job.t_started],
                                  "landed_s": [round(t - job.t_admit, 5) for _, t in sorted(job.t_landed.items())]}
-            asyncio.create_task(self._handoff(job, first))
+            job.handoff = asyncio.create_task(self._handoff(job, first))
 
     # -- handoff to the decode engine --
 
@@ -243,6 +252,8 @@ class PrefillEngine(Engine):
         """The prompt's KV to the DE: every block it did not read itself, [de_blocks, end). The hit
         blocks read on path A are in our buffer already; only the computed ones come back from HBM."""
         try:
+            if job.failed:  # aborted while it computed: no write into the DE's run may start now
+                raise RuntimeError(job.failed)
             nb, start = job.run.n_blocks, job.de_blocks
             with self.timed("handoff_d2h"):
                 await until_done(await self.in_compute(self.hbm_to_buffer, job.run, job.blocks[job.hit_blocks:],
@@ -261,6 +272,8 @@ class PrefillEngine(Engine):
                                                            job.de_run.layer_offset(l, bpl, start), nbytes, "latency"))
                     await asyncio.gather(*writes)
                 self.metrics["handoff_blocks"] += nb - start
+                if job.failed:
+                    raise RuntimeError(job.failed)
                 de = await self.peer(job.de)
                 await ask(de, Prefilled(job.rid, first_token))
             self.metrics["prefilled_requests"] += 1

@@ -1,8 +1,8 @@
 """One way to wait for memory: a pool's ``Room`` wakes the requests waiting for room in it when a
 release makes some. Both engine pools (the DRAM buffer and the HBM blocks) use it, and every wait
 on it is bounded by the caller (``Engine.take_memory``: engine.memory_wait_s). The one exception is
-deliberate: a DE asked to admit a request it has no HBM for refuses at once, and the coordinator
-tries another DE instead of leaving the request queued behind one."""
+deliberate: a DE asked to admit a request it has no HBM or buffer run for refuses at once, and the
+coordinator tries another DE or waits for room, instead of leaving the request queued behind one."""
 
 from __future__ import annotations
 

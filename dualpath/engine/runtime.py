@@ -25,6 +25,7 @@ from dualpath.transport.verbs import RdmaOptions
 from dualpath.transport.control import Connection, Server, connect
 
 log = logging.getLogger(__name__)
+HANDOFF_FENCE_S = 60.0  # an abort waits this long at most for a handoff's writes (each write's own timeout)
 
 
 def sample(logits: torch.Tensor, temperature: float, seed: int | None, position: int) -> int:

@@ -598,7 +598,8 @@ class Coordinator:
             self.stats["failed"] += 1
             self.metrics.failed(e.status)
             error = {"message": str(e), "type": "server_error", "code": e.status}
-            await resp.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+            with contextlib.suppress(ConnectionResetError):  # the client may have gone meanwhile
+                await resp.write(f"data: {json.dumps({'error': error})}\n\n".encode())
         return resp
 
     def _apply_stop(self, req: RequestState) -> tuple[str, bool]:
