@@ -47,8 +47,9 @@ def cluster(tmp_path_factory):
 
 
 def stream_until_first_token(url: str, body: dict) -> tuple[threading.Thread, dict]:
-    """A streaming request running in the background; returns once its first token is out."""
-    first, result = threading.Event(), {"tokens": 0}
+    """A streaming request running in the background; returns once its first token is out. The dict
+    gets its token ids, its finish reason and any error chunk."""
+    first, result = threading.Event(), {"tokens": []}
 
     def run():
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
@@ -56,7 +57,12 @@ def stream_until_first_token(url: str, body: dict) -> tuple[threading.Thread, di
         with urllib.request.urlopen(req, timeout=120) as r:
             for line in r:
                 if line.startswith(b"data: {"):
-                    result["tokens"] += 1
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        result["error"] = chunk["error"]
+                        break
+                    result["tokens"] += chunk["choices"][0]["token_ids"]
+                    result["finish"] = chunk["choices"][0]["finish_reason"]
                     first.set()
         first.set()
 
@@ -418,24 +424,6 @@ def test_a_decode_engine_that_refused_an_admit_takes_the_request_once_it_has_roo
         assert_decode_engines_idle(c)
 
 
-def _stream(url: str, body: dict, out: dict, first: threading.Event) -> None:
-    """A streaming request: out gets its token ids, finish reason and any error chunk."""
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    out["tokens"] = []
-    with urllib.request.urlopen(req, timeout=120) as r:
-        for line in r:
-            if line.startswith(b"data: {"):
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    out["error"] = chunk["error"]
-                    break
-                out["tokens"] += chunk["choices"][0]["token_ids"]
-                out["finish"] = chunk["choices"][0]["finish_reason"]
-                first.set()
-    first.set()
-
-
 def test_a_request_already_decoding_outlives_its_prefill_engine(tmp_path):
     """Once its first token is out, a request needs only its DE: the PE dying mid-decode is no
     failure of it. (It once failed with 500 at the first pause of its tokens, made here by stopping
@@ -443,11 +431,7 @@ def test_a_request_already_decoding_outlives_its_prefill_engine(tmp_path):
     cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
     cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 0.1, 3.0  # (pe0's closed socket says it died)
     with LocalCluster(cfg, str(tmp_path / "run")) as c:
-        out, first = {}, threading.Event()
-        t = threading.Thread(target=_stream, args=(c.url, {"prompt": list(range(50)), "max_tokens": 1900}, out, first),
-                             daemon=True)
-        t.start()
-        assert first.wait(60), "no first token"
+        t, out = stream_until_first_token(c.url, {"prompt": list(range(50)), "max_tokens": 1900})
         c.procs["pe0"].kill()
         deadline = time.monotonic() + 10
         while "pe0" in cluster_metrics(c)["engines"]:

@@ -411,6 +411,11 @@ class Coordinator:
         self.metrics.answered(req, time.monotonic(), self.bt)
         self.dashboard.answered(req)
 
+    def _client_gone(self, req: RequestState) -> None:
+        """Count a request whose client left (generate()'s closing frees its slot and buffers)."""
+        log.info("client of %s went away; its slot and buffers are freed", req.rid)
+        self.stats["client_gone"] += 1
+
     def _end_attempt(self, req: RequestState) -> None:
         """Forget the current attempt and tell its engines to drop whatever they still hold for it."""
         if self.requests.pop(req.attempt_rid, None) is None or req.decision is None:
@@ -541,8 +546,7 @@ class Coordinator:
                     break
                 if request.transport is None or request.transport.is_closing():
                     # aiohttp does not cancel a handler whose client left: stop generating for nobody
-                    log.info("client of %s went away; its slot and buffers are freed", req.rid)
-                    self.stats["client_gone"] += 1
+                    self._client_gone(req)
                     break
         return text, self._finish_reason(req, hit_stop)
 
@@ -589,9 +593,7 @@ class Coordinator:
                 await send([], usage=self._usage([req]))
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError) as e:  # the client hung up: a write failed, or
-            # aiohttp cancelled us. Not a failure of ours; generate()'s closing frees the slot and buffers.
-            log.info("client of %s went away; its slot and buffers are freed", req.rid)
-            self.stats["client_gone"] += 1
+            self._client_gone(req)  # aiohttp cancelled us. Not a failure of ours.
             if isinstance(e, asyncio.CancelledError):
                 raise  # a cancelled task ends cancelled
         except RequestFailed as e:

@@ -203,7 +203,7 @@ def _rates(*engines: EngineLoad) -> list[float]:
     return rates if all(r > 0 for r in rates) else [1.0] * len(engines)
 
 
-def _drain_s(e: EngineLoad, rate: float, extra_bytes: int = 0) -> float:
+def _drain_s(e: EngineLoad, rate: float, extra_bytes: float = 0) -> float:
     return (e.read_queue_bytes + extra_bytes) / rate
 
 
@@ -229,7 +229,7 @@ def choose(policy: str, req: RequestInfo, view: ClusterView, skip: Collection[st
             de_blocks = split_blocks(req, pe, de)
         else:  # the side that would finish the read first reads all; a tie goes to the PE (no extra hop)
             rp, rd = _rates(pe, de)
-            path_b_s = _drain_s(de, rd, req.read_bytes) + de.delivery_cost * req.read_bytes / rd
+            path_b_s = _drain_s(de, rd, req.read_bytes * (1 + de.delivery_cost))  # charged as split_blocks does
             de_blocks = req.hit_blocks if path_b_s < _drain_s(pe, rp, req.read_bytes) else 0
     else:
         raise ValueError(f"unknown policy {policy!r}")
