@@ -28,7 +28,8 @@ from typing import Any, ClassVar, get_type_hints
 class RunHandle:
     """Where a peer writes into one request's run of an engine's DRAM buffer: the engine's region
     handle (backend-specific: tcp address, shared-memory path, IPC handle or rkey, and the grant
-    that lets exactly that peer write this run), the run's byte offset, and its length in blocks.
+    that lets exactly that peer write this run; and the engine's incarnation, so that a handle of
+    an engine that has restarted since is refused), the run's byte offset, and its length in blocks.
     A run is layer-major: layer l holds the run's blocks back to back."""
 
     region: dict
@@ -71,6 +72,7 @@ class Register(Message):
     node: int
     host: str
     port: int
+    incarnation: str | None = None  # this life of the engine's process (transport/framing.py), as in its login
 
 
 @dataclass(frozen=True)

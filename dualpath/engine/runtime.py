@@ -23,6 +23,7 @@ from dualpath.storage.store import open_store
 from dualpath.transport import make_dataplane
 from dualpath.transport.verbs import RdmaOptions
 from dualpath.transport.control import Connection, Server, connect
+from dualpath.transport.framing import new_incarnation
 
 log = logging.getLogger(__name__)
 HANDOFF_FENCE_S = 60.0  # an abort waits this long at most for a handoff's writes (each write's own timeout)
@@ -50,6 +51,10 @@ class Engine:
 
     def __init__(self, cfg: ClusterConfig, spec: EngineSpec):
         self.cfg, self.spec, self.name = cfg, spec, spec.name
+        # This process's life: in every login, Register, buffer handle and grant of ours. Restarted
+        # under the same name and address we are a new peer, and nothing of our predecessor's is
+        # used on us (a peer's mapping of its buffer once outlived it: transport/shm.py).
+        self.incarnation = new_incarnation()
         self.device = torch.device(spec.device)
         make_current(self.device)  # this thread runs the event loop: its CUDA work goes to our GPU too
         self.dtype = getattr(torch, cfg.model.dtype)
@@ -86,7 +91,7 @@ class Engine:
         self.store = open_store(c.store.root, self.shape, int(c.store.capacity_gb * 1e9), node=self.spec.node,
                                 read_gbps=c.store.snic_read_gbps, write_gbps=c.store.snic_write_gbps,
                                 readers=c.store.readers, read_spans=c.store.read_spans,
-                                write_threads=c.store.write_threads)
+                                write_threads=c.store.write_threads, min_free_bytes=int(c.store.min_free_gb * 1e9))
         if self.buffer.share_path is None:
             raise RuntimeError("the DRAM buffer is not shared memory (no memfd): the store's reader processes "
                                "cannot map it")
@@ -95,7 +100,7 @@ class Engine:
                                         on_complete=self.on_write_complete,
                                         bulk_chunk_bytes=c.transport.bulk_chunk_bytes,
                                         latency_share=c.transport.latency_share, host=self.spec.host,
-                                        device=self.device, rdma=RdmaOptions(
+                                        device=self.device, incarnation=self.incarnation, rdma=RdmaOptions(
                                             c.transport.rdma_device, c.transport.rdma_port,
                                             c.transport.rdma_gid_index, c.transport.rdma_hop_limit))
         try:
@@ -107,13 +112,14 @@ class Engine:
         # One registered region over the whole DRAM buffer: every request's run is an offset into it.
         self.buffer_handle = self.dataplane.register(self.buffer.host, share_path=self.buffer.share_path,
                                                      granted_only=True)
-        self.control = Server(c.transport.token, self.handle)
+        self.control = Server(c.transport.token, self.handle, incarnation=self.incarnation)
         port = await self.control.start(self.spec.host, self.spec.port)
         self.spec.port = port
         self.coord = await self._connect_coordinator()
-        await ask(self.coord, Register(self.name, self.role, self.spec.node, self.spec.host, port))
+        await ask(self.coord, Register(self.name, self.role, self.spec.node, self.spec.host, port, self.incarnation))
         self.start_loop(self._heartbeat())
-        log.info("%s ready (device %s, backend %s)", self.name, self.device, self.dataplane.backend)
+        log.info("%s ready (device %s, backend %s, incarnation %s)", self.name, self.device, self.dataplane.backend,
+                 self.incarnation)
 
     def start_loop(self, loop: Coroutine[Any, Any, None]) -> None:
         """Run one of the engine's loops (heartbeats, steps). If one fails, the engine stops and its
@@ -135,7 +141,8 @@ class Engine:
         deadline = time.monotonic() + 60
         while True:
             try:
-                return await connect(s.host, s.control_port, self.cfg.transport.token, self.name, self.handle)
+                return await connect(s.host, s.control_port, self.cfg.transport.token, self.name, self.handle,
+                                     incarnation=self.incarnation)
             except OSError:
                 if time.monotonic() > deadline:
                     raise
@@ -152,7 +159,8 @@ class Engine:
 
     def load(self) -> dict[str, Any]:
         io = self.store.stats
-        return {"read_queue_bytes": self.store.read_queue_bytes(), "read_rate_bps": self.read_rate_bps,
+        return {"incarnation": self.incarnation,  # a restarted engine shows a new one in /v1/cluster
+                "read_queue_bytes": self.store.read_queue_bytes(), "read_rate_bps": self.read_rate_bps,
                 "transport": self.dataplane.backend, "links": self.dataplane.links(),
                 "network_sent_bytes": dict(self.dataplane.sent_bytes),
                 "free_buffer_blocks": self.buffer.free_blocks,
@@ -208,16 +216,25 @@ class Engine:
                 if name not in self.peer_addrs:
                     raise KeyError(f"unknown peer engine {name!r}")
                 host, port = self.peer_addrs[name]
-                conn = self.peers[name] = await connect(host, port, self.cfg.transport.token, self.name, self.handle)
+                conn = self.peers[name] = await connect(host, port, self.cfg.transport.token, self.name, self.handle,
+                                                        incarnation=self.incarnation)
             return conn
+
+    def peer_incarnation(self, name: str) -> str | None:
+        """The incarnation of engine `name` as our live control connection to it (to the address the
+        coordinator registered for that name) says; None if we have none open."""
+        conn = self.peers.get(name)
+        return conn.peer_incarnation if conn is not None and not conn.closed.is_set() else None
 
     # -- helpers shared by both roles --
 
     def run_handle(self, req, peer: str) -> RunHandle:
         """Where `peer` writes into a request's buffer run: our region, granted to that peer for the
-        run's bytes only (revoked with the request's memory), plus the run's byte offset."""
+        run's bytes only (revoked with the request's memory), plus the run's byte offset. The grant
+        is bound to the peer's incarnation: the one our control connection to it knows (a PE has
+        just asked its DE to load), or else the one that writes through it first."""
         off, nbytes = self.buffer.byte_range(req.run)
-        req.grant = self.dataplane.grant(self.buffer_handle, off, nbytes, peer)
+        req.grant = self.dataplane.grant(self.buffer_handle, off, nbytes, peer, self.peer_incarnation(peer))
         return RunHandle(req.grant, off, req.run.n_blocks)
 
     async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:

@@ -12,8 +12,8 @@ import itertools
 import logging
 from typing import Any, Awaitable, Callable
 
-from dualpath.transport.framing import (LOGIN_MAX_FRAME, PROTOCOL, ProtocolError, answer, challenge, pack,
-                                        read_frame, verify)
+from dualpath.transport.framing import (LOGIN_MAX_FRAME, PROTOCOL, Login, MalformedLogin, ProtocolError, answer,
+                                        challenge, pack, read_frame, server_incarnation, verify)
 
 MAX_FRAME = 64 << 20
 log = logging.getLogger(__name__)
@@ -26,12 +26,13 @@ class RemoteError(RuntimeError):
 
 
 class Connection:
-    """One authenticated control connection; symmetric once open."""
+    """One authenticated control connection; symmetric once open. ``peer_incarnation``: the peer
+    process's incarnation as its login said (framing.py); None for a peer that names none."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler | None,
-                 peer_name: str, max_frame: int = MAX_FRAME):
+                 peer_name: str, max_frame: int = MAX_FRAME, peer_incarnation: str | None = None):
         self.reader, self.writer, self.handler = reader, writer, handler
-        self.peer_name, self.max_frame = peer_name, max_frame
+        self.peer_name, self.max_frame, self.peer_incarnation = peer_name, max_frame, peer_incarnation
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -61,6 +62,8 @@ class Connection:
         try:
             while True:
                 msg = await read_frame(self.reader, self.max_frame)
+                if not isinstance(msg, dict):
+                    raise ProtocolError(f"a {type(msg).__name__} frame, not a message")
                 if "r" in msg or "e" in msg:
                     fut = self._pending.get(msg.get("id"))
                     if fut is not None and not fut.done():
@@ -108,36 +111,42 @@ class Connection:
         self.writer.close()
 
 
-async def _server_handshake(reader, writer, token: str) -> str:
-    nonce, first = challenge()
+async def _server_handshake(reader, writer, token: str, incarnation: str | None = None) -> Login:
+    nonce, first = challenge(incarnation)
     writer.write(first)
-    name = verify(token, nonce, await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), 10))
+    login = verify(token, nonce, await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), 10))
     writer.write(pack({"ok": True}))
-    return name
+    return login
 
 
 async def connect(host: str, port: int, token: str, name: str, handler: Handler | None = None,
-                  max_frame: int = MAX_FRAME, timeout: float = 10.0) -> Connection:
+                  max_frame: int = MAX_FRAME, timeout: float = 10.0, incarnation: str | None = None) -> Connection:
+    """A control connection to the server at host:port, logged in as `name` (and, for an engine,
+    its incarnation); the Connection knows the server's incarnation."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
-        writer.write(answer(token, name, await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), timeout)))
+        first = await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), timeout)
+        writer.write(answer(token, name, first, incarnation))
+        theirs = server_incarnation(first)
         reply = await asyncio.wait_for(read_frame(reader, LOGIN_MAX_FRAME), timeout)
-        if not reply.get("ok"):
-            raise ProtocolError(f"{host}:{port} refused us: {reply.get('error')}")
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            raise ProtocolError(f"{host}:{port} refused us: {reply.get('error') if isinstance(reply, dict) else reply}")
     except BaseException:
         writer.close()
         raise
-    return Connection(reader, writer, handler, f"{host}:{port}", max_frame)
+    return Connection(reader, writer, handler, f"{host}:{port}", max_frame, theirs)
 
 
 class Server:
     """Accepts authenticated control connections; ``on_close`` hears of each one that closes."""
 
     def __init__(self, token: str, handler: Handler, on_close: Callable[[Connection], None] | None = None,
-                 max_frame: int = MAX_FRAME):
+                 max_frame: int = MAX_FRAME, incarnation: str | None = None):
         self.token, self.handler, self.on_close, self.max_frame = token, handler, on_close, max_frame
+        self.incarnation = incarnation  # ours, told to every client in the challenge
         self.connections: set[Connection] = set()
-        self.refused = 0
+        self.refused = 0  # logins refused, for whatever reason
+        self.malformed = 0  # of those, login frames of the wrong shape (framing.MalformedLogin)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -147,17 +156,19 @@ class Server:
     async def _accept(self, reader, writer) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            name = await _server_handshake(reader, writer, self.token)
+            login = await _server_handshake(reader, writer, self.token, self.incarnation)
         except (ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as e:
+            # One line per refusal, never a traceback: whoever can reach the port can send anything.
             self.refused += 1
-            log.warning("refused control connection from %s: %s", peer, e)
+            self.malformed += isinstance(e, MalformedLogin)
+            log.warning("refused control connection from %s: %s", peer, e or type(e).__name__)
             try:
                 writer.write(pack({"ok": False, "error": str(e)}))
             except Exception:
                 pass
             writer.close()
             return
-        conn = Connection(reader, writer, self.handler, name, self.max_frame)
+        conn = Connection(reader, writer, self.handler, login.name, self.max_frame, login.incarnation)
         self.connections.add(conn)
         await conn.closed.wait()
         self.connections.discard(conn)
@@ -171,5 +182,5 @@ class Server:
             await c.close()
 
 
-__all__ = ["MAX_FRAME", "PROTOCOL", "Connection", "Handler", "ProtocolError", "RemoteError", "Server", "connect",
-           "pack", "read_frame"]
+__all__ = ["MAX_FRAME", "PROTOCOL", "Connection", "Handler", "Login", "MalformedLogin", "ProtocolError", "RemoteError",
+           "Server", "connect", "pack", "read_frame"]

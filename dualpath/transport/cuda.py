@@ -9,6 +9,10 @@ and the frame's round trip overlaps the copy instead of following it (64 MiB wri
 to 0.60-0.65 of a plain P2P copy on two H200s, runs/gpu/s5_transport). A writer in the receiver's
 own process waits for the copy itself: an IPC event cannot be opened by the process that made it.
 
+Opened IPC memory and opened IPC events belong to one incarnation of their peer (framing.py): both
+are dropped (closed) once a restarted peer is met at the same address (memory: ``_peer_restarted``)
+or logs in under the same name (its events: ``_writer_restarted``), and never used again.
+
 Host regions (the engines' DRAM buffers) are written as the shm backend writes them (shm.py): one
 memory copy into the peer's mapped buffer; other host regions go over tcp.
 """
@@ -23,13 +27,15 @@ import torch
 
 from dualpath.device import until_done
 from dualpath.transport.dataplane import TransferError, as_bytes, check_write
+from dualpath.transport.framing import Login
 from dualpath.transport.shm import ShmDataPlane
 
 log = logging.getLogger(__name__)
 
 # CUDA IPC handles cannot be opened by the process that made them: regions registered in this
-# process are found here instead (engines of one process, and the conformance tests).
-_LOCAL: dict[tuple[int, int, int], torch.Tensor] = {}
+# process are found here instead (engines of one process, and the conformance tests), by the
+# registering plane's incarnation and the region.
+_LOCAL: dict[tuple[str, int], torch.Tensor] = {}
 
 
 class CudaDataPlane(ShmDataPlane):
@@ -37,11 +43,12 @@ class CudaDataPlane(ShmDataPlane):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._opened: dict[tuple, torch.Tensor] = {}
+        self._opened: dict[tuple[tuple[str, int], int, str], torch.Tensor] = {}  # (addr, region, incarnation)
         self._copy_streams: dict[int, torch.cuda.Stream] = {}
         self._peer_enabled: set[tuple[int, int]] = set()
         self._free_events: dict[int, list[tuple[torch.cuda.Event, bytes]]] = {}  # ours, per device
-        self._peer_events: dict[tuple[int, bytes], torch.cuda.Event] = {}  # writers', opened once
+        # writers' events, opened once: (writer name, its incarnation, device, IPC handle) -> event
+        self._peer_events: dict[tuple[str, str | None, int, bytes], torch.cuda.Event] = {}
 
     def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
         handle = super().register(tensor, share_path=share_path, granted_only=granted_only)
@@ -52,16 +59,16 @@ class CudaDataPlane(ShmDataPlane):
             handle["ipc"] = [dev, h, size, off, rc_h, rc_off, ev_h, ev_sync]
             handle["storage_offset"] = flat.storage_offset()
             handle["pid"] = os.getpid()
-            _LOCAL[(os.getpid(), self.port, handle["region"])] = flat
+            _LOCAL[(self.incarnation, handle["region"])] = flat
         return handle
 
     def _open(self, dst: dict) -> torch.Tensor:
         if dst.get("pid") == os.getpid():
-            local = _LOCAL.get((os.getpid(), dst["addr"][1], dst["region"]))
+            local = _LOCAL.get((dst["inc"], dst["region"]))
             if local is None:
                 raise TransferError(f"unknown or released region {dst['region']}")
             return local
-        key = (tuple(dst["addr"]), dst["region"])
+        key = (tuple(dst["addr"]), dst["region"], dst["inc"])
         t = self._opened.get(key)
         if t is None:
             dev, h, size, off, rc_h, rc_off, ev_h, ev_sync = dst["ipc"]
@@ -82,16 +89,34 @@ class CudaDataPlane(ShmDataPlane):
         # makes torch enable src_dev's access to dst_dev's memory (and keep it enabled).
         torch.empty(1, device=f"cuda:{src_dev}").copy_(torch.zeros(1, device=f"cuda:{dst_dev}"))
 
+    def _peer_restarted(self, addr: tuple[str, int], incarnation: str | None) -> None:
+        """Close the IPC memory of an earlier incarnation at addr (dropping the tensor closes the handle)."""
+        super()._peer_restarted(addr, incarnation)
+        for key in [k for k in self._opened if k[0] == addr and k[2] != incarnation]:
+            del self._opened[key]
+
+    def _writer_restarted(self, name: str, old_incarnation: str | None) -> None:
+        super()._writer_restarted(name, old_incarnation)
+        for key in [k for k in self._peer_events if k[:2] == (name, old_incarnation)]:
+            del self._peer_events[key]
+
     def links(self) -> dict[str, str]:
         """Peers whose memory we copy into directly say cuda; the others tcp (DRAM buffers of
         another host, or one we could not map)."""
         out = super().links()
-        for addr, _ in self._opened:
+        for addr, _, _ in self._opened:
             out[f"{addr[0]}:{addr[1]}"] = "cuda"
         return out
 
+    async def close(self) -> None:
+        for key in [k for k in _LOCAL if k[0] == self.incarnation]:
+            del _LOCAL[key]
+        self._opened.clear()
+        self._peer_events.clear()
+        await super().close()
+
     def release(self, handle: dict) -> None:
-        _LOCAL.pop((os.getpid(), self.port, handle["region"]), None)
+        _LOCAL.pop((self.incarnation, handle["region"]), None)
         super().release(handle)
 
     async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
@@ -99,6 +124,7 @@ class CudaDataPlane(ShmDataPlane):
         if "ipc" not in dst:  # host memory: a mapped same-host buffer (shm.py), else tcp
             return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
         check_write(dst, dst_offset, nbytes, traffic_class)
+        await self._link_to(dst, traffic_class)  # the handle's incarnation is the one at its address, or refused
         target = self._open(dst)[dst_offset : dst_offset + nbytes]
         source = as_bytes(src)[:nbytes]
         dev = target.device.index
@@ -134,11 +160,11 @@ class CudaDataPlane(ShmDataPlane):
         event.record(stream)  # the CUDA event exists from its first record on: only then has it a handle
         return event, bytes(event.ipc_handle())
 
-    async def _landed(self, msg: dict) -> None:
+    async def _landed(self, msg: dict, writer: Login) -> None:
         if msg.get("event") is None:
             return
         dev, ipc = msg["event"]
-        key = (dev, bytes(ipc))
+        key = (writer.name, writer.incarnation, dev, bytes(ipc))
         event = self._peer_events.get(key)
         if event is None:
             event = self._peer_events[key] = torch.cuda.Event.from_ipc_handle(torch.device("cuda", dev), ipc)

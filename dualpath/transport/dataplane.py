@@ -10,6 +10,14 @@ intermediate copy) and reports completion only once every byte is in place, so a
 destination is never reported complete. ``CudaDataPlane`` (cuda.py) and ``VerbsDataPlane``
 (verbs.py) reuse its connections for completions and move the bytes their own way.
 
+Incarnations: every plane has one (framing.py; an engine passes its own), named in each handle it
+registers and in its logins. A writer learns the incarnation at an address from the login of its
+link there; a handle naming another one belongs to a process that is gone (an engine restarted on
+the same address) and is refused (``StaleIncarnation``), and what the writer kept for the old one
+(links; the shm mappings, CUDA IPC handles and verbs queue pairs of the other backends) is dropped
+(``_peer_restarted``). The receiver refuses a write or notify naming an incarnation other than its
+own, and grants are bound to the writer's name and incarnation (``Grant``).
+
 Traffic classes: ``latency`` (PE→DE handoff, control-sized messages) and ``bulk`` (path-B KV
 loading) use separate connections. Bulk is sent in chunks and, while latency traffic is in flight
 from this process, waits between chunks so latency traffic keeps ``latency_share`` of the link
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import socket
 import time
 from collections import Counter
@@ -29,8 +38,9 @@ from typing import Any, Callable
 
 import torch
 
-from dualpath.transport.framing import (LENGTH, LOGIN_MAX_FRAME, ProtocolError, answer, challenge, frame_length,
-                                        pack, unpack, verify)
+from dualpath.transport.framing import (LENGTH, LOGIN_MAX_FRAME, Login, MalformedLogin, ProtocolError, answer,
+                                        challenge, frame_length, new_incarnation, pack, server_incarnation, unpack,
+                                        verify)
 
 log = logging.getLogger(__name__)
 TRAFFIC_CLASSES = ("latency", "bulk")
@@ -41,6 +51,10 @@ _RECV_SLICE = 256 << 10
 
 class TransferError(ConnectionError):
     """A write failed: refused by the peer (bad handle, out of range) or the peer was lost."""
+
+
+class StaleIncarnation(TransferError):
+    """The handle belongs to an earlier incarnation of the engine at its address (it restarted)."""
 
 
 @dataclass
@@ -55,12 +69,23 @@ class Region:
 class Grant:
     """Leave for one peer to write bytes [lo, hi) of one region, for one request (like an RDMA
     memory window): an engine's DRAM buffer takes writes only into runs granted to their writer,
-    and the grant is revoked when the request ends."""
+    and the grant is revoked when the request ends. Its id is random (not guessable by counting)
+    and it is bound to the writer's name and incarnation: given at grant time, or else taken from
+    the first write through it, so a restarted writer (or another process logged in under its
+    name) cannot use it."""
 
     region: int
     lo: int
     hi: int
     peer: str
+    peer_incarnation: str | None = None
+
+    def admits(self, region_id: int, lo: int, hi: int, writer: Login) -> bool:
+        if self.region != region_id or self.peer != writer.name or not self.lo <= lo <= hi <= self.hi:
+            return False
+        if self.peer_incarnation is None:  # the first write binds it to its writer's incarnation
+            self.peer_incarnation = writer.incarnation
+        return self.peer_incarnation == writer.incarnation
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -101,6 +126,25 @@ async def _recv_frame(loop, sock: socket.socket, max_frame: int = _HEADER_LIMIT)
 DSCP_TOS = {"latency": 46 << 2, "bulk": 8 << 2}
 
 
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def _well_formed(msg: Any) -> bool:
+    """A data-plane header has the fields and types the receiver relies on (it comes from a peer
+    that proved the secret, but one bad frame must cost its connection only, not a traceback)."""
+    if not isinstance(msg, dict) or msg.get("op") not in ("w", "n", "qp") or not isinstance(msg.get("id"), int):
+        return False
+    if msg["op"] == "qp":
+        return isinstance(msg.get("info"), dict) and msg.get("tc") in TRAFFIC_CLASSES
+    ints = [msg.get("region"), msg.get("off", 0), msg.get("n", 0), msg.get("moved", 0)]
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints)
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -117,10 +161,11 @@ def check_write(dst: dict, dst_offset: int, nbytes: int, traffic_class: str) -> 
 
 
 class _PeerLink:
-    """One outgoing connection (per peer and traffic class) and the writes waiting for acks."""
+    """One outgoing connection (per peer and traffic class) and the writes waiting for acks;
+    ``incarnation``: the peer process's, as its login said."""
 
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
+    def __init__(self, sock: socket.socket, incarnation: str | None):
+        self.sock, self.incarnation = sock, incarnation
         self.lock = asyncio.Lock()
         self.pending: dict[int, asyncio.Future] = {}
         self.closed = False
@@ -162,18 +207,24 @@ class TcpDataPlane:
 
     def __init__(self, name: str, token: str, on_complete: Callable[[Any], None] | None = None,
                  bulk_chunk_bytes: int = 256 << 10, latency_share: float = 0.99, host: str = "127.0.0.1",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", incarnation: str | None = None):
         self.name, self.token, self.on_complete = name, token, on_complete or (lambda notify: None)
+        self.incarnation = incarnation or new_incarnation()  # the owning engine's (one per process life)
         self.device = torch.device(device)  # the owning engine's: threads we start make it current
         self.chunk, self.latency_share, self.host = bulk_chunk_bytes, latency_share, host
         self.port = 0
         self.regions: dict[int, Region] = {}
-        self.grants: dict[int, Grant] = {}
+        self.grants: dict[str, Grant] = {}
         self._region_ids = itertools.count(1)
-        self._grant_ids = itertools.count(1)
         self._write_ids = itertools.count(1)
         self._links: dict[tuple[str, int, str], _PeerLink] = {}
         self._link_locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+        # Writing side: the incarnation last met at each peer address, and those known to be gone.
+        self._peer_incarnations: dict[tuple[str, int], str | None] = {}
+        self._gone: set[tuple[tuple[str, int], str]] = set()
+        # Receiving side: live data connections per writer login, and every incarnation seen per name.
+        self._writers: Counter[Login] = Counter()
+        self._writer_incarnations: dict[str, set[str | None]] = {}
         self._latency_inflight = 0
         self._latency_idle = asyncio.Event()
         self._latency_idle.set()
@@ -181,7 +232,8 @@ class TcpDataPlane:
         self._conns: set[asyncio.Task] = set()
         self.bytes_received = 0
         self.sent_bytes: Counter[str] = Counter()  # by traffic class, acknowledged writes only
-        self.refused = 0
+        self.refused = 0  # logins and writes refused
+        self.malformed = 0  # of those, logins of the wrong shape (framing.MalformedLogin)
 
     # -- registration --
 
@@ -194,7 +246,7 @@ class TcpDataPlane:
         view = host_view(flat) if flat.device.type == "cpu" else None
         self.regions[region_id] = Region(region_id, flat, view, granted_only)
         return {"backend": self.backend, "addr": [self.host, self.port], "region": region_id, "nbytes": flat.numel(),
-                "device": str(flat.device)}
+                "device": str(flat.device), "inc": self.incarnation}
 
     def release(self, handle: dict) -> None:
         self.regions.pop(handle["region"], None)
@@ -203,17 +255,20 @@ class TcpDataPlane:
         """The backend carrying each peer link ("host:port" -> backend), for the load report."""
         return {f"{h}:{p}": "tcp" for h, p, _ in self._links}
 
-    def grant(self, handle: dict, offset: int, nbytes: int, peer: str) -> dict:
-        """A handle through which only `peer` may write bytes [offset, offset + nbytes) of the region."""
-        gid = next(self._grant_ids)
-        self.grants[gid] = Grant(handle["region"], offset, offset + nbytes, peer)
+    def grant(self, handle: dict, offset: int, nbytes: int, peer: str, peer_incarnation: str | None = None) -> dict:
+        """A handle through which only `peer` may write bytes [offset, offset + nbytes) of the region:
+        only the incarnation of `peer` given here or, if None, the one that writes through it first."""
+        gid = secrets.token_urlsafe(16)  # 128 random bits: found by no one who was not given it
+        self.grants[gid] = Grant(handle["region"], offset, offset + nbytes, peer, peer_incarnation)
         return {**handle, "grant": gid}
 
     def revoke(self, granted: dict) -> None:
-        self.grants.pop(granted.get("grant"), None)
+        gid = granted.get("grant")
+        if isinstance(gid, str):
+            self.grants.pop(gid, None)
 
-    def _check(self, region_id: int, off: int, n: int, need_host: bool = True, grant: int | None = None,
-               peer: str | None = None) -> Region:
+    def _check(self, region_id: int, off: int, n: int, need_host: bool = True, grant: Any = None,
+               peer: Login | None = None) -> Region:
         region = self.regions.get(region_id)
         if region is None:
             raise TransferError(f"unknown or released region {region_id} on {self.name}")
@@ -222,11 +277,40 @@ class TcpDataPlane:
         if need_host and region.view is None:
             raise TransferError(f"region {region_id} is device memory; the tcp backend writes host memory only")
         if region.granted_only:
-            g = self.grants.get(grant)
-            if g is None or g.region != region_id or g.peer != peer or not g.lo <= off <= off + n <= g.hi:
-                raise TransferError(f"{peer} holds no grant for bytes [{off}, {off + n}) of region {region_id} on "
-                                    f"{self.name} (unknown, revoked, another peer's, or out of its range)")
+            g = self.grants.get(grant) if isinstance(grant, str) else None
+            if g is None or peer is None or not g.admits(region_id, off, off + n, peer):
+                who = f"{peer.name} (incarnation {peer.incarnation})" if peer else "an unknown writer"
+                raise TransferError(f"{who} holds no grant for bytes [{off}, {off + n}) of region {region_id} on "
+                                    f"{self.name} (unknown, revoked, another peer's or incarnation's, or out of "
+                                    "its range)")
         return region
+
+    def _check_incarnation(self, named: Any) -> None:
+        """A write or notify must name our incarnation: a handle of the process that was here before
+        us (same address, same region numbers) is not a handle of ours."""
+        if named != self.incarnation:
+            raise TransferError(f"the write names incarnation {named!r} of {self.name}, which now runs incarnation "
+                                f"{self.incarnation}: its handle is of an engine that has restarted since")
+
+    def _writer_logged_in(self, writer: Login) -> None:
+        """A writer's data connection is up. Incarnations of the same name without a live connection
+        are gone (the engine restarted): their grants are dropped (bound to them, they could never be
+        used again anyway), and so is what a subclass kept for them (``_writer_restarted``). An old
+        incarnation that is still connected is left alone: a newcomer cannot revoke a live peer's grants."""
+        self._writers[writer] += 1
+        seen = self._writer_incarnations.setdefault(writer.name, set())
+        seen.add(writer.incarnation)
+        for old in [i for i in seen if i != writer.incarnation and not self._writers[Login(writer.name, i)]]:
+            seen.discard(old)
+            dropped = [gid for gid, g in self.grants.items() if g.peer == writer.name and g.peer_incarnation == old]
+            for gid in dropped:
+                del self.grants[gid]
+            log.info("%s: %s is a new incarnation (%s, was %s): %d grant(s) of the old one dropped", self.name,
+                     writer.name, writer.incarnation, old, len(dropped))
+            self._writer_restarted(writer.name, old)
+
+    def _writer_restarted(self, name: str, old_incarnation: str | None) -> None:
+        """Drop what we keep for a writer's earlier incarnation (the cuda and verbs planes keep some)."""
 
     # -- receiving side --
 
@@ -254,33 +338,42 @@ class TcpDataPlane:
 
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        writer: Login | None = None
         try:
-            nonce, first = challenge()
+            nonce, first = challenge(self.incarnation)
             await loop.sock_sendall(sock, first)
-            hello = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 10)
             try:
-                peer = verify(self.token, nonce, hello)  # proved with the secret: grants are checked against it
-            except ProtocolError as e:
+                hello = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 10)
+                # proved with the secret: grants are checked against this name and incarnation
+                login = verify(self.token, nonce, hello, need_incarnation=True)
+            except ProtocolError as e:  # one line per refusal, never a traceback
                 self.refused += 1
-                log.warning("%s: refused data connection from %s: %s", self.name, hello.get("name"), e)
+                self.malformed += isinstance(e, MalformedLogin)
+                log.warning("%s: refused data connection from %s: %s", self.name, _peer_of(sock), e)
+                await loop.sock_sendall(sock, pack({"ok": False, "error": str(e)}))
                 return
             await loop.sock_sendall(sock, pack({"ok": True}))
+            writer = login
+            self._writer_logged_in(writer)
             scratch = memoryview(bytearray(1 << 20))
             while True:
                 msg = await _recv_frame(loop, sock)
+                if not _well_formed(msg):
+                    raise ProtocolError(f"malformed data-plane header from {writer.name}: {str(msg)[:200]}")
                 if msg["op"] == "qp":  # a verbs writer's queue-pair handshake (verbs.py)
                     try:
-                        reply = {"id": msg["id"], "qp": self.accept_qp(msg["info"], msg["tc"])}
+                        reply = {"id": msg["id"], "qp": self.accept_qp(msg["info"], msg["tc"], writer)}
                     except Exception as e:
                         reply = {"id": msg["id"], "err": f"{self.name} cannot take an RDMA queue pair: {e}"}
                     await loop.sock_sendall(sock, pack(reply))
                     continue
                 n = msg.get("n", 0)
                 try:
+                    self._check_incarnation(msg.get("inc"))
                     # a notify ("n") stands for bytes the writer moved itself: check their whole range
                     span = n if msg["op"] == "w" else msg.get("moved", 0)
                     region = self._check(msg["region"], msg.get("off", 0), span, need_host=msg["op"] == "w",
-                                         grant=msg.get("grant"), peer=peer)
+                                         grant=msg.get("grant"), peer=writer)
                 except TransferError as e:
                     self.refused += 1
                     while n:  # drain the payload so the stream stays in step
@@ -293,19 +386,25 @@ class TcpDataPlane:
                     await _recv_exact(loop, sock, region.view[msg["off"] : msg["off"] + n])
                     self.bytes_received += n
                 if msg.get("last", True):
-                    await self._landed(msg)
+                    await self._landed(msg, writer)
                     self.on_complete(msg.get("notify"))  # every byte is in place
                     await loop.sock_sendall(sock, pack({"id": msg["id"]}))
-        except (ConnectionError, OSError, ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except ProtocolError as e:
+            log.warning("%s: closed a data connection from %s: %s", self.name, _peer_of(sock), e)
+        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away; nothing half-written was reported complete
         finally:
+            if writer is not None:
+                self._writers[writer] -= 1
+                if not self._writers[writer]:
+                    del self._writers[writer]
             sock.close()
 
-    async def _landed(self, msg: dict) -> None:
+    async def _landed(self, msg: dict, writer: Login) -> None:
         """Return once the bytes of the write that `msg` ends are in place. Over tcp they came in the
         frames themselves; the cuda plane waits for the writer's copy (cuda.py)."""
 
-    def accept_qp(self, info: dict, traffic_class: str) -> dict:
+    def accept_qp(self, info: dict, traffic_class: str, writer: Login) -> dict:
         """A peer's RDMA queue pair wants one of ours (verbs.py overrides this)."""
         raise TransferError(f"{self.name} runs the {self.backend} data plane, without an RDMA device")
 
@@ -326,28 +425,86 @@ class TcpDataPlane:
             link.pending.pop(wid, None)
 
     async def _link(self, addr: tuple[str, int], tc: str) -> _PeerLink:
+        """Our live link to addr for class tc, connecting if there is none."""
         key = (addr[0], addr[1], tc)
-        lock = self._link_locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with self._link_locks.setdefault(key, asyncio.Lock()):
             link = self._links.get(key)
-            if link is not None and link.alive:
-                return link
-            loop = asyncio.get_running_loop()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            _tune(sock)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_TOS[tc])
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, addr), 5)
-                first = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
-                await loop.sock_sendall(sock, answer(self.token, self.name, first))
-                if not (await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)).get("ok"):
-                    raise TransferError(f"{addr} refused the data connection")
-            except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as e:
-                sock.close()
-                raise TransferError(f"cannot reach data plane at {addr[0]}:{addr[1]}: {e}") from e
-            link = self._links[key] = _PeerLink(sock)
+            if link is None or not link.alive:
+                link = self._links[key] = await self._dial(addr, tc)
+                self._met(addr, link.incarnation)
             return link
+
+    async def _dial(self, addr: tuple[str, int], tc: str) -> _PeerLink:
+        """A new, logged-in connection to the data plane at addr (not yet one of our links)."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        _tune(sock)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_TOS[tc])
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), 5)
+            first = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
+            await loop.sock_sendall(sock, answer(self.token, self.name, first, self.incarnation))
+            theirs = server_incarnation(first)
+            reply = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
+            if not isinstance(reply, dict) or not reply.get("ok"):
+                why = reply.get("error") if isinstance(reply, dict) else reply
+                raise TransferError(f"{addr} refused the data connection: {why}")
+        except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as e:
+            sock.close()
+            raise TransferError(f"cannot reach data plane at {addr[0]}:{addr[1]}: {e}") from e
+        return _PeerLink(sock, theirs)
+
+    def _met(self, addr: tuple[str, int], incarnation: str | None) -> None:
+        """A login at addr named `incarnation`. If the last one there named another, that process is
+        gone (one address, one process at a time): forget what we kept for it."""
+        old = self._peer_incarnations.get(addr, incarnation)
+        self._peer_incarnations[addr] = incarnation
+        if old != incarnation:
+            if old is not None:
+                self._gone.add((addr, old))
+            log.info("%s: the engine at %s:%d is a new incarnation (%s, was %s); dropping what we kept for the "
+                     "old one", self.name, addr[0], addr[1], incarnation, old)
+            self._peer_restarted(addr, incarnation)
+
+    def _peer_restarted(self, addr: tuple[str, int], incarnation: str | None) -> None:
+        """The process at addr is now `incarnation`: close links to an earlier one (subclasses drop
+        their mappings, opened IPC handles and queue pairs too)."""
+        for key, link in list(self._links.items()):
+            if key[:2] == addr and link.incarnation != incarnation:
+                link.close()
+                del self._links[key]
+
+    async def _link_to(self, dst: dict, tc: str) -> _PeerLink:
+        """Our link to the peer that registered `dst`, checked to be that very process: StaleIncarnation
+        if the handle names an incarnation that no longer runs at its address. Every backend calls
+        this before it moves a byte (shm, cuda and verbs before touching the peer's memory)."""
+        addr, named = tuple(dst["addr"]), dst.get("inc")
+        if not isinstance(named, str):
+            raise TransferError(f"the handle of {addr} names no incarnation (a handle made by an older version?)")
+        if (addr, named) in self._gone:
+            raise self._stale(addr, named)
+        link = await self._link(addr, tc)
+        if link.incarnation != named:
+            # The handle may be newer than our link: a restart whose close we have not read yet. Ask the
+            # address afresh; keep our link if it is still current (writes under way on it stay).
+            fresh = await self._dial(addr, tc)
+            if fresh.incarnation != named:
+                fresh.close()
+                self._gone.add((addr, named))
+                raise self._stale(addr, named)
+            key = (addr[0], addr[1], tc)
+            async with self._link_locks.setdefault(key, asyncio.Lock()):
+                link.close()  # to the process that was there before
+                self._links[key] = link = fresh
+                self._met(addr, fresh.incarnation)
+        return link
+
+    def _stale(self, addr: tuple[str, int], named: str) -> StaleIncarnation:
+        now = self._peer_incarnations.get(addr)
+        return StaleIncarnation(f"the handle names incarnation {named} of the engine at {addr[0]}:{addr[1]}, which "
+                                f"now runs incarnation {now} (it restarted): the handle, its grant and anything "
+                                "mapped through it are of a process that is gone")
 
     async def _yield_to_latency(self, chunk_seconds: float) -> None:
         """Between bulk chunks: while latency traffic is in flight, hold back long enough that bulk
@@ -367,7 +524,7 @@ class TcpDataPlane:
                     timeout: float, landed_event: Any = None, moved: int | None = None) -> None:
         """Send a write's frames (op "w": header and bytes) or a notify-only frame (op "n", after the
         bytes went another way: `moved` of them) and wait for the peer's ack."""
-        link = await self._link(tuple(dst["addr"]), tc)
+        link = await self._link_to(dst, tc)
         loop = asyncio.get_running_loop()
         wid = next(self._write_ids)
         fut = loop.create_future()
@@ -380,7 +537,8 @@ class TcpDataPlane:
                 k = min(step, n - pos)
                 last = pos + k >= n
                 header = {"op": op, "id": wid, "region": dst["region"], "grant": dst.get("grant"), "off": off + pos,
-                          "n": k if op == "w" else 0, "last": last, "notify": notify if last else None}
+                          "n": k if op == "w" else 0, "last": last, "notify": notify if last else None,
+                          "inc": dst["inc"]}
                 if op == "n":  # the bytes went another way: their range still has to be within a grant
                     header["moved"] = moved or 0
                 if last and landed_event is not None:

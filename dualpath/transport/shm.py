@@ -8,6 +8,12 @@ loop in the same process does, and a handoff copy never queues behind bulk ones)
 notify-only frame on the tcp link carries the moved length, and the receiver checks its grant and
 fires the completion. No payload crosses a socket.
 
+A mapping belongs to one incarnation of the peer (framing.py): a peer restarted on the same address
+registers a new memfd under the same region number, so mappings are keyed by incarnation too, and
+those of an earlier incarnation are dropped (unmapped) as soon as its successor is met. (Keyed by
+address and region only, a mapping once outlived a restart: handoffs went into the dead engine's
+memory and the restarted one served, and persisted, wrong KV.)
+
 Everything else goes over tcp: a buffer of another host, a region registered without a share path,
 a file that cannot be mapped (said once in the log and in ``links()``). The cuda backend builds on
 this one and adds device memory.
@@ -52,7 +58,8 @@ class ShmDataPlane(TcpDataPlane):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._mapped: dict[tuple, torch.Tensor | None] = {}  # (peer addr, region) -> its buffer, or None: tcp
+        # (peer addr, region, peer incarnation) -> its buffer mapped here, or None: write over tcp
+        self._mapped: dict[tuple[tuple[str, int], int, str], torch.Tensor | None] = {}
         # one copy thread per traffic class; like every thread of an engine, on the engine's device
         self._copiers = {tc: device_threads(1, f"{self.name}-copy-{tc}", self.device) for tc in TRAFFIC_CLASSES}
 
@@ -62,12 +69,18 @@ class ShmDataPlane(TcpDataPlane):
             handle["shm"] = {"path": share_path, "host": HOST_ID}
         return handle
 
-    def _map_shared(self, dst: dict) -> torch.Tensor | None:
-        """The peer's shared host region mapped here, or None (another host, or not mappable: tcp)."""
+    @staticmethod
+    def _same_host(dst: dict) -> bool:
         shm = dst.get("shm")
-        if shm is None or shm["host"] != HOST_ID:
+        return shm is not None and shm["host"] == HOST_ID
+
+    def _map_shared(self, dst: dict) -> torch.Tensor | None:
+        """The peer's shared host region mapped here, or None (another host, or not mappable: tcp).
+        Call only once ``_link_to(dst)`` has confirmed that the handle's incarnation is live."""
+        if not self._same_host(dst):
             return None
-        key = (tuple(dst["addr"]), dst["region"])
+        shm = dst["shm"]
+        key = (tuple(dst["addr"]), dst["region"], dst["inc"])
         if key not in self._mapped:
             try:
                 self._mapped[key] = torch.from_file(shm["path"], shared=True, size=dst["nbytes"], dtype=torch.uint8)
@@ -76,10 +89,16 @@ class ShmDataPlane(TcpDataPlane):
                 self._mapped[key] = None
         return self._mapped[key]
 
+    def _peer_restarted(self, addr: tuple[str, int], incarnation: str | None) -> None:
+        """Unmap an earlier incarnation's buffers (a copy under way keeps its own view until it ends)."""
+        super()._peer_restarted(addr, incarnation)
+        for key in [k for k in self._mapped if k[0] == addr and k[2] != incarnation]:
+            del self._mapped[key]
+
     def links(self) -> dict[str, str]:
         """Peers whose buffers we copy into directly say this backend; the others tcp."""
         out = super().links()
-        for (addr, _), mapped in self._mapped.items():
+        for (addr, _, _), mapped in self._mapped.items():
             out[f"{addr[0]}:{addr[1]}"] = self.backend if mapped is not None else "tcp"
         return out
 
@@ -90,10 +109,13 @@ class ShmDataPlane(TcpDataPlane):
 
     async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
+        if not self._same_host(dst):
+            return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
+        check_write(dst, dst_offset, nbytes, traffic_class)
+        await self._link_to(dst, traffic_class)  # the handle's incarnation is the one at its address, or refused
         mapped = self._map_shared(dst)
         if mapped is None:
             return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
-        check_write(dst, dst_offset, nbytes, traffic_class)
         source = as_bytes(src) if isinstance(src, torch.Tensor) else torch.frombuffer(src, dtype=torch.uint8)
         target, source = mapped[dst_offset : dst_offset + nbytes], source[:nbytes]
         if len(source) < nbytes:

@@ -18,6 +18,11 @@ a real fabric.
   receive completion (the verbs-level guarantee). The notify object rides a TCP frame sent at the
   same time (more than 32 bits), so the round trip overlaps the RDMA transfer.
 
+- Queue pairs belong to one incarnation of their peer (framing.py): ours, writing, are keyed by the
+  peer's incarnation and closed once a restarted peer is met at the same address; those we accepted
+  from a writer are closed once a new incarnation of it logs in. A handle of an earlier incarnation
+  (its rkey names memory of a process that is gone) is refused before anything is posted.
+
 Not done: grants (docs/SECURITY.md) are checked on the notify frame only; the DRAM buffer's one MR
 lets any holder of its rkey write anywhere in it. Enforcing grants at the NIC needs an MR or memory
 window per grant, invalidated on revoke.
@@ -34,6 +39,7 @@ from typing import Any
 import torch
 
 from dualpath.transport.dataplane import TcpDataPlane, TransferError, as_bytes, check_write
+from dualpath.transport.framing import Login
 
 log = logging.getLogger(__name__)
 SERVICE_LEVEL = {"latency": 0, "bulk": 1}
@@ -215,9 +221,10 @@ class VerbsDataPlane(TcpDataPlane):
         self.opts = rdma or RdmaOptions()
         self.dev = device_layer or DeviceLayer(self.opts, self.e)
         self.mrs: dict[int, Any] = {}  # region id -> MR
-        self.qps: dict[tuple, Any] = {}  # ours, writing: (peer addr, class) -> QP
+        self.qps: dict[tuple, Any] = {}  # ours, writing: (peer addr, class, peer incarnation) -> (QP, remote qpn)
         self._qp_locks: dict[tuple, asyncio.Lock] = {}
         self.accepted: dict[int, Any] = {}  # qp number -> ours, written into by a peer's QP
+        self._accepted_from: dict[int, Login] = {}  # qp number -> the writer that asked for it
         self._sends: dict[int, asyncio.Future] = {}  # wr_id -> the write waiting for its completion
         self._arrived: dict[tuple[int, int], int] = {}  # (qp num, seq) -> receive status, not yet claimed
         self._waiters: dict[tuple[int, int], asyncio.Future] = {}
@@ -227,7 +234,7 @@ class VerbsDataPlane(TcpDataPlane):
     def links(self) -> dict[str, str]:
         """The backend of each peer link: verbs where a QP is connected, else tcp."""
         out = {f"{h}:{p}": "tcp" for h, p, _ in self._links}
-        out.update({f"{a[0]}:{a[1]}": "verbs" for a, _ in self.qps})
+        out.update({f"{a[0]}:{a[1]}": "verbs" for a, _, _ in self.qps})
         return out
 
     # -- memory registration --
@@ -281,7 +288,7 @@ class VerbsDataPlane(TcpDataPlane):
         for _ in range(n):  # WRITE WITH IMM consumes a receive WR and places nothing through it
             qp.post_recv(RecvWR(wr_id=qp.qp_num, num_sge=1, sg=[SGE(scratch.buf, 64, scratch.lkey)]))
 
-    def accept_qp(self, info: dict, traffic_class: str) -> dict:
+    def accept_qp(self, info: dict, traffic_class: str, writer: Login) -> dict:
         qp = self.dev.new_qp(self.e)
         try:
             self._connect(qp, info, traffic_class)
@@ -290,10 +297,24 @@ class VerbsDataPlane(TcpDataPlane):
             qp.close()
             raise
         self.accepted[qp.qp_num] = qp
+        self._accepted_from[qp.qp_num] = writer
         return self._address(qp)
 
+    def _writer_restarted(self, name: str, old_incarnation: str | None) -> None:
+        """Close the queue pairs an earlier incarnation of this writer connected to ours."""
+        super()._writer_restarted(name, old_incarnation)
+        for qpn in [q for q, w in self._accepted_from.items() if w == Login(name, old_incarnation)]:
+            del self._accepted_from[qpn]
+            self.accepted.pop(qpn).close()
+
+    def _peer_restarted(self, addr: tuple[str, int], incarnation: str | None) -> None:
+        """Close our queue pairs to an earlier incarnation at addr: their remote QP is gone."""
+        super()._peer_restarted(addr, incarnation)
+        for key in [k for k in self.qps if k[0] == addr and k[2] != incarnation]:
+            self._drop_qp(key)
+
     async def _qp(self, dst: dict, tc: str):
-        key = (tuple(dst["addr"]), tc)
+        key = (tuple(dst["addr"]), tc, dst["inc"])
         async with self._qp_locks.setdefault(key, asyncio.Lock()):  # concurrent first writes: one QP
             if key not in self.qps:
                 qp = self.dev.new_qp(self.e)
@@ -347,11 +368,14 @@ class VerbsDataPlane(TcpDataPlane):
                     self._arrived[key] = wc.status
             await asyncio.sleep(0)
 
-    async def _landed(self, msg: dict) -> None:
+    async def _landed(self, msg: dict, writer: Login) -> None:
         """A verbs write's TCP notify frame: fire only once its WRITE WITH IMM has been received."""
         ev = msg.get("event")
         if not isinstance(ev, dict) or "rdma_seq" not in ev:
             return
+        qpn = ev.get("qpn")
+        if not isinstance(qpn, int) or self._accepted_from.get(qpn) != writer:  # (an old incarnation's are closed)
+            raise ConnectionError(f"{writer.name} names queue pair {qpn!r}, which it did not connect")
         key = (ev["qpn"], ev["rdma_seq"])
         status = self._arrived.pop(key, None)
         if status is None:
@@ -374,7 +398,8 @@ class VerbsDataPlane(TcpDataPlane):
         flat = as_bytes(src)
         if flat.numel() < nbytes:
             raise ValueError(f"source has {flat.numel()} bytes, {nbytes} requested")
-        key, wid, notified = (tuple(dst["addr"]), traffic_class), None, None
+        await self._link_to(dst, traffic_class)  # the rkey is of the incarnation at its address, or refused
+        key, wid, notified = (tuple(dst["addr"]), traffic_class, dst["inc"]), None, None
         mr, temporary = self._source_mr(flat, nbytes)
         try:
             qp, remote_qpn = await self._qp(dst, traffic_class)
@@ -444,6 +469,7 @@ class VerbsDataPlane(TcpDataPlane):
         for qp in self.accepted.values():
             qp.close()
         self.accepted.clear()
+        self._accepted_from.clear()
         for mr in self.mrs.values():
             mr.close()
         self.mrs.clear()
