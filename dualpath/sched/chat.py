@@ -12,13 +12,16 @@ template of their own and use ``PRESET_TEMPLATE``:
     <|assistant|>
     ...
 
-A tool result is a ``tool`` message, rendered like any other role. An agent's next turn sends the
+A tool result is a ``tool`` message, rendered like any other role. ``tools``, ``tool_choice`` and an
+assistant message's ``tool_calls`` must have their OpenAI shape (a 400 names what is wrong), though
+only a template that renders tools uses them: this server does not parse tool calls out of answers. An agent's next turn sends the
 same messages again plus the answer and the tool output, and the template renders the earlier part
 identically, so the next prompt extends the last one token for token and its KV is a cache hit.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from jinja2.exceptions import TemplateError
@@ -29,10 +32,17 @@ PRESET_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_TOOLS = 128  # OpenAI's limit
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
+TOOL_CHOICES = ("none", "auto", "required")
 
 
 class ChatError(ValueError):
-    """The messages cannot be rendered: the message says why (answered with 400)."""
+    """The messages cannot be rendered: the message says why (answered with 400, naming `param`)."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
 
 
 def _raise(message: str):
@@ -46,11 +56,10 @@ class ChatTemplate:
         self.template = env.from_string(template or PRESET_TEMPLATE)
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: Any, tools: Any = None) -> str:
+    def render(self, messages: Any, tools: Any = None, tool_choice: Any = None) -> str:
         """The prompt for these messages, ending where the assistant's answer starts."""
         messages = [_message(m, i) for i, m in enumerate(_list(messages, "messages"))]
-        if tools is not None:
-            _list(tools, "tools")
+        check_tools(tools, tool_choice)
         try:
             return self.template.render(messages=messages, tools=tools, add_generation_prompt=True,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
@@ -59,8 +68,8 @@ class ChatTemplate:
 
 
 def _list(value: Any, name: str) -> list:
-    if not isinstance(value, list) or (name == "messages" and not value):
-        raise ChatError(f"'{name}' must be a non-empty list" if name == "messages" else f"'{name}' must be a list")
+    if not isinstance(value, list) or not value:
+        raise ChatError(f"'{name}' must be a non-empty list")
     return value
 
 
@@ -73,8 +82,90 @@ def _message(m: Any, i: int) -> dict:
                    for p in content):
             raise ChatError(f"messages[{i}].content: only text parts are supported")
         content = "".join(p["text"] for p in content)
-    if content is None and m.get("tool_calls"):
-        content = ""
+    if "tool_calls" in m and m["tool_calls"] is not None:
+        if m["role"] != "assistant":
+            raise ChatError(f"messages[{i}].tool_calls: only an assistant message makes tool calls")
+        calls = m["tool_calls"]
+        if not isinstance(calls, list):
+            raise ChatError(f"messages[{i}].tool_calls must be a list")
+        for j, call in enumerate(calls):
+            _tool_call(call, f"messages[{i}].tool_calls[{j}]")
+        if content is None:
+            content = ""
     if not isinstance(content, str):
         raise ChatError(f"messages[{i}].content must be a string or a list of text parts")
     return {**m, "content": content}
+
+
+JSON_KINDS = {str: "a string", dict: "an object", list: "a list", bool: "true or false"}
+
+
+def _object(value: Any, where: str, param: str, fields: dict[str, type], required: tuple[str, ...]) -> dict:
+    """`value` as an object whose `fields` have these types (absent or null where not required)."""
+    if not isinstance(value, dict):
+        raise ChatError(f"{where} must be an object", param)
+    for name, kind in fields.items():
+        v = value.get(name)
+        if (v is not None or name in required) and not isinstance(v, kind):
+            raise ChatError(f"{where}.{name} must be {JSON_KINDS[kind]}", param)
+    return value
+
+
+def _tool_call(call: Any, where: str) -> None:
+    """An assistant's tool call: {"id", "type": "function", "function": {"name", "arguments"}} (or
+    a custom tool's {"custom": {"name", "input"}}); arguments are JSON text, as OpenAI sends them."""
+    kind = _object(call, where, "messages", {"id": str, "type": str}, ("id", "type"))["type"]
+    if kind == "function":
+        _object(call.get("function"), f"{where}.function", "messages", {"name": str, "arguments": str},
+                ("name", "arguments"))
+    elif kind == "custom":
+        _object(call.get("custom"), f"{where}.custom", "messages", {"name": str, "input": str}, ("name", "input"))
+    else:
+        raise ChatError(f"{where}.type must be 'function' or 'custom', got {kind!r}")
+
+
+def _tool(tool: Any, i: int) -> str:
+    """A tool definition; returns its name."""
+    where = f"tools[{i}]"
+    kind = _object(tool, where, "tools", {"type": str}, ("type",))["type"]
+    if kind not in ("function", "custom"):
+        raise ChatError(f"{where}.type must be 'function' or 'custom', got {kind!r}", "tools")
+    spec = _object(tool.get(kind), f"{where}.{kind}", "tools",
+                   {"name": str, "description": str, "parameters": dict, "strict": bool, "format": dict}, ("name",))
+    if not TOOL_NAME.fullmatch(spec["name"]):
+        raise ChatError(f"{where}.{kind}.name must be 1-64 letters, digits, '_' or '-', got {spec['name']!r}",
+                        "tools")
+    return spec["name"]
+
+
+def check_tools(tools: Any, tool_choice: Any) -> None:
+    """`tools` and `tool_choice` as OpenAI defines them; a named choice must name a given tool."""
+    if tools is None:
+        names: set[str] = set()
+    else:
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise ChatError(f"'tools' must be a list of at most {MAX_TOOLS} tools", "tools")
+        names = {_tool(t, i) for i, t in enumerate(tools)}
+    if tool_choice is None or tool_choice in ("none", "auto"):
+        return
+    if not names:
+        raise ChatError("'tool_choice' other than 'none' or 'auto' needs 'tools'", "tool_choice")
+    if tool_choice == "required":
+        return
+    if isinstance(tool_choice, str):
+        raise ChatError(f"'tool_choice' must be one of {list(TOOL_CHOICES)} or an object, got {tool_choice!r}",
+                        "tool_choice")
+    kind = _object(tool_choice, "tool_choice", "tool_choice", {"type": str}, ("type",))["type"]
+    if kind == "allowed_tools":
+        allowed = _object(tool_choice.get("allowed_tools"), "tool_choice.allowed_tools", "tool_choice",
+                          {"mode": str, "tools": list}, ("mode", "tools"))
+        if allowed["mode"] not in ("auto", "required") or not all(isinstance(t, dict) for t in allowed["tools"]):
+            raise ChatError("tool_choice.allowed_tools needs 'mode' 'auto' or 'required' and a list of tool "
+                            "objects", "tool_choice")
+        return
+    if kind not in ("function", "custom"):
+        raise ChatError(f"tool_choice.type must be 'function', 'custom' or 'allowed_tools', got {kind!r}",
+                        "tool_choice")
+    name = _object(tool_choice.get(kind), f"tool_choice.{kind}", "tool_choice", {"name": str}, ("name",))["name"]
+    if name not in names:
+        raise ChatError(f"tool_choice names the tool {name!r}, which is not among 'tools'", "tool_choice")

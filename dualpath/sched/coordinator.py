@@ -31,6 +31,7 @@ from dualpath.engine.weights import model_identity
 from dualpath.sched.chat import ChatError, ChatTemplate
 from dualpath.sched.dashboard import Dashboard
 from dualpath.sched.metrics import ClusterMetrics
+from dualpath.sched.text import AnswerText
 from dualpath.sched.policy import (ClusterView, Decision, EngineLoad, NoEngine, NoRoom, RequestInfo, assigned,
                                    choose)
 from dualpath.sched.waiting import WaitingRoom
@@ -60,7 +61,14 @@ class RequestFailed(RuntimeError):
         self.status = status
 
 
+MAX_ATTEMPTS = 3  # a request with no token yet is tried again when an engine of it dies, up to this often
 MAX_SEED = 2**63  # seeds travel as 64-bit integers
+MAX_INT = 2**63  # every integer in a request body fits 64 bits (Python's own limit is 4,300 digits: a 500)
+# Stop strings: OpenAI takes at most 4; agent frameworks sometimes send a few more (vLLM sets no
+# bound). Each token is searched for each stop string, and a stream holds back the last (longest
+# - 1) characters until they cannot begin one: both bounds keep that cost small and fixed.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 MAX_TEMPERATURE = 100.0
 MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows: such a request is answered greedily (T = 0)
 
@@ -94,6 +102,9 @@ class RequestState:
     policy: str
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Token, Done and Failed from its engines
     decision: Decision | None = None
+    # The control connections of the engines this attempt was given to, by name: only they may
+    # speak for it, and a restarted engine (a new connection) knows nothing of it
+    conns: dict[str, Connection] = field(default_factory=dict)
     hit_blocks: int = 0
     output: list[int] = field(default_factory=list)
     attempts: int = 0
@@ -107,6 +118,48 @@ class RequestState:
         """The id the engines know this attempt by: a retry is a new request to them, so a late
         abort of the failed attempt can never hit the retry, even on the same engines."""
         return f"{self.rid}.{self.attempts}"
+
+
+class _Huge:
+    """An integer of a request body beyond 64 bits, as json reads it until _loads says where it is
+    (Python's int() would refuse 4,301 digits with a ValueError of its own: a 500)."""
+
+
+def _loads(text: str) -> Any:
+    """json.loads, but an integer beyond 64 bits is a 400 naming where it is."""
+    huge: list[str] = []
+
+    def parse_int(digits: str) -> int | _Huge:
+        if len(digits.lstrip("-")) <= 19 and -MAX_INT <= (value := int(digits)) < MAX_INT:
+            return value
+        huge.append(digits)
+        return _Huge()
+
+    body = json.loads(text, parse_int=parse_int)
+    if huge:
+        where, digits = _where_huge(body), huge[0]
+        shown = digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits)} digits)"
+        raise BadRequest(f"'{where}' is the integer {shown}, outside the 64-bit range [-2**63, 2**63)",
+                         param=where.split("[")[0].split(".")[0] if where != "body" else None)
+    return body
+
+
+def _where_huge(body: Any) -> str:
+    """Where the first _Huge of a parsed body is, as `prompt[3]` or `stream_options.x` (depth
+    first, in document order, without recursion: a body may nest deeply)."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, _Huge):
+            return where or "body"
+        if isinstance(value, dict):
+            pairs = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            pairs = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(pairs))
+    return "body"
 
 
 class Coordinator:
@@ -123,11 +176,14 @@ class Coordinator:
         self.store = FileStore(cfg.store.root, shape, int(cfg.store.capacity_gb * 1e9))
         self.block_bytes = shape.file_bytes
         self.max_context = cfg.engine.max_context or self.model_cfg.max_position
+        # A body over this is refused with 413: room for a whole context as token ids or escaped text
+        self.max_body_bytes = max(1 << 20, 32 * self.max_context)
         self.engines: dict[str, EngineEntry] = {}
         # What the policies see: each live engine's last heartbeat plus what was assigned since
         self.view = ClusterView()
         self._sweep_at = 0.0  # when cluster_view next drops the engines that stopped heartbeating
-        self.waiting = WaitingRoom()  # requests that found no room, oldest first
+        self.waiting = WaitingRoom()  # requests that found no room (or no engine of a role), oldest first
+        self.stopping = False  # set when the coordinator stops: waiting for an engine is then pointless
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count(1)
         self.metrics = ClusterMetrics(self)
@@ -151,47 +207,70 @@ class Coordinator:
             self.waiting.room_changed()
 
     async def on_token(self, conn: Connection, msg: Token) -> None:
-        self._to_request(conn, msg)
+        self._to_request(conn, msg, pe_too=False)
 
     async def on_done(self, conn: Connection, msg: Done) -> None:
-        self._to_request(conn, msg)
+        self._to_request(conn, msg, pe_too=False)
 
     async def on_failed(self, conn: Connection, msg: Failed) -> None:
-        self._to_request(conn, msg)
+        self._to_request(conn, msg, pe_too=True)
 
-    def _to_request(self, conn: Connection, msg: Token | Done | Failed) -> None:
-        """Hand an engine's news to its request, if the request is still there and this engine serves it."""
+    def _to_request(self, conn: Connection, msg: Token | Done | Failed, pe_too: bool) -> None:
+        """Hand an engine's news to its request, if the request is still there and `conn` is the
+        registered, open connection of an engine it was given to: its DE (tokens, the finish) or,
+        with `pe_too`, its PE (a failure). Checking the name a connection logged in with was not
+        enough: anyone with the secret could log in as a live DE and answer for it."""
         req = self.requests.get(msg.rid)
-        if req is not None and req.decision is not None and conn.peer_name in (req.decision.pe, req.decision.de):
+        d = req.decision if req is not None else None
+        if d is None:
+            return
+        senders = (d.de, d.pe) if pe_too else (d.de,)
+        if any(req.conns.get(name) is conn and self._registered(name, conn) for name in senders):
             req.queue.put_nowait(msg)
+        else:
+            log.debug("ignored %s for %s from %s: not an engine serving it", msg.kind, msg.rid, conn.peer_name)
+
+    def _registered(self, name: str, conn: Connection) -> bool:
+        """Whether `conn` is the connection engine `name` registered with, and still open."""
+        e = self.engines.get(name)
+        return e is not None and e.conn is conn and not conn.closed.is_set()
 
     async def on_register(self, conn: Connection, msg: Register) -> dict:
         """An engine joins under the name it logged in with; a name held by a live connection is
-        not taken over (a second registration once silently replaced the real engine)."""
+        not taken over (a second registration once silently replaced the real engine). A refused
+        connection is closed once told why: it has nothing left to do here."""
         name = msg.engine
         if name != conn.peer_name:
+            self._close_after_reply(conn)
             raise PermissionError(f"logged in as {conn.peer_name!r}, cannot register as {name!r}")
         held = self.engines.get(name)
         if held is not None and held.conn is not conn and not held.conn.closed.is_set():
             log.warning("refused a second registration of %s from %s: it is live", name,
                         conn.writer.get_extra_info("peername"))
+            self._close_after_reply(conn)
             raise PermissionError(f"engine {name} is already registered and live")
         self.engines[name] = EngineEntry(name, msg.role, msg.node, (msg.host, msg.port), conn, time.monotonic())
         self.view.put(EngineLoad(name, msg.role, msg.node))  # no room to offer until its first heartbeat
         log.info("engine %s registered (%s, node %d)", name, msg.role, msg.node)
         return {"ok": True}
 
+    def _close_after_reply(self, conn: Connection) -> None:
+        """Close `conn` once the answer being given now is written (call_soon runs after the
+        handler's error reply, which follows without a pause; closing flushes what was written)."""
+        asyncio.get_running_loop().call_soon(conn.writer.close)
+
+    def _alive(self, e: EngineEntry) -> bool:
+        return not e.conn.closed.is_set() and time.monotonic() - e.last_seen < self.cfg.scheduler.dead_after_s
+
     def live_engines(self) -> list[EngineEntry]:
-        now = time.monotonic()
-        return [e for e in self.engines.values()
-                if not e.conn.closed.is_set() and now - e.last_seen < self.cfg.scheduler.dead_after_s]
+        return [e for e in self.engines.values() if self._alive(e)]
 
     def on_close(self, conn: Connection) -> None:
         """An engine's control connection closed: the policies stop seeing it at once."""
         e = self.engines.get(conn.peer_name)
         if e is not None and e.conn is conn:
             self.view.drop(e.name)
-            self.waiting.room_changed()  # if it was the last of its role, the waiters fail at once
+            self.waiting.room_changed()  # the oldest waiter looks again (for room elsewhere)
 
     def cluster_view(self) -> ClusterView:
         """The live engines as the policies see them. Those that stopped heartbeating are dropped by
@@ -262,10 +341,7 @@ class Coordinator:
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
                                  or not -MAX_SEED <= seed < MAX_SEED):
             raise BadRequest(f"'seed' must be an integer in [-2**63, 2**63), got {seed!r}")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise BadRequest("'stop' must be a non-empty string or a list of them")
+        stop = self._stop_strings(body.get("stop"))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"'stream' must be true or false, got {stream!r}", param="stream")
@@ -280,6 +356,18 @@ class Coordinator:
         params = {"max_tokens": max_tokens, "temperature": float(temperature), "seed": seed, "stop": stop,
                   "stream": stream, "include_usage": bool(options.get("include_usage"))}
         return prompts, params, policy
+
+    @staticmethod
+    def _stop_strings(stop: Any) -> list[str]:
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest("'stop' must be a non-empty string or a list of them", param="stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise BadRequest(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
+        if max(map(len, stop), default=0) > MAX_STOP_CHARS:
+            raise BadRequest(f"a stop string has at most {MAX_STOP_CHARS} characters, got one of "
+                             f"{max(map(len, stop))}", param="stop")
+        return stop
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.bt)
@@ -298,8 +386,9 @@ class Coordinator:
     async def schedule(self, req: RequestState) -> None:
         """Steps 2-4: prefix lookup, policy, then admit on the DE and submit to the PE. Only engines
         with room are chosen; with none, the request waits its turn for room (oldest first, until
-        its deadline). A DE that refuses (no room after all) or does not answer while its heartbeats
-        stop is passed over."""
+        its deadline). So it does while no engine of a role is live: one may be restarting (`dualpath
+        up` restarts a crashed engine in seconds, and a request has minutes). A DE that refuses (no
+        room after all) or does not answer while its heartbeats stop is passed over."""
         req.attempts += 1
         self.requests[req.attempt_rid] = req
         chain = block_chain(req.tokens, self.fingerprint, self.bt)
@@ -310,30 +399,34 @@ class Coordinator:
         passed_over: set[str] = set()  # DEs that refused it: asked again once room may have come back
         given_up: set[str] = set()  # DEs that did not answer its admit: told to drop it, never asked again
         may_try, waited = not self.waiting, False  # a newcomer queues behind the requests waiting for room
+        lacking: NoEngine | None = None  # what the last try lacked: room, or a live engine of a role
         while True:
             if not may_try:
                 try:
                     await self.waiting.wait(req.deadline, keep_place=waited,
-                                            check_every_s=self.cfg.scheduler.heartbeat_s, check=self._engines_left)
+                                            check_every_s=self.cfg.scheduler.heartbeat_s, check=self._check_open)
                 except TimeoutError:
-                    raise NoRoom("no engine had room for this request before its deadline") from None
+                    raise self._deadline_passed(lacking) from None
                 may_try, waited = True, True
                 passed_over.clear()  # room may have come back anywhere
             try:
                 d = req.decision = choose(req.policy, info, self.cluster_view(), skip=passed_over | given_up)
-            except NoRoom:
-                may_try = False
+            except NoEngine as e:  # (NoRoom is one): an engine's heartbeat or registration may bring it
+                lacking, may_try = e, False
                 continue
-            except NoEngine:
-                self.waiting.room_changed()  # the next waiter finds out too, at once
-                raise
+            pe, de = self.engines[d.pe], self.engines[d.de]
+            if gone := [e.name for e in (pe, de) if not self._alive(e)]:  # since the view heard of it
+                for name in gone:
+                    self.view.drop(name)
+                continue
+            req.conns = {d.pe: pe.conn, d.de: de.conn}
             self._assign(d, info)
             self.waiting.room_changed()  # what is left may fit the next waiter
             rid, temperature, seed = req.attempt_rid, req.params["temperature"], req.params["seed"]
             admit = Admit(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature, seed, m, self.tokenizer.eos_id,
                           pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()))
             try:
-                de_run = RunHandle(**await self._ask(self.engines[d.de], admit))
+                de_run = RunHandle(**await self._ask(de, admit))
             except (RemoteError, ConnectionError, TimeoutError) as e:
                 log.warning("%s: %s did not admit it (%s); trying another decode engine", req.rid, d.de, e)
                 self.stats["admit_retries"] += 1
@@ -341,21 +434,27 @@ class Coordinator:
                 if isinstance(e, RemoteError):  # it refused, holding nothing (no room after all)
                     passed_over.add(d.de)
                 else:  # no answer: it may still admit it, so it drops it then; this attempt's id is spent there
-                    tell(self.engines[d.de].conn, Abort(rid))
+                    tell(de.conn, Abort(rid))
                     given_up.add(d.de)
                 continue
             self.stats[f"path_{d.path}"] += 1
-            await self._ask(self.engines[d.pe], Prefill(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature,
-                                                        seed, d.de, de_run))
+            # (a PE that went away meanwhile fails this attempt: generate() tries again)
+            await self._ask(pe, Prefill(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature, seed, d.de, de_run))
             req.t_scheduled = time.monotonic()
             return
 
-    def _engines_left(self) -> None:
-        """NoEngine once no live engine of a role is left: waiting for room would wait for nothing."""
-        view = self.cluster_view()
-        for order, role in (("prefill", "prefill"), ("decode_load", "decode")):
-            if not view.keys[order]:
-                raise NoEngine(f"no live {role} engine")
+    def _check_open(self) -> None:
+        """Waiting ends when the coordinator stops (its engines are being stopped too): an open
+        request would hold the HTTP server's shutdown until its deadline."""
+        if self.stopping:
+            raise NoEngine("the coordinator is stopping")
+
+    def _deadline_passed(self, lacking: NoEngine | None) -> NoEngine:
+        """Why a request that waited for room or for an engine until its deadline is given up."""
+        timeout = self.cfg.scheduler.request_timeout_s
+        if lacking is None or isinstance(lacking, NoRoom):
+            return NoRoom(f"no engine had room for this request within the request timeout of {timeout:g} s")
+        return NoEngine(f"{lacking} (none came back within the request timeout of {timeout:g} s)")
 
     def _assign(self, d: Decision, info: RequestInfo) -> None:
         """Count the work and memory just given to engines until their next heartbeat shows it."""
@@ -376,35 +475,45 @@ class Coordinator:
                 raise TimeoutError(f"{e.name} stopped heartbeating")
 
     async def generate(self, req: RequestState):
-        """Yields generated token ids; retries a request whose hit blocks vanished or whose engine died."""
+        """Yields generated token ids; retries a request whose hit blocks vanished or whose engine
+        died (or went away before it took the request), while it has no token yet."""
         req.deadline = req.t_arrival + self.cfg.scheduler.request_timeout_s
         try:
             while True:
-                try:
-                    await self.schedule(req)
-                except NoEngine as e:
-                    raise RequestFailed(503, str(e)) from None
-                except (RemoteError, ConnectionError, TimeoutError) as e:  # the PE refused or went away
-                    raise RequestFailed(503, f"could not start the request: {e}") from None
-                while True:
-                    news = await self._next_event(req)
-                    if isinstance(news, Token):
+                news = await self._start(req)  # None: started; a Failed: its PE went away first
+                while news is None:
+                    event = await self._next_event(req)
+                    if isinstance(event, Token):
                         if req.t_first is None:
                             req.t_first = time.monotonic()
-                        req.output.append(news.token)
-                        yield news.token
-                    elif isinstance(news, Done):
+                        req.output.append(event.token)
+                        yield event.token
+                    elif isinstance(event, Done):
                         self._answered(req)
                         return
                     else:
-                        break
-                if req.output or not news.retry or req.attempts >= 3:
-                    raise RequestFailed(500, f"request failed: {news.error}")
+                        news = event
+                if req.output or not news.retry or req.attempts >= MAX_ATTEMPTS:
+                    status = 503 if req.t_scheduled is None else 500  # never started: unavailable
+                    raise RequestFailed(status, f"request failed: {news.error}")
                 self.stats["retried"] += 1
                 self.metrics.retries.labels("attempt").inc()
                 self._end_attempt(req)  # its DE slot and buffers are freed before the retry takes new ones
         finally:
             self._end_attempt(req)
+
+    async def _start(self, req: RequestState) -> Failed | None:
+        """Schedule an attempt: None once its engines have it; a retryable Failed if its PE went
+        away before it took the job (the retry waits for a PE, as a restarted one comes back)."""
+        try:
+            await self.schedule(req)
+        except NoEngine as e:  # its deadline passed waiting for room or an engine
+            raise RequestFailed(503, str(e)) from None
+        except RemoteError as e:  # the PE refused the job
+            raise RequestFailed(503, f"could not start the request: {e}") from None
+        except (ConnectionError, TimeoutError) as e:
+            return Failed(req.attempt_rid, f"could not start the request: {e}", retry=True)
+        return None
 
     def _answered(self, req: RequestState) -> None:
         """Count an answered request: its engines finished it, or a stop string ended it here."""
@@ -420,10 +529,8 @@ class Coordinator:
         """Forget the current attempt and tell its engines to drop whatever they still hold for it."""
         if self.requests.pop(req.attempt_rid, None) is None or req.decision is None:
             return
-        for name in (req.decision.pe, req.decision.de):
-            e = self.engines.get(name)
-            if e is not None:
-                tell(e.conn, Abort(req.attempt_rid))
+        for conn in req.conns.values():  # (dropped where the engine is gone: its memory went with it)
+            tell(conn, Abort(req.attempt_rid))
 
     async def _next_event(self, req: RequestState) -> Token | Done | Failed:
         """The next news of the request: from its engines, or a (retryable) failure if one of them
@@ -436,17 +543,23 @@ class Coordinator:
             try:
                 return await asyncio.wait_for(req.queue.get(), wait)
             except asyncio.TimeoutError:
-                live = {e.name for e in self.live_engines()}
                 d = req.decision
                 # the first token comes with the handoff: from then on only the DE matters
-                needed = set() if d is None else {d.de} if req.output else {d.pe, d.de}
-                if not needed <= live:
-                    return Failed(req.attempt_rid, f"engine {(needed - live).pop()} died", retry=True)
+                needed = () if d is None else (d.de,) if req.output else (d.pe, d.de)
+                gone = [name for name in needed if not self._serving(req, name)]
+                if gone:
+                    return Failed(req.attempt_rid, f"engine {gone[0]} died", retry=True)
+
+    def _serving(self, req: RequestState, name: str) -> bool:
+        """Whether engine `name`, as this attempt found it, is still there: live, and not since
+        restarted (a restarted engine registers a new connection and knows nothing of the request)."""
+        e = self.engines.get(name)
+        return e is not None and e.conn is req.conns.get(name) and self._alive(e)
 
     # ------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._api_key])
+        app = web.Application(middlewares=[self._errors, self._api_key], client_max_size=self.max_body_bytes)
         app.add_routes([web.post("/v1/completions", self.http_completions),
                         web.post("/v1/chat/completions", self.http_chat), web.get("/v1/models", self.http_models),
                         web.get("/healthz", self.http_health), web.get("/v1/cluster", self.http_cluster),
@@ -459,8 +572,14 @@ class Coordinator:
         """Every failure on the request path becomes an OpenAI-shaped error body, never a traceback."""
         try:
             return await handler(request)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as e:  # aiohttp's own: a body over the size limit (413), an unknown path
+            if e.status < 400:
+                raise
+            if request.path.startswith("/v1/"):
+                self.stats["rejected"] += 1
+                self.metrics.failed(e.status)
+            message = e.text if e.status == 413 else f"{e.reason}: {request.method} {request.path}"
+            return self._error(e.status, message)
         except BadRequest as e:  # the client's mistake: a 4xx naming it
             self.stats["rejected"] += 1
             self.metrics.failed(e.status)
@@ -489,8 +608,10 @@ class Coordinator:
     @staticmethod
     async def _json_body(request: web.Request) -> dict:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = await request.json(loads=_loads)
+        except BadRequest:  # an integer beyond 64 bits
+            raise
+        except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
             raise BadRequest("request body is not valid JSON") from None
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
@@ -519,9 +640,9 @@ class Coordinator:
         prompt; everything else is a completion."""
         body = await self._json_body(request)
         try:
-            text = self.chat.render(body.get("messages"), body.get("tools"))
+            text = self.chat.render(body.get("messages"), body.get("tools"), body.get("tool_choice"))
         except ChatError as e:
-            raise BadRequest(str(e), param="messages") from None
+            raise BadRequest(str(e), param=e.param) from None
         rest = {k: v for k, v in body.items() if k not in ("messages", "tools", "tool_choice", "prompt")}
         prompts, params, policy = self.parse({**rest, "prompt": text})
         req = RequestState(f"chatcmpl-{next(self._ids)}", prompts[0], params, policy)
@@ -537,18 +658,25 @@ class Coordinator:
 
     async def _complete(self, request: web.Request, req: RequestState) -> tuple[str, str]:
         """Run one prompt to its end: (text, finish_reason)."""
-        text, hit_stop = "", False
+        answer = AnswerText(self.tokenizer, req.params["stop"])
         async with contextlib.aclosing(self.generate(req)) as tokens:  # leaving it ends the attempt at once
             async for _ in tokens:
-                text, hit_stop = self._apply_stop(req)
-                if hit_stop:
+                self._new_text(req, answer)
+                if answer.stopped:
                     self._answered(req)
                     break
                 if request.transport is None or request.transport.is_closing():
                     # aiohttp does not cancel a handler whose client left: stop generating for nobody
                     self._client_gone(req)
                     break
-        return text, self._finish_reason(req, hit_stop)
+            else:  # its engines finished it: the text held back is settled now
+                answer.add(req.output, final=True)
+        return answer.text, self._finish_reason(req, answer.stopped)
+
+    def _new_text(self, req: RequestState, answer: AnswerText) -> str:
+        """The text to give out for the token just generated. At max_tokens it is the last one, so
+        the text held back (a partial character, a possible stop string's start) goes out with it."""
+        return answer.add(req.output, final=len(req.output) >= req.params["max_tokens"])
 
     def _finish_reason(self, req: RequestState, hit_stop: bool) -> str:
         """'length' when max_tokens ended the answer, 'stop' for a stop string or the end-of-sequence token."""
@@ -560,7 +688,7 @@ class Coordinator:
         A chat stream carries the text as `delta` (the first one also names the assistant role)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        sent, hit_stop, first = "", False, True
+        answer, first = AnswerText(self.tokenizer, req.params["stop"]), True
         usage = None if req.params["include_usage"] else ...  # Ellipsis: no usage field at all
 
         def piece(text: str | None, tokens: list[int], finish: str | None) -> dict:
@@ -579,15 +707,16 @@ class Coordinator:
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         try:
+            rest = ""  # text held back until the engines finished: it goes with the finish reason
             async with contextlib.aclosing(self.generate(req)) as tokens:  # leaving it ends the attempt at once
                 async for tok in tokens:
-                    text, hit_stop = self._apply_stop(req)
-                    await send([piece(text[len(sent):], [tok], None)])
-                    sent = text
-                    if hit_stop:
+                    await send([piece(self._new_text(req, answer), [tok], None)])
+                    if answer.stopped:
                         self._answered(req)
                         break
-            await send([piece(None if chat else "", [], self._finish_reason(req, hit_stop))],
+                else:
+                    rest = answer.add(req.output, final=True)
+            await send([piece(rest or (None if chat else ""), [], self._finish_reason(req, answer.stopped))],
                        dualpath=self._dualpath(req))
             if usage is not ...:
                 await send([], usage=self._usage([req]))
@@ -599,18 +728,10 @@ class Coordinator:
         except RequestFailed as e:
             self.stats["failed"] += 1
             self.metrics.failed(e.status)
-            error = {"message": str(e), "type": "server_error", "code": e.status}
+            error = {"message": str(e), "type": "server_error", "param": None, "code": e.status}
             with contextlib.suppress(ConnectionResetError):  # the client may have gone meanwhile
                 await resp.write(f"data: {json.dumps({'error': error})}\n\n".encode())
         return resp
-
-    def _apply_stop(self, req: RequestState) -> tuple[str, bool]:
-        text = self.tokenizer.decode(req.output)
-        for s in req.params["stop"]:
-            i = text.find(s)
-            if i >= 0:
-                return text[:i], True
-        return text, False
 
     def _body(self, cid: str, reqs: list[RequestState], done: list[tuple[str, str]]) -> dict:
         """A completion response; token_ids, cached_tokens and `dualpath` extend OpenAI's fields."""
@@ -671,5 +792,6 @@ async def serve(cfg: ClusterConfig, stop: asyncio.Event) -> None:
     await web.TCPSite(runner, cfg.scheduler.host, cfg.scheduler.http_port).start()
     log.info("coordinator: API at http://%s:%d/v1/completions", cfg.scheduler.host, cfg.scheduler.http_port)
     await stop.wait()
+    coord.stopping = True
     await runner.cleanup()
     await server.close()

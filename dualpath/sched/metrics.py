@@ -38,8 +38,8 @@ class ClusterMetrics:
                               registry=r, buckets=LATENCY_BUCKETS)
         self.queueing = Histogram("dualpath_request_queue_seconds", "Arrival to admission on its engines",
                                   registry=r, buckets=LATENCY_BUCKETS)
-        self.waiting = Gauge("dualpath_requests_waiting_for_room", "Requests that found no engine with room, "
-                             "waiting their turn (oldest first)", registry=r)
+        self.waiting = Gauge("dualpath_requests_waiting_for_room", "Requests that found no engine with room "
+                             "(or no live engine of a role), waiting their turn (oldest first)", registry=r)
         self.waiting.set_function(lambda: len(coordinator.waiting))
         r.register(EngineCollector(coordinator))
 
@@ -58,7 +58,9 @@ class ClusterMetrics:
                 self.tpot.observe((t_done - req.t_first) / (len(req.output) - 1))
 
     def failed(self, status: int) -> None:
-        self.failures.labels(FAILURE_CAUSES.get(status, "engine")).inc()
+        """Count a failed request by cause: any other 4xx (a body too large, say) is a rejection too."""
+        cause = FAILURE_CAUSES.get(status) or ("rejected" if 400 <= status < 500 else "engine")
+        self.failures.labels(cause).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,5 +1,8 @@
 """Requests that found no engine with room for them, served oldest first.
 
+So do requests that found no live engine of a role: one may be restarting, and its registration
+and first heartbeat give the oldest waiter its turn as freed room does.
+
 Room appears when an engine frees memory, and the engine says so at once in a heartbeat. Each
 heartbeat lets the oldest waiter try again; a waiter that gets in passes the turn on, so one
 heartbeat's room admits as many waiters as it holds, in arrival order. A newcomer queues behind the
@@ -35,8 +38,8 @@ class WaitingRoom:
                    check: Callable[[], None] = lambda: None) -> None:
         """Queue until it is this request's turn to try. keep_place: a waiter whose turn found no
         room goes back to the front. Meanwhile `check()` runs every check_every_s and may raise
-        (when no engine of a role is left, waiting is pointless). TimeoutError at the deadline
-        (monotonic time)."""
+        (when waiting has become pointless: the coordinator is stopping). TimeoutError at the
+        deadline (monotonic time)."""
         turn = asyncio.get_running_loop().create_future()
         if keep_place:
             self._queue.appendleft(turn)
