@@ -69,6 +69,9 @@ class StoreConfig:
 
     root: str = field(default_factory=default_store_root)
     capacity_gb: float = 64.0
+    # Evict least-recently-used blocks also while the store's file system has less free than this
+    # (0 = by capacity_gb only): on a full disk every later write would fail.
+    min_free_gb: float = 1.0
     block_tokens: int = 64
     # Emulated storage NIC, per node, applied to the real file I/O (0 = unlimited).
     snic_read_gbps: float = 0.0
@@ -80,6 +83,7 @@ class StoreConfig:
 
     def validate(self) -> None:
         _check(self.capacity_gb > 0, "store.capacity_gb", self.capacity_gb, "must be > 0")
+        _check(self.min_free_gb >= 0, "store.min_free_gb", self.min_free_gb, "must be >= 0")
         _check(self.block_tokens > 0 and self.block_tokens % 8 == 0, "store.block_tokens",
                self.block_tokens, "must be a positive multiple of 8")
         _check(self.snic_read_gbps >= 0, "store.snic_read_gbps", self.snic_read_gbps, "must be >= 0")
@@ -142,6 +146,24 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
+def read_secret_file(path: str, what: str) -> str:
+    """A secret kept in a file (its text, stripped), refused if the file is empty or other users
+    could read it: a secret they can read protects nothing (as ssh refuses such a private key).
+    `what` names the setting in errors (a config field, a command-line option)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise ConfigError(f"{what} = {path!r}: {e.strerror}") from e
+    with os.fdopen(fd) as f:  # the mode of the file we read, not of whatever the path names later
+        mode = os.fstat(f.fileno()).st_mode
+        if mode & 0o077:
+            raise ConfigError(f"{what} = {path!r}: other users may read it (mode {mode & 0o777:o}); chmod 600 it")
+        secret = f.read().strip()
+    if not secret:
+        raise ConfigError(f"{what} = {path!r}: the file is empty")
+    return secret
+
+
 @dataclass
 class TransportConfig:
     backend: str = "auto"
@@ -198,7 +220,16 @@ class SchedulerConfig:
     # (1.70x off): it does not make dualpath match pe-read where storage is not the bound.
     drain_rates: bool = False
     request_timeout_s: float = 600.0  # a request not answered by then fails with 504 and frees its memory
-    api_key: str = ""  # when set, /v1/* needs 'Authorization: Bearer <api_key>' (or $DUALPATH_API_KEY)
+    # When set, /v1/* needs 'Authorization: Bearer <key>'. The key: api_key, else the file api_key_file
+    # (mode 0600), else $DUALPATH_API_KEY. A file or the environment keeps it out of `ps` and of the config.
+    api_key: str = ""
+    api_key_file: str = ""
+
+    def resolve_api_key(self) -> None:
+        if not self.api_key and self.api_key_file:
+            self.api_key = read_secret_file(self.api_key_file, "config field 'scheduler.api_key_file'")
+        if not self.api_key:
+            self.api_key = os.environ.get(API_KEY_ENV, "").strip()
 
     def validate(self) -> None:
         _check(self.policy in POLICIES, "scheduler.policy", self.policy, f"expected one of {POLICIES}")
@@ -329,7 +360,7 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
     kwargs = {k: _build(cls, raw.get(k, {}), k) for k, cls in sections.items()}
     engines = [_build(EngineSpec, e, f"engines[{i}]") for i, e in enumerate(raw.get("engines", []))]
     kwargs["transport"].resolve_token()
-    kwargs["scheduler"].api_key = kwargs["scheduler"].api_key or os.environ.get(API_KEY_ENV, "")
+    kwargs["scheduler"].resolve_api_key()
     return ClusterConfig(engines=engines, **kwargs).validate()
 
 

@@ -3,12 +3,19 @@
 ``LocalCluster`` is also what the tests and benchmarks use: real processes on loopback, always
 stopped (SIGTERM, then SIGKILL after a grace period). If any process dies, the launcher says which
 one and why (its exit code and the end of its log) and stops the rest.
+
+The cluster's config file holds its secret, so it is on disk only while the cluster runs: stopping
+removes it, and a work directory the cluster made itself (``/tmp/dualpath-*``) goes with it, logs
+included, unless the cluster failed (its logs, without the secret, are then what to read next).
+``dualpath up`` stops so on Ctrl-C, SIGTERM and SIGHUP too; ``--config-out`` keeps a copy where asked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +27,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from dualpath.config import ClusterConfig, ConfigError, default_store_root, local_cluster, write_config
+from dualpath.config import (ClusterConfig, ConfigError, default_store_root, local_cluster, read_secret_file,
+                             write_config)
 
 READERS = {"A": "the PE", "B": "the DE", "A+B": "both"}  # who read the hit KV, for the demo's lines
 
@@ -32,6 +40,7 @@ class ClusterDied(RuntimeError):
 class LocalCluster:
     def __init__(self, cfg: ClusterConfig, workdir: str | None = None, env: dict | None = None):
         self.cfg = cfg.validate()
+        self.own_workdir = workdir is None  # made here (mode 0700), so removed here when the cluster stops
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dualpath-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "cluster.toml"
@@ -39,6 +48,7 @@ class LocalCluster:
         self.env = {**os.environ, **(env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: Counter[str] = Counter()
+        self.failed = False  # a process died or the start timed out: stop() then keeps the logs
 
     @property
     def url(self) -> str:
@@ -65,6 +75,7 @@ class LocalCluster:
             except (urllib.error.URLError, ConnectionError, OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
+                self.failed = True
                 self.stop()
                 raise ClusterDied(f"cluster not ready within {timeout}s; logs in {self.workdir}")
             time.sleep(0.2)
@@ -99,16 +110,25 @@ class LocalCluster:
         for name, p in self.procs.items():
             if p.poll() is not None:
                 tail = self.log_tail(name)
+                self.failed = True
                 self.stop()
                 raise ClusterDied(f"{name} exited with code {p.returncode}; last lines of its log:\n{tail}")
 
     def stop(self, grace: float = 10.0) -> None:
+        """Stop every process and take the secret off the disk: the config file goes first (a second
+        Ctrl-C during the stop cannot leave it behind; the processes read it at start), then a work
+        directory made by this cluster, logs and all, unless the cluster failed (its logs, without
+        the secret, are what the user reads next)."""
+        self.config_path.unlink(missing_ok=True)
         stop_processes(self.procs.values(), grace)
+        if self.own_workdir and not self.failed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        self.failed = self.failed or exc_type is not None
         self.stop()
 
 
@@ -127,15 +147,15 @@ def stop_processes(procs: Iterable[subprocess.Popen], grace: float = 10.0) -> No
             p.wait()
 
 
-def complete(url: str, body: dict, timeout: float = 300.0) -> dict:
+def complete(url: str, body: dict, timeout: float = 300.0, api_key: str = "") -> dict:
     """POST /v1/completions (stdlib only, so the launcher and tests need no HTTP client)."""
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.load(r)
 
 
-def demo_conversation(url: str, turns: int = 4, max_tokens: int = 24) -> list[dict]:
+def demo_conversation(url: str, turns: int = 4, max_tokens: int = 24, api_key: str = "") -> list[dict]:
     """An agent's conversation: each turn's prompt = the last prompt + its answer + a new tool output.
     Turns continue by token ids (a random-weight model's ids need not round-trip through text), and
     each turn names a policy so that both paths show."""
@@ -144,7 +164,8 @@ def demo_conversation(url: str, turns: int = 4, max_tokens: int = 24) -> list[di
     results = []
     for turn in range(1, turns + 1):
         policy = policies[(turn - 1) % len(policies)]
-        r = complete(url, {"prompt": tokens, "max_tokens": max_tokens, "temperature": 0, "dualpath_policy": policy})
+        r = complete(url, {"prompt": tokens, "max_tokens": max_tokens, "temperature": 0, "dualpath_policy": policy},
+                     api_key=api_key)
         results.append(r)
         u, dp = r["usage"], r["dualpath"]
         print(f"turn {turn}: prompt {u['prompt_tokens']:>5} tokens, cached {u['prompt_tokens_details']['cached_tokens']:>5}"
@@ -154,11 +175,27 @@ def demo_conversation(url: str, turns: int = 4, max_tokens: int = 24) -> list[di
     return results
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGHUP reached `dualpath up`: stop the cluster as Ctrl-C does."""
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # as Ctrl-C: a service manager's stop, a closed terminal
+
+
 def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None, dtype: str, device: str,
                  policy: str, store_root: str | None, snic_gbps: float, backend: str, port: int, demo: bool,
-                 config_out: str | None, api_key: str = "") -> int:
+                 config_out: str | None, api_key: str = "", api_key_file: str | None = None) -> int:
+    """`dualpath up`: returns the exit code."""
     cfg = local_cluster(n_prefill, n_decode, base_port=port + 2)
-    cfg.scheduler.api_key = api_key
+    if api_key_file:  # the config names the file, not the key: --config-out then does not carry it
+        api_key = read_secret_file(api_key_file, "--api-key-file")
+        cfg.scheduler.api_key_file = os.path.abspath(api_key_file)
+    else:
+        cfg.scheduler.api_key = api_key
     cfg.model.preset, cfg.model.weights, cfg.model.dtype = preset, weights, dtype
     cfg.store.root = store_root or default_store_root()
     cfg.store.snic_read_gbps = snic_gbps
@@ -170,34 +207,62 @@ def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None
         spread_over_gpus(cfg.engines)
     cfg.validate()
     if config_out:
-        write_config(cfg, config_out)
-    cluster = LocalCluster(cfg)
-    print(f"starting {n_prefill} prefill + {n_decode} decode engines ({cfg.model.weights or preset}, "
-          f"policy {policy}); logs in {cluster.workdir}")
+        write_config(cfg, config_out)  # the user's copy: it stays after the cluster stops
+    with _stop_signals_raise():
+        return _run_cluster(cfg, demo, api_key)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """A default SIGTERM would end `dualpath up` at once and leave the work directory, secret
+    included, behind: inside, a stop signal raises Stopped instead, so that finally blocks run. A
+    signal ignored on purpose (nohup ignores SIGHUP) stays ignored. The handlers are put back after."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, _raise_stopped)
     try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_cluster(cfg: ClusterConfig, demo: bool, api_key: str) -> int:
+    """Start the cluster, run the demo or serve until Ctrl-C or a stop signal (restarting engines that
+    crash), then stop it, whatever happened; the exit code."""
+    cluster: LocalCluster | None = None
+    try:
+        cluster = LocalCluster(cfg)
+        print(f"starting {sum(e.role == 'prefill' for e in cfg.engines)} prefill + "
+              f"{sum(e.role == 'decode' for e in cfg.engines)} decode engines ({cfg.model.weights or cfg.model.preset}"
+              f", policy {cfg.scheduler.policy}); logs in {cluster.workdir}", flush=True)
         cluster.start()
-    except ClusterDied as e:
-        print(f"dualpath up: {e}", file=sys.stderr)
-        return 1
-    print(f"API: {cluster.url}/v1/completions   (store: {cfg.store.root})")
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    try:
+        print(f"API: {cluster.url}/v1/completions   (store: {cfg.store.root})", flush=True)
         if demo:
-            demo_conversation(cluster.url)
+            demo_conversation(cluster.url, api_key=api_key)
             return 0
-        while not stopping:
+        while True:
             cluster.supervise()
             time.sleep(0.5)
+    except (KeyboardInterrupt, Stopped):
         return 0
-    except KeyboardInterrupt:
-        return 0
-    except ClusterDied as e:
-        print(f"dualpath up: {e}", file=sys.stderr)
+    except ClusterDied as e:  # the cluster has marked itself failed: its logs stay
+        print(f"dualpath up: {e}\n(logs in {cluster.workdir})", file=sys.stderr)
         return 1
+    except BaseException:
+        if cluster is not None:
+            cluster.failed = True
+        raise
     finally:
-        print("stopping the cluster")
-        cluster.stop()
+        if cluster is not None:
+            old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+            try:  # a second Ctrl-C or stop signal must not cut the stop short
+                print("stopping the cluster", flush=True)
+                cluster.stop()
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
 
 
 __all__ = ["LocalCluster", "ClusterDied", "complete", "demo_conversation", "launch_local", "ConfigError"]

@@ -1,8 +1,6 @@
 """Transport conformance: control plane, and the one-sided data plane on every backend this host has."""
 
 import asyncio
-import statistics
-import time
 
 import pytest
 import torch
@@ -139,41 +137,64 @@ async def test_a_granted_only_region_takes_writes_only_inside_a_live_grant_to_th
         assert int(dst.sum()) == 100
 
 
-async def test_latency_p99_stays_within_2x_of_idle_while_bulk_saturates(pair):
-    a, b, done, backend = pair
-    if backend != "tcp":
-        pytest.skip("the link-sharing check is for the byte-moving tcp backend")
-    bulk_dst, lat_dst = b.register(_dest("tcp", 64 << 20)), b.register(_dest("tcp", 4096))
-    msg = torch.ones(512, dtype=torch.uint8)
+CHUNK = 256 << 10
 
-    async def latencies(n):
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await a.write(msg, lat_dst, 0, 512, "latency")
-            out.append(time.perf_counter() - t0)
-            await asyncio.sleep(0.002)
-        return out
 
-    def p99(xs):
-        return statistics.quantiles(xs, n=100)[98]
+@pytest.fixture
+async def tcp_pair():
+    """Two tcp data planes; bulk yields to latency traffic with a share so close to 1 that it waits
+    for the latency writes themselves, however long they take on a busy host."""
+    done = []
+    a = make_dataplane("tcp", "a", TOKEN, latency_share=1 - 1e-9, bulk_chunk_bytes=CHUNK)
+    b = make_dataplane("tcp", "b", TOKEN, on_complete=done.append)
+    await a.start("127.0.0.1")
+    await b.start("127.0.0.1")
+    yield a, b, done
+    await a.close()
+    await b.close()
 
-    await latencies(20)  # warm up both links
-    idle = p99(await latencies(200))
-    big = torch.ones(64 << 20, dtype=torch.uint8)
-    stop = asyncio.Event()
 
-    async def bulk():
-        while not stop.is_set():
-            await a.write(big, bulk_dst, 0, 64 << 20, "bulk")
+def count_sends(monkeypatch) -> dict:
+    """Bytes this process hands to each socket (the event loop's sock_sendall, wrapped): both planes'
+    sockets, the writer's links and the receiver's answers."""
+    loop, sent = asyncio.get_running_loop(), {}
+    send = loop.sock_sendall
 
-    tasks = [asyncio.create_task(bulk()) for _ in range(2)]
-    await asyncio.sleep(0.2)
-    busy = p99(await latencies(200))
-    stop.set()
-    await asyncio.gather(*tasks)
-    assert b.bytes_received > 128 << 20  # bulk really ran
-    assert busy <= 2 * idle + 0.001, (busy, idle)  # 1 ms floor for timer noise on loaded CI hosts
+    async def counted(sock, data):
+        sent[sock] = sent.get(sock, 0) + len(data)
+        return await send(sock, data)
+
+    monkeypatch.setattr(loop, "sock_sendall", counted)
+    return sent
+
+
+async def test_a_latency_write_overtakes_bulk_and_bulk_holds_back_while_it_is_in_flight(tcp_pair, monkeypatch):
+    """Link sharing by order and by bytes, not by time: a latency-class write issued while a 64 MiB
+    bulk write is under way completes first, and while it is in flight the bulk write puts at most
+    one more chunk on the link (one it was already about to send). Without the hold, bulk sent about
+    as many bytes as the latency write meanwhile (18 MB of 64 when tried). How long a latency write
+    takes under bulk is a benchmark's figure, not a test's: a busy host changes it, not the order."""
+    a, b, done = tcp_pair
+    sent = count_sends(monkeypatch)
+    bulk_dst, lat_dst = b.register(_dest("tcp", 64 << 20)), b.register(_dest("tcp", 16 << 20))
+
+    def links_to_b() -> list:  # the writer's connections to b, one per traffic class
+        return [sock for sock in sent if sock.fileno() >= 0 and sock.getpeername()[1] == b.port]
+
+    await a.write(torch.ones(16, dtype=torch.uint8), lat_dst, 0, 16, "latency", notify="warm")  # its link is up
+    (latency_sock,) = links_to_b()
+    bulk = asyncio.create_task(a.write(torch.ones(64 << 20, dtype=torch.uint8), bulk_dst, 0, 64 << 20, "bulk",
+                                       notify="bulk"))
+    while b.bytes_received == 16:  # until the bulk write is under way
+        await asyncio.sleep(0.001)
+    (bulk_sock,) = [sock for sock in links_to_b() if sock is not latency_sock]
+    before = sent[bulk_sock]
+    await a.write(torch.ones(16 << 20, dtype=torch.uint8), lat_dst, 0, 16 << 20, "latency", notify="latency")
+    during = sent[bulk_sock] - before
+    await bulk
+    assert done == ["warm", "latency", "bulk"]
+    assert during <= 2 * (CHUNK + 1024), during  # two chunks and their headers, of the 64 MiB
+    assert b.bytes_received == (64 << 20) + (16 << 20) + 16
 
 
 async def test_peer_dying_mid_transfer_fails_fast_and_reconnect_works():
@@ -185,13 +206,12 @@ async def test_peer_dying_mid_transfer_fails_fast_and_reconnect_works():
     dst = torch.zeros(256 << 20, dtype=torch.uint8)
     handle = b.register(dst)
     writing = asyncio.create_task(a.write(torch.ones(256 << 20, dtype=torch.uint8), handle, 0, 256 << 20,
-                                          "bulk", notify="never"))
+                                          "bulk", notify="never", timeout=3600))
     await asyncio.sleep(0.05)
     await b.close()  # the peer dies mid-transfer
-    t0 = time.perf_counter()
-    with pytest.raises(TransferError):
-        await asyncio.wait_for(writing, 10)
-    assert time.perf_counter() - t0 < 5 and done == []  # half-written: never reported complete
+    with pytest.raises(TransferError):  # the loss is noticed: the write's own hour-long ack timeout is not
+        await asyncio.wait_for(writing, 60)  # what ended it (60 s: a bound on a hang, not a measurement)
+    assert done == []  # half-written: never reported complete
     b2 = make_dataplane("tcp", "b", TOKEN, on_complete=done.append)  # the peer restarts
     await b2.start("127.0.0.1", port)
     h2 = b2.register(torch.zeros(1024, dtype=torch.uint8))

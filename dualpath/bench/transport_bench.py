@@ -13,6 +13,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import shutil
+import statistics
 import subprocess
 import time
 
@@ -37,12 +38,48 @@ def _receiver(backend: str, device: str, q) -> None:
         else:
             handle = dp.register(torch.zeros(64 << 20, dtype=torch.uint8, device=device))
         q.put(handle)
+        q.put(dp.register(torch.zeros(4096, dtype=torch.uint8)))  # for latency-class writes
         await asyncio.Event().wait()
 
     asyncio.run(main())
 
 
-async def _sender(backend: str, device: str, handle: dict, seconds: float) -> dict[int, float]:
+async def _latency_under_bulk(dp, src: torch.Tensor, bulk_dst: dict, lat_dst: dict, n: int = 200) -> dict:
+    """512-byte latency-class writes, idle and while two bulk writers fill the link: their p50 / p99
+    (seconds). A figure of the host as much as of the code: tests assert the order, this measures."""
+    msg = torch.ones(512, dtype=torch.uint8)
+
+    async def write_times() -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await dp.write(msg, lat_dst, 0, 512, "latency")
+            out.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.002)
+        return out
+
+    def summary(xs: list[float]) -> dict:
+        q = statistics.quantiles(xs, n=100)
+        return {"p50_s": q[49], "p99_s": q[98]}
+
+    await write_times()  # warm both links
+    idle = summary(await write_times())
+    stop = asyncio.Event()
+
+    async def bulk() -> None:
+        while not stop.is_set():
+            await dp.write(src, bulk_dst, 0, src.numel(), "bulk")
+
+    tasks = [asyncio.create_task(bulk()) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    busy = summary(await write_times())
+    stop.set()
+    await asyncio.gather(*tasks)
+    return {"idle": idle, "under_bulk": busy, "p99_ratio": busy["p99_s"] / idle["p99_s"]}
+
+
+async def _sender(backend: str, device: str, handle: dict, seconds: float,
+                  lat_handle: dict | None = None) -> tuple[dict[int, float], dict | None]:
     dp = make_dataplane(backend, "tx", TOKEN)
     await dp.start("127.0.0.1")
     src = torch.ones(64 << 20, dtype=torch.uint8, device=device)
@@ -55,8 +92,9 @@ async def _sender(backend: str, device: str, handle: dict, seconds: float) -> di
             await dp.write(src, handle, 0, n, "bulk")
             count += 1
         rates[mib] = count * n / (time.perf_counter() - t0) / 1e9
+    latency = await _latency_under_bulk(dp, src, handle, lat_handle) if lat_handle is not None else None
     await dp.close()
-    return rates
+    return rates, latency
 
 
 def _iperf3(seconds: float) -> float | None:
@@ -108,8 +146,10 @@ def run(backend: str, seconds: float, out: str) -> dict:
     proc = ctx.Process(target=_receiver, args=(backend, rx_dev, q), daemon=True)
     proc.start()
     try:
-        handle = q.get(timeout=60)
-        rates = asyncio.run(_sender(backend, tx_dev, handle, seconds))
+        handle, lat_handle = q.get(timeout=60), q.get(timeout=60)
+        # the link-sharing figure is tcp's: the other backends move bulk bytes outside the socket
+        rates, latency = asyncio.run(_sender(backend, tx_dev, handle, seconds,
+                                             lat_handle if backend == "tcp" else None))
     finally:
         proc.kill()
         proc.join()
@@ -119,6 +159,6 @@ def run(backend: str, seconds: float, out: str) -> dict:
     reference = measure()
     best = max(rates.values())
     result = {"bench": "transport", "backend": backend, "write_GBps_by_MiB": rates, ref_name: reference,
-              "best_ratio": best / reference if reference else None}
+              "best_ratio": best / reference if reference else None, "latency_write_under_bulk": latency}
     write_json(out, result)
     return result

@@ -16,6 +16,8 @@ import os
 import struct
 import time
 
+from dualpath.storage.private import private_dir, private_file
+
 _SLOT = struct.Struct("<d")
 
 
@@ -26,8 +28,8 @@ class SnicBucket:
         self._fd = -1
         if self.rate > 0:
             d = os.path.join(root, ".snic")
-            os.makedirs(d, exist_ok=True)
-            self._fd = os.open(os.path.join(d, f"node{node}-{direction}"), os.O_RDWR | os.O_CREAT, 0o644)
+            private_dir(d)
+            self._fd = private_file(os.path.join(d, f"node{node}-{direction}"), os.O_RDWR)
             if os.fstat(self._fd).st_size < _SLOT.size:
                 os.ftruncate(self._fd, _SLOT.size)
             self._map = mmap.mmap(self._fd, _SLOT.size)

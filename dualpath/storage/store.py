@@ -5,7 +5,10 @@
   layer's checksum; a request's blocks are read in spans of layers, so compute can start early.
   A bad block is a miss: the file is removed and counted, and no exception reaches the caller
   (DESIGN.md §5: never wrong tokens).
-- A capacity limit evicts least-recently-used blocks.
+- Least-recently-used blocks are evicted past a capacity limit, and also while the file system has
+  less than ``min_free_bytes`` free (another tenant, logs or a second store can fill the disk first).
+- The store is private to the cluster's user: directories 0700, block files 0600, whatever the umask
+  (a block another user could read or even list tells which prompts were served; docs/SECURITY.md).
 - A temp file left by a crash is ignored by readers and removed at start.
 
 ``FileStore`` is the synchronous core (thread safe). ``AsyncStore`` is the engines' asynchronous
@@ -24,9 +27,11 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from dualpath.storage.blockfile import (HEADER_BYTES, BlockFormatError, BlockShape, checksum, decode_header,
                                         encode_header)
+from dualpath.storage.private import DIR_MODE, FILE_MODE, private_dir, private_file, tighten
 from dualpath.storage.readers import Reader, ReaderLost
 from dualpath.storage.snic import SnicBucket
 
@@ -34,6 +39,13 @@ TMP_SUFFIX = ".tmp"
 _HOST = socket.gethostname().replace(".", "_")
 STALE_TMP_S = 3600.0
 OK, ABSENT, CORRUPT = 0, 1, 2  # the outcome of reading a block (or a span of its layers)
+DEFAULT_MIN_FREE_BYTES = 1_000_000_000  # = StoreConfig.min_free_gb's default
+
+
+def filesystem_free_bytes(root: str) -> int:
+    """Bytes an unprivileged writer may still use on root's file system (root's reserve excluded)."""
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
 
 
 def _abandoned(path: str, name: str) -> bool:
@@ -89,13 +101,18 @@ def _preadv(path: str, reads: list[tuple[int, list]]) -> int | None:
 
 
 class FileStore:
-    def __init__(self, root: str, shape: BlockShape, capacity_bytes: int, fsync: bool = True, scan: bool = True):
+    """min_free_bytes: evict while the file system has less free than this (0: by capacity only).
+    free_bytes(root) says how much it has (injectable: tests do not fill a disk)."""
+
+    def __init__(self, root: str, shape: BlockShape, capacity_bytes: int, fsync: bool = True, scan: bool = True,
+                 min_free_bytes: int = 0, free_bytes: Callable[[str], int] = filesystem_free_bytes):
         self.root, self.shape, self.capacity, self.fsync = root, shape, capacity_bytes, fsync
+        self.min_free, self._free_bytes = min_free_bytes, free_bytes
         self.stats = StoreStats()
         self._lock = threading.Lock()
         self._lru: OrderedDict[bytes, int] = OrderedDict()  # key -> file bytes, oldest first
         self._used = 0
-        os.makedirs(root, exist_ok=True)
+        private_dir(root)
         if scan:  # a reader process (reads only) skips the index
             self._scan()
 
@@ -111,6 +128,7 @@ class FileStore:
         for sub in os.scandir(self.root):
             if not sub.is_dir() or len(sub.name) != 2:
                 continue
+            tighten(sub.path, sub.stat().st_mode, DIR_MODE)
             for f in os.scandir(sub.path):
                 if TMP_SUFFIX in f.name:
                     if _abandoned(f.path, f.name):
@@ -121,6 +139,7 @@ class FileStore:
                             pass
                 elif f.name.endswith(".kv"):
                     st = f.stat()
+                    tighten(f.path, st.st_mode, FILE_MODE)
                     found.append((st.st_mtime, bytes.fromhex(f.name[:-3]), st.st_size))
         for _, key, size in sorted(found):
             self._lru[key] = size
@@ -230,10 +249,11 @@ class FileStore:
         views = [memoryview(x).cast("B") for x in layers]
         assert all(len(v) == s.bytes_per_layer for v in views), "layer slice of the wrong size"
         path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        private_dir(os.path.dirname(path))
+        self._evict(self._space_short(s.file_bytes))  # room on the file system first, or the write fails
         tmp = f"{path}{TMP_SUFFIX}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         header = encode_header(s, key, [checksum(v) for v in views])
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = private_file(tmp, os.O_WRONLY | os.O_EXCL)
         try:
             written, todo = 0, [header, *views]
             while todo:  # writev may write less than asked on some file systems
@@ -259,14 +279,25 @@ class FileStore:
             self._lru[key] = s.file_bytes
         self._evict()
 
-    def _evict(self) -> None:
+    def _space_short(self, incoming: int) -> int:
+        """Bytes to free so that the file system still has min_free bytes free once `incoming` more
+        are written. A cache gives way to everything else on its disk: full, every write would fail."""
+        if not self.min_free:
+            return 0
+        return max(0, self.min_free + incoming - self._free_bytes(self.root))
+
+    def _evict(self, short: int = 0) -> None:
+        """Drop least-recently-used blocks until the store is within its capacity and `short` bytes
+        are freed. The bytes freed are counted by block size, not by reading the file system again
+        after each unlink: one that frees space late would otherwise lose the whole store."""
         while True:
             with self._lock:
-                if self._used <= self.capacity or not self._lru:
+                if (self._used <= self.capacity and short <= 0) or not self._lru:
                     return
                 key, size = self._lru.popitem(last=False)
                 self._used -= size
                 self.stats.evictions += 1
+            short -= size
             try:
                 os.unlink(self.path(key))
             except FileNotFoundError:
@@ -434,7 +465,7 @@ class AsyncStore:
 
 def open_store(root: str, shape: BlockShape, capacity_bytes: int, node: int = 0, read_gbps: float = 0.0,
                write_gbps: float = 0.0, readers: int = 4, fsync: bool = True, read_spans: int = 8,
-               write_threads: int = 4) -> AsyncStore:
-    return AsyncStore(FileStore(root, shape, capacity_bytes, fsync),
+               write_threads: int = 4, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES) -> AsyncStore:
+    return AsyncStore(FileStore(root, shape, capacity_bytes, fsync, min_free_bytes=min_free_bytes),
                       SnicBucket(root, node, "read", read_gbps), SnicBucket(root, node, "write", write_gbps),
                       readers, read_spans, write_threads)
