@@ -68,13 +68,26 @@ def run(role: str | None, node: int, config_path: str) -> None:
 @click.option("--port", type=int, default=8000, show_default=True, help="HTTP API port")
 @click.option("--demo/--no-demo", default=False, help="send a multi-turn conversation, print it, stop")
 @click.option("--config-out", type=click.Path(), default=None,
-              help="also write the cluster TOML here (it holds the cluster's secret; mode 0600)")
+              help="also write the cluster TOML here (it holds the cluster's secret; mode 0600), to keep: "
+                   "the copy in the cluster's work directory is removed when the cluster stops")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="require 'Authorization: Bearer KEY' on /v1/*, KEY read from this file (mode 0600: one "
+                   "other users can read is refused)")
 @click.option("--api-key", envvar="DUALPATH_API_KEY", default="",
-              help="require 'Authorization: Bearer KEY' on /v1/* (default: $DUALPATH_API_KEY; none)")
-def up(**kw) -> None:
+              help="the same with KEY given here, which every local user sees in `ps`: prefer --api-key-file "
+                   "or $DUALPATH_API_KEY (the default; none if unset)")
+@click.pass_context
+def up(ctx: click.Context, **kw) -> None:
     """Start a whole cluster on this host (coordinator + engines as subprocesses)."""
+    from click.core import ParameterSource
+
     from dualpath.launcher import launch_local
 
+    if ctx.get_parameter_source("api_key") == ParameterSource.COMMANDLINE:
+        if kw["api_key_file"]:
+            _fail("give --api-key-file or --api-key, not both")
+        click.echo("dualpath up: warning: --api-key is visible to every user of this host (ps, /proc); "
+                   "use --api-key-file or $DUALPATH_API_KEY", err=True)
     try:
         sys.exit(launch_local(**kw))
     except ConfigError as e:
@@ -110,6 +123,25 @@ def bench_model(**kw) -> None:
     click.echo(f"wrote {kw['out']}")
 
 
+@bench.command("roofline")
+@click.option("--model", "presets", multiple=True, default=("small-gqa", "small-mla"), show_default=True,
+              help="repeatable")
+@click.option("--block-tokens", type=int, default=64, show_default=True)
+@click.option("--torch-attention", is_flag=True, help="time the torch attention path instead of the Triton kernels")
+@click.option("--out", default="runs/bench_roofline.json", show_default=True)
+def bench_roofline(presets: tuple[str, ...], block_tokens: int, torch_attention: bool, out: str) -> None:
+    """GPU: each step kind (decode grid, fresh prefill, append) against the HBM bandwidth and matmul
+    throughput measured in the same run."""
+    from dualpath.bench.roofline_bench import run as run_bench
+
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail("bench roofline needs a GPU")
+    run_bench(presets, out, block_tokens, paged=not torch_attention)
+    click.echo(f"wrote {out}")
+
+
 @bench.command("store")
 @click.option("--dir", "directory", default="/tmp", show_default=True, help="directory to test")
 @click.option("--block-mib", type=float, default=4.0, show_default=True, help="block size, all layers")
@@ -142,6 +174,9 @@ def bench_transport(**kw) -> None:
     ref = [k for k in r if k.endswith("_GBps") and k != "write_GBps_by_MiB"][0]
     ratio = f"{r['best_ratio']:.2f}" if r["best_ratio"] else "n/a"
     click.echo(f"{ref}: {r[ref]}  best ratio: {ratio}")
+    if lat := r.get("latency_write_under_bulk"):  # tcp: the link-sharing figure (no test asserts a time)
+        click.echo(f"512-byte latency-class write p99: idle {lat['idle']['p99_s'] * 1e3:.2f} ms, while bulk fills "
+                   f"the link {lat['under_bulk']['p99_s'] * 1e3:.2f} ms ({lat['p99_ratio']:.1f}x)")
     click.echo(f"wrote {kw['out']}")
 
 
@@ -241,7 +276,9 @@ def bench_run(path, url, policy, mode, rate, concurrency, limit, trace_block_tok
 @click.option("--unbounded/--no-unbounded", default=True, show_default=True,
               help="also a run without storage emulation")
 @click.option("--ttft-slo", "ttft_slo_s", type=float, default=1.5, show_default=True)
-@click.option("--agents", type=int, default=16, show_default=True)
+@click.option("--workload", "workload_name", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: 16 agents x ~3K tokens; gpu: 48 agents x 16-24K tokens, pools sized from the GPU's memory")
+@click.option("--agents", type=int, default=None, help="agents of the workload (default: the workload's)")
 @click.option("--port", "base_port", type=int, default=18000, show_default=True)
 @click.option("--policies", default=",".join(POLICIES), show_default=True, help="comma-separated; pe-read is the base")
 @click.option("--repeats", type=int, default=1, show_default=True,
@@ -250,11 +287,11 @@ def bench_run(path, url, policy, mode, rate, concurrency, limit, trace_block_tok
               help="root: spread each cluster over 1 + decode hosts made as network namespaces (offline runs only)")
 @click.option("--link-mbit", type=float, default=0.0, show_default=True,
               help="with --hosts: each host's link (compute NIC), scheduled by traffic class; 0 = unshaped")
-def bench_repro(online: bool, agents: int, policies: str, **kw) -> None:
+def bench_repro(online: bool, workload_name: str, agents: int | None, policies: str, **kw) -> None:
     """The headline: pe-read vs de-read vs dualpath (vs dualpath-split) on one workload, storage-bound."""
     import dataclasses
 
-    from dualpath.bench.repro import ReproConfig, main as repro
+    from dualpath.bench.repro import WORKLOADS, ReproConfig, main as repro, size_pools
 
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     if "pe-read" not in chosen or not set(chosen) <= set(POLICIES):
@@ -269,7 +306,17 @@ def bench_repro(online: bool, agents: int, policies: str, **kw) -> None:
         if (why := netns.available()) is not None:
             _fail(f"--hosts: {why}")
     rc = ReproConfig(policies=chosen, **kw)
-    rc.workload = dataclasses.replace(rc.workload, agents=agents)
+    rc.workload = dataclasses.replace(WORKLOADS[workload_name], agents=agents or WORKLOADS[workload_name].agents)
+    if workload_name == "gpu":
+        if not kw["device"].startswith("cuda"):
+            _fail("--workload gpu: needs --device cuda")
+        import torch
+
+        engines_per_gpu = -(-(kw["n_prefill"] + kw["n_decode"]) // max(1, torch.cuda.device_count()))
+        try:
+            rc.pools = size_pools(rc.workload, rc.preset, rc.dtype, rc.block_tokens, engines_per_gpu, "/tmp")
+        except ValueError as e:
+            _fail(f"--workload gpu: {e}")
     if not online:
         rc.online_policies = ()
     repro(rc)

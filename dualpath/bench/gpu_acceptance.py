@@ -25,7 +25,8 @@ import torch
 
 from dualpath.bench.common import host_info
 
-TESTS = ["tests/test_device.py", "tests/test_transport.py", "tests/test_model.py", "tests/test_storage.py"]
+TESTS = ["tests/test_device.py", "tests/test_transport.py", "tests/test_model.py", "tests/test_attention.py",
+         "tests/test_storage.py"]
 # Never turn on NVLink multicast: on a shared host a program using it can take the GPUs down.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -103,6 +104,28 @@ def _interference(r: dict) -> list[Row]:
                 f"{r['tpot_with_path_b_s'] * 1e3:.2f} ms, {loaded / 1e3:.0f}K tokens/s loaded")]
 
 
+def _roofline(r: dict) -> list[Row]:
+    """Issue 31's targets: each step kind against the HBM bandwidth and the matmul throughput
+    measured in the same run (bench roofline)."""
+    lim = r["limits"]
+    limit = f"{lim['hbm_gbps']:.0f} GB/s copy, {lim['matmul_tflops']:.0f} TFLOP/s GEMM"
+    out = []
+    for row in r["rows"]:
+        what = f"{row['preset']} {row['kind']} {row['batch']} x {row['new_tokens']}, context {row['context']}"
+        note = f"{row['ms']:.2f} ms, roofline {row['roofline_ms']:.2f} ms"
+        if row["kind"] == "decode" and row["context"] == 20480 and row["batch"] in (1, 48):
+            target = 0.5 if row["batch"] == 48 else 0.25
+            out.append(Row(f"{what}: share of HBM bandwidth", row["hbm_share"], limit, f">= {target}",
+                           row["hbm_share"] >= target, note))
+        elif row["kind"] == "append" and row["new_tokens"] == 512:
+            out.append(Row(f"{what}: time / roofline", row["of_roofline"], limit, "<= 2.5",
+                           row["of_roofline"] <= 2.5, note))
+        elif row["kind"] == "prefill" and (row["batch"], row["new_tokens"]) == (8, 1024):
+            out.append(Row(f"{what}: share of matmul throughput", row["matmul_share"], limit, ">= 0.3",
+                           row["matmul_share"] >= 0.3, note))
+    return out
+
+
 def _repro(p: int, d: int) -> Callable[[dict], list[Row]]:
     def rows(r: dict) -> list[Row]:
         s = {x["policy"]: x for x in r["offline"]["summaries"]}
@@ -162,6 +185,7 @@ def steps(gpus: int, port: int) -> list[Step]:
             out.append(Step(name, [*dp, "bench", "agreement", "--model", preset, "--dtype", dtype, *cluster,
                                    str(port), "--out", "{out}"], _agreement_rows(preset, dtype), name))
     out += [
+        Step("roofline", [*dp, "bench", "roofline", "--out", "{out}"], _roofline, "roofline"),
         Step("h2d", [*dp, "bench", "h2d", "--preset", "small-gqa", "--out", "{out}"], _h2d, "h2d"),
         Step("transport", [*dp, "bench", "transport", "--backend", "cuda", "--out", "{out}"], _transport, "transport"),
         Step("overlap", [*dp, "bench", "overlap", "--model", "small-gqa", "--dtype", "bfloat16", *cluster, str(port),

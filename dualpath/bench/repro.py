@@ -35,6 +35,53 @@ from dualpath.config import ClusterConfig
 from dualpath.launcher import LocalCluster
 
 
+# Workloads by what computes them. "cpu": contexts of ~3K tokens growing by tool outputs of 20-100
+# tokens keep every later turn >= 95% hit while a 2-core CPU can still compute the misses faster
+# than the emulated NICs load hits. "gpu": the agentic shape the paper studies (first prompts of
+# 16-24K tokens, tool outputs of 200-1000), sized so that one GPU's engines are storage-bound at
+# real storage-NIC rates (GB/s).
+WORKLOADS = {
+    "cpu": AgenticSpec(agents=16, turns=9, first_prompt=(2500, 3500), tool_output=(20, 100), answer=(8, 24), seed=1),
+    "gpu": AgenticSpec(agents=48, turns=6, first_prompt=(16_000, 24_000), tool_output=(200, 1_000),
+                       answer=(16, 48), seed=1),
+}
+
+
+@dataclass
+class Pools:
+    """Each engine's pools, in blocks: the paged HBM pool and the DRAM buffer."""
+
+    hbm_blocks: int = 4096
+    buffer_blocks: int = 2048
+
+
+def size_pools(spec: AgenticSpec, preset: str, dtype: str, block_tokens: int, engines_per_gpu: int,
+               store_root: str) -> Pools:
+    """Pools for a workload on GPUs: room for every agent's longest context in HBM (a DE may hold
+    them all), within 80% of the device's free memory shared by the engines on it; a buffer of a
+    third of that. The store's disk must hold every block the workload writes."""
+    import shutil
+
+    import torch
+
+    from dualpath.engine.weights import PRESETS
+
+    cfg = PRESETS[preset]
+    block_bytes = block_tokens * cfg.kv_width * cfg.n_layers * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    longest = spec.first_prompt[1] + (spec.turns - 1) * (spec.tool_output[1] + spec.answer[1]) + spec.answer[1]
+    want = spec.agents * (-(-longest // block_tokens) + 1)
+    free, _ = torch.cuda.mem_get_info()
+    fits = int(0.8 * free / engines_per_gpu / block_bytes) - 2 * (1 << 30) // block_bytes  # 2 GiB for weights
+    if fits < want // 4:
+        raise ValueError(f"{preset}: the GPU holds {fits} blocks per engine, the workload needs ~{want}")
+    store_need = spec.agents * -(-longest // block_tokens) * block_bytes
+    disk_free = shutil.disk_usage(Path(store_root).parent if not Path(store_root).exists() else store_root).free
+    if store_need > 0.9 * disk_free:
+        raise ValueError(f"the store needs ~{store_need / 1e9:.0f} GB, {disk_free / 1e9:.0f} GB free under {store_root}")
+    hbm = min(want, fits)
+    return Pools(hbm_blocks=hbm, buffer_blocks=max(256, hbm // 3))
+
+
 @dataclass
 class ReproConfig:
     out_dir: str = "runs/repro"
@@ -46,10 +93,8 @@ class ReproConfig:
     snic_gbps: float = 0.008  # emulated storage-NIC read rate per node, GB/s (CPU-sized; see README)
     block_tokens: int = 64
     policies: tuple[str, ...] = ("pe-read", "de-read", "dualpath", "dualpath-split")
-    # Contexts of ~3K tokens growing by tool outputs of 20-100 tokens keep every later turn >= 95%
-    # hit while a 2-core CPU can still compute the misses faster than the emulated NICs load hits.
-    workload: AgenticSpec = field(default_factory=lambda: AgenticSpec(
-        agents=16, turns=9, first_prompt=(2500, 3500), tool_output=(20, 100), answer=(8, 24), seed=1))
+    workload: AgenticSpec = field(default_factory=lambda: dataclasses.replace(WORKLOADS["cpu"]))
+    pools: Pools = field(default_factory=Pools)
     warmup_turns: int = 1
     repeats: int = 1  # offline runs of each policy; the median one is reported
     online_policies: tuple[str, ...] = ("pe-read", "dualpath")
@@ -67,8 +112,10 @@ class ReproConfig:
 
 
 def cluster_config(rc: ReproConfig, snic_gbps: float, store_root: str) -> ClusterConfig:
-    return bench_cluster(rc.n_prefill, rc.n_decode, rc.preset, rc.dtype, rc.device, rc.base_port, store_root,
-                         snic_gbps, rc.block_tokens)
+    cfg = bench_cluster(rc.n_prefill, rc.n_decode, rc.preset, rc.dtype, rc.device, rc.base_port, store_root,
+                        snic_gbps, rc.block_tokens)
+    cfg.engine.hbm_blocks, cfg.engine.buffer_blocks = rc.pools.hbm_blocks, rc.pools.buffer_blocks
+    return cfg.validate()
 
 
 def run_on_fresh_cluster(rc: ReproConfig, sessions, policy: str, mode: str, snic_gbps: float) -> RunResult:

@@ -26,10 +26,14 @@ import functools
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+
+from dualpath.engine import attention, fused
+from dualpath.engine.attention import KVLayout, PagedMeta
 
 
 @dataclass
@@ -106,6 +110,13 @@ FLASH_DTYPES = (torch.float16, torch.bfloat16)
 torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def use_triton(x: torch.Tensor) -> bool:
+    """Run the GPU's kernels (engine/attention.py's paged attention, engine/fused.py's norms and
+    RoPE): on a GPU where Triton runs, unless turned off (``attention.ENABLED = False``: the GPU
+    tests compare them with the torch path, which a CPU always takes)."""
+    return x.is_cuda and attention.triton is not None and attention.ENABLED
+
+
 @functools.lru_cache(maxsize=None)
 def flash_available(device: torch.device) -> bool:
     """The flash kernel runs here: a CUDA build that has it, on an Ampere or newer GPU."""
@@ -167,21 +178,24 @@ class Batch:
     lens: torch.Tensor | None = None
     seqs: list[tuple[list[int], int, int]] = field(default_factory=list)  # as given to build
     block_tokens: int = 0
+    _metas: dict[int, PagedMeta] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device: torch.device | str) -> "Batch":
-        """seqs: (block_table, cached_tokens, new_tokens) for each sequence."""
-        positions, slots = [], []
-        for table, cached, new in seqs:
-            for p in range(cached, cached + new):
-                positions.append(p)
-                slots.append(table[p // block_tokens] * block_tokens + p % block_tokens)
+        """seqs: (block_table, cached_tokens, new_tokens) for each sequence. Positions and slots are
+        computed with numpy (a prefill step has thousands of tokens) and go to the device in one
+        copy; block tables stay on the host (the kernels read PagedMeta's, the torch path indexes
+        with them)."""
+        pos = np.concatenate([np.arange(c, c + n) for _, c, n in seqs])
+        blocks = np.concatenate([np.asarray(t, dtype=np.int64)[np.arange(c, c + n) // block_tokens]
+                                 for t, c, n in seqs])
+        both = torch.from_numpy(np.stack([pos, blocks * block_tokens + pos % block_tokens])).to(device)
         return Batch(
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
-            slots=torch.tensor(slots, dtype=torch.long, device=device),
+            positions=both[0],
+            slots=both[1],
             ctx_lens=[c + n for _, c, n in seqs],
             new_lens=[n for _, _, n in seqs],
-            block_tables=[torch.tensor(t, dtype=torch.long, device=device) for t, _, _ in seqs],
+            block_tables=[torch.tensor(t, dtype=torch.long) for t, _, _ in seqs],
             seqs=seqs, block_tokens=block_tokens,
         )
 
@@ -192,6 +206,18 @@ class Batch:
         if self.is_decode or not self.seqs:
             return None
         return Packed.build(self.seqs, self.block_tokens, self.positions.device)
+
+    def paged_meta(self, block_q: int, block_tokens: int) -> PagedMeta:
+        """The step as the paged kernel reads it (engine/attention.py), made when the first layer
+        asks and kept for the others; a padded decode step reads its fixed buffers in place."""
+        meta = self._metas.get(block_q)
+        if meta is None:
+            if self.padded_tables is not None:
+                meta = PagedMeta.for_decode(self.padded_tables, self.lens, block_tokens)
+            else:
+                meta = PagedMeta.for_steps(self.seqs, block_tokens, self.positions.device, block_q)
+            self._metas[block_q] = meta
+        return meta
 
     @property
     def is_decode(self) -> bool:
@@ -317,6 +343,16 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * d, h, bias=False)
+        self._joint: tuple[torch.Tensor, torch.Tensor | None] | None = None  # q|k|v weight, bias (GPU path)
+
+    def _qkv_joint(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [N, H, d], k [N, G, d], v [N, G d] from one GEMM (views of its output)."""
+        c = self.cfg
+        if self._joint is None:
+            self._joint = fused.concat_linears(self.q_proj, self.k_proj, self.v_proj)
+        qkv = F.linear(x, *self._joint)
+        q, k, v = qkv.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+        return q.view(-1, c.n_heads, c.head_dim), k.view(-1, c.n_kv_heads, c.head_dim), v
 
     def _qkv(self, x: torch.Tensor, rope: Rotary, cos_sin):
         c = self.cfg
@@ -338,6 +374,14 @@ class GQAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, cos_sin) -> torch.Tensor:
         """x: [N, hidden]; kv_layer: [n_blocks, block_tokens, 2 * n_kv * head_dim] (K then V)."""
         c = self.cfg
+        if use_triton(x):  # q, k, v in one GEMM; RoPE and the KV write in one launch; attention in place
+            q, k, v = self._qkv_joint(x)
+            q = fused.rope_and_cache(q, 0, k, v, kv_layer, batch.slots, cos_sin, k_dst=0,
+                                     copy_dst=c.n_kv_heads * c.head_dim, interleave=rope.interleave)
+            layout = KVLayout.gqa(c.n_kv_heads, c.head_dim)
+            meta = batch.paged_meta(attention.prefill_block_q(layout, c.n_heads), kv_layer.shape[1])
+            out = attention.paged_attention(q, kv_layer, layout, meta, c.scale)
+            return self.o_proj(out.reshape(len(x), -1))
         q, k, v = self._qkv(x, rope, cos_sin)
         kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([k.flatten(1), v.flatten(1)], -1).to(kv_layer.dtype)
         rep = c.n_heads // c.n_kv_heads
@@ -378,10 +422,15 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, h, bias=False)
 
-    def _q(self, x: torch.Tensor, rope: Rotary, cos_sin):
+    def _q_unrotated(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, H, nope + rope] before RoPE."""
         c = self.cfg
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.view(len(x), c.n_heads, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], -1)
+        return q.view(len(x), c.n_heads, -1)
+
+    def _q(self, x: torch.Tensor, rope: Rotary, cos_sin):
+        c = self.cfg
+        q_nope, q_pe = self._q_unrotated(x).split([c.qk_nope_head_dim, c.qk_rope_head_dim], -1)
         return q_nope, rope(q_pe, cos_sin)
 
     def _latent(self, x: torch.Tensor, rope: Rotary, cos_sin):
@@ -411,11 +460,22 @@ class MLAttention(nn.Module):
         score_h(t) = (q_nope_h W_UK_h) · c_t + q_pe_h · k_pe_t;  out_h = (Σ_t p_h(t) c_t) W_UV_h
         """
         c = self.cfg
+        w = self.kv_b_proj.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]  # [H, nope, r], [H, v, r]
+        if use_triton(x):  # the latent's norm, RoPE and the KV write in two launches; attention in place
+            q = self._q_unrotated(x)
+            ckv, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], -1)
+            ckv, _ = fused.add_rms_norm(ckv, self.kv_a_layernorm.weight, c.rms_eps)
+            q_pe = fused.rope_and_cache(q, c.qk_nope_head_dim, k_pe.unsqueeze(1), ckv, kv_layer, batch.slots, cos_sin,
+                                        k_dst=c.kv_lora_rank, copy_dst=0, interleave=rope.interleave)
+            q_lat = torch.einsum("nhd,hdr->nhr", q[..., : c.qk_nope_head_dim], w_uk)  # [N, H, r]
+            layout = KVLayout.mla(c.kv_lora_rank, c.qk_rope_head_dim)
+            meta = batch.paged_meta(attention.prefill_block_q(layout, c.n_heads), kv_layer.shape[1])
+            o_lat = attention.paged_attention(torch.cat([q_lat, q_pe], -1), kv_layer, layout, meta, c.scale)
+            return self.o_proj(torch.einsum("nhr,hvr->nhv", o_lat, w_uv).reshape(len(x), -1))
         q_nope, q_pe = self._q(x, rope, cos_sin)
         ckv, k_pe = self._latent(x, rope, cos_sin)
         kv_layer.view(-1, c.kv_width)[batch.slots] = torch.cat([ckv, k_pe], -1).to(kv_layer.dtype)
-        w = self.kv_b_proj.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
-        w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]  # [H, nope, r], [H, v, r]
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)  # [N, H, r]
         if batch.padded:
             kv, valid = _gather_padded(kv_layer, batch)
@@ -445,9 +505,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._gate_up: torch.Tensor | None = None  # gate|up weight (GPU path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MLP(x) in three launches: gate and up in one GEMM, silu * up in one kernel, and
+        the down projection with the residual added in the GEMM's epilogue."""
+        if self._gate_up is None:
+            self._gate_up, _ = fused.concat_linears(self.gate_proj, self.up_proj)
+        act = fused.silu_mul(F.linear(x, self._gate_up))
+        return torch.addmm(residual, act, self.down_proj.weight.t())
 
 
 class DecoderLayer(nn.Module):
@@ -507,6 +576,11 @@ class Model(nn.Module):
         """Run layer l for the batch's new tokens; writes their KV into kv_layer first."""
         layer = self.layers[l]
         cos_sin = self.rope_cos_sin(batch) if cos_sin is None else cos_sin
+        if use_triton(h):  # each norm one launch, the first residual add inside the second
+            x, _ = fused.add_rms_norm(h, layer.input_layernorm.weight, self.cfg.rms_eps)
+            a = layer.self_attn(x, batch, kv_layer, self.rope, cos_sin)
+            x, h = fused.add_rms_norm(a, layer.post_attention_layernorm.weight, self.cfg.rms_eps, residual=h)
+            return layer.mlp.forward_add(x, h)
         h = h + layer.self_attn(layer.input_layernorm(h), batch, kv_layer, self.rope, cos_sin)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
