@@ -114,6 +114,63 @@ FUSED_SCRIPT = textwrap.dedent("""
 """)
 
 
+# The model's whole GPU path (q|k|v and gate|up GEMMs, fused norms, RoPE + KV write, SwiGLU, paged
+# attention; a ragged prefill step, then a bucketed decode step) against its torch path, fp32.
+WHOLE_MODEL_SCRIPT = """
+import torch
+from dualpath.engine import attention
+from dualpath.engine.graphs import DecodeGraphs
+from dualpath.engine.kvcache import KVPool
+from dualpath.engine.model import Batch, Model, ModelConfig
+BT = 16
+CONFIGS = {
+    "gqa": ModelConfig(attn="gqa", vocab_size=128, hidden_size=64, n_layers=2, n_heads=6, n_kv_heads=2,
+                       head_dim=16, intermediate_size=96, max_position=1024),
+    "mla": ModelConfig(attn="mla", vocab_size=128, hidden_size=64, n_layers=2, n_heads=4, q_lora_rank=24,
+                       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                       intermediate_size=96, rope_interleave=True, max_position=1024),
+}
+def logits(model, pool, seqs, ids, triton_path):
+    attention.ENABLED = triton_path
+    try:
+        return model.forward_paged(ids, Batch.build(seqs, BT, "cpu"), pool.kv)
+    finally:
+        attention.ENABLED = True
+for kind, cfg in CONFIGS.items():
+    torch.manual_seed(1)
+    model = Model(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.1) if not name.endswith("norm.weight") else p.normal_(1, 0.1)
+    pool = KVPool(cfg, 40, BT, "cpu", torch.float32)
+    shapes = [(37, 1), (0, 5), (70, 19)]
+    tables = [pool.allocator.alloc(pool.blocks_for(c + n + 1)) for c, n in shapes]
+    gen = torch.Generator().manual_seed(2)
+    for t, (c, _) in zip(tables, shapes):
+        if c:
+            logits(model, pool, [(t, 0, c)], torch.randint(0, 128, (c,), generator=gen), False)
+    seqs = [(t, c, n) for t, (c, n) in zip(tables, shapes)]
+    ids = torch.randint(0, 128, (sum(n for _, n in shapes),), generator=gen)
+    before = pool.kv.clone()
+    want = logits(model, pool, seqs, ids, False)
+    kv_want = pool.kv.clone()
+    pool.kv.copy_(before)
+    got = logits(model, pool, seqs, ids, True)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (kind, (got - want).abs().max())
+    assert torch.allclose(pool.kv, kv_want, atol=1e-5), kind
+    last = [3, 9, 11]
+    step = [(t, c + n, 1) for t, (c, n) in zip(tables, shapes)]
+    before = pool.kv.clone()
+    want = logits(model, pool, step, torch.tensor(last), False)
+    pool.kv.copy_(before)
+    graphs = DecodeGraphs(model, pool.kv, BT, pool.allocator.alloc(1)[0], capture=False, pad=True)
+    got = graphs.run([(tok, c + n, t) for tok, t, (c, n) in zip(last, tables, shapes)])
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (kind, "decode", (got - want).abs().max())
+    print(kind, "ok", flush=True)
+print("ok")
+"""
+
+
 def _interpreter_ok() -> bool:
     try:
         import triton
@@ -139,6 +196,14 @@ def test_fused_norm_and_rope_in_the_interpreter_equal_the_torch_layers():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not _interpreter_ok(), reason="needs Triton >= 3.8 for its CPU interpreter")
+def test_the_models_triton_path_in_the_interpreter_equals_its_torch_path():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", WHOLE_MODEL_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.split() == ["gqa", "ok", "mla", "ok", "ok"], r.stdout + r.stderr
 
 
 def test_split_choice_fills_the_gpu_and_keeps_ranges_long():

@@ -100,40 +100,43 @@ def _timed_stream(url: str, body: dict, out: dict) -> None:
 
 
 def test_requests_waiting_for_room_get_it_as_soon_as_it_is_freed_oldest_first(tmp_path):
-    """1P1D whose DE holds one long request at a time, heartbeats 4 s apart. Of three long requests
-    sent in turn, the second and third each start within 2 s of the one before finishing, in the
-    order they came: an engine that frees memory says so at once, and the oldest waiter goes first.
-    (Each used to sleep a heartbeat interval between tries: it started 0 to 8 s later.)"""
+    """1P1D whose DE holds one long request at a time, its periodic heartbeats an hour apart. Of three
+    long requests sent in turn, the second and third are each served after the one before finishes,
+    in the order they came: an engine that frees memory says so at once (the only heartbeat that can
+    come in time), and the oldest waiter goes first. (Each used to sleep a heartbeat interval between
+    tries: here it would wait an hour, past the 120 s bound on the test's waits.) No timing
+    threshold: how soon after the free the next one starts is a figure for the summary line."""
     cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
     cfg.engine.hbm_blocks = HBM_BLOCKS  # 100 + 480 tokens is 37 of the DE's 39 usable blocks
-    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 4.0, 12.0
+    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 3600.0, 7200.0
     with LocalCluster(cfg, str(tmp_path / "run")) as c:
         times = [{}, {}, {}]
         threads = [threading.Thread(target=_timed_stream, args=(c.url, {"prompt": list(range(100 + i)),
                                                                         "max_tokens": 480}, t), daemon=True)
                    for i, t in enumerate(times)]
         threads[0].start()
-        deadline = time.monotonic() + 60
-        while "first" not in times[0] and time.monotonic() < deadline:  # the first one holds the DE
+        deadline = time.monotonic() + 120  # a bound on a hang, not a measurement
+        while "first" not in times[0]:  # the first one holds the DE
+            assert time.monotonic() < deadline, "the first request never started"
             time.sleep(0.01)
         waiting = []  # what /v1/cluster says while the first one decodes
-        for t in threads[1:]:
-            t.start()
-            until = time.monotonic() + 0.3
-            while time.monotonic() < until:
-                waiting.append(cluster_metrics(c)["waiting_for_room"])
+        for n, t in enumerate(threads[1:], start=1):
+            t.start()  # once the one before it waits: they arrive in this order
+            while (w := cluster_metrics(c)["waiting_for_room"]) < n and "done" not in times[0]:
+                assert time.monotonic() < deadline, f"request {n + 1} never queued for room"
                 time.sleep(0.02)
+            waiting.append(w)
         while "done" not in times[0] and time.monotonic() < deadline:
             waiting.append(cluster_metrics(c)["waiting_for_room"])
             time.sleep(0.02)
         for t in threads:
             t.join(120)
-        assert all("done" in t for t in times), times
+        assert all("done" in t for t in times), times  # each was woken by a free, not by a periodic heartbeat
         assert max(waiting) == 2 and cluster_metrics(c)["waiting_for_room"] == 0, waiting
         with urllib.request.urlopen(c.url + "/metrics") as r:
             assert b"dualpath_requests_waiting_for_room 0.0" in r.read()
         gaps = [nxt["first"] - prev["done"] for prev, nxt in zip(times, times[1:])]
-        assert all(0 < g < 2.0 for g in gaps), gaps  # started after the one before, oldest first
+        assert all(g > 0 for g in gaps), gaps  # each started after the one before finished, oldest first
         assert_decode_engines_idle(c)
     SUMMARY.append(f"waiting for room: the next request started {max(gaps):.2f} s after room was freed "
                    "(heartbeats 4 s apart)")
@@ -146,7 +149,7 @@ def test_a_request_waiting_for_room_outlives_a_restart_of_the_last_decode_engine
     a DE that never comes back ends it at its deadline: test_ownership.py.)"""
     cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
     cfg.engine.hbm_blocks = HBM_BLOCKS
-    cfg.scheduler.request_timeout_s = 60.0
+    cfg.scheduler.request_timeout_s = 120.0  # a bound on a hang: the DE's restart has that long
     with LocalCluster(cfg, str(tmp_path / "run")) as c:
         first, _ = stream_until_first_token(c.url, {"prompt": list(range(100)), "max_tokens": 480})
         reply = {}
@@ -157,22 +160,23 @@ def test_a_request_waiting_for_room_outlives_a_restart_of_the_last_decode_engine
 
         t = threading.Thread(target=waiter, daemon=True)
         t.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while cluster_metrics(c)["waiting_for_room"] < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert cluster_metrics(c)["waiting_for_room"] == 1
         t0 = time.monotonic()
         c.procs["de1"].kill()
         c.procs["de1"].wait()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while "de1" in cluster_metrics(c)["engines"]:
             assert time.monotonic() < deadline, "the coordinator never saw de1 die"
             time.sleep(0.05)
         assert t.is_alive() and cluster_metrics(c)["waiting_for_room"] == 1, reply
         assert c.supervise() == ["de1"]
-        t.join(60)
+        t.join(150)
         took = time.monotonic() - t0
         first.join(30)
+    assert not t.is_alive(), "the waiter was never answered"
     assert reply["status"] == 200 and len(reply["body"]["choices"][0]["token_ids"]) == 480, reply
     SUMMARY.append(f"the last DE killed and restarted: the request waiting for room was served {took:.1f} s later")
 
@@ -186,10 +190,15 @@ def test_a_request_waiting_for_room_outlives_a_restart_of_the_last_decode_engine
     ('{"prompt": [1], "max_tokens": 700}', "KV blocks"),  # fits the context, never an engine's HBM
 ])
 def test_bad_parameters_get_a_400_at_once_and_strand_nothing(cluster, body, needle):
-    t0 = time.monotonic()
+    """At once: refused as the request is read, before it is counted as a request or queued for room
+    (the coordinator's stats say so; how long that took is no test's business)."""
+    before = cluster_metrics(cluster)["stats"]
     status, reply = post_raw(cluster.url, body.encode())
     assert status == 400 and needle in reply["error"]["message"], reply
-    assert reply["error"]["type"] == "invalid_request_error" and time.monotonic() - t0 < 5
+    assert reply["error"]["type"] == "invalid_request_error"
+    m = cluster_metrics(cluster)
+    assert m["stats"]["requests"] == before["requests"] and m["stats"]["rejected"] == before["rejected"] + 1
+    assert m["waiting_for_room"] == 0
     SUMMARY.append(f"{body[:48]!r}: 400 {reply['error']['message'][:60]!r}")
 
 
@@ -239,29 +248,39 @@ def test_a_second_engine_cannot_take_over_a_live_engines_name(cluster):
 
 
 def test_an_oversized_frame_before_login_is_refused_without_buffering_it(cluster):
-    with socket.create_connection(("127.0.0.1", cluster.cfg.scheduler.control_port), timeout=5) as s:
+    """Refused on the length it announces: the refusal names the frame limit. A server that waited
+    for the 64 MiB would be ended by its 10 s login timeout instead, with no such reason."""
+    with socket.create_connection(("127.0.0.1", cluster.cfg.scheduler.control_port), timeout=60) as s:
         s.recv(4096)  # the challenge
         s.sendall(struct.pack(">I", 64 << 20) + b"x" * 1024)  # announces 64 MiB, sends 1 KiB
-        s.settimeout(5)
-        t0 = time.monotonic()
-        while s.recv(4096):  # the refusal, then the close: it did not wait for the 64 MiB
-            pass
-    assert time.monotonic() - t0 < 3
+        got = b""
+        while chunk := s.recv(4096):  # the refusal, then the close (60 s: a bound on a hang)
+            got += chunk
+    assert b"frame of 67108864 bytes exceeds the limit" in got, got
     SUMMARY.append("a 64 MiB frame before login: refused and closed at once")
 
 
 def test_a_stopped_decode_engine_holds_new_requests_for_seconds_not_30(cluster):
-    """SIGSTOP keeps the socket open and silent: admits wait on heartbeats, then go elsewhere."""
+    """SIGSTOP keeps the socket open and silent: admits wait on heartbeats, then go elsewhere. The
+    admit to it (an idle cluster's tie goes to de1) is given up because its heartbeats stopped, as
+    the coordinator's log says, not by the ask's own 30 s timeout; how long it took is the summary's."""
     de = "de1"
     pid = cluster.procs[de].pid
+    log_at = (cluster.workdir / "coordinator.log").stat().st_size
+    retries = cluster_metrics(cluster)["stats"]["admit_retries"]
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        outs = [complete(cluster.url, {"prompt": list(range(20 + i)), "max_tokens": 2}, timeout=30) for i in range(3)]
+        outs = [complete(cluster.url, {"prompt": list(range(20 + i)), "max_tokens": 2}, timeout=120) for i in range(3)]
         took = time.monotonic() - t0
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert all(o["dualpath"]["de"] != de for o in outs) and took < 12
+    assert all(o["dualpath"]["de"] != de for o in outs)
+    with open(cluster.workdir / "coordinator.log", errors="replace") as f:
+        f.seek(log_at)
+        given_up = [line for line in f if f"{de} did not admit it" in line]
+    assert cluster_metrics(cluster)["stats"]["admit_retries"] > retries and given_up, "no admit went to de1"
+    assert all(f"({de} stopped heartbeating)" in line for line in given_up), given_up
     SUMMARY.append(f"a SIGSTOPped DE: 3 requests served by the other DE in {took:.1f} s")
     deadline = time.monotonic() + 15
     while de not in [n for n in cluster_metrics(cluster)["engines"]] and time.monotonic() < deadline:
@@ -377,8 +396,8 @@ def test_a_non_streaming_client_that_hangs_up_stops_its_generation(cluster):
             assert time.monotonic() < deadline, "the request never reached a decode engine"
             time.sleep(0.05)
     t0 = time.monotonic()
-    assert_decode_engines_idle(cluster, timeout=5)
-    assert cluster_metrics(cluster)["stats"]["client_gone"] == gone_before + 1
+    assert_decode_engines_idle(cluster)
+    assert cluster_metrics(cluster)["stats"]["client_gone"] == gone_before + 1  # stopped for the hang-up
     SUMMARY.append(f"a non-streaming client hung up: generation stopped, memory free {time.monotonic() - t0:.1f} s "
                    "later")
 
@@ -403,7 +422,7 @@ def test_a_decode_engine_that_refused_an_admit_takes_the_request_once_it_has_roo
     then refused that request again on every try, until its deadline.)"""
     cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
     cfg.engine.hbm_blocks = HBM_BLOCKS
-    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s, cfg.scheduler.request_timeout_s = 30.0, 120.0, 20.0
+    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s, cfg.scheduler.request_timeout_s = 30.0, 120.0, 120.0
     with LocalCluster(cfg, str(tmp_path / "run")) as c:
         de = next(e for e in cfg.engines if e.role == "decode")
 
@@ -414,8 +433,8 @@ def test_a_decode_engine_that_refused_an_admit_takes_the_request_once_it_has_roo
                                       handoff_timeout_s=60))
                 loop = asyncio.get_running_loop()
                 served = loop.run_in_executor(None, lambda: complete(
-                    c.url, {"prompt": list(range(40)), "max_tokens": 100}, timeout=60))
-                deadline = time.monotonic() + 10
+                    c.url, {"prompt": list(range(40)), "max_tokens": 100}, timeout=150))
+                deadline = time.monotonic() + 60
                 while not (await loop.run_in_executor(None, cluster_metrics, c))["stats"]["admit_retries"]:
                     assert time.monotonic() < deadline, "the DE never refused the admit"
                     await asyncio.sleep(0.05)
@@ -437,11 +456,12 @@ def test_a_request_already_decoding_outlives_its_prefill_engine(tmp_path):
     failure of it. (It once failed with 500 at the first pause of its tokens, made here by stopping
     the DE for longer than two heartbeats but not long enough to count as dead.)"""
     cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"))
-    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 0.1, 3.0  # (pe0's closed socket says it died)
+    # dead_after_s: a busy host's stalls must not count the DE dead (pe0's closed socket says it died)
+    cfg.scheduler.heartbeat_s, cfg.scheduler.dead_after_s = 0.1, 30.0
     with LocalCluster(cfg, str(tmp_path / "run")) as c:
         t, out = stream_until_first_token(c.url, {"prompt": list(range(50)), "max_tokens": 1900})
         c.procs["pe0"].kill()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while "pe0" in cluster_metrics(c)["engines"]:
             assert time.monotonic() < deadline, "the coordinator never saw pe0 die"
             time.sleep(0.05)
@@ -470,10 +490,10 @@ def test_a_streaming_client_that_hangs_up_is_not_counted_as_a_failure(cluster):
             chunk = s.recv(4096)
             assert chunk, f"the server closed the stream before its first token: {got!r}"
             got += chunk
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while (after := cluster_metrics(cluster)["stats"])["client_gone"] == before["client_gone"]:
         assert time.monotonic() < deadline, "the coordinator never saw the client go"
         time.sleep(0.05)
     assert after["client_gone"] == before["client_gone"] + 1 and after["failed"] == before["failed"]
-    assert_decode_engines_idle(cluster, timeout=10)
+    assert_decode_engines_idle(cluster)
     SUMMARY.append("a streaming client hung up: generation stopped, counted as gone, not failed")

@@ -78,7 +78,7 @@ def greedy_reference(model, tokens: list[int], n: int) -> list[int]:
     return seq[len(tokens):]
 
 
-def settled_metrics(c, timeout: float = 10) -> dict:
+def settled_metrics(c, timeout: float = 60) -> dict:
     """The cluster's metrics once every engine is idle and has reported it: nothing queued or
     running, and two heartbeats agree (so counters of finished work are in)."""
     deadline, last = time.monotonic() + timeout, None
@@ -258,8 +258,9 @@ def test_client_disconnect_mid_stream_frees_slot_and_buffers(cluster):
     assert_decode_engines_idle(cluster)
 
 
-def assert_decode_engines_idle(c, timeout: float = 10) -> None:
-    """Every decode slot and DRAM buffer block is free again (within a few heartbeats)."""
+def assert_decode_engines_idle(c, timeout: float = 60) -> None:
+    """Every decode slot and DRAM buffer block is free again (the timeout bounds a hang: on an idle
+    host it takes a few heartbeats)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = cluster_metrics(c)
@@ -321,8 +322,12 @@ def test_bench_driver_online_sends_at_arrival_times_and_replays_a_trace(cluster,
 
 
 def test_engines_stop_promptly_on_sigterm_while_a_prefill_loads_from_slow_storage(tmp_path):
-    # an emulated 200 KB/s storage NIC: the next turn loads for seconds
-    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"), snic_read_gbps=0.0002)
+    """Promptly: each process exits on SIGTERM by itself, while the load is still minutes from done,
+    instead of being killed at the end of the grace period (a compute thread that waits for KV, or
+    an engine that waits for its reads, was). No timing threshold: the load outlasts the grace."""
+    # an emulated 2 KB/s storage NIC: the next turn's 64 blocks (~0.5 MB) load for minutes, far
+    # longer than the 60 s grace below
+    cfg = cluster_config(1, "tiny-gqa", str(tmp_path / "store"), snic_read_gbps=0.000002)
     c = LocalCluster(cfg, str(tmp_path / "run")).start()
     try:
         prompt = [random.randrange(256) for _ in range(1024)]
@@ -333,10 +338,10 @@ def test_engines_stop_promptly_on_sigterm_while_a_prefill_loads_from_slow_storag
                                  daemon=True)
         turn2.start()
         assert loading_engines(c, "prefill") == ["pe0"]
+        backlog = cluster_metrics(c)["engines"]["pe0"]["read_queue_bytes"]
+        assert backlog > 60 * cfg.store.snic_read_gbps * 1e9, backlog  # more than the grace can drain
     finally:
-        t0 = time.monotonic()
-        c.stop(grace=15)
-    assert time.monotonic() - t0 < 10
+        c.stop(grace=60)  # SIGTERM, then SIGKILL (returncode -9) whatever is left after 60 s
     assert all(p.returncode in (0, -signal.SIGTERM) for p in c.procs.values()), {
         n: p.returncode for n, p in c.procs.items()}
 

@@ -22,6 +22,7 @@ Pool layout (engine/kvcache.py): ``kv_layer[block, offset, W]``; per token row, 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,9 @@ except ImportError:  # a CPU-only install: the engine attends with torch (model.
     triton = None
 
 ENABLED = True  # model.py attends through here on a GPU; False selects its torch path (tests compare them)
+# Triton's CPU interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors: the tests use
+# it to check the whole GPU path of a model where no GPU exists.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def use_triton(x: torch.Tensor) -> bool:
     """Run the GPU's kernels (engine/attention.py's paged attention, engine/fused.py's norms and
     RoPE): on a GPU where Triton runs, unless turned off (``attention.ENABLED = False``: the GPU
     tests compare them with the torch path, which a CPU always takes)."""
-    return x.is_cuda and attention.triton is not None and attention.ENABLED
+    return (x.is_cuda or attention.INTERPRETED) and attention.triton is not None and attention.ENABLED
 
 
 @functools.lru_cache(maxsize=None)
