@@ -31,8 +31,9 @@ from dualpath.transport.shm import ShmDataPlane
 from tests.test_serving import BT, cluster_config, greedy_reference
 
 TOKEN = "test-token"
-POLICIES = ["pe-read", "de-read", "dualpath"]
-READER = {"pe-read": {"A"}, "de-read": {"B"}, "dualpath": {"A", "B"}}  # the path of a turn with hits
+POLICIES = ["pe-read", "de-read", "dualpath", "dualpath-split"]
+READER = {"pe-read": {"A"}, "de-read": {"B"}, "dualpath": {"A", "B"},  # the path of a turn with hits
+          "dualpath-split": {"A", "B", "A+B"}}
 
 
 # ------------------------------------------------------------------------------ a cluster, killed
