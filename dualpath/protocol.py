@@ -98,6 +98,7 @@ class Admit(Message):
     eos_id: int | None
     pe: str  # the only peer granted to write the handoff into the run
     handoff_timeout_s: float  # no Prefilled by then: the slot is freed
+    pe_incarnation: str | None = None  # the PE's process life, as it logged in: the grant binds to it
 
 
 @dataclass(frozen=True)

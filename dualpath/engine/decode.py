@@ -196,7 +196,7 @@ class DecodeEngine(Engine):
         if seq.de_blocks:
             seq.hit_layers = [asyncio.Event() for _ in range(self.model.cfg.n_layers)]
             seq.io.append(asyncio.create_task(self._read_hits(seq)))
-        return dataclasses.asdict(self.run_handle(seq, msg.pe))
+        return dataclasses.asdict(self.run_handle(seq, msg.pe, msg.pe_incarnation))
 
     def drained(self) -> tuple[int, float]:
         return self.delivered_bytes, self.delivering.seconds()

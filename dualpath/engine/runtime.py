@@ -228,13 +228,15 @@ class Engine:
 
     # -- helpers shared by both roles --
 
-    def run_handle(self, req, peer: str) -> RunHandle:
+    def run_handle(self, req, peer: str, peer_incarnation: str | None = None) -> RunHandle:
         """Where `peer` writes into a request's buffer run: our region, granted to that peer for the
         run's bytes only (revoked with the request's memory), plus the run's byte offset. The grant
-        is bound to the peer's incarnation: the one our control connection to it knows (a PE has
-        just asked its DE to load), or else the one that writes through it first."""
+        is bound to the peer's incarnation: as given (a DE's admit names its PE's, as the coordinator
+        registered it), or the one our control connection to it knows (a PE has just asked its DE
+        to load), or else the one that writes through it first."""
         off, nbytes = self.buffer.byte_range(req.run)
-        req.grant = self.dataplane.grant(self.buffer_handle, off, nbytes, peer, self.peer_incarnation(peer))
+        inc = peer_incarnation or self.peer_incarnation(peer)
+        req.grant = self.dataplane.grant(self.buffer_handle, off, nbytes, peer, inc)
         return RunHandle(req.grant, off, req.run.n_blocks)
 
     async def read_blocks(self, keys: list[bytes], run: BufferRun, first: int = 0, on_layer=None) -> bool:

@@ -82,6 +82,7 @@ class EngineEntry:
     conn: Connection
     last_seen: float
     load: dict = field(default_factory=dict)  # as last reported by heartbeat
+    incarnation: str | None = None  # its process life, as its login proved (transport/framing.py)
 
     def heard(self, load: dict, drain_rates: bool) -> EngineLoad:
         """A heartbeat; returns the engine's load as the policies see it, which now shows what was
@@ -249,9 +250,13 @@ class Coordinator:
                         conn.writer.get_extra_info("peername"))
             self._close_after_reply(conn)
             raise PermissionError(f"engine {name} is already registered and live")
-        self.engines[name] = EngineEntry(name, msg.role, msg.node, (msg.host, msg.port), conn, time.monotonic())
+        if msg.incarnation != conn.peer_incarnation:
+            self._close_after_reply(conn)
+            raise PermissionError(f"registered as incarnation {msg.incarnation!r}, logged in as {conn.peer_incarnation!r}")
+        self.engines[name] = EngineEntry(name, msg.role, msg.node, (msg.host, msg.port), conn, time.monotonic(),
+                                         incarnation=conn.peer_incarnation)
         self.view.put(EngineLoad(name, msg.role, msg.node))  # no room to offer until its first heartbeat
-        log.info("engine %s registered (%s, node %d)", name, msg.role, msg.node)
+        log.info("engine %s registered (%s, node %d, incarnation %s)", name, msg.role, msg.node, conn.peer_incarnation)
         return {"ok": True}
 
     def _close_after_reply(self, conn: Connection) -> None:
@@ -424,7 +429,8 @@ class Coordinator:
             self.waiting.room_changed()  # what is left may fit the next waiter
             rid, temperature, seed = req.attempt_rid, req.params["temperature"], req.params["seed"]
             admit = Admit(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature, seed, m, self.tokenizer.eos_id,
-                          pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()))
+                          pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()),
+                          pe_incarnation=pe.incarnation)
             try:
                 de_run = RunHandle(**await self._ask(de, admit))
             except (RemoteError, ConnectionError, TimeoutError) as e:
