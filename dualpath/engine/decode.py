@@ -249,7 +249,7 @@ class DecodeEngine(Engine):
     def _expire(self, seq: DecodeSeq) -> None:
         if not seq.prefilled and self.seqs.get(seq.rid) is seq:
             log.warning("%s: no handoff for %s before its deadline; its slot and buffer are freed", self.name, seq.rid)
-            asyncio.create_task(self._drop(seq))
+            self.spawn(self._drop(seq), f"dropping {seq.rid}")
 
     async def _merge(self, seq: DecodeSeq, first_token: int) -> dict:
         seq.prefilled = True
@@ -282,7 +282,7 @@ class DecodeEngine(Engine):
             self.running.append(seq)
             self.wake.set()
         else:
-            asyncio.create_task(self._finish(seq))
+            self.spawn(self._finish(seq), f"finishing {seq.rid}")
         return {"ok": True}
 
     # -- continuous batching decode --
@@ -303,13 +303,13 @@ class DecodeEngine(Engine):
                 continue
             for seq in [s for s in self.running if self._finished(s)]:
                 self.running.remove(seq)
-                asyncio.create_task(self._finish(seq))
+                self.spawn(self._finish(seq), f"finishing {seq.rid}")
             batch_seqs = self.running[: self.cfg.engine.max_decode_batch]
             if not batch_seqs:
                 continue
             delivering, t0 = self.delivering.active > 0, time.monotonic()
             try:
-                next_tokens = await self.in_compute(self._decode_step, batch_seqs, stage="decode_step")
+                next_tokens, completed = await self.in_compute(self._decode_step, batch_seqs, stage="decode_step")
                 delivering = delivering or self.delivering.active > 0  # under way as the step began or ended
                 self.delivery_cost.step(time.monotonic() - t0, len(batch_seqs), delivering)
             except Exception as e:
@@ -320,25 +320,36 @@ class DecodeEngine(Engine):
                     self._release(seq)
                 continue
             for seq, tok in zip(batch_seqs, next_tokens):
-                self._persist_if_full(seq)  # the step computed KV of position len(tokens) - 1
+                if seq.rid in completed:
+                    self._persist(seq, completed[seq.rid])
                 self._emit(seq, tok)
             await asyncio.sleep(0)  # let handoffs and control messages in between steps
 
-    def _decode_step(self, seqs: list[DecodeSeq]) -> list[int]:
+    def _decode_step(self, seqs: list[DecodeSeq]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """One step (compute thread): the next token of each sequence, and the bytes of each block
+        the step completed, [layers, bytes per layer] on the host, copied here in one transfer
+        rather than on the event loop (a device-to-host copy waits for the GPU)."""
         logits = self.graphs.run([(s.tokens[-1], len(s.tokens) - 1, s.blocks) for s in seqs])
-        return [sample(logits[i], s.temperature, s.seed, len(s.tokens)) for i, s in enumerate(seqs)]
+        tokens = [sample(logits[i], s.temperature, s.seed, len(s.tokens)) for i, s in enumerate(seqs)]
+        full = [s for s in seqs if self._completed_block(s) is not None]
+        if not full:
+            return tokens, {}
+        blocks = self.pool.kv[:, [s.blocks[self._completed_block(s)] for s in full]]  # [layers, n, bt, W]
+        data = blocks.transpose(0, 1).contiguous().view(torch.uint8).flatten(2).cpu()  # [n, layers, bytes]
+        return tokens, {s.rid: data[i] for i, s in enumerate(full)}
 
-    def _persist_if_full(self, seq: DecodeSeq) -> None:
-        """KV now exists for positions < len(tokens); persist the block that this step completed."""
+    def _completed_block(self, seq: DecodeSeq) -> int | None:
+        """The block whose last position's KV the step for this sequence writes (KV then exists for
+        positions < len(tokens)), if it is full now and not yet persisted."""
         computed = len(seq.tokens)
-        if computed % self.bt:
-            return
         b = computed // self.bt - 1
-        if b < len(seq.keys):
-            return
+        return b if computed % self.bt == 0 and b >= len(seq.keys) else None
+
+    def _persist(self, seq: DecodeSeq, data: torch.Tensor) -> None:
+        """Persist the block this step completed: data [layers, bytes per layer] on the host."""
+        b = len(seq.tokens) // self.bt - 1
         seq.keys.append(next_key(seq.keys[-1] if seq.keys else None, self.model.fingerprint,
-                                 seq.tokens[b * self.bt : computed]))
-        data = self.pool.kv[:, seq.blocks[b]].contiguous().view(torch.uint8).cpu()  # [layers, bytes/layer]
+                                 seq.tokens[b * self.bt : len(seq.tokens)]))
         fut = self.persister.submit(seq.keys[b], [data[l].numpy() for l in range(data.shape[0])])
         if fut is not None:
             seq.persisted.append(fut)

@@ -91,7 +91,7 @@ class PrefillEngine(Engine):
         job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.temperature,
                          msg.seed, computed=msg.hit_blocks * self.bt)  # its queued work is the miss alone
         self.jobs[job.rid] = job
-        asyncio.create_task(self._admit(job))
+        self.spawn(self._admit(job), f"admitting {job.rid}")
         return {"accepted": True}
 
     async def on_abort(self, conn: Connection, msg: Abort) -> dict:

@@ -80,6 +80,7 @@ class Engine:
         self.stopping = asyncio.Event()
         self.stop_reason = "lost the coordinator"
         self._loops: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # one request's background work (spawn)
         self.freed = asyncio.Event()  # memory was given back: say so in a heartbeat now (sched/waiting.py)
         self.read_rate_bps = 0.0  # how fast we drain our reads, as drained() counts (policy.py compares drain times)
         self._rate_mark = (0, 0.0)  # drained() at the last rate update
@@ -135,6 +136,21 @@ class Engine:
                 self.stopping.set()
 
         task.add_done_callback(ended)
+
+    def spawn(self, work: Coroutine[Any, Any, Any], what: str) -> asyncio.Task:
+        """Run one request's background work (an admission, a finish, a drop) as a task that is
+        kept until it ends and whose failure is logged: the event loop holds only a weak reference
+        to a task, and an exception nobody retrieves is lost."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+
+        def ended(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s: %s failed", self.name, what, exc_info=t.exception())
+
+        task.add_done_callback(ended)
+        return task
 
     async def _connect_coordinator(self) -> Connection:
         s = self.cfg.scheduler
