@@ -90,13 +90,14 @@ def test_bad_config_and_unknown_preset_fail_clearly(tmp_path):
         load_pretrained("no-such-preset")
 
 
-def test_moe_checkpoint_is_refused(tmp_path):
+def test_moe_config_without_its_expert_keys_is_refused_by_name(tmp_path):
+    """MoE layers load (tests/test_moe.py); a config that leaves out what sizes them is named."""
     cfg = {"architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 300, "hidden_size": 64,
            "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 96,
            "n_routed_experts": 8, "first_k_dense_replace": 1, "kv_lora_rank": 32,
            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="MoE"):
+    with pytest.raises(CheckpointError, match="num_experts_per_tok"):
         load_pretrained(str(tmp_path))
 
 

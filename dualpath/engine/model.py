@@ -17,7 +17,10 @@ Two ways to run it:
   MLA uses the absorbed form here (``W_UK`` folded into the query, ``W_UV`` applied after the
   latent attention), so the latent is attended directly.
 
-Dense MLP only (SwiGLU); DeepSeek MoE layers are not supported and are refused at load time.
+MLP: dense SwiGLU, or DeepSeek's mixture of experts (``MoE``: shared experts plus top-k routed
+experts chosen by a ``Gate``, DeepSeek-V2's softmax or V3's sigmoid routing, group-limited) in the
+layers ``ModelConfig.moe`` names. ``Gate`` and ``MoE`` are written to be read beside DeepSeek-V3's
+``inference/model.py``; both paths above use them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,65 @@ from dualpath.engine import attention, fused
 from dualpath.engine.attention import KVLayout, PagedMeta
 
 
+TOPK_METHODS = {  # DeepSeek's routing methods -> the scoring function each is defined with
+    "greedy": "softmax",                # V2: the top-k experts by score
+    "group_limited_greedy": "softmax",  # V2: top-k within the topk_group groups of highest max score
+    "noaux_tc": "sigmoid",              # V3: top-k by score + bias within the groups of highest top-2 sum
+}
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeek's mixture of experts (the field names are DeepSeek's config.json keys).
+
+    An MoE layer's MLP is ``n_shared_experts`` shared SwiGLU experts (run on every token, as one MLP
+    of ``n_shared_experts * moe_intermediate_size``) plus the sum of ``num_experts_per_tok`` routed
+    experts (each of ``moe_intermediate_size``) chosen per token by the gate, weighted by its scores.
+    """
+
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2       # k: routed experts per token
+    moe_intermediate_size: int = 32    # width of each routed expert
+    n_shared_experts: int = 1          # 0: no shared experts
+    first_k_dense_replace: int = 1     # layers [0, k) keep a dense MLP
+    moe_layer_freq: int = 1            # from layer k on, every freq-th layer is MoE (DeepSeek's remote code)
+    scoring_func: str = "softmax"      # "softmax" (V2) or "sigmoid" (V3) of the gate's logits
+    topk_method: str = "greedy"        # a key of TOPK_METHODS
+    n_group: int = 1                   # experts are split into n_group equal groups ...
+    topk_group: int = 1                # ... and a token's experts come from its topk_group best groups
+    norm_topk_prob: bool = False       # the k weights are renormalised to sum to 1 ...
+    routed_scaling_factor: float = 1.0  # ... then multiplied by this
+
+    def validate(self) -> "MoEConfig":
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"model config moe '{key}' = {getattr(self, key)!r}: {why}")
+
+        if self.topk_method not in TOPK_METHODS:
+            raise bad("topk_method", f"expected one of {', '.join(TOPK_METHODS)}")
+        if self.scoring_func != TOPK_METHODS[self.topk_method]:
+            raise bad("scoring_func", f"topk_method {self.topk_method!r} is defined with "
+                                      f"{TOPK_METHODS[self.topk_method]!r} scores")
+        for key in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_layer_freq",
+                    "n_group", "topk_group"):
+            if getattr(self, key) <= 0:
+                raise bad(key, "must be > 0")
+        if self.n_shared_experts < 0 or self.first_k_dense_replace < 0:
+            raise bad("n_shared_experts" if self.n_shared_experts < 0 else "first_k_dense_replace", "must be >= 0")
+        if self.n_routed_experts % self.n_group:
+            raise bad("n_group", f"must divide n_routed_experts = {self.n_routed_experts}")
+        if self.topk_group > self.n_group:
+            raise bad("topk_group", f"must be <= n_group = {self.n_group}")
+        # k experts must fit in the groups kept, so a dropped group's expert is never chosen (how the
+        # group limit masks them, 0 in V2's code and -inf in V3's, then cannot matter)
+        grouped = self.topk_method != "greedy" and self.n_group > 1
+        room = self.topk_group * (self.n_routed_experts // self.n_group) if grouped else self.n_routed_experts
+        if self.num_experts_per_tok > room:
+            raise bad("num_experts_per_tok", f"more than the {room} experts the kept groups hold")
+        if self.topk_method == "noaux_tc" and grouped and self.n_routed_experts // self.n_group < 2:
+            raise bad("n_group", "noaux_tc scores a group by its top 2 experts: groups need >= 2")
+        return self
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the decoder.
@@ -47,6 +109,7 @@ class ModelConfig:
     qk_nope_head_dim / qk_rope_head_dim: per-head query split into non-rotary and rotary parts;
     v_head_dim: per-head value width; rope_interleave: DeepSeek's interleaved rotary pairs.
     softmax_scale: None = 1/sqrt(query head width).
+    moe: None = a dense MLP in every layer; else the MoE layers' shape and routing (DeepSeek).
     """
 
     attn: str = "gqa"
@@ -69,6 +132,13 @@ class ModelConfig:
     max_position: int = 32768
     tie_embeddings: bool = False
     softmax_scale: float | None = None
+    moe: MoEConfig | None = None
+
+    def is_moe_layer(self, l: int) -> bool:
+        """Layer l's MLP is an MoE: DeepSeek's rule (layers from first_k_dense_replace on, every
+        moe_layer_freq-th; transformers builds the same layers for the released freq of 1)."""
+        m = self.moe
+        return m is not None and l >= m.first_k_dense_replace and l % m.moe_layer_freq == 0
 
     @property
     def kv_width(self) -> int:
@@ -98,6 +168,8 @@ class ModelConfig:
             raise ValueError(f"model config 'n_kv_heads' = {self.n_kv_heads}: must divide n_heads = {self.n_heads}")
         if self.rope_dim % 2:
             raise ValueError(f"model config rotary dim = {self.rope_dim}: must be even")
+        if self.moe is not None:
+            self.moe.validate()
         return self
 
 
@@ -500,11 +572,14 @@ class MLAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """SwiGLU: a dense layer's MLP, and each expert of an MoE (``intermediate_size`` then given)."""
+
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = cfg.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
         self._gate_up: torch.Tensor | None = None  # gate|up weight (GPU path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -519,13 +594,109 @@ class MLP(nn.Module):
         return torch.addmm(residual, act, self.down_proj.weight.t())
 
 
-class DecoderLayer(nn.Module):
+class Gate(nn.Module):
+    """DeepSeek's router: for each token, k routed experts and their weights.
+
+    V2 (softmax scores): ``greedy`` takes the k best experts; ``group_limited_greedy`` first keeps
+    the ``topk_group`` groups whose best expert scores highest. V3 (``noaux_tc``, sigmoid scores):
+    the choice ranks score + ``e_score_correction_bias`` (a load-balancing bias that only steers
+    the choice, never the weights) and keeps the groups of highest top-2 sum. The weights are the
+    chosen experts' scores, renormalised if ``norm_topk_prob``, times ``routed_scaling_factor``.
+    Routing runs in fp32 whatever the model's dtype (as DeepSeek's and transformers' code do).
+    """
+
     def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.moe = cfg.moe
+        self.weight = nn.Parameter(torch.empty(cfg.moe.n_routed_experts, cfg.hidden_size))
+        # A Parameter rather than a buffer so that it loads by name with the weights (nothing trains here).
+        self.e_score_correction_bias = (nn.Parameter(torch.zeros(cfg.moe.n_routed_experts), requires_grad=False)
+                                        if cfg.moe.topk_method == "noaux_tc" else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, hidden] -> (weights FloatTensor[N, k] fp32, indices LongTensor[N, k])."""
+        m = self.moe
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.softmax(-1) if m.scoring_func == "softmax" else logits.sigmoid()  # [N, E]
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if m.topk_method != "greedy" and m.n_group > 1:
+            groups = choice.view(len(x), m.n_group, -1)  # [N, G, E / G]
+            if m.topk_method == "noaux_tc":
+                group_scores = groups.topk(2, dim=-1)[0].sum(-1)  # [N, G]
+            else:
+                group_scores = groups.amax(-1)  # [N, G]
+            kept = group_scores.topk(m.topk_group, dim=-1)[1]  # [N, topk_group]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)  # [N, G]
+            choice = groups.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)  # [N, E]
+        indices = choice.topk(m.num_experts_per_tok, dim=-1, sorted=False)[1]  # [N, k]
+        weights = scores.gather(1, indices)  # [N, k]
+        if m.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * m.routed_scaling_factor, indices
+
+
+class MoE(nn.Module):
+    """DeepSeek's MoE MLP: shared experts(x) + Σ_k weight_k · routed expert_k(x).
+
+    The routed experts run on sorted token groups: the (token, expert) pairs are sorted by expert,
+    each expert that got tokens runs once on its contiguous slice, and the weighted outputs are
+    added back into their tokens' rows. Experts no token chose cost nothing. Parameter names are
+    the checkpoints' (``gate.weight``, ``experts.{i}.gate_proj.weight``, ``shared_experts.*``).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg, m.moe_intermediate_size) for _ in range(m.n_routed_experts))
+        self.shared_experts = (MLP(cfg, m.n_shared_experts * m.moe_intermediate_size)
+                               if m.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, hidden] -> [N, hidden]."""
+        weights, indices = self.gate(x)  # [N, k] each
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            routed = self._routed_dense(x, weights, indices)  # a CUDA graph cannot size by routing
+        else:
+            routed = self._routed_grouped(x, weights, indices)
+        y = routed.to(x.dtype)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
+
+    def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Σ_k weight_k · expert_k(x) by sorted token groups -> [N, hidden] fp32."""
+        k = indices.shape[1]
+        experts, order = indices.flatten().sort(stable=True)  # [N * k] pairs, grouped by expert
+        tokens = order // k  # [N * k]: the token of each sorted pair
+        counts = torch.bincount(experts, minlength=len(self.experts)).tolist()  # one sync: the slices' sizes
+        xs = x[tokens]  # [N * k, hidden]: each expert's tokens contiguous
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start : start + n] = self.experts[e](xs[start : start + n])
+                start += n
+        weighted = out.float() * weights.flatten()[order].unsqueeze(1)  # [N * k, hidden]
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tokens, weighted)
+
+    def _routed_dense(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The same sum with shapes that do not depend on the routing, for a decode step captured in a
+        CUDA graph (engine/graphs.py): every expert runs on every token of the (small) batch, weighted
+        by 0 where not chosen. Its cost grows with the experts' count: fine for a few experts."""
+        dense = torch.zeros(len(x), len(self.experts), dtype=torch.float32, device=x.device)
+        dense.scatter_(1, indices, weights)  # [N, E]: the routing weights, 0 for experts not chosen
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, expert in enumerate(self.experts):
+            y += expert(x).float() * dense[:, e : e + 1]
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, l: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.self_attn = GQAttention(cfg) if cfg.attn == "gqa" else MLAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe_layer(l) else MLP(cfg)
 
 
 class Model(nn.Module):
@@ -535,7 +706,7 @@ class Model(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, l) for l in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -545,6 +716,19 @@ class Model(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    @property
+    def has_moe(self) -> bool:
+        return any(isinstance(layer.mlp, MoE) for layer in self.layers)
+
+    def cast(self, device: str | torch.device, dtype: torch.dtype) -> "Model":
+        """``.to(device, dtype)``, except that the MoE gates' weights stay fp32: a router rounded to
+        bf16 would pick other experts for some tokens (transformers keeps them fp32 as well)."""
+        for module in self.modules():
+            if not isinstance(module, Gate):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+        return self.to(device=device)  # cast first: the fp32 copy never lands on the device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -580,6 +764,8 @@ class Model(nn.Module):
             x, _ = fused.add_rms_norm(h, layer.input_layernorm.weight, self.cfg.rms_eps)
             a = layer.self_attn(x, batch, kv_layer, self.rope, cos_sin)
             x, h = fused.add_rms_norm(a, layer.post_attention_layernorm.weight, self.cfg.rms_eps, residual=h)
+            if isinstance(layer.mlp, MoE):  # its experts run as the torch path does
+                return h + layer.mlp(x)
             return layer.mlp.forward_add(x, h)
         h = h + layer.self_attn(layer.input_layernorm(h), batch, kv_layer, self.rope, cos_sin)
         return h + layer.mlp(layer.post_attention_layernorm(h))
