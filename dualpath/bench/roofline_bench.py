@@ -85,9 +85,15 @@ def weight_bytes(model: Model) -> int:
 
 def linear_params(model: Model) -> int:
     """Weights of the step's matrix products per token (MLA's absorbed kv_b_proj is used once per
-    token in each of its two halves, as in the expanded form)."""
-    return sum(m.weight.numel() for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    token in each of its two halves, as in the expanded form; of an MoE's routed experts, only the
+    k a token is sent to)."""
+    total = sum(m.weight.numel() for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and name != "lm_head" and ".experts." not in name)
+    if model.cfg.moe is not None:
+        per_expert = 3 * model.cfg.hidden_size * model.cfg.moe.moe_intermediate_size
+        moe_layers = sum(model.cfg.is_moe_layer(l) for l in range(model.cfg.n_layers))
+        total += moe_layers * model.cfg.moe.num_experts_per_tok * per_expert
+    return total
 
 
 def attention_flops(cfg: ModelConfig, cached: int, new: int) -> float:
