@@ -25,7 +25,7 @@ from dualpath.config import ClusterConfig, EngineSpec
 from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
-from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample
+from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
 from dualpath.protocol import Abort, Admit, Done, Failed, Load, Prefilled, RunHandle, Token, ask, tell
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
@@ -330,7 +330,7 @@ class DecodeEngine(Engine):
         the step completed, [layers, bytes per layer] on the host, copied here in one transfer
         rather than on the event loop (a device-to-host copy waits for the GPU)."""
         logits = self.graphs.run([(s.tokens[-1], len(s.tokens) - 1, s.blocks) for s in seqs])
-        tokens = [sample(logits[i], s.temperature, s.seed, len(s.tokens)) for i, s in enumerate(seqs)]
+        tokens = sample_batch(logits[: len(seqs)], [(s.temperature, s.seed, len(s.tokens)) for s in seqs])
         full = [s for s in seqs if self._completed_block(s) is not None]
         if not full:
             return tokens, {}

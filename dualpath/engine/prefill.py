@@ -25,7 +25,7 @@ from dualpath.engine.buffers import BufferRun
 from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
-from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample
+from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
 from dualpath.protocol import Abort, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
@@ -235,12 +235,16 @@ class PrefillEngine(Engine):
         for j, _ in picked:
             j.loaded_to_hbm = True
         finished = [(j, i) for (j, n), i in zip(picked, last_token_index(batch)) if j.computed + n == len(j.tokens)]
-        logits = await self.in_compute(self.model.logits, h[[i for _, i in finished]]) if finished else None
+
+        def first_tokens() -> list[int]:  # on the compute thread: sampling waits for the GPU
+            logits = self.model.logits(h[[i for _, i in finished]])
+            return sample_batch(logits, [(j.temperature, j.seed, len(j.tokens)) for j, _ in finished])
+
+        firsts = await self.in_compute(first_tokens) if finished else []
         for j, n in picked:
             j.computed += n
-        for k, (job, _) in enumerate(finished):
+        for (job, _), first in zip(finished, firsts):
             self.ready.remove(job)
-            first = sample(logits[k], job.temperature, job.seed, len(job.tokens))
             self.last_prefill = {"total_s": time.monotonic() - job.t_admit,
                                  "started_s": [round(t - job.t_admit, 5) for t in job.t_started],
                                  "landed_s": [round(t - job.t_admit, 5) for _, t in sorted(job.t_landed.items())]}
