@@ -8,7 +8,7 @@ A request's life by message (DESIGN.md §2):
     PE -> DE            Prefilled   my KV is in your run, here is the first token: decode
     DE -> coordinator   Token, Done, Failed (a PE sends Failed too)
     coordinator -> both Abort       drop whatever you hold for this request
-    engine -> coordinator Register (once), Heartbeat (its load, every heartbeat_s), Engines (peer addresses)
+    engine -> coordinator Register (once), Heartbeat (its EngineReport, every heartbeat_s), Engines (peer addresses)
 
 A message travels on the control plane (transport/control.py) as its kind (the class name in snake
 case) and its fields; ``dispatch`` turns it back into the dataclass and calls the receiver's
@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_type_hints
 
 
@@ -76,9 +76,39 @@ class Register(Message):
 
 
 @dataclass(frozen=True)
+class EngineReport:
+    """An engine's state, sent in each heartbeat: what the policies decide with (free memory,
+    queued work, its read queue and drain rates) and its counters for /metrics, the dashboard and
+    /v1/cluster. A field of the other role stays at its default."""
+
+    incarnation: str | None = None  # this life of the engine's process (a restart shows a new one)
+    free_hbm_blocks: int = 0
+    free_buffer_blocks: int = 0
+    read_queue_bytes: int = 0  # storage reads queued at its node's NIC
+    read_rate_bps: float = 0.0  # measured drain rate of its reads (scheduler.drain_rates)
+    storage_read_bytes: int = 0
+    storage_write_bytes: int = 0
+    transport: str = ""  # its data-plane backend
+    links: dict[str, str] = field(default_factory=dict)  # peer address -> the backend used to reach it
+    network_sent_bytes: dict[str, int] = field(default_factory=dict)  # per traffic class
+    metrics: dict[str, int] = field(default_factory=dict)  # event counters (paths, handoffs, fallbacks)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # where its time goes
+    # a prefill engine
+    queued_prefill_tokens: int = 0  # tokens still to compute of the requests it holds
+    last_prefill: dict | None = None  # the last prefill's timeline (bench overlap reads it)
+    # a decode engine
+    running_decode_tokens: int = 0  # prompt + max_tokens of every request it holds
+    persist_queue: int | None = None  # blocks waiting to be written (None: not a decode engine)
+    persist_written: int = 0
+    persist_dropped: int = 0  # the write-behind queue was full
+    persist_failed: int = 0  # the store refused the write (a full disk)
+    delivery_cost: float = 0.0  # decode seconds its path-B deliveries cost per second
+
+
+@dataclass(frozen=True)
 class Heartbeat(Message):
     engine: str
-    load: dict
+    report: EngineReport
 
 
 @dataclass(frozen=True)
@@ -149,8 +179,11 @@ class Failed(Message):
     retry: bool = False  # another attempt (new engines) may succeed
 
 
+STRUCTS = (RunHandle, EngineReport)  # dataclass fields of messages: a dict on the wire
+
+
 def _to_wire(v: Any) -> Any:
-    if isinstance(v, RunHandle):
+    if isinstance(v, STRUCTS):
         return dataclasses.asdict(v)
     return v
 
@@ -166,11 +199,18 @@ def tell(conn: Any, msg: Message) -> None:
 
 
 @functools.cache
-def _fields(cls: type[Message]) -> list[tuple[str, bool, bool]]:
-    """(name, is a RunHandle, required) per field: worked out once per message class, not per message
-    (a Token arrives for every generated token)."""
+def _fields(cls: type[Message]) -> list[tuple[str, type | None, bool]]:
+    """(name, its dataclass if it is one of STRUCTS, required) per field: worked out once per message
+    class, not per message (a Token arrives for every generated token)."""
     hints = get_type_hints(cls)
-    return [(f.name, hints[f.name] is RunHandle, f.default is dataclasses.MISSING) for f in dataclasses.fields(cls)]
+    return [(f.name, hints[f.name] if hints[f.name] in STRUCTS else None, f.default is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)]
+
+
+def _struct(cls: type, value: dict) -> Any:
+    """A struct from its wire dict; keys it does not have are ignored (a newer peer's)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in value.items() if k in names})
 
 
 def decode(kind: str, params: dict) -> Message:
@@ -179,12 +219,12 @@ def decode(kind: str, params: dict) -> Message:
     if cls is None:
         raise ValueError(f"unknown message {kind!r}")
     kwargs = {}
-    for name, is_run, required in _fields(cls):
+    for name, struct, required in _fields(cls):
         if name not in params:
             if required:
                 raise ValueError(f"message {kind!r} lacks field {name!r}")
             continue
-        kwargs[name] = RunHandle(**params[name]) if is_run else params[name]
+        kwargs[name] = _struct(struct, params[name]) if struct is not None else params[name]
     return cls(**kwargs)
 
 

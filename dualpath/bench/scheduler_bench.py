@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections import Counter
 
+from dualpath.protocol import EngineReport
 from dualpath.bench.common import write_json
 from dualpath.config import local_cluster
 from dualpath.sched.coordinator import Coordinator, EngineEntry
@@ -38,13 +39,13 @@ class _Link:
         self.closed = asyncio.Event()
 
 
-def _heartbeat(rng: random.Random, role: str, cfg) -> dict:
-    """A plausible load report: some queued prefill or running decode, read queue, free memory."""
+def _heartbeat(rng: random.Random, role: str, cfg) -> EngineReport:
+    """A plausible report: some queued prefill or running decode, read queue, free memory."""
     e = cfg.engine
-    return {"queued_prefill_tokens": rng.randrange(0, 64_000) if role == "prefill" else 0,
-            "running_decode_tokens": rng.randrange(0, 2_000_000) if role == "decode" else 0,
-            "read_queue_bytes": rng.randrange(0, 2 << 30), "free_buffer_blocks": e.buffer_blocks,
-            "free_hbm_blocks": e.hbm_blocks}
+    return EngineReport(queued_prefill_tokens=rng.randrange(0, 64_000) if role == "prefill" else 0,
+                        running_decode_tokens=rng.randrange(0, 2_000_000) if role == "decode" else 0,
+                        read_queue_bytes=rng.randrange(0, 2 << 30), free_buffer_blocks=e.buffer_blocks,
+                        free_hbm_blocks=e.hbm_blocks)
 
 
 def run(prefill: int, decode: int, prompt_tokens: int, hit_ratio: float, requests: int, policy: str,

@@ -17,7 +17,6 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -26,7 +25,7 @@ from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import Abort, Admit, Done, Failed, Load, Prefilled, RunHandle, Token, ask, tell
+from dualpath.protocol import Abort, Admit, Done, EngineReport, Failed, Load, Prefilled, RunHandle, Token, ask, tell
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
 from dualpath.storage.store import BusyClock
@@ -123,13 +122,13 @@ class DecodeEngine(Engine):
         await self.persister.close()  # flush: every queued block reaches storage on a clean shutdown
         await super().stop()
 
-    def load(self) -> dict[str, Any]:
+    def report(self) -> EngineReport:
         # every request it holds at its full length, as the coordinator charges an admission (policy.assigned)
         tokens = sum(s.prompt_len + s.max_tokens for s in self.seqs.values())
-        # dropped: the write-behind queue was full; failed: the store refused the write (a full disk)
-        return {**super().load(), "running_decode_tokens": tokens, "persist_queue": self.persister.queued,
-                "persist_written": self.persister.written, "persist_dropped": self.persister.dropped,
-                "persist_failed": self.persister.failed, "delivery_cost": self.delivery_cost.seconds_per_second}
+        p = self.persister
+        return dataclasses.replace(super().report(), running_decode_tokens=tokens, persist_queue=p.queued,
+                                   persist_written=p.written, persist_dropped=p.dropped, persist_failed=p.failed,
+                                   delivery_cost=self.delivery_cost.seconds_per_second)
 
     async def on_load(self, conn: Connection, msg: Load) -> dict:
         seq = self.seqs[msg.rid]

@@ -13,6 +13,7 @@ block the DE did not read itself, [de_blocks, end), is written to the DE's run (
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import Abort, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
+from dualpath.protocol import Abort, EngineReport, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
 
@@ -83,9 +84,9 @@ class PrefillEngine(Engine):
         await super().start()
         self.start_loop(self._step_loop())
 
-    def load(self) -> dict[str, Any]:
+    def report(self) -> EngineReport:
         queued = sum(len(j.tokens) - j.computed for j in self.jobs.values())
-        return {**super().load(), "queued_prefill_tokens": queued, "last_prefill": self.last_prefill}
+        return dataclasses.replace(super().report(), queued_prefill_tokens=queued, last_prefill=self.last_prefill)
 
     async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
         job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.temperature,

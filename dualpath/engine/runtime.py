@@ -17,7 +17,7 @@ from dualpath.device import device_threads, make_current, until_done
 from dualpath.engine.buffers import BufferPool, BufferRun
 from dualpath.engine.kvcache import KVPool, OutOfBlocks
 from dualpath.engine.weights import load_pretrained
-from dualpath.protocol import Engines, Heartbeat, Register, RunHandle, ask, dispatch, tell
+from dualpath.protocol import EngineReport, Engines, Heartbeat, Register, RunHandle, ask, dispatch, tell
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import open_store
 from dualpath.transport import make_dataplane
@@ -186,17 +186,17 @@ class Engine:
 
     # -- load report --
 
-    def load(self) -> dict[str, Any]:
+    def report(self) -> EngineReport:
+        """What this heartbeat tells the coordinator (each role adds its own fields)."""
         io = self.store.stats
-        return {"incarnation": self.incarnation,  # a restarted engine shows a new one in /v1/cluster
-                "read_queue_bytes": self.store.read_queue_bytes(), "read_rate_bps": self.read_rate_bps,
-                "transport": self.dataplane.backend, "links": self.dataplane.links(),
-                "network_sent_bytes": dict(self.dataplane.sent_bytes),
-                "free_buffer_blocks": self.buffer.free_blocks,
-                "free_hbm_blocks": self.pool.allocator.free, "storage_read_bytes": io.read_bytes,
-                "storage_write_bytes": io.write_bytes, "metrics": dict(self.metrics),
-                "stage_seconds": {**self.stage_s, "storage_reader_busy": self.store.reader_busy_s,
-                                  "storage_reads_outstanding": self.store.read_busy_s()}}
+        return EngineReport(
+            incarnation=self.incarnation, free_hbm_blocks=self.pool.allocator.free,
+            free_buffer_blocks=self.buffer.free_blocks, read_queue_bytes=self.store.read_queue_bytes(),
+            read_rate_bps=self.read_rate_bps, storage_read_bytes=io.read_bytes, storage_write_bytes=io.write_bytes,
+            transport=self.dataplane.backend, links=self.dataplane.links(),
+            network_sent_bytes=dict(self.dataplane.sent_bytes), metrics=dict(self.metrics),
+            stage_seconds={**self.stage_s, "storage_reader_busy": self.store.reader_busy_s,
+                           "storage_reads_outstanding": self.store.read_busy_s()})
 
     async def _heartbeat(self) -> None:
         """A heartbeat every interval, and one as soon as memory is freed (requests may be waiting
@@ -212,7 +212,7 @@ class Engine:
                 self._measure_read_rate()
                 rate_at = time.monotonic()
             self.freed.clear()
-            tell(self.coord, Heartbeat(self.name, self.load()))
+            tell(self.coord, Heartbeat(self.name, self.report()))
             try:
                 await asyncio.wait_for(self.freed.wait(), interval)
                 await asyncio.sleep(min(FREED_BEAT_GAP_S, interval))

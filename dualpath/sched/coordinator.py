@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -38,7 +38,7 @@ from dualpath.sched.waiting import WaitingRoom
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
-from dualpath.protocol import (Abort, Admit, Done, Engines, Failed, Heartbeat, Message, Prefill, Register, RunHandle,
+from dualpath.protocol import (Abort, Admit, Done, EngineReport, Engines, Failed, Heartbeat, Message, Prefill, Register, RunHandle,
                                Token, ask, dispatch, tell)
 from dualpath.transport.control import Connection, RemoteError, Server
 
@@ -81,18 +81,17 @@ class EngineEntry:
     addr: tuple[str, int]
     conn: Connection
     last_seen: float
-    load: dict = field(default_factory=dict)  # as last reported by heartbeat
+    report: EngineReport | None = None  # its last heartbeat's (None until the first)
     incarnation: str | None = None  # its process life, as its login proved (transport/framing.py)
 
-    def heard(self, load: dict, drain_rates: bool) -> EngineLoad:
+    def heard(self, report: EngineReport, drain_rates: bool) -> EngineLoad:
         """A heartbeat; returns the engine's load as the policies see it, which now shows what was
         assigned to it before the heartbeat."""
-        self.load, self.last_seen = load, time.monotonic()
-        return EngineLoad(self.name, self.role, self.node, load.get("queued_prefill_tokens", 0),
-                          load.get("running_decode_tokens", 0), load.get("read_queue_bytes", 0),
-                          load.get("free_buffer_blocks", 0), load.get("free_hbm_blocks", 0),
-                          load.get("read_rate_bps", 0.0) if drain_rates else 0.0,
-                          load.get("delivery_cost", 0.0) if drain_rates else 0.0)
+        self.report, self.last_seen = report, time.monotonic()
+        r = report
+        return EngineLoad(self.name, self.role, self.node, r.queued_prefill_tokens, r.running_decode_tokens,
+                          r.read_queue_bytes, r.free_buffer_blocks, r.free_hbm_blocks,
+                          r.read_rate_bps if drain_rates else 0.0, r.delivery_cost if drain_rates else 0.0)
 
 
 @dataclass
@@ -204,7 +203,7 @@ class Coordinator:
     async def on_heartbeat(self, conn: Connection, msg: Heartbeat) -> None:
         e = self.engines.get(msg.engine)
         if e is not None and e.conn is conn:
-            self.view.put(e.heard(msg.load, self.cfg.scheduler.drain_rates))
+            self.view.put(e.heard(msg.report, self.cfg.scheduler.drain_rates))
             self.waiting.room_changed()
 
     async def on_token(self, conn: Connection, msg: Token) -> None:
@@ -785,7 +784,8 @@ class Coordinator:
 
     async def http_cluster(self, _: web.Request) -> web.Response:
         return web.json_response({"stats": self.stats, "waiting_for_room": len(self.waiting),
-                                  "engines": {e.name: {"role": e.role, "node": e.node, **e.load}
+                                  "engines": {e.name: {"role": e.role, "node": e.node,
+                                                       **(asdict(e.report) if e.report else {})}
                                               for e in self.live_engines()}})
 
 

@@ -78,17 +78,19 @@ class Dashboard:
         read, write, queue = Counter(), Counter(), Counter()
         buffer_used, hbm_used, io = {}, {}, {}
         for e in engines:
-            load, node = e.load or {}, str(e.node)
-            io[e.name] = (load.get("storage_read_bytes", 0), load.get("storage_write_bytes", 0))
+            r, node = e.report, str(e.node)
+            if r is None:  # registered, not heard from yet
+                continue
+            io[e.name] = (r.storage_read_bytes, r.storage_write_bytes)
             # An engine counts from zero at its start, and never outlives its coordinator (it stops when
             # it loses it): one not seen before read everything since zero. A restarted one counts
             # from zero again: max(0, ...) keeps its first rate from going negative.
             before = self._last.io.get(e.name, (0, 0))
             read[node] += max(0, io[e.name][0] - before[0]) / dt
             write[node] += max(0, io[e.name][1] - before[1]) / dt
-            queue[node] = max(queue[node], load.get("read_queue_bytes", 0))  # one NIC per node: its queue
-            buffer_used[e.name] = 1 - load.get("free_buffer_blocks", totals["buffer"]) / totals["buffer"]
-            hbm_used[e.name] = 1 - load.get("free_hbm_blocks", totals["hbm"]) / totals["hbm"]
+            queue[node] = max(queue[node], r.read_queue_bytes)  # one NIC per node: its queue
+            buffer_used[e.name] = 1 - r.free_buffer_blocks / totals["buffer"]
+            hbm_used[e.name] = 1 - r.free_hbm_blocks / totals["hbm"]
         while self._ttfts and self._ttfts[0][0] < now - TTFT_WINDOW_S:
             self._ttfts.popleft()
         ttfts = [t for _, t in self._ttfts]

@@ -100,28 +100,29 @@ class EngineCollector:
                                      labels=[*labels, "stage"])
         totals = {"buffer": c.cfg.engine.buffer_blocks, "hbm": c.cfg.engine.hbm_blocks}
         for e in c.live_engines():
-            load, who = e.load, [e.name, e.role, str(e.node)]
+            r, who = e.report, [e.name, e.role, str(e.node)]
             up.add_metric(who, 1)
-            if not load:
+            if r is None:  # registered, not heard from yet
                 continue
-            read.add_metric(who, load.get("storage_read_bytes", 0))
-            write.add_metric(who, load.get("storage_write_bytes", 0))
-            queue.add_metric(who, load.get("read_queue_bytes", 0))
-            rate.add_metric(who, load.get("read_rate_bps", 0.0))
-            for tc, n in load.get("network_sent_bytes", {}).items():
+            read.add_metric(who, r.storage_read_bytes)
+            write.add_metric(who, r.storage_write_bytes)
+            queue.add_metric(who, r.read_queue_bytes)
+            rate.add_metric(who, r.read_rate_bps)
+            for tc, n in r.network_sent_bytes.items():
                 net.add_metric([*who, tc], n)
-            backend.add_metric([*who, load.get("transport", "?")], 1)
-            for peer, used in load.get("links", {}).items():
+            backend.add_metric([*who, r.transport or "?"], 1)
+            for peer, used in r.links.items():
                 links.add_metric([*who, peer, used], 1)
-            for kind, free in (("buffer", load.get("free_buffer_blocks", 0)), ("hbm", load.get("free_hbm_blocks", 0))):
+            for kind, free in (("buffer", r.free_buffer_blocks), ("hbm", r.free_hbm_blocks)):
                 blocks.add_metric([*who, kind, "used"], totals[kind] - free)
                 blocks.add_metric([*who, kind, "free"], free)
-            if "persist_queue" in load:
-                persist_q.add_metric(who, load["persist_queue"])
-                for result in ("written", "dropped", "failed"):
-                    persisted.add_metric([*who, result], load.get(f"persist_{result}", 0))
-            for event, n in load.get("metrics", {}).items():
+            if r.persist_queue is not None:
+                persist_q.add_metric(who, r.persist_queue)
+                for result, n in (("written", r.persist_written), ("dropped", r.persist_dropped),
+                                  ("failed", r.persist_failed)):
+                    persisted.add_metric([*who, result], n)
+            for event, n in r.metrics.items():
                 events.add_metric([*who, event], n)
-            for stage, s in load.get("stage_seconds", {}).items():
+            for stage, s in r.stage_seconds.items():
                 stages.add_metric([*who, stage], s)
         yield from (up, read, write, queue, rate, net, backend, links, blocks, persist_q, persisted, events, stages)
