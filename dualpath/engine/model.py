@@ -1,6 +1,7 @@
 """A compact decoder with two attention kinds, run layer by layer over a paged KV pool.
 
-- GQA (Qwen2-style): q/k/v projections with bias, fewer KV heads than query heads.
+- GQA (Qwen2, Qwen3, Llama): q/k/v projections (with bias for Qwen2), fewer KV heads than query
+  heads; Qwen3 normalises each query and key head (RMSNorm over head_dim) before RoPE.
   Cache per token per layer: K and V of the KV heads, ``2 * n_kv_heads * head_dim`` values.
 - MLA (DeepSeek-V2/V3-style): optional low-rank q, a compressed KV latent ``c`` (``kv_lora_rank``)
   and one decoupled RoPE key shared by all heads (``qk_rope_head_dim``).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,17 +100,100 @@ class MoEConfig:
         return self
 
 
+ROPE_TYPES = ("linear", "llama3", "yarn")  # the RoPE scalings RopeScaling implements
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context ``factor`` times longer (its paper's Eq. 21)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass
+class RopeScaling:
+    """RoPE scaled for contexts longer than pretraining (the keys of a config's ``rope_scaling`` /
+    ``rope_parameters``, with transformers' defaults). Each type rescales the rotary frequencies; yarn
+    also multiplies cos and sin by ``cos_sin_factor`` and, in DeepSeek's MLA, the softmax scale by
+    ``softmax_factor``. Everything lands in ``Rotary``'s tables and ``ModelConfig.scale``, so every
+    path (the torch one and the fused kernels, which read those tables) runs it unchanged.
+    """
+
+    rope_type: str = "linear"            # a key of ROPE_TYPES
+    factor: float = 1.0                  # how many times longer than the pretraining context
+    original_max_position_embeddings: int = 8192  # llama3, yarn: the pretraining context ("old" below)
+    low_freq_factor: float = 1.0         # llama3: wavelengths over old / low_freq_factor slowed by factor,
+    high_freq_factor: float = 4.0        # under old / high_freq_factor kept, a smooth blend between
+    beta_fast: float = 32.0              # yarn: dims turning over beta_fast times in old kept,
+    beta_slow: float = 1.0               # under beta_slow times slowed by factor, a linear ramp between
+    mscale: float | None = None          # yarn: cos/sin times yarn_mscale(factor, mscale) / yarn_mscale(factor,
+    mscale_all_dim: float | None = None  # mscale_all_dim); MLA's softmax scale times yarn_mscale(factor, this)²
+    attention_factor: float | None = None  # yarn: the cos/sin factor itself, where the config names it
+    truncate: bool = True                # yarn: the ramp's ends rounded outwards to whole dims
+
+    def validate(self) -> "RopeScaling":
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"model config rope_scaling 'rope_type' = {self.rope_type!r}: "
+                             f"expected one of {', '.join(ROPE_TYPES)}")
+        if self.factor <= 0:
+            raise ValueError(f"model config rope_scaling 'factor' = {self.factor!r}: must be > 0")
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model config rope_scaling 'high_freq_factor' = {self.high_freq_factor!r}: "
+                             f"must be > low_freq_factor = {self.low_freq_factor!r}")
+        return self
+
+    def inv_freq(self, inv_freq: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+        """The scaled frequencies of a rotary of ``dim`` dims, from its plain ones theta^(-2i/dim)."""
+        if self.rope_type == "linear":  # positions divided by factor
+            return inv_freq / self.factor
+        old = self.original_max_position_embeddings
+        if self.rope_type == "llama3":
+            wavelen = 2 * math.pi / inv_freq
+            smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            blend = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+            return torch.where(wavelen < old / self.high_freq_factor, inv_freq,
+                               torch.where(wavelen > old / self.low_freq_factor, inv_freq / self.factor, blend))
+
+        def dim_turning(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times in old
+            return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_turning(self.beta_fast), dim_turning(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high  # as transformers: no division by zero
+        ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype) - low) / (high - low)).clamp(0, 1)  # 1: interpolate
+        return inv_freq / self.factor * ramp + inv_freq * (1 - ramp)
+
+    @property
+    def cos_sin_factor(self) -> float:
+        """What cos and sin are multiplied by (yarn's attention temperature; 1 otherwise)."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+    @property
+    def softmax_factor(self) -> float:
+        """DeepSeek's MLA multiplies its softmax scale by this (its reference code and transformers'
+        ``yarn_apply_mscale`` do), so that the non-rotary dims are scaled as well."""
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the decoder.
 
     attn: "gqa" or "mla".
     vocab_size, hidden_size, n_layers, n_heads, intermediate_size: the usual.
-    n_kv_heads, head_dim, qkv_bias: GQA only.
+    n_kv_heads, head_dim, qkv_bias: GQA only; o_bias: o_proj has a bias (Llama / Qwen3 attention_bias);
+    qk_norm: Qwen3's per-head RMSNorm of q and k (over head_dim) before RoPE.
     q_lora_rank: MLA low-rank query (None = a full q projection); kv_lora_rank: latent width;
     qk_nope_head_dim / qk_rope_head_dim: per-head query split into non-rotary and rotary parts;
     v_head_dim: per-head value width; rope_interleave: DeepSeek's interleaved rotary pairs.
-    softmax_scale: None = 1/sqrt(query head width).
+    rope_scaling: None = plain RoPE; else its frequency scaling (linear, llama3, yarn).
+    softmax_scale: None = 1/sqrt(query head width) (times yarn's softmax_factor for MLA).
     moe: None = a dense MLP in every layer; else the MoE layers' shape and routing (DeepSeek).
     """
 
@@ -121,6 +206,8 @@ class ModelConfig:
     n_kv_heads: int = 2
     head_dim: int = 16
     qkv_bias: bool = True
+    o_bias: bool = False
+    qk_norm: bool = False
     q_lora_rank: int | None = None
     kv_lora_rank: int = 32
     qk_nope_head_dim: int = 16
@@ -128,6 +215,7 @@ class ModelConfig:
     v_head_dim: int = 16
     rope_interleave: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     rms_eps: float = 1e-6
     max_position: int = 32768
     tie_embeddings: bool = False
@@ -155,8 +243,10 @@ class ModelConfig:
     def scale(self) -> float:
         if self.softmax_scale is not None:
             return self.softmax_scale
-        qk = self.head_dim if self.attn == "gqa" else self.qk_nope_head_dim + self.qk_rope_head_dim
-        return qk ** -0.5
+        if self.attn == "gqa":
+            return self.head_dim ** -0.5
+        mscale = self.rope_scaling.softmax_factor if self.rope_scaling is not None else 1.0
+        return (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5 * mscale
 
     def validate(self) -> "ModelConfig":
         if self.attn not in ("gqa", "mla"):
@@ -170,6 +260,8 @@ class ModelConfig:
             raise ValueError(f"model config rotary dim = {self.rope_dim}: must be even")
         if self.moe is not None:
             self.moe.validate()
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
         return self
 
 
@@ -318,17 +410,27 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """RoPE in the rotate-half form. DeepSeek's interleaved pairs (x0,x1),(x2,x3).. are first
-    de-interleaved; q and k get the same permutation, so every q·k dot product is unchanged."""
+    de-interleaved; q and k get the same permutation, so every q·k dot product is unchanged.
+    A scaling (``RopeScaling``) changes the frequencies and multiplies the cos/sin tables."""
 
-    def __init__(self, dim: int, theta: float, max_position: int, interleave: bool):
+    def __init__(self, dim: int, theta: float, max_position: int, interleave: bool,
+                 scaling: RopeScaling | None = None):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        if scaling is not None:
+            inv_freq = scaling.inv_freq(inv_freq, dim, theta)
         t = torch.arange(max_position, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        m = scaling.cos_sin_factor if scaling is not None else 1.0
+        self.register_buffer("cos", (emb.cos() * m).float(), persistent=False)
+        self.register_buffer("sin", (emb.sin() * m).float(), persistent=False)
         self.interleave = interleave
+
+    @staticmethod
+    def of(cfg: ModelConfig) -> "Rotary":
+        """The model's rotary (fp32 tables whatever the weights' dtype)."""
+        return Rotary(cfg.rope_dim, cfg.rope_theta, cfg.max_position, cfg.rope_interleave, cfg.rope_scaling)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at the positions, [N, 1, dim] each: made once per step, used by every layer."""
@@ -414,7 +516,10 @@ class GQAttention(nn.Module):
         self.q_proj = nn.Linear(h, cfg.n_heads * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * d, h, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * d, h, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: each head of q and k normalised over head_dim, before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_eps)
         self._joint: tuple[torch.Tensor, torch.Tensor | None] | None = None  # q|k|v weight, bias (GPU path)
 
     def _qkv_joint(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -428,10 +533,18 @@ class GQAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor, rope: Rotary, cos_sin):
         c = self.cfg
-        q = rope(self.q_proj(x).view(-1, c.n_heads, c.head_dim), cos_sin)
-        k = rope(self.k_proj(x).view(-1, c.n_kv_heads, c.head_dim), cos_sin)
+        q = self.q_proj(x).view(-1, c.n_heads, c.head_dim)
+        k = self.k_proj(x).view(-1, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(-1, c.n_kv_heads, c.head_dim)
-        return q, k, v
+        return rope(q, cos_sin), rope(k, cos_sin), v
+
+    def _fused_head_norm(self, heads: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """``norm`` of every head of heads [N, H, d] (a strided view of the joint GEMM's output) in one
+        launch over its N * H rows (copied contiguous first: the kernel reads rows of one stride)."""
+        out, _ = fused.add_rms_norm(heads.reshape(-1, heads.shape[-1]), norm.weight, self.cfg.rms_eps)
+        return out.view(heads.shape)
 
     def forward_reference(self, x: torch.Tensor, positions: torch.Tensor, rope: Rotary) -> torch.Tensor:
         c = self.cfg
@@ -448,6 +561,8 @@ class GQAttention(nn.Module):
         c = self.cfg
         if use_triton(x):  # q, k, v in one GEMM; RoPE and the KV write in one launch; attention in place
             q, k, v = self._qkv_joint(x)
+            if c.qk_norm:
+                q, k = self._fused_head_norm(q, self.q_norm), self._fused_head_norm(k, self.k_norm)
             q = fused.rope_and_cache(q, 0, k, v, kv_layer, batch.slots, cos_sin, k_dst=0,
                                      copy_dst=c.n_kv_heads * c.head_dim, interleave=rope.interleave)
             layout = KVLayout.gqa(c.n_kv_heads, c.head_dim)
@@ -711,7 +826,7 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = Rotary(cfg.rope_dim, cfg.rope_theta, cfg.max_position, cfg.rope_interleave)
+        self.rope = Rotary.of(cfg)
 
     @property
     def device(self) -> torch.device:

@@ -1,13 +1,14 @@
 """Model weights: seeded random presets, or a Hugging Face safetensors checkpoint loaded by name.
 
-Supported checkpoints: ``Qwen2ForCausalLM`` (GQA) and ``DeepseekV2ForCausalLM`` /
-``DeepseekV3ForCausalLM`` (MLA), dense or MoE: V2's softmax routing (``greedy``,
-``group_limited_greedy``) and V3's sigmoid ``noaux_tc``. Routed experts load from the per-expert
-names the released checkpoints use and transformers' ``save_pretrained`` writes
-(``mlp.experts.{i}.gate_proj.weight``), or from transformers' fused in-memory form
-(``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I], as
+Supported checkpoints: ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (per-head q/k norms) and
+``LlamaForCausalLM`` (GQA), and ``DeepseekV2ForCausalLM`` / ``DeepseekV3ForCausalLM`` (MLA), dense
+or MoE: V2's softmax routing (``greedy``, ``group_limited_greedy``) and V3's sigmoid ``noaux_tc``.
+Routed experts load from the per-expert names the released checkpoints use and transformers'
+``save_pretrained`` writes (``mlp.experts.{i}.gate_proj.weight``), or from transformers' fused
+in-memory form (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I], as
 ``save_pretrained(save_original_format=False)`` writes it). Tensors are read with safetensors;
-nothing is ever unpickled.
+nothing is ever unpickled. RoPE may be plain or scaled (``linear``, Llama 3.1's ``llama3``, ``yarn``),
+as the config's ``rope_scaling`` (or transformers 5's ``rope_parameters``) names.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dualpath.engine.model import TOPK_METHODS, Model, ModelConfig, MoEConfig, Rotary
+from dualpath.engine.model import ROPE_TYPES, TOPK_METHODS, Model, ModelConfig, MoEConfig, RopeScaling, Rotary
 
 PRESETS: dict[str, ModelConfig] = {
     # CI-sized: a few hundred thousand parameters, fp32 on a laptop CPU in milliseconds.
@@ -57,7 +58,9 @@ PRESETS: dict[str, ModelConfig] = {
                                            routed_scaling_factor=2.5)),
 }
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "DeepseekV2ForCausalLM",
+                           "DeepseekV3ForCausalLM")
+GQA_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
 
 
 class CheckpointError(ValueError):
@@ -101,22 +104,27 @@ def config_from_hf(path: Path) -> ModelConfig:
         raise CheckpointError(f"{cfg_file}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     if hf.get("mlp_bias"):
         raise CheckpointError(f"{cfg_file}: mlp_bias=true is not supported")
-    rope = hf.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = (rope.get("rope_type") or (hf.get("rope_scaling") or {}).get("type") or "default")
-    if rope_type not in ("default", None):
-        raise CheckpointError(f"{cfg_file}: rope scaling {rope_type!r} is not supported (only plain RoPE)")
+    max_position = int(hf.get("max_position_embeddings", 32768))
+    theta, scaling = _rope_from_hf(hf, cfg_file, max_position)
     common = dict(vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
                   n_layers=need("num_hidden_layers"), n_heads=need("num_attention_heads"),
-                  intermediate_size=need("intermediate_size"), rope_theta=float(theta),
-                  rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                  max_position=int(hf.get("max_position_embeddings", 32768)),
+                  intermediate_size=need("intermediate_size"), rope_theta=theta, rope_scaling=scaling,
+                  rms_eps=float(hf.get("rms_norm_eps", 1e-6)), max_position=max_position,
                   tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    if arch == "Qwen2ForCausalLM":
+    if arch in GQA_ARCHITECTURES:
+        if hf.get("use_sliding_window"):
+            raise CheckpointError(f"{cfg_file}: use_sliding_window=true is not supported (full attention only)")
         n_heads = common["n_heads"]
-        return ModelConfig(attn="gqa", n_kv_heads=hf.get("num_key_value_heads", n_heads),
-                           head_dim=hf.get("head_dim") or common["hidden_size"] // n_heads, qkv_bias=True,
-                           **common).validate()
+        # Qwen2: q/k/v biases, none on o_proj; Llama and Qwen3: attention_bias on all four (default off).
+        # A head_dim the file leaves out is transformers' default: hidden / heads, Qwen3's 128.
+        bias = True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False))
+        head_dim = hf.get("head_dim") or (128 if arch == "Qwen3ForCausalLM" else common["hidden_size"] // n_heads)
+        try:
+            return ModelConfig(attn="gqa", n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+                               qkv_bias=bias, o_bias=bias and arch != "Qwen2ForCausalLM",
+                               qk_norm=arch == "Qwen3ForCausalLM", **common).validate()
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from e
     if hf.get("attention_bias"):
         raise CheckpointError(f"{cfg_file}: attention_bias=true is not supported for MLA")
     cfg = ModelConfig(attn="mla", q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=need("kv_lora_rank"),
@@ -130,6 +138,54 @@ def config_from_hf(path: Path) -> ModelConfig:
         return cfg.validate()
     except ValueError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from e
+
+
+def _rope_from_hf(hf: dict, cfg_file: Path, max_position: int) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, its scaling or None) from a config.json: transformers 4's ``rope_scaling`` (theta
+    beside it) or transformers 5's ``rope_parameters`` (theta inside), with transformers' defaults."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(key) or {}
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise CheckpointError(f"{cfg_file}: {key} per layer type is not supported (one RoPE for every layer)")
+    theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(f"{cfg_file}: {key}.rope_type {rope_type!r} is not supported "
+                              f"(supported: default, {', '.join(ROPE_TYPES)})")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise CheckpointError(f"{cfg_file}: {key}.partial_rotary_factor {partial!r} is not supported (only 1.0)")
+
+    def get(name: str, default=None):
+        value = rope.get(name)
+        if value is None and default is None:
+            raise CheckpointError(f"{cfg_file}: {key}.{name} is required by rope_type {rope_type!r}")
+        return default if value is None else value
+
+    # as transformers: a top-level original_max_position_embeddings (Phi-3's place) wins, then the
+    # scaling's own, then max_position_embeddings
+    original = int(hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                   or max_position)
+    if rope_type == "linear":
+        scaling = RopeScaling("linear", factor=float(get("factor")))
+    elif rope_type == "llama3":
+        scaling = RopeScaling("llama3", factor=float(get("factor")), original_max_position_embeddings=original,
+                              low_freq_factor=float(get("low_freq_factor")),
+                              high_freq_factor=float(get("high_freq_factor")))
+    else:  # yarn; with no factor, the extension max_position_embeddings makes (DeepSeek-V3's reading)
+        scaling = RopeScaling("yarn", factor=float(get("factor", max_position / original)),
+                              original_max_position_embeddings=original,
+                              beta_fast=float(rope.get("beta_fast") or 32),
+                              beta_slow=float(rope.get("beta_slow") or 1),
+                              mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"),
+                              attention_factor=rope.get("attention_factor"),
+                              truncate=bool(rope.get("truncate", True)))
+    try:
+        return theta, scaling.validate()
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: {key}: {e}") from e
 
 
 # What transformers assumes for an MoE key a config.json leaves out (its DeepseekV2Config / V3Config
@@ -265,6 +321,6 @@ def load_pretrained(path_or_preset: str, device: str | torch.device = "cpu",
         _load_hf_tensors(model, Path(path_or_preset))
     model = model.cast(device, dtype).eval()
     # Rotary tables stay fp32 whatever the weights' dtype (rebuilt: a bf16 round trip would lose bits).
-    model.rope = Rotary(cfg.rope_dim, cfg.rope_theta, cfg.max_position, cfg.rope_interleave).to(device)
+    model.rope = Rotary.of(cfg).to(device)
     model.fingerprint = fp
     return model
