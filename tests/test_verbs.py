@@ -1,23 +1,36 @@
 """The verbs backend without RDMA hardware: what pyverbs itself can check (imports, QP attribute
-objects) runs on the installed rdma-core; the write, completion and error paths run against a fake
-device layer (tests named *_fake_device), since no kernel here serves a QP. Nothing here proves
-that bytes move on a fabric: examples/rdma_check.sh does that on a real host."""
+objects) runs on the installed rdma-core; device setup and the write, completion, error and
+teardown paths run against a fake pyverbs layer (tests named *_fake_device), since no kernel here
+serves a device. The fake follows rdma-core where it matters to this plane (each point says
+where); nothing here proves that bytes move on a fabric: examples/rdma_check.sh does that."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
+import ipaddress
 import logging
+import re
 import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import pytest
 import torch
 
 from dualpath.transport import make_dataplane
 from dualpath.transport.dataplane import TransferError
-from dualpath.transport.verbs import (MAX_WR_BYTES, SERVICE_LEVEL, TRAFFIC_CLASS, RdmaOptions, VerbsDataPlane,
-                                      _Enums, choose_gid, init_attr, rtr_attr, rts_attr, split_write)
+from dualpath.transport.verbs import (DRAIN_WR_ID, MAX_WR_BYTES, RECV_DEPTH, SERVICE_LEVEL, TRAFFIC_CLASS, DeviceLayer,
+                                      RdmaOptions, VerbsDataPlane, VerbsUnavailable, _Enums, choose_gid, err_attr,
+                                      init_attr, qp_init_attr, rtr_attr, rts_attr, split_write)
 
 pyverbs = pytest.importorskip("pyverbs", reason="python3-pyverbs (rdma-core) is not installed")
+from pyverbs.addr import GID  # noqa: E402
+from pyverbs.cq import WC  # noqa: E402
+from pyverbs.pyverbs_error import PyverbsRDMAError  # noqa: E402
+from pyverbs.wr import SendWR  # noqa: E402
+
 from dualpath.transport.verbs import enums  # noqa: E402
 
 TOKEN = "t"
@@ -26,6 +39,10 @@ e = enums()
 
 def test_enums_resolve_on_the_installed_rdma_core_and_class_qualified_names():
     assert e.IBV_QPS_RTR != e.IBV_QPS_INIT and e.IBV_GID_TYPE_ROCE_V2 != e.IBV_GID_TYPE_ROCE_V1
+    # Two GID type enums: Context.query_gid_type gives the sysfs one (libibverbs' ibv_query_gid_type),
+    # ibv_query_gid_ex the other; RoCE v2 is 1 in the first and 2 in the second.
+    assert (e.IBV_GID_TYPE_SYSFS_IB_ROCE_V1, e.IBV_GID_TYPE_SYSFS_ROCE_V2) == (0, 1)
+    assert (e.IBV_GID_TYPE_IB, e.IBV_GID_TYPE_ROCE_V1, e.IBV_GID_TYPE_ROCE_V2) == (0, 1, 2)
 
     class ibv_wr_opcode:  # rdma-core >= v59 with Cython >= 3.1: names only through their enum class
         IBV_WR_RDMA_WRITE_WITH_IMM = 1
@@ -37,6 +54,10 @@ def test_enums_resolve_on_the_installed_rdma_core_and_class_qualified_names():
 
 
 def test_qp_attribute_builders_give_pyverbs_objects_field_by_field():
+    init = qp_init_attr(e)
+    assert (init.qp_type, init.sq_sig_all) == (e.IBV_QPT_RC, 0)  # pyverbs' default is 1: every WR signalled
+    assert (init.cap.max_send_sge, init.cap.max_recv_wr) == (1, RECV_DEPTH)
+
     attr, mask = init_attr(2, e)
     assert (attr.qp_state, attr.port_num, attr.pkey_index) == (e.IBV_QPS_INIT, 2, 0)
     assert attr.qp_access_flags == e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
@@ -58,14 +79,17 @@ def test_qp_attribute_builders_give_pyverbs_objects_field_by_field():
     assert (attr.qp_state, attr.sq_psn, attr.retry_cnt, attr.rnr_retry, attr.timeout) == (e.IBV_QPS_RTS, 0, 7, 7, 14)
     assert mask & e.IBV_QP_SQ_PSN and mask & e.IBV_QP_MAX_QP_RD_ATOMIC and not mask & e.IBV_QP_AV
 
+    attr, mask = err_attr(e)
+    assert (attr.qp_state, mask) == (e.IBV_QPS_ERR, e.IBV_QP_STATE)
+
 
 def test_gid_choice_prefers_a_routable_roce_v2_gid():
-    v1, v2 = e.IBV_GID_TYPE_ROCE_V1, e.IBV_GID_TYPE_ROCE_V2
+    v1, v2 = e.IBV_GID_TYPE_SYSFS_IB_ROCE_V1, e.IBV_GID_TYPE_SYSFS_ROCE_V2  # as query_gid_type gives them
     table = [(0, "fe80::1", v1), (1, "fe80::1", v2), (2, "::ffff:10.0.0.1", v1), (3, "::ffff:10.0.0.1", v2)]
     assert choose_gid(table, ethernet=True, e=e) == 3
     assert choose_gid(table[:2], ethernet=True, e=e) == 1  # only link-local: same-subnet RoCE v2
     assert choose_gid(table, ethernet=False, e=e) == 0
-    with pytest.raises(TransferError, match="no RoCE v2 GID"):
+    with pytest.raises(VerbsUnavailable, match="no RoCE v2 GID"):
         choose_gid([(0, "fe80::1", v1)], ethernet=True, e=e)
 
 
@@ -77,77 +101,344 @@ def test_writes_of_4_gib_and_more_split_below_the_32_bit_sge_length():
     assert split_write(0, 0, 10) == [(0, 0, 10)]
 
 
-# -- a fake device layer: QPs and CQs no kernel here can give ---------------------------------
+# -- a fake pyverbs layer: the objects no kernel here can give ---------------------------------
+#
+# What it follows from rdma-core / the IB spec, since the plane depends on it:
+# - Context.query_gid_type returns libibverbs' sysfs enum (ibv_query_gid_type reads
+#   .../gid_attrs/types/N: "IB/RoCE v1" -> IBV_GID_TYPE_SYSFS_IB_ROCE_V1, "RoCE v2" ->
+#   IBV_GID_TYPE_SYSFS_ROCE_V2) and fails on an empty slot, whose GID reads as zeros.
+# - QPs move RESET -> INIT -> RTR -> RTS, and to ERR from any state; post_send below RTS fails
+#   with EINVAL (as the providers check), a full send queue with ENOMEM.
+# - A successful WR completes into the CQ only if signalled (IBV_SEND_SIGNALED, or the QP's
+#   sq_sig_all, which pyverbs' QPInitAttr defaults to 1). A failed WR completes whatever its
+#   flags, puts the QP in ERR, and every outstanding WR (either queue) then completes with
+#   IBV_WC_WR_FLUSH_ERR, as does any WR posted in ERR; a queue completes in order.
+# - RDMA WRITE checks the lkey's MR locally (IBV_WC_LOC_PROT_ERR) and the rkey's MR at the
+#   responder: registered with REMOTE_WRITE in the responder QP's PD, covering the range
+#   (IBV_WC_REM_ACCESS_ERR otherwise; the responder's own reaction is not modelled). WITH IMM
+#   consumes a receive WR of the responder and completes it with the immediate data; with none
+#   posted, the requester waits (RNR retries).
+# - Destroying a QP generates no completion; what it had outstanding is dropped (recorded here as
+#   `unflushed`), and its completions still in a CQ are removed (as mlx5 cleans its CQs).
+# - MR registration pins memory against the locked-memory limit: past it, ENOMEM.
+# - Not modelled: timing, retries and their exhaustion, asynchronous events, CQ overflow.
+
+@dataclass
+class FakeNic:
+    """One device as get_device_list, query_port and the GID table show it."""
+    name: str = "mlx5_0"
+    transport: int = 0  # IBV_TRANSPORT_IB (InfiniBand and RoCE alike); IWARP 1; EFA reports UNSPECIFIED (4)
+    link_layer: int = 1  # IBV_LINK_LAYER_INFINIBAND; ETHERNET 2
+    mtu: int = 5  # IBV_MTU_4096
+    lid: int = 7
+    gids: list = field(default_factory=lambda: [("fe80::2:c903:1:2", "IB/RoCE v1")])  # (gid, sysfs type) | None
+    rc: bool = True  # the provider creates RC QPs (EFA's refuses: only UD and its own SRD)
+
+
+ROCE = FakeNic(name="mlx5_1", link_layer=2, lid=0, gids=[
+    ("fe80::a288:c2ff:fe01:2", "IB/RoCE v1"), ("fe80::a288:c2ff:fe01:2", "RoCE v2"),
+    ("::ffff:10.0.0.1", "IB/RoCE v1"), ("::ffff:10.0.0.1", "RoCE v2"), None])
+
 
 class FakeFabric:
-    def __init__(self):
-        self.qps: dict[int, "FakeQP"] = {}
-        self.next_qpn = 100
+    """The wire between fake devices: QPs by number, MRs by key."""
+
+    def __init__(self, move_bytes: bool = True):
+        self.qps: dict[int, FakeQP] = {}
+        self.mrs: dict[int, FakeMR] = {}
+        self.next_qpn, self.next_key = 100, 1000
+        self.move_bytes = move_bytes  # off for writes of GiBs from torch.empty tensors (never touched)
+        self.closed_in_use = 0  # MRs deregistered while an outstanding WR still named them
+
+    def key(self) -> int:
+        self.next_key += 1
+        return self.next_key
+
+
+class FakeContext:
+    def __init__(self, fake: "FakePyverbs", name: str):
+        self.fake, self.nic, self.closed = fake, next(n for n in fake.nics if n.name == name), False
+        fake.contexts.append(self)
+
+    def query_device(self):
+        return types.SimpleNamespace(phys_port_cnt=1)
+
+    def query_port(self, port: int):
+        n = self.nic
+        return types.SimpleNamespace(state=e.IBV_PORT_ACTIVE, lid=n.lid, active_mtu=n.mtu, link_layer=n.link_layer,
+                                     gid_tbl_len=len(n.gids))
+
+    def query_gid(self, port: int, index: int) -> GID:
+        slot = self.nic.gids[index]
+        return GID(ipaddress_exploded(slot[0] if slot else "::"))
+
+    def query_gid_type(self, port: int, index: int) -> int:
+        slot = self.nic.gids[index]
+        if slot is None:
+            raise PyverbsRDMAError(f"Failed to query gid type of port {port} and gid index {index}", errno.EINVAL)
+        return {"IB/RoCE v1": e.IBV_GID_TYPE_SYSFS_IB_ROCE_V1, "RoCE v2": e.IBV_GID_TYPE_SYSFS_ROCE_V2}[slot[1]]
+
+    def close(self):
+        self.closed = True
+
+
+def ipaddress_exploded(text: str) -> str:
+    return ipaddress.IPv6Address(text).exploded
+
+
+class FakePD:
+    def __init__(self, ctx: FakeContext):
+        self.ctx, self.closed = ctx, False
+
+    def close(self):
+        self.closed = True
 
 
 class FakeCQ:
-    def __init__(self):
-        self.wcs: list = []
+    def __init__(self, ctx, cqe, cq_context=None, channel=None, comp_vector=0):
+        self.wcs: list[WC] = []
+        self.delivered = 0  # completions polled, for counting signalled WRs
 
-    def poll(self, num_entries: int):
+    def poll(self, num_entries: int = 1):
         out, self.wcs = self.wcs[:num_entries], self.wcs[num_entries:]
+        self.delivered += len(out)
         return len(out), out
 
     def close(self):
         pass
 
 
+class FakeMR:
+    def __init__(self, fake: "FakePyverbs", pd: FakePD, length: int, access: int, address: int | None = None):
+        if fake.memlock is not None and fake.locked + length > fake.memlock:
+            raise PyverbsRDMAError(f"Failed to register a MR. length: {length}, access flags: {access}", errno.ENOMEM)
+        if address is None:  # pyverbs allocates the buffer itself
+            self._buf = ctypes.create_string_buffer(length)
+            address = ctypes.addressof(self._buf)
+        self.fake, self.pd, self.buf, self.length, self.access = fake, pd, address, length, access
+        self.lkey = self.rkey = fake.fabric.key()
+        fake.fabric.mrs[self.lkey] = self
+        fake.locked += length
+        fake.registered.append((address, length))
+        self.closed = False
+
+    def covers(self, addr: int, n: int) -> bool:
+        return self.buf <= addr and addr + n <= self.buf + self.length
+
+    def close(self):
+        if self.closed:
+            return
+        fabric = self.fake.fabric
+        if any(lkey == self.lkey for qp in fabric.qps.values() if not qp.closed for wr in qp.sq
+               for _, _, lkey in getattr(wr, "sges", ())):
+            fabric.closed_in_use += 1
+        del fabric.mrs[self.lkey]
+        self.fake.locked -= self.length
+        self.closed = True
+
+
 class FakeQP:
-    def __init__(self, dev: "FakeDevice"):
-        self.dev, self.closed, self.posted, self.recvs, self.dest = dev, False, [], 0, None
-        self.qp_num = dev.fabric.next_qpn
-        dev.fabric.next_qpn += 1
-        dev.fabric.qps[self.qp_num] = self
+    def __init__(self, fake: "FakePyverbs", pd: FakePD, init, scq: FakeCQ, rcq: FakeCQ):
+        if not pd.ctx.nic.rc and init.qp_type == e.IBV_QPT_RC:
+            raise PyverbsRDMAError("Failed to create QP", errno.EOPNOTSUPP)
+        fabric = fake.fabric
+        self.fake, self.pd, self.scq, self.rcq = fake, pd, scq, rcq
+        self.sig_all, self.max_send_wr = init.sq_sig_all, init.cap.max_send_wr
+        self.qp_num, fabric.next_qpn = fabric.next_qpn, fabric.next_qpn + 1
+        fabric.qps[self.qp_num] = self
+        self.state, self.states, self.closed = e.IBV_QPS_RESET, ["RESET"], False
+        self.sq: list = []  # posted send WRs not yet completed (or held)
+        self.rq: list = []  # posted receive WRs not yet consumed
+        self.posted: list = []  # every send WR posted, for the tests
+        self.hold, self.dest, self.mtu, self.unflushed = fake.hold, None, None, None
+
+    @property
+    def recvs(self) -> int:
+        return len(self.rq)
 
     def modify(self, attr, mask):
-        if attr.qp_state == e.IBV_QPS_RTR:
+        if self.closed:
+            raise PyverbsRDMAError("Failed to modify QP state", errno.EINVAL)
+        to = attr.qp_state
+        allowed = {e.IBV_QPS_INIT: e.IBV_QPS_RESET, e.IBV_QPS_RTR: e.IBV_QPS_INIT, e.IBV_QPS_RTS: e.IBV_QPS_RTR}
+        if to == e.IBV_QPS_ERR:
+            return self._error()
+        if allowed.get(to) != self.state:
+            raise PyverbsRDMAError(f"Failed to modify QP state to {to}", errno.EINVAL)
+        if to == e.IBV_QPS_RTR:
             self.dest, self.mtu = attr.dest_qp_num, attr.path_mtu
+        self.state = to
+        self.states.append({e.IBV_QPS_INIT: "INIT", e.IBV_QPS_RTR: "RTR", e.IBV_QPS_RTS: "RTS"}[to])
 
     def post_recv(self, wr):
-        self.recvs += 1
+        if self.closed or self.state == e.IBV_QPS_RESET:
+            raise PyverbsRDMAError("Failed to post recv", errno.EINVAL)
+        if self.state == e.IBV_QPS_ERR:
+            return self._complete(self.rcq, wr.wr_id, e.IBV_WC_WR_FLUSH_ERR)
+        self.rq.append(wr)
 
     def post_send(self, wr):
-        if self.dev.fail_post:
-            from pyverbs.pyverbs_error import PyverbsRDMAError
-
-            raise PyverbsRDMAError("Failed to post send", 12)
+        fake = self.fake
+        if fake.fail_post_at is not None:
+            fake.fail_post_at -= 1
+            if fake.fail_post_at < 0:
+                fake.fail_post_at = None
+                raise PyverbsRDMAError("Failed to post send", errno.ENOMEM)
+        if self.closed or self.state < e.IBV_QPS_RTS:  # (ERR, 6, is past RTS: posts are flushed)
+            raise PyverbsRDMAError("Failed to post send", errno.EINVAL)
+        if len(self.sq) >= self.max_send_wr:
+            raise PyverbsRDMAError("Failed to post send", errno.ENOMEM)
         self.posted.append(wr)
-        if wr.opcode == e.IBV_WR_RDMA_WRITE_WITH_IMM and not self.dev.silent:
-            ok = types.SimpleNamespace(wr_id=wr.wr_id, status=e.IBV_WC_SUCCESS, qp_num=self.qp_num, imm_data=0)
-            self.dev.cq.wcs.append(ok)
-            peer = self.dev.fabric.qps[self.dest]
-            peer.recvs -= 1
-            peer.dev.rcq.wcs.append(types.SimpleNamespace(wr_id=peer.qp_num, status=e.IBV_WC_SUCCESS,
-                                                          qp_num=peer.qp_num, imm_data=wr.imm_data))
+        if self.state == e.IBV_QPS_ERR:
+            return self._complete(self.scq, wr.wr_id, e.IBV_WC_WR_FLUSH_ERR)
+        self.sq.append(wr)
+        self.run()
+
+    def release(self) -> None:
+        """A held QP's peer answers again: its queued WRs execute."""
+        self.hold = False
+        self.run()
+
+    def run(self) -> None:
+        while self.sq and not self.hold and self.state == e.IBV_QPS_RTS:
+            wr = self.sq[0]
+            status = self._execute(wr)
+            if status is None:  # receiver not ready (no receive WR): the requester keeps retrying
+                return
+            self.sq.pop(0)
+            if status != e.IBV_WC_SUCCESS:
+                self._complete(self.scq, wr.wr_id, status)
+                return self._error()
+            if wr.send_flags & e.IBV_SEND_SIGNALED or self.sig_all:
+                self._complete(self.scq, wr.wr_id, status)
+
+    def _execute(self, wr) -> int | None:
+        fabric = self.fake.fabric
+        peer = fabric.qps.get(self.dest)
+        if peer is None or peer.closed or peer.state not in (e.IBV_QPS_RTR, e.IBV_QPS_RTS):
+            return e.IBV_WC_RETRY_EXC_ERR  # nobody answers: the transport retries run out
+        imm = wr.opcode == e.IBV_WR_RDMA_WRITE_WITH_IMM
+        if imm and not peer.rq:
+            return None
+        if getattr(wr, "sges", None) is not None:  # recorded (RecordedSendWR): the memory checks apply
+            status = self._access(wr, peer)
+            if status != e.IBV_WC_SUCCESS:
+                return status
+        if imm:
+            recv = peer.rq.pop(0)
+            peer.rcq.wcs.append(WC(wr_id=recv.wr_id, status=e.IBV_WC_SUCCESS, opcode=e.IBV_WC_RECV_RDMA_WITH_IMM,
+                                   qp_num=peer.qp_num, imm_data=wr.imm_data, wc_flags=e.IBV_WC_WITH_IMM))
+        return e.IBV_WC_SUCCESS
+
+    def _access(self, wr, peer: "FakeQP") -> int:
+        """The lkey's MR locally, the rkey's at the responder; then the bytes move."""
+        fabric, ((addr, n, lkey),), (rkey, raddr) = self.fake.fabric, wr.sges, wr.rdma
+        local = fabric.mrs.get(lkey)
+        if local is None or local.pd is not self.pd or not local.covers(addr, n):
+            return e.IBV_WC_LOC_PROT_ERR
+        remote = fabric.mrs.get(rkey)
+        if (remote is None or remote.pd is not peer.pd or not remote.access & e.IBV_ACCESS_REMOTE_WRITE
+                or not remote.covers(raddr, n)):
+            return e.IBV_WC_REM_ACCESS_ERR
+        if fabric.move_bytes:
+            ctypes.memmove(raddr, addr, n)
+        return e.IBV_WC_SUCCESS
+
+    def _complete(self, cq: FakeCQ, wr_id: int, status: int) -> None:
+        cq.wcs.append(WC(wr_id=wr_id, status=status, qp_num=self.qp_num))
+
+    def _error(self) -> None:
+        """ERR: every outstanding WR of both queues completes with a flush error, signalled or not."""
+        self.state = e.IBV_QPS_ERR
+        self.states.append("ERR")
+        for wr in self.sq:
+            self._complete(self.scq, wr.wr_id, e.IBV_WC_WR_FLUSH_ERR)
+        for wr in self.rq:
+            self._complete(self.rcq, wr.wr_id, e.IBV_WC_WR_FLUSH_ERR)
+        self.sq, self.rq = [], []
 
     def close(self):
-        self.closed = True
+        if self.closed:
+            return
+        self.closed, self.unflushed = True, len(self.sq) + len(self.rq)
+        self.states.append("destroyed")
+        for cq in {id(self.scq): self.scq, id(self.rcq): self.rcq}.values():
+            cq.wcs = [wc for wc in cq.wcs if wc.qp_num != self.qp_num]
 
 
-class FakeDevice:
-    port, lid, gid, gid_index = 1, 0, "::ffff:127.0.0.1", 3
+class FakePyverbs:
+    """verbs._pyverbs() for one process: its devices, its locked-memory limit (None: unlimited)."""
 
-    def __init__(self, fabric: FakeFabric, mtu: int):
-        self.fabric, self.active_mtu = fabric, mtu
-        self.cq, self.rcq = FakeCQ(), FakeCQ()
-        self.scratch = types.SimpleNamespace(buf=4096, lkey=1)
-        self.made: list[FakeQP] = []
-        self.fail_post = self.silent = self.closed = False
+    def __init__(self, fabric: FakeFabric, nics: list[FakeNic] | None = None, memlock: int | None = None):
+        self.fabric, self.nics, self.memlock = fabric, nics or [FakeNic()], memlock
+        self.contexts: list[FakeContext] = []
+        self.locked, self.registered = 0, []
+        self.hold = False  # QPs made from now on queue their WRs without executing them
+        self.fail_post_at: int | None = None  # post_send calls from now on that succeed before one fails
+
+    def get_device_list(self):
+        return [types.SimpleNamespace(name=n.name.encode(), transport_type=n.transport, node_type=1) for n in self.nics]
+
+    def Context(self, name: str):  # noqa: N802 (pyverbs' names)
+        return FakeContext(self, name)
+
+    def PD(self, ctx):  # noqa: N802
+        return FakePD(ctx)
+
+    def CQ(self, ctx, cqe, cq_context=None, channel=None, comp_vector=0):  # noqa: N802
+        return FakeCQ(ctx, cqe)
+
+    def MR(self, pd, length, access, address=None):  # noqa: N802
+        return FakeMR(self, pd, length, access, address)
+
+    def create_qp(self, pd, scq, rcq, e):
+        # The attributes are what the plane's own qp_init_attr builds, a real pyverbs QPInitAttr
+        # (sq_sig_all included), without the CQs: pyverbs takes only its own CQ objects in it.
+        return FakeQP(self, pd, qp_init_attr(e), scq, rcq)
+
+
+class FakeDevice(DeviceLayer):
+    """The real DeviceLayer over the fake pyverbs layer; `made`: the QPs the plane asked for."""
+
+    def __init__(self, fabric: FakeFabric, mtu: int, nic: FakeNic | None = None, memlock: int | None = None):
+        self.fabric, self.made = fabric, []
+        self.fake = FakePyverbs(fabric, [nic or FakeNic(mtu=mtu)], memlock)
+        super().__init__(RdmaOptions(), e, api=self.fake)
+
+    @property
+    def closed(self) -> bool:
+        return all(c.closed for c in self.fake.contexts)
 
     def new_qp(self, e):
-        self.made.append(FakeQP(self))
+        self.made.append(super().new_qp(e))
         return self.made[-1]
 
-    def register(self, address, nbytes, access):
-        return types.SimpleNamespace(rkey=7, lkey=8, close=lambda: None)
 
-    def close(self):
-        self.closed = True
+def fake_api(fabric: FakeFabric, nics: list[FakeNic] | None = None, memlock: int | None = None) -> Callable[[], Any]:
+    """A stand-in for verbs._pyverbs (monkeypatched): every call gives the same fake process."""
+    fake = FakePyverbs(fabric, nics, memlock)
+    return lambda: fake
+
+
+class RecordedSendWR(SendWR):
+    """pyverbs' SendWR, keeping what the fake device reads back: pyverbs exposes neither its SGEs nor
+    its RDMA address. Installed for this module's tests; unrecorded WRs skip the memory checks."""
+
+    def __init__(self, *args, sg=None, **kwargs):
+        super().__init__(*args, sg=sg, **kwargs)
+        self.sges = [(s.addr, s.length, s.lkey) for s in sg or []]
+        self.rdma = (0, 0)
+
+    def set_wr_rdma(self, rkey, addr):
+        super().set_wr_rdma(rkey, addr)
+        self.rdma = (rkey, addr)
+
+
+@pytest.fixture(autouse=True)
+def _recorded_wrs(monkeypatch):
+    import pyverbs.wr
+
+    monkeypatch.setattr(pyverbs.wr, "SendWR", RecordedSendWR)
 
 
 @pytest.fixture
@@ -165,22 +456,102 @@ async def fake_pair():
 async def _idle(a: VerbsDataPlane) -> bool:
     """Nothing pending, and the poller has ended (it notices on its next turn)."""
     await asyncio.sleep(0.01)
-    return not a._sends and not a._waiters and (a._poller is None or a._poller.done())
+    return not a._sends and not a._waiters and not a._draining and (a._poller is None or a._poller.done())
+
+
+def _drained(qp: FakeQP) -> bool:
+    """Moved to ERR, every outstanding WR flushed, then destroyed."""
+    return qp.closed and qp.unflushed == 0 and qp.states[-2:] == ["ERR", "destroyed"]
+
+
+async def _until(cond: Callable[[], bool], what: str, limit: float = 5.0) -> None:
+    for _ in range(int(limit / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_roce_setup_picks_the_routable_v2_gid_by_its_sysfs_type_fake_device():
+    """#34.1: query_gid_type's values are the sysfs enum; compared with ibv_gid_type's ROCE_V2 (2)
+    no GID ever matched and every RoCE host fell back to tcp."""
+    dev = DeviceLayer(RdmaOptions(), e, api=fake_api(FakeFabric(), [ROCE])())
+    assert (dev.gid_index, dev.gid) == (3, "0000:0000:0000:0000:0000:ffff:0a00:0001")
+    dev.close()
+    ib = DeviceLayer(RdmaOptions(), e, api=fake_api(FakeFabric())())
+    assert (ib.gid_index, ib.lid) == (0, 7)
+    ib.close()
 
 
 async def test_write_completes_on_the_receivers_write_with_imm_fake_device(fake_pair):
     a, b, done = fake_pair
-    handle = b.register(torch.zeros(1 << 16, dtype=torch.uint8))
-    await a.write(torch.ones(4096, dtype=torch.uint8), handle, 0, 4096, "latency", notify={"layer": 1})
-    await a.write(torch.ones(4096, dtype=torch.uint8), handle, 4096, 4096, "latency", notify={"layer": 2})
+    dst = torch.zeros(1 << 16, dtype=torch.uint8)
+    handle = b.register(dst)
+    await a.write(torch.full((4096,), 1, dtype=torch.uint8), handle, 0, 4096, "latency", notify={"layer": 1})
+    await a.write(torch.full((4096,), 2, dtype=torch.uint8), handle, 4096, 4096, "latency", notify={"layer": 2})
     assert done == [{"layer": 1}, {"layer": 2}]
+    assert dst[:4096].eq(1).all() and dst[4096:8192].eq(2).all() and not dst[8192:].any()  # at rkey's address + offset
     qp = a.dev.made[0]
     assert [w.opcode for w in qp.posted] == [e.IBV_WR_RDMA_WRITE_WITH_IMM] * 2
     assert [w.imm_data for w in qp.posted] == [1, 2]  # the sequence number the receiver waits for
     assert qp.mtu == b.dev.fabric.qps[qp.dest].mtu == e.IBV_MTU_1024  # the smaller active MTU
     peer = b.accepted[qp.dest]
-    assert peer.recvs > 0  # receive WRs reposted as they are consumed
+    assert peer.recvs == RECV_DEPTH  # receive WRs reposted as they are consumed
     assert a.links() == {f"127.0.0.1:{b.port}": "verbs"} and await _idle(a) and await _idle(b)
+
+
+async def test_a_write_over_1_gib_completes_on_its_last_piece_only_fake_device():
+    """#34.3: only the last WR of a write is signalled (sq_sig_all=0): one completion per write, and
+    a failure of the last piece fails the write at once, not after its timeout."""
+    fabric, done = FakeFabric(move_bytes=False), []  # torch.empty GiBs: never touched
+    a = VerbsDataPlane("a", TOKEN, device_layer=FakeDevice(fabric, e.IBV_MTU_4096))
+    b = VerbsDataPlane("b", TOKEN, on_complete=done.append, device_layer=FakeDevice(fabric, e.IBV_MTU_4096))
+    await a.start("127.0.0.1")
+    await b.start("127.0.0.1")
+    try:
+        n = MAX_WR_BYTES + 4096
+        src, handle = torch.empty(n, dtype=torch.uint8), b.register(torch.empty(n, dtype=torch.uint8))
+        await a.write(src, handle, 0, n, "bulk", notify="big")
+        qp = a.dev.made[0]
+        assert [(w.opcode, w.send_flags) for w in qp.posted] == [(e.IBV_WR_RDMA_WRITE, 0), (
+            e.IBV_WR_RDMA_WRITE_WITH_IMM, e.IBV_SEND_SIGNALED)]
+        assert done == ["big"] and a.dev.cq.delivered == 1  # the first piece completed silently
+
+        b.dev.fabric.mrs[handle["rkey"]].length = MAX_WR_BYTES  # now the last piece is out of the rkey's range
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(TransferError, match=f"work completion status {e.IBV_WC_REM_ACCESS_ERR}"):
+            await a.write(src, handle, 0, n, "bulk", notify="cut", timeout=4.0)
+        assert asyncio.get_running_loop().time() - t0 < 3.0 and done == ["big"] and not a.qps
+        await _until(lambda: qp.closed, "the failed QP is retired")  # (in the background: no WR of the write is left)
+        assert _drained(qp)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_cancelled_write_returns_once_its_wrs_are_flushed_fake_device(fake_pair):
+    """#34.3: a cancelled write must not leave its source thought idle while its WRs are in flight:
+    its QP is moved to ERR and drained first, and only then is the temporary MR deregistered."""
+    a, b, done = fake_pair
+    handle = b.register(torch.zeros(1 << 16, dtype=torch.uint8))
+    a.dev.fake.hold = True  # the peer does not answer: WRs stay queued
+    task = asyncio.create_task(a.write(torch.ones(4096, dtype=torch.uint8), handle, 0, 4096, "bulk", timeout=30))
+    await _until(lambda: a.dev.made and a.dev.made[0].sq, "the write is posted")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    qp = a.dev.made[0]
+    assert _drained(qp) and a.dev.fabric.closed_in_use == 0 and not a.qps and done == []
+
+
+async def test_no_completion_times_out_drains_the_qp_and_poller_ends_fake_device(fake_pair):
+    a, b, done = fake_pair
+    handle = b.register(torch.zeros(4096, dtype=torch.uint8))
+    a.dev.fake.hold = True
+    with pytest.raises(TransferError, match="timed out"):
+        await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", timeout=0.3)
+    assert _drained(a.dev.made[0]) and a.dev.fabric.closed_in_use == 0
+    assert await _idle(a) and done == []
 
 
 async def test_concurrent_first_writes_make_one_qp_fake_device(fake_pair):
@@ -194,29 +565,81 @@ async def test_concurrent_first_writes_make_one_qp_fake_device(fake_pair):
 async def test_failed_post_leaves_nothing_pending_fake_device(fake_pair):
     a, b, done = fake_pair
     handle = b.register(torch.zeros(4096, dtype=torch.uint8))
-    a.dev.fail_post = True
+    a.dev.fake.fail_post_at = 0
     with pytest.raises(TransferError, match="post_send failed"):
         await asyncio.wait_for(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk"), 5)
-    assert await _idle(a) and not a.qps and a.dev.made[0].closed and done == []
-    a.dev.fail_post = False
+    assert await _idle(a) and not a.qps and _drained(a.dev.made[0]) and done == []
     await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="again")
     assert done == ["again"] and len(a.dev.made) == 2  # a fresh QP after the failed one
 
 
-async def test_no_completion_times_out_and_poller_ends_fake_device(fake_pair):
+async def test_a_post_failing_mid_write_drains_the_pieces_already_posted_fake_device():
+    """The first 1 GiB piece is posted (unsignalled: no completion of its own), the second post
+    fails: the write returns only after the QP flushed that piece, then frees the source MR."""
+    fabric = FakeFabric(move_bytes=False)
+    a = VerbsDataPlane("a", TOKEN, device_layer=FakeDevice(fabric, e.IBV_MTU_4096))
+    b = VerbsDataPlane("b", TOKEN, device_layer=FakeDevice(fabric, e.IBV_MTU_4096))
+    await a.start("127.0.0.1")
+    await b.start("127.0.0.1")
+    try:
+        n = MAX_WR_BYTES + 10
+        handle = b.register(torch.empty(n, dtype=torch.uint8))
+        a.dev.fake.hold, a.dev.fake.fail_post_at = True, 1
+        with pytest.raises(TransferError, match="post_send failed"):
+            await a.write(torch.empty(n, dtype=torch.uint8), handle, 0, n, "bulk", timeout=5)
+        qp = a.dev.made[0]
+        piece, marker = qp.posted  # the marker: posted in ERR after the flush, completed last
+        assert (piece.opcode, marker.wr_id) == (e.IBV_WR_RDMA_WRITE, DRAIN_WR_ID)
+        assert _drained(qp) and fabric.closed_in_use == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_failed_write_retires_its_own_qp_only_fake_device(fake_pair):
+    """#34.4: the failed QP goes to ERR, is drained and destroyed; a handler of a write that failed
+    on it and runs late must not retire the fresh QP made under the same key since."""
     a, b, done = fake_pair
     handle = b.register(torch.zeros(4096, dtype=torch.uint8))
-    a.dev.silent = True
-    with pytest.raises(TransferError, match="timed out"):
-        await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", timeout=0.3)
-    assert await _idle(a) and done == []
+    await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="first")
+    (key,), first = list(a.qps), a.dev.made[0]
+    gone = b.register(torch.zeros(4096, dtype=torch.uint8))
+    b.release(gone)  # its rkey is deregistered: the WRITE fails with a remote access error
+    with pytest.raises(TransferError, match="unknown or released"):
+        await a.write(torch.ones(10, dtype=torch.uint8), gone, 0, 10, "bulk", timeout=5)
+    await _until(lambda: first.closed, "the failed QP is retired")
+    assert _drained(first)
+    await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="fresh")
+    fresh = a.dev.made[1]
+    a._drop_qp(key, first)  # another write's failure on the first QP, handled only now
+    await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="again")
+    assert done == ["first", "fresh", "again"] and not fresh.closed and len(a.dev.made) == 2
+    assert a.qps[key][0] is fresh
+
+
+async def test_a_receiving_qp_in_error_fails_its_landings_at_once_fake_device(fake_pair):
+    """Its flushed receives carry no immediate data: the landing waiting on that QP fails with the
+    flush status (not after its timeout), nothing is filed under a made-up sequence number, and the
+    QP is retired; the writer's write fails and its own QP is drained."""
+    a, b, done = fake_pair
+    handle = b.register(torch.zeros(4096, dtype=torch.uint8))
+    a.dev.fake.hold = True  # the WRITE WITH IMM never arrives
+    t0 = asyncio.get_running_loop().time()
+    task = asyncio.create_task(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", timeout=20))
+    await _until(lambda: b._waiters, "the receiver waits for the landing")
+    (theirs,) = b.dev.made
+    theirs.modify(*err_attr(e))  # as after a fatal error on the receiver's QP
+    with pytest.raises(TransferError):
+        await task
+    assert asyncio.get_running_loop().time() - t0 < 5 and done == []
+    await _until(lambda: theirs.closed, "the receiver retires its failed QP")
+    assert _drained(theirs) and not b.accepted and not b._arrived and _drained(a.dev.made[0])
 
 
 async def test_released_handle_and_short_source_fake_device(fake_pair):
     a, b, done = fake_pair
     handle = b.register(torch.zeros(4096, dtype=torch.uint8))
     b.release(handle)
-    a.dev.silent = True  # a real responder would answer with a remote access error
     with pytest.raises(TransferError, match="unknown or released"):
         await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "latency", timeout=5)
     live = b.register(torch.zeros(4096, dtype=torch.uint8))
@@ -225,7 +648,9 @@ async def test_released_handle_and_short_source_fake_device(fake_pair):
     assert await _idle(a) and done == []
 
 
-async def test_close_closes_every_qp_and_the_device_fake_device():
+async def test_close_drains_and_destroys_every_qp_and_closes_the_device_fake_device():
+    """#34.4: at close, a QP with a write in flight (ours) and one with receive WRs posted (the
+    peer's) are moved to ERR and drained before they are destroyed."""
     fabric, done = FakeFabric(), []
     a = VerbsDataPlane("a", TOKEN, device_layer=FakeDevice(fabric, e.IBV_MTU_4096))
     b = VerbsDataPlane("b", TOKEN, on_complete=done.append, device_layer=FakeDevice(fabric, e.IBV_MTU_4096))
@@ -233,24 +658,115 @@ async def test_close_closes_every_qp_and_the_device_fake_device():
     await b.start("127.0.0.1")
     handle = b.register(torch.zeros(4096, dtype=torch.uint8))
     await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk")
+    (ours,), (theirs,) = a.dev.made, b.dev.made
+    ours.hold = True
+    stuck = asyncio.create_task(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", timeout=30))
+    await _until(lambda: ours.sq, "the second write is posted")
     await a.close()
+    with pytest.raises(TransferError):
+        await stuck
     await b.close()
-    assert all(qp.closed for qp in fabric.qps.values()) and len(fabric.qps) == 2
-    assert a.dev.closed and b.dev.closed and not b.accepted and not b.mrs
+    assert _drained(ours) and _drained(theirs) and b.dev.rcq.delivered >= RECV_DEPTH  # its receives flushed
+    assert a.dev.closed and b.dev.closed and not b.accepted and not b.mrs and fabric.closed_in_use == 0
+
+
+# -- choosing the backend: setup tries what the plane needs -------------------------------------
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _next_after_verbs() -> str:
+    from dualpath.transport import AUTO_ORDER, available_backends
+
+    have = available_backends()
+    return next(b for b in AUTO_ORDER[1:] if b in have)
 
 
 def test_verbs_that_cannot_start_fall_back_to_tcp_with_one_warning(monkeypatch, caplog):
-    """The real DeviceLayer on a host whose pyverbs finds no such device: one warning, tcp."""
-    import dualpath.transport as tr
+    """A configured device that is not there: one warning, tcp."""
     import dualpath.transport.verbs as v
 
-    monkeypatch.setattr(tr, "available_backends", lambda: ["tcp", "verbs"])
-    monkeypatch.setattr(v, "rdma_devices", lambda: ["mlx5_0"])
+    monkeypatch.setattr(v, "_pyverbs", fake_api(FakeFabric()))
     with caplog.at_level(logging.WARNING):
         dp = make_dataplane("verbs", "x", TOKEN, rdma=RdmaOptions(device="mlx5_9"))
     assert dp.backend == "tcp" and dp.links() == {}
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = _warnings(caplog)
     assert len(warnings) == 1 and "mlx5_9" in warnings[0] and "using tcp" in warnings[0]
+
+
+@pytest.mark.parametrize("nic, why", [
+    (FakeNic(name="iwp0", transport=1, link_layer=2, gids=ROCE.gids), "iWARP device.*rdma_cm"),
+    (FakeNic(name="efa_0", transport=4, link_layer=0, rc=False), "neither InfiniBand nor RoCE"),
+    (FakeNic(name="mlx5_2", rc=False), "cannot create an RC queue pair"),
+])
+def test_auto_takes_verbs_only_where_an_rc_qp_can_be_made_fake_device(monkeypatch, caplog, nic, why):
+    """#34.2: iWARP (connects through rdma_cm only), EFA (no RC QPs) and a device refusing an RC QP
+    are tried at setup and passed over with one warning saying why; what was opened is closed."""
+    import dualpath.transport.verbs as v
+
+    api = fake_api(FakeFabric(), [nic])
+    monkeypatch.setattr(v, "_pyverbs", api)
+    with caplog.at_level(logging.WARNING):
+        dp = make_dataplane("auto", "x", TOKEN)
+    assert dp.backend == _next_after_verbs()
+    (warning,) = _warnings(caplog)
+    assert re.search(why, warning) and nic.name in warning and f"using {dp.backend}" in warning
+    assert all(c.closed for c in api().contexts)
+
+
+async def test_setup_takes_the_first_device_it_can_drive_fake_device(monkeypatch):
+    import dualpath.transport.verbs as v
+
+    monkeypatch.setattr(v, "_pyverbs", fake_api(FakeFabric(), [FakeNic(name="efa_0", transport=4), FakeNic()]))
+    dp = make_dataplane("auto", "x", TOKEN)
+    assert dp.backend == "verbs" and dp.dev.ctx.nic.name == "mlx5_0"
+    await dp.close()
+
+
+async def test_auto_registers_the_buffer_at_setup_and_passes_over_verbs_past_the_memlock_limit_fake_device(
+        monkeypatch, caplog):
+    """#34.2: a buffer past the locked-memory limit picks another backend at setup (one warning);
+    within it, verbs is picked and the engine's register() of that buffer uses the MR made then."""
+    import dualpath.transport.verbs as v
+
+    buffer = torch.zeros(1 << 20, dtype=torch.uint8)
+    monkeypatch.setattr(v, "_pyverbs", fake_api(FakeFabric(), memlock=64 << 10))  # a container's default
+    with caplog.at_level(logging.WARNING):
+        dp = make_dataplane("auto", "x", TOKEN, register_first=buffer)
+    (warning,) = _warnings(caplog)
+    assert dp.backend == _next_after_verbs() and "register" in warning and "locked-memory limit" in warning
+
+    api = fake_api(FakeFabric())
+    monkeypatch.setattr(v, "_pyverbs", api)
+    dp = make_dataplane("auto", "x", TOKEN, register_first=buffer)
+    assert dp.backend == "verbs"
+    handle = dp.register(buffer, granted_only=True)
+    assert "rkey" in handle and [n for _, n in api().registered].count(buffer.numel()) == 1
+    await dp.close()
+    assert api().locked == 0
+
+
+async def test_a_region_that_cannot_be_registered_is_written_over_tcp_fake_device(caplog):
+    """#34.2: a registration failing after setup (memlock) no longer stops the engine: one warning,
+    and writes into that region go over tcp."""
+    fabric, done = FakeFabric(), []
+    a = VerbsDataPlane("a", TOKEN, device_layer=FakeDevice(fabric, e.IBV_MTU_4096))
+    b = VerbsDataPlane("b", TOKEN, on_complete=done.append,
+                       device_layer=FakeDevice(fabric, e.IBV_MTU_4096, memlock=64 << 10))
+    await a.start("127.0.0.1")
+    await b.start("127.0.0.1")
+    try:
+        dst = torch.zeros(1 << 20, dtype=torch.uint8)
+        with caplog.at_level(logging.WARNING):
+            handle = b.register(dst)
+        (warning,) = _warnings(caplog)
+        assert "rkey" not in handle and "go over tcp" in warning and "locked-memory limit" in warning
+        await a.write(torch.ones(4096, dtype=torch.uint8), handle, 100, 4096, "bulk", notify="tcp")
+        assert done == ["tcp"] and dst[100:4196].eq(1).all() and b.bytes_received == 4096 and not a.dev.made
+    finally:
+        await a.close()
+        await b.close()
 
 
 def test_rdma_options_come_from_cluster_toml(tmp_path):

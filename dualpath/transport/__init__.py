@@ -6,12 +6,17 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the data plane needs torch; the control plane (and the store's readers) must not
+    import torch
+
     from dualpath.transport.dataplane import TcpDataPlane
 
 log = logging.getLogger(__name__)
+AUTO_ORDER = ("verbs", "cuda", "shm", "tcp")
 
 
 def available_backends() -> list[str]:
+    """Backends whose hardware or OS support is present (verbs: any RDMA device; whether this
+    plane can drive it is known only once make_dataplane has tried)."""
     from dualpath.transport.shm import shm_available
 
     out = ["tcp", "shm"] if shm_available() else ["tcp"]
@@ -29,17 +34,37 @@ def available_backends() -> list[str]:
     return out
 
 
-def make_dataplane(backend: str, name: str, token: str, rdma: Any = None, **kwargs) -> "TcpDataPlane":
-    """'auto' picks verbs where an RDMA device exists, else cuda where GPUs are visible, else shm
-    (engines of one host copy into each other's buffers; other hosts over tcp), else tcp.
-    An explicit backend that cannot run here says why and falls back to tcp. rdma: the verbs
-    plane's RdmaOptions (device, port, GID, hop limit)."""
+def make_dataplane(backend: str, name: str, token: str, rdma: Any = None,
+                   register_first: "torch.Tensor | None" = None, **kwargs) -> "TcpDataPlane":
+    """'auto' picks verbs where an RDMA device can carry it, else cuda where GPUs are visible, else
+    shm (engines of one host copy into each other's buffers; other hosts over tcp), else tcp.
+    Verbs is tried, not assumed: its setup creates an RC queue pair and registers memory
+    (register_first, the host buffer the caller is about to register, e.g. an engine's DRAM buffer:
+    a locked-memory limit too small for it fails here, not in the engine later).
+    A backend that cannot run here says why in one warning and the next one is used: for 'auto' the
+    next in that order, for an explicit backend tcp. rdma: the verbs plane's RdmaOptions (device,
+    port, GID, hop limit)."""
     have = available_backends()
     if backend == "auto":
-        backend = next(b for b in ("verbs", "cuda", "shm", "tcp") if b in have)
-    if backend not in have:
+        order = [b for b in AUTO_ORDER if b in have]
+    elif backend in have:
+        order = [backend, "tcp"] if backend != "tcp" else ["tcp"]
+    else:
         log.warning("transport backend %r is not available on this host (have %s); using tcp", backend, have)
-        backend = "tcp"
+        order = ["tcp"]
+    for i, chosen in enumerate(order):
+        if chosen != "verbs":
+            return _plane(chosen, name, token, **kwargs)
+        from dualpath.transport.verbs import VerbsDataPlane
+
+        try:  # pyverbs too old or new, no ACTIVE port or routable GID, iWARP/EFA, memlock: one warning
+            return VerbsDataPlane(name, token, rdma=rdma, register_first=register_first, **kwargs)
+        except Exception as e:
+            log.warning("verbs data plane cannot start (%s: %s); using %s", type(e).__name__, e, order[i + 1])
+    raise AssertionError("unreachable: tcp ends every order")
+
+
+def _plane(backend: str, name: str, token: str, **kwargs) -> "TcpDataPlane":
     if backend == "cuda":
         from dualpath.transport.cuda import CudaDataPlane
 
@@ -48,13 +73,6 @@ def make_dataplane(backend: str, name: str, token: str, rdma: Any = None, **kwar
         from dualpath.transport.shm import ShmDataPlane
 
         return ShmDataPlane(name, token, **kwargs)
-    if backend == "verbs":
-        from dualpath.transport.verbs import VerbsDataPlane
-
-        try:  # pyverbs too old or new, no ACTIVE port, no routable GID: one warning, then tcp
-            return VerbsDataPlane(name, token, rdma=rdma, **kwargs)
-        except Exception as e:
-            log.warning("verbs data plane cannot start (%s: %s); using tcp", type(e).__name__, e)
     from dualpath.transport.dataplane import TcpDataPlane
 
     return TcpDataPlane(name, token, **kwargs)
