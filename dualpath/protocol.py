@@ -117,15 +117,54 @@ class Engines(Message):
 
 
 @dataclass(frozen=True)
+class SamplingParams:
+    """How a request's tokens are drawn and when its answer ends: OpenAI's and vLLM's sampling
+    parameters, validated by the coordinator (sched/coordinator.py), applied where a token is drawn
+    (engine/runtime.py ``sample``: the PE draws the first token, the DE the rest). It travels in
+    Admit and Prefill, so both engines draw with the same parameters and the same seed.
+
+    Defaults change nothing: greedy, no filtering, no penalties, no bias."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose mass reaches top_p
+    top_k: int = -1  # keep the k most likely tokens (-1: all)
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one
+    seed: int = 0  # the draw of position i is seeded by (seed, i); the coordinator picks one if the client did not
+    max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be drawn before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # drawing one ends the answer (finish_reason "stop")
+    ignore_eos: bool = False  # EOS does not end the answer
+    eos_id: int | None = None  # the model's end-of-sequence token (the coordinator's tokenizer says)
+    presence_penalty: float = 0.0  # subtracted from the logit of each token already generated
+    frequency_penalty: float = 0.0  # ... times the number of times it was generated
+    repetition_penalty: float = 1.0  # logits of prompt and generated tokens: positive / it, negative * it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) pairs
+
+    def __post_init__(self):
+        # msgpack gives arrays back as lists: normalise to tuples, so a message survives the wire
+        # equal to itself and stays hashable (token-id keys cannot be msgpack map keys: pairs instead)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any parameter but temperature changes the logits or the candidates (else a
+        greedy row is the plain argmax: engine/runtime.py keeps those on the batched fast path)."""
+        return bool(self.logit_bias or self.min_tokens or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0)
+
+    def stops_on(self, token: int) -> bool:
+        """Whether drawing `token` ends the answer: a stop token id, or EOS unless ignore_eos."""
+        return token in self.stop_token_ids or (token == self.eos_id and not self.ignore_eos)
+
+
+@dataclass(frozen=True)
 class Admit(Message):
     rid: str
     tokens: list[int]
     hit_blocks: int  # leading prompt blocks whose KV is stored (loaded, not computed)
     de_blocks: int  # of those, the leading blocks the DE reads (path B)
-    temperature: float
-    seed: int | None
-    max_tokens: int
-    eos_id: int | None
+    sampling: SamplingParams  # with max_tokens: the DE reserves HBM for prompt + max_tokens
     pe: str  # the only peer granted to write the handoff into the run
     handoff_timeout_s: float  # no Prefilled by then: the slot is freed
     pe_incarnation: str | None = None  # the PE's process life, as it logged in: the grant binds to it
@@ -137,8 +176,7 @@ class Prefill(Message):
     tokens: list[int]
     hit_blocks: int
     de_blocks: int
-    temperature: float
-    seed: int | None
+    sampling: SamplingParams  # the PE draws the first token with it
     de: str
     de_run: RunHandle  # the DE's run: where the handoff goes
 
@@ -179,7 +217,7 @@ class Failed(Message):
     retry: bool = False  # another attempt (new engines) may succeed
 
 
-STRUCTS = (RunHandle, EngineReport)  # dataclass fields of messages: a dict on the wire
+STRUCTS = (RunHandle, EngineReport, SamplingParams)  # dataclass fields of messages: a dict on the wire
 
 
 def _to_wire(v: Any) -> Any:

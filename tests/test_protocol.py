@@ -6,14 +6,16 @@ import pytest
 from dualpath import protocol
 from dualpath.engine.decode import DecodeEngine
 from dualpath.engine.prefill import PrefillEngine
-from dualpath.protocol import MESSAGES, Admit, Prefill, RunHandle, decode
+from dualpath.protocol import MESSAGES, Admit, Prefill, RunHandle, SamplingParams, decode
 from dualpath.sched.coordinator import Coordinator
 
 RUN = RunHandle({"backend": "tcp", "addr": ["127.0.0.1", 7001], "region": 1, "grant": 9}, offset=4096, n_blocks=3)
 SAMPLES = [
     protocol.Register("pe0", "prefill", 0, "127.0.0.1", 7100), protocol.Heartbeat("de1", protocol.EngineReport(free_hbm_blocks=7)),
-    protocol.Engines(), Admit("r.1", [1, 2, 3], 1, 1, 0.5, 42, 16, None, "pe0", 30.0),
-    Prefill("r.1", [1, 2, 3], 1, 0, 0.0, None, "de1", RUN), protocol.Load("r.1", RUN),
+    protocol.Engines(),
+    Admit("r.1", [1, 2, 3], 1, 1, SamplingParams(0.5, seed=42, max_tokens=16, stop_token_ids=(7,),
+                                                 logit_bias=((3, -1.5),)), "pe0", 30.0),
+    Prefill("r.1", [1, 2, 3], 1, 0, SamplingParams(), "de1", RUN), protocol.Load("r.1", RUN),
     protocol.Prefilled("r.1", 17), protocol.Abort("r.1"), protocol.Token("r.1", 5), protocol.Done("r.1", True),
     protocol.Failed("r.1", "retry: a hit block was missing", retry=True),
 ]

@@ -25,7 +25,8 @@ from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import Abort, Admit, Done, EngineReport, Failed, Load, Prefilled, RunHandle, Token, ask, tell
+from dualpath.protocol import (Abort, Admit, Done, EngineReport, Failed, Load, Prefilled, RunHandle, SamplingParams,
+                               Token, ask, tell)
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
 from dualpath.storage.store import BusyClock
@@ -41,10 +42,7 @@ class DecodeSeq:
     prompt_len: int
     hit_blocks: int
     de_blocks: int  # leading hit blocks this engine reads and sends to the PE (path B)
-    max_tokens: int
-    temperature: float
-    seed: int | None
-    eos_id: int | None
+    sampling: SamplingParams  # how its tokens are drawn, and when its answer ends
     pe: str = ""  # the PE that writes its handoff into our run
     run: BufferRun | None = None
     grant: dict | None = None  # the PE's leave to write its handoff into our run
@@ -57,6 +55,10 @@ class DecodeSeq:
     expiry: asyncio.TimerHandle | None = None  # frees the slot if no handoff comes by the deadline
     cancelled: bool = False
     prefilled: bool = False  # the PE's handoff arrived: _merge, then the decode loop, end the request
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_tokens
 
     @property
     def generated(self) -> int:
@@ -173,8 +175,8 @@ class DecodeEngine(Engine):
         coordinator tries another DE, or waits for room: it must not wait out its admit's timeout
         here); start reading our share of the hits (path B). Answers the RunHandle where the PE
         writes its handoff."""
-        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens), msg.hit_blocks, msg.de_blocks, msg.max_tokens,
-                        msg.temperature, msg.seed, msg.eos_id, msg.pe)
+        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens), msg.hit_blocks, msg.de_blocks, msg.sampling,
+                        msg.pe)
         try:
             seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
         except OutOfBlocks as e:
@@ -291,8 +293,10 @@ class DecodeEngine(Engine):
         tell(self.coord, Token(seq.rid, token))
 
     def _finished(self, seq: DecodeSeq) -> bool:
+        """Cancelled, at max_tokens, or its last token ends it (a stop token id, or EOS unless
+        ignore_eos; min_tokens kept them from being drawn earlier: runtime.process_logits)."""
         return (seq.cancelled or seq.generated >= seq.max_tokens
-                or (seq.eos_id is not None and seq.tokens[-1] == seq.eos_id))
+                or (seq.generated > 0 and seq.sampling.stops_on(seq.tokens[-1])))
 
     async def _decode_loop(self) -> None:
         while not self.stopping.is_set():
@@ -329,7 +333,7 @@ class DecodeEngine(Engine):
         the step completed, [layers, bytes per layer] on the host, copied here in one transfer
         rather than on the event loop (a device-to-host copy waits for the GPU)."""
         logits = self.graphs.run([(s.tokens[-1], len(s.tokens) - 1, s.blocks) for s in seqs])
-        tokens = sample_batch(logits[: len(seqs)], [(s.temperature, s.seed, len(s.tokens)) for s in seqs])
+        tokens = sample_batch(logits[: len(seqs)], [(s.sampling, s.tokens, s.prompt_len) for s in seqs])
         full = [s for s in seqs if self._completed_block(s) is not None]
         if not full:
             return tokens, {}

@@ -27,7 +27,8 @@ from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import Abort, EngineReport, Failed, Load, Prefill, Prefilled, RunHandle, ask, tell
+from dualpath.protocol import (Abort, EngineReport, Failed, Load, Prefill, Prefilled, RunHandle, SamplingParams, ask,
+                               tell)
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
 
@@ -42,8 +43,7 @@ class PrefillJob:
     de_blocks: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
     de: str
     de_run: RunHandle  # where the handoff goes
-    temperature: float
-    seed: int | None
+    sampling: SamplingParams  # how the first token is drawn
     run: BufferRun | None = None
     grant: dict | None = None  # the DE's leave to write path B into our run
     blocks: list[int] = field(default_factory=list)
@@ -89,8 +89,8 @@ class PrefillEngine(Engine):
         return dataclasses.replace(super().report(), queued_prefill_tokens=queued, last_prefill=self.last_prefill)
 
     async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
-        job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.temperature,
-                         msg.seed, computed=msg.hit_blocks * self.bt)  # its queued work is the miss alone
+        job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.sampling,
+                         computed=msg.hit_blocks * self.bt)  # its queued work is the miss alone
         self.jobs[job.rid] = job
         self.spawn(self._admit(job), f"admitting {job.rid}")
         return {"accepted": True}
@@ -239,7 +239,7 @@ class PrefillEngine(Engine):
 
         def first_tokens() -> list[int]:  # on the compute thread: sampling waits for the GPU
             logits = self.model.logits(h[[i for _, i in finished]])
-            return sample_batch(logits, [(j.temperature, j.seed, len(j.tokens)) for j, _ in finished])
+            return sample_batch(logits, [(j.sampling, j.tokens, len(j.tokens)) for j, _ in finished])
 
         firsts = await self.in_compute(first_tokens) if finished else []
         for j, n in picked:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, Coroutine
 
 import torch
@@ -17,7 +19,8 @@ from dualpath.device import device_threads, make_current, until_done
 from dualpath.engine.buffers import BufferPool, BufferRun
 from dualpath.engine.kvcache import KVPool, OutOfBlocks
 from dualpath.engine.weights import load_pretrained
-from dualpath.protocol import EngineReport, Engines, Heartbeat, Register, RunHandle, ask, dispatch, tell
+from dualpath.protocol import (EngineReport, Engines, Heartbeat, Register, RunHandle, SamplingParams, ask, dispatch,
+                               tell)
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.store import open_store
 from dualpath.transport import make_dataplane
@@ -29,31 +32,80 @@ log = logging.getLogger(__name__)
 HANDOFF_FENCE_S = 60.0  # an abort waits this long at most for a handoff's writes (each write's own timeout)
 
 
-def sample(logits: torch.Tensor, temperature: float, seed: int | None, position: int) -> int:
-    """Greedy at temperature 0; otherwise a draw seeded by (seed, position), so the PE (first token)
-    and the DE (the rest) draw the same sequence a single engine would. Never raises: where the
-    distribution is not finite (an extreme temperature) the draw is greedy, and only this request
-    is affected, not the batch it runs in."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    g = torch.Generator().manual_seed(((seed or 0) * 1_000_003 + position) & (2**63 - 1))
-    probs = torch.softmax(logits.double().cpu() / temperature, -1)
-    if not bool(torch.isfinite(probs).all()):
-        return int(logits.argmax())
+def process_logits(logits: torch.Tensor, p: SamplingParams, tokens: Sequence[int], prompt_len: int) -> torch.Tensor:
+    """The logits a token is drawn from, before temperature: logits [vocab] -> [vocab] float64 on
+    the host. `tokens` is the prompt (its first `prompt_len`) and the tokens generated so far.
+    In vLLM's order: logit_bias, then min_tokens (EOS and stop_token_ids cannot be drawn before
+    min_tokens tokens), then the penalties: repetition as vLLM and HF apply it (a token of prompt
+    or output has a positive logit divided by it, a negative one multiplied), presence and frequency
+    as OpenAI does (over the output only: logit -= frequency * count + presence * (count > 0))."""
+    x = logits.detach().to("cpu", torch.float64).clone()
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long)
+        x.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=torch.float64))
+    if len(tokens) - prompt_len < p.min_tokens:
+        banned = [*p.stop_token_ids, *([p.eos_id] if p.eos_id is not None else [])]
+        if banned:
+            x[torch.tensor(banned, dtype=torch.long)] = -math.inf
+    if p.repetition_penalty != 1.0 and len(tokens):
+        seen = torch.tensor(sorted(set(tokens)), dtype=torch.long)
+        v = x[seen]
+        x[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and len(tokens) > prompt_len:
+        counts = torch.bincount(torch.tensor(tokens[prompt_len:], dtype=torch.long), minlength=len(x)).double()
+        x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).double()
+    return x
+
+
+def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """probs [vocab] (after temperature) with the tokens top_k, top_p and min_p rule out set to 0
+    (not renormalised: torch.multinomial takes weights). The most likely token always stays."""
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if 0 < p.top_k < len(probs):
+        keep[:] = False
+        keep[torch.topk(probs, p.top_k).indices] = True
+    if p.top_p < 1.0:
+        # the smallest set of most likely tokens whose mass reaches top_p: a token stays if the
+        # mass before it (in descending order) is still short of top_p, so the first always stays
+        kept = torch.where(keep, probs, 0.0)
+        sorted_p, order = torch.sort(kept, descending=True, stable=True)
+        before = torch.cumsum(sorted_p, 0) - sorted_p
+        in_nucleus = torch.zeros_like(keep)
+        in_nucleus[order] = before < p.top_p * kept.sum()
+        keep &= in_nucleus
+    if p.min_p > 0:
+        keep &= probs >= p.min_p * probs[keep].max()
+    return torch.where(keep, probs, 0.0)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, tokens: Sequence[int], prompt_len: int) -> int:
+    """The next token after `tokens` (prompt, then what was generated) from its logits [vocab].
+    Greedy at temperature 0; otherwise a draw seeded by (seed, position), position = len(tokens),
+    so the PE (first token) and the DE (the rest) draw the same sequence a single engine would.
+    Never raises: where the distribution is not finite (an extreme temperature) the draw is
+    greedy, and only this request is affected, not the batch it runs in."""
+    x = process_logits(logits, p, tokens, prompt_len) if p.processes_logits else logits.double().cpu()
+    if p.temperature <= 0:
+        return int(x.argmax())
+    probs = filter_probs(torch.softmax(x / p.temperature, -1), p)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return int(x.argmax())
+    g = torch.Generator().manual_seed((p.seed * 1_000_003 + len(tokens)) & (2**63 - 1))
     return int(torch.multinomial(probs, 1, generator=g))
 
 
-def sample_batch(logits: torch.Tensor, params: list[tuple[float, int | None, int]]) -> list[int]:
-    """``sample`` for each row of logits [B, vocab] and its (temperature, seed, position), with the
+def sample_batch(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sequence[int], int]]) -> list[int]:
+    """``sample`` for each row of logits [B, vocab] and its (params, tokens, prompt_len), with the
     same draws, in two device-to-host transfers at most instead of one per row (each waits for the
-    GPU): the argmax of every row, and the rows drawn from."""
-    tokens = logits.argmax(-1).tolist()
-    hot = [i for i, (temperature, _, _) in enumerate(params) if temperature > 0]
+    GPU): the argmax of every row, and the rows drawn from or whose logits are processed. A greedy
+    row with no logits processing stays on the batched argmax."""
+    next_tokens = logits.argmax(-1).tolist()
+    hot = [i for i, (p, _, _) in enumerate(rows) if p.temperature > 0 or p.processes_logits]
     if hot:
-        rows = logits[hot].cpu()
-        for row, i in zip(rows, hot):
-            tokens[i] = sample(row, *params[i])
-    return tokens
+        host = logits[hot].cpu()
+        for row, i in zip(host, hot):
+            next_tokens[i] = sample(row, *rows[i])
+    return next_tokens
 
 
 FREED_BEAT_GAP_S = 0.02  # frees closer together than this share one heartbeat
@@ -116,7 +168,8 @@ class Engine:
                                         latency_share=c.transport.latency_share, host=self.spec.host,
                                         device=self.device, incarnation=self.incarnation, rdma=RdmaOptions(
                                             c.transport.rdma_device, c.transport.rdma_port,
-                                            c.transport.rdma_gid_index, c.transport.rdma_hop_limit))
+                                            c.transport.rdma_gid_index, c.transport.rdma_hop_limit),
+                                        register_first=self.buffer.host)  # verbs only if the buffer registers
         try:
             await self.dataplane.start(self.spec.host, self.spec.port + 1000 if self.spec.port else 0)
         except OSError as e:  # an address of another host, or a port taken: say so, do not hang

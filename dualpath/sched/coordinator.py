@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
 from dualpath.protocol import (Abort, Admit, Done, EngineReport, Engines, Failed, Heartbeat, Message, Prefill, Register, RunHandle,
-                               Token, ask, dispatch, tell)
+                               SamplingParams, Token, ask, dispatch, tell)
 from dualpath.transport.control import Connection, RemoteError, Server
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,27 @@ class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    """body[name] as a float in [low, high] ((low, high] with low_open), else a 400 naming it."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high
+            or (low_open and value == low)):  # NaN fails this too
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise BadRequest(f"'{name}' must be a number in {interval}, got {value!r}", param=name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be an integer, got {value!r}", param=name)
+    return value
 
 
 class RequestFailed(RuntimeError):
@@ -67,9 +89,16 @@ MAX_INT = 2**63  # every integer in a request body fits 64 bits (Python's own li
 # Stop strings: OpenAI takes at most 4; agent frameworks sometimes send a few more (vLLM sets no
 # bound). Each token is searched for each stop string, and a stream holds back the last (longest
 # - 1) characters until they cannot begin one: both bounds keep that cost small and fixed.
+# A chat request without max_tokens may answer up to the rest of its context (vLLM), but a DE reserves
+# HBM for prompt + max_tokens when it admits a request (vLLM allocates as tokens come), so an
+# unbounded default would let one such request hold a whole engine: the default stops here.
+CHAT_DEFAULT_MAX_TOKENS = 4096
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-MAX_TEMPERATURE = 100.0
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_REPETITION_PENALTY = 1e6  # vLLM takes any positive value; beyond this every seen logit is ~0 or ~-inf anyway
+MAX_STOP_TOKEN_IDS = 256  # each generated token is looked up among them
+MAX_LOGIT_BIAS = 1024  # OpenAI documents no bound; each draw adds every one of them
 MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows: such a request is answered greedily (T = 0)
 
 
@@ -312,22 +341,42 @@ class Coordinator:
             raise BadRequest("'prompt' is empty", param="prompt")
         return tokens
 
-    def parse(self, body: Any) -> tuple[list[list[int]], dict, str]:
-        """A completion request's prompts (one, or a list of them), sampling parameters and policy."""
+    def parse(self, body: Any, default_max_tokens: int | None = 16) -> tuple[list[list[int]], dict, str]:
+        """A completion request's prompts (one, or a list of them), its parameters (params["sampling"]:
+        the SamplingParams its engines draw with) and policy. Every documented parameter is applied
+        or refused with a 400 naming it. Without max_tokens an answer has `default_max_tokens`
+        (OpenAI's 16 for completions), or with None the rest of the context (chat, as vLLM does)."""
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         if body.get("model") not in (None, self.model_name):
             raise BadRequest(f"the model {body['model']!r} does not exist here (this cluster serves "
                              f"{self.model_name!r})", status=404, param="model", code="model_not_found")
-        if body.get("n", 1) != 1:
-            raise BadRequest("'n' other than 1 is not supported: send the request n times with different seeds",
-                             param="n")
-        if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
-            raise BadRequest("'logprobs' and 'echo' are not supported", param="logprobs")
+        for name in ("n", "best_of"):  # one answer per request: n answers are n requests with their own seeds
+            if body.get(name) not in (None, 1):
+                raise BadRequest(f"'{name}' other than 1 is not supported: send the request that many times "
+                                 f"(each gets its own seed)", param=name)
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):  # (chat's logprobs is a bool)
+            if body.get(name) not in (None, False, 0):
+                raise BadRequest(f"'{name}' is not supported", param=name)
+        if body.get("echo"):
+            raise BadRequest("'echo' is not supported", param="echo")
+        if body.get("suffix") is not None:
+            raise BadRequest("'suffix' (insertion) is not supported", param="suffix")
+        if body.get("response_format") not in (None, {"type": "text"}):
+            raise BadRequest("'response_format' other than {\"type\": \"text\"} (JSON mode, structured output) "
+                             "is not supported", param="response_format")
         prompt = body.get("prompt")
         batch = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
         prompts = [self._prompt_tokens(p) for p in prompt] if batch else [self._prompt_tokens(prompt)]
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
+        given = body.get("max_completion_tokens", body.get("max_tokens"))
+        if given is None and default_max_tokens is None:  # (chat) the rest of the context, up to a bound
+            room = min(self.max_context, self.max_engine_tokens) - max(map(len, prompts))
+            max_tokens = min(room, CHAT_DEFAULT_MAX_TOKENS) if room >= 1 else room
+            if max_tokens < 1:
+                raise BadRequest(f"the prompt ({max(map(len, prompts))} tokens) leaves no room for an answer in "
+                                 f"the context of {self.max_context} tokens", param="messages")
+        else:
+            max_tokens = default_max_tokens if given is None else given
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise BadRequest(f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
         for tokens in prompts:
@@ -335,31 +384,98 @@ class Coordinator:
                 raise BadRequest(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                  f"limit of {self.max_context} tokens", param="max_tokens")
             self.check_fits(len(tokens), max_tokens)
-        temperature = body.get("temperature", 0.0)
-        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                or not 0 <= temperature <= MAX_TEMPERATURE):  # NaN fails this too
-            raise BadRequest(f"'temperature' must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature!r}")
-        if temperature < MIN_TEMPERATURE:
-            temperature = 0.0
-        seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
-                                 or not -MAX_SEED <= seed < MAX_SEED):
-            raise BadRequest(f"'seed' must be an integer in [-2**63, 2**63), got {seed!r}")
+        sampling = self._sampling(body, max_tokens)
         stop = self._stop_strings(body.get("stop"))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"'stream' must be true or false, got {stream!r}", param="stream")
         if stream and len(prompts) > 1:
             raise BadRequest("streaming takes one prompt per request", param="prompt")
-        options = body.get("stream_options") or {}
+        options = body.get("stream_options")
+        if options is not None and not stream:  # OpenAI refuses it too: it would be ignored
+            raise BadRequest("'stream_options' is only allowed with 'stream': true", param="stream_options")
+        options = options or {}
         if not isinstance(options, dict):
             raise BadRequest("'stream_options' must be an object", param="stream_options")
         policy = body.get("dualpath_policy", self.cfg.scheduler.policy)
         if policy not in POLICIES:
-            raise BadRequest(f"unknown 'dualpath_policy' {policy!r}; expected one of {list(POLICIES)}")
-        params = {"max_tokens": max_tokens, "temperature": float(temperature), "seed": seed, "stop": stop,
-                  "stream": stream, "include_usage": bool(options.get("include_usage"))}
+            raise BadRequest(f"unknown 'dualpath_policy' {policy!r}; expected one of {list(POLICIES)}",
+                             param="dualpath_policy")
+        params = {"max_tokens": max_tokens, "sampling": sampling, "stop": stop, "stream": stream,
+                  "include_usage": bool(options.get("include_usage"))}
         return prompts, params, policy
+
+    @property
+    def max_engine_tokens(self) -> int:
+        """Prompt + answer tokens one engine can ever hold (check_fits): chat's default max_tokens
+        stops there, or every long default would be refused."""
+        return (self.cfg.engine.hbm_blocks - 1) * self.bt
+
+    def _sampling(self, body: dict, max_tokens: int) -> SamplingParams:
+        """The sampling parameters of a request, each in OpenAI's range (or vLLM's, for its own
+        parameters), or a 400 naming it. A request without a seed gets a random one here, once: its
+        answer is random, yet its PE and DE draw with the same seed (engine/runtime.py)."""
+        temperature = _number(body, "temperature", 0.0, 0.0, MAX_TEMPERATURE)  # (greedy unless asked)
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+        min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
+        presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+        frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+        repetition = _number(body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY, low_open=True)
+        top_k = _integer(body, "top_k", -1)
+        if top_k == 0 or top_k < -1:
+            raise BadRequest(f"'top_k' must be -1 (all tokens) or at least 1, got {top_k}", param="top_k")
+        min_tokens = _integer(body, "min_tokens", 0)
+        if not 0 <= min_tokens <= max_tokens:
+            raise BadRequest(f"'min_tokens' must be in [0, max_tokens = {max_tokens}], got {min_tokens}",
+                             param="min_tokens")
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or not -MAX_SEED <= seed < MAX_SEED):
+            raise BadRequest(f"'seed' must be an integer in [-2**63, 2**63), got {seed!r}", param="seed")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise BadRequest(f"'ignore_eos' must be true or false, got {ignore_eos!r}", param="ignore_eos")
+        return SamplingParams(
+            temperature=float(temperature), top_p=top_p, top_k=top_k, min_p=min_p,
+            seed=random.randrange(-MAX_SEED, MAX_SEED) if seed is None else seed,
+            max_tokens=max_tokens, min_tokens=min_tokens,
+            stop_token_ids=self._stop_token_ids(body.get("stop_token_ids")), ignore_eos=ignore_eos,
+            eos_id=self.tokenizer.eos_id, presence_penalty=presence, frequency_penalty=frequency,
+            repetition_penalty=repetition, logit_bias=self._logit_bias(body.get("logit_bias")))
+
+    def _stop_token_ids(self, ids: Any) -> tuple[int, ...]:
+        """vLLM's stop_token_ids: token ids whose drawing ends the answer (finish_reason "stop")."""
+        if ids is None:
+            return ()
+        vocab = self.model_cfg.vocab_size
+        if (not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)):
+            raise BadRequest(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in "
+                             f"[0, {vocab})", param="stop_token_ids")
+        return tuple(ids)
+
+    def _logit_bias(self, bias: Any) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} map: keys are token ids (JSON makes them strings) below the
+        vocabulary size, values in [-100, 100]."""
+        if bias is None:
+            return ()
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise BadRequest(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids",
+                             param="logit_bias")
+        pairs = []
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19 else None
+            if token is None or token >= self.model_cfg.vocab_size:
+                raise BadRequest(f"'logit_bias' key {key!r} is not a token id in [0, {self.model_cfg.vocab_size})",
+                                 param="logit_bias")
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not -100 <= value <= 100):  # NaN fails this too
+                raise BadRequest(f"'logit_bias' value for {key} must be a number in [-100, 100], got {value!r}",
+                                 param="logit_bias")
+            pairs.append((token, float(value)))
+        return tuple(pairs)
 
     @staticmethod
     def _stop_strings(stop: Any) -> list[str]:
@@ -426,10 +542,9 @@ class Coordinator:
             req.conns = {d.pe: pe.conn, d.de: de.conn}
             self._assign(d, info)
             self.waiting.room_changed()  # what is left may fit the next waiter
-            rid, temperature, seed = req.attempt_rid, req.params["temperature"], req.params["seed"]
-            admit = Admit(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature, seed, m, self.tokenizer.eos_id,
-                          pe=d.pe, handoff_timeout_s=max(0.0, req.deadline - time.monotonic()),
-                          pe_incarnation=pe.incarnation)
+            rid, sampling = req.attempt_rid, req.params["sampling"]
+            admit = Admit(rid, req.tokens, req.hit_blocks, d.de_blocks, sampling, pe=d.pe,
+                          handoff_timeout_s=max(0.0, req.deadline - time.monotonic()), pe_incarnation=pe.incarnation)
             try:
                 de_run = RunHandle(**await self._ask(de, admit))
             except (RemoteError, ConnectionError, TimeoutError) as e:
@@ -444,7 +559,7 @@ class Coordinator:
                 continue
             self.stats[f"path_{d.path}"] += 1
             # (a PE that went away meanwhile fails this attempt: generate() tries again)
-            await self._ask(pe, Prefill(rid, req.tokens, req.hit_blocks, d.de_blocks, temperature, seed, d.de, de_run))
+            await self._ask(pe, Prefill(rid, req.tokens, req.hit_blocks, d.de_blocks, sampling, d.de, de_run))
             req.t_scheduled = time.monotonic()
             return
 
@@ -648,8 +763,13 @@ class Coordinator:
             text = self.chat.render(body.get("messages"), body.get("tools"), body.get("tool_choice"))
         except ChatError as e:
             raise BadRequest(str(e), param=e.param) from None
-        rest = {k: v for k, v in body.items() if k not in ("messages", "tools", "tool_choice", "prompt")}
-        prompts, params, policy = self.parse({**rest, "prompt": text})
+        if body.get("parallel_tool_calls") is not None and body.get("tools"):
+            # tool calls are not parsed out of answers here (chat.py): how many there may be is not ours to enforce
+            raise BadRequest("'parallel_tool_calls' is not supported", param="parallel_tool_calls")
+        rest = {k: v for k, v in body.items()
+                if k not in ("messages", "tools", "tool_choice", "parallel_tool_calls", "prompt")}
+        # without max_tokens, the answer may fill the rest of the context (vLLM's default for chat)
+        prompts, params, policy = self.parse({**rest, "prompt": text}, default_max_tokens=None)
         req = RequestState(f"chatcmpl-{next(self._ids)}", prompts[0], params, policy)
         self.stats["requests"] += 1
         if params["stream"]:
@@ -684,8 +804,10 @@ class Coordinator:
         return answer.add(req.output, final=len(req.output) >= req.params["max_tokens"])
 
     def _finish_reason(self, req: RequestState, hit_stop: bool) -> str:
-        """'length' when max_tokens ended the answer, 'stop' for a stop string or the end-of-sequence token."""
-        return "stop" if hit_stop or len(req.output) < req.params["max_tokens"] else "length"
+        """'stop' for a stop string, a stop token id or the end-of-sequence token (even as the
+        max_tokens-th token), else 'length' when max_tokens ended the answer."""
+        ended = bool(req.output) and req.params["sampling"].stops_on(req.output[-1])
+        return "stop" if hit_stop or ended or len(req.output) < req.params["max_tokens"] else "length"
 
     async def _stream(self, request: web.Request, req: RequestState, chat: bool = False) -> web.StreamResponse:
         """Server-sent events as OpenAI sends them: one chunk per token with the new text only, a last
