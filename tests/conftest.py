@@ -14,3 +14,68 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 @pytest.fixture(params=["tiny-gqa", "tiny-mla"])
 def preset(request) -> str:
     return request.param
+
+
+# -- shared helpers (import as `from tests.conftest import ...`) --
+
+def triton_interpreter_ok() -> bool:
+    """Triton's CPU interpreter can run the GPU kernels: Triton 3.8 or newer (the first whose
+    interpreter takes loop bounds read from memory)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8)
+
+
+needs_triton_interpreter = pytest.mark.skipif(not triton_interpreter_ok(),
+                                              reason="needs Triton >= 3.8 for its CPU interpreter")
+
+
+def run_in_triton_interpreter(script: str):
+    """Run `script` in a fresh interpreter with TRITON_INTERPRET=1 (it selects the model's Triton
+    path on CPU tensors: engine/attention.py); -> the finished process, output captured."""
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+
+
+def hf_logits(hf, tokens: torch.Tensor) -> torch.Tensor:
+    """A transformers model's logits [T, vocab] for one sequence."""
+    with torch.no_grad():
+        return hf(tokens.unsqueeze(0)).logits[0]
+
+
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """Within 1e-5 of the logits' scale (fp32 on both sides)."""
+    err, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= 1e-5 * scale, f"{what}: max error {err:.2e} against logits of scale {scale:.2f}"
+
+
+def assert_paged_steps_match(model, hf, lengths: list[int], prompts: list[int], n_blocks: int, vocab: int,
+                             which: str, bt: int = 16) -> None:
+    """Sequences of `lengths` random tokens: chunked prefills of their first `prompts` tokens (the
+    second chunk over cached blocks), then 10 batched decode steps of all, teacher-forced; every
+    position's logits must be the transformers model's over the whole sequence."""
+    from dualpath.engine.kvcache import KVPool
+    from dualpath.engine.model import Batch
+
+    def step(seqs, ids):
+        return model.forward_paged(ids, Batch.build(seqs, bt, "cpu"), pool.kv)
+
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
+    want = [hf_logits(hf, s) for s in seqs]
+    pool = KVPool(model.cfg, n_blocks, bt, "cpu", torch.float32)
+    tables = [pool.allocator.alloc(pool.blocks_for(len(s))) for s in seqs]
+    for s, t, n, w in zip(seqs, tables, prompts, want):
+        first = step([(t, 0, 13)], s[:13])
+        rest = step([(t, 13, n - 13)], s[13:n])
+        assert_logits_close(torch.cat([first, rest]), w[:n], f"{which} prefill")
+    for i in range(10):  # decode steps of every sequence in one batch
+        batch = [(t, n + i, 1) for t, n in zip(tables, prompts)]
+        logits = step(batch, torch.stack([s[n + i] for s, n in zip(seqs, prompts)]))
+        for row, w, n in zip(logits, want, prompts):
+            assert_logits_close(row, w[n + i], f"{which} decode step {i}")

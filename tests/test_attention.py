@@ -9,9 +9,6 @@ and CUDA-graph decode, GQA and MLA, fp32 and bf16.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,6 +17,7 @@ import torch
 from dualpath.engine import attention
 from dualpath.engine.kvcache import KVPool
 from dualpath.engine.model import Batch, Model, ModelConfig
+from tests.conftest import needs_triton_interpreter, run_in_triton_interpreter
 
 BT = 16
 
@@ -122,6 +120,7 @@ from dualpath.engine import attention
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import KVPool
 from dualpath.engine.model import Batch, Model, ModelConfig
+from tests.conftest import needs_triton_interpreter, run_in_triton_interpreter
 BT = 16
 CONFIGS = {
     "gqa": ModelConfig(attn="gqa", vocab_size=128, hidden_size=64, n_layers=2, n_heads=6, n_kv_heads=2,
@@ -171,38 +170,25 @@ print("ok")
 """
 
 
-def _interpreter_ok() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return False
-    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8)
-
-
-@pytest.mark.skipif(not _interpreter_ok(), reason="needs Triton >= 3.8 for its CPU interpreter")
+@needs_triton_interpreter
 def test_kernel_in_the_interpreter_equals_attention_per_sequence():
     """GQA and MLA layouts; decode, ragged appends over contexts ending mid-block, a fresh causal
     prefill; with the context in one range and split in three (each merged by its log-sum-exp)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = run_in_triton_interpreter(INTERPRETER_SCRIPT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().endswith("ok") and r.stdout.count("\n") == 2 * 3 * 3 + 1
 
 
-@pytest.mark.skipif(not _interpreter_ok(), reason="needs Triton >= 3.8 for its CPU interpreter")
+@needs_triton_interpreter
 def test_fused_norm_and_rope_in_the_interpreter_equal_the_torch_layers():
     """fp32 (the interpreter rounds bf16 its own way; the GPU test covers bf16)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    r = run_in_triton_interpreter(FUSED_SCRIPT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
-@pytest.mark.skipif(not _interpreter_ok(), reason="needs Triton >= 3.8 for its CPU interpreter")
+@needs_triton_interpreter
 def test_the_models_triton_path_in_the_interpreter_equals_its_torch_path():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", WHOLE_MODEL_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = run_in_triton_interpreter(WHOLE_MODEL_SCRIPT)
     assert r.returncode == 0 and r.stdout.split() == ["gqa", "ok", "mla", "ok", "ok"], r.stdout + r.stderr
 
 

@@ -7,9 +7,6 @@ interpreter) equal the torch path."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,8 @@ import torch
 from dualpath.engine.kvcache import KVPool
 from dualpath.engine.model import Batch, RopeScaling, Rotary
 from dualpath.engine.weights import CheckpointError, config_from_hf, load_pretrained
+from tests.conftest import (assert_logits_close, assert_paged_steps_match, hf_logits, needs_triton_interpreter,
+                            run_in_triton_interpreter)
 
 BT = 16
 VOCAB = 300
@@ -89,17 +88,6 @@ def dsv3_yarn_dir(tmp_path_factory):
 FAMILIES = ["llama_dir", "llama_bias_dir", "qwen3_dir", "dsv3_yarn_dir"]
 
 
-def _hf_logits(hf, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(tokens.unsqueeze(0)).logits[0]
-
-
-def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
-    """Within 1e-5 of the logits' scale (fp32 on both sides)."""
-    err, scale = (got - want).abs().max().item(), want.abs().max().item()
-    assert err <= 1e-5 * scale, f"{what}: max error {err:.2e} against logits of scale {scale:.2f}"
-
-
 def test_configs_map_to_the_model(llama_dir, llama_bias_dir, qwen3_dir, dsv3_yarn_dir):
     llama, bias, qwen3, ds = (config_from_hf(d[0]) for d in (llama_dir, llama_bias_dir, qwen3_dir, dsv3_yarn_dir))
     assert (llama.head_dim, llama.qkv_bias, llama.o_bias, llama.qk_norm, llama.tie_embeddings) == (24, False, False,
@@ -137,11 +125,7 @@ def test_forward_reference_matches_transformers(which, request):
     path, hf = request.getfixturevalue(which)
     ours = load_pretrained(str(path))
     tokens = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(1))
-    _assert_close(ours.forward_reference(tokens), _hf_logits(hf, tokens), which)
-
-
-def _step(model, pool, seqs, ids) -> torch.Tensor:
-    return model.forward_paged(ids, Batch.build(seqs, BT, "cpu"), pool.kv)
+    assert_logits_close(ours.forward_reference(tokens), hf_logits(hf, tokens), which)
 
 
 @pytest.mark.parametrize("which", FAMILIES)
@@ -149,22 +133,7 @@ def test_paged_prefill_and_decode_match_transformers(which, request):
     """Two sequences: chunked prefills (the second chunk over cached blocks), then batched decode
     steps of both, teacher-forced; every position's logits are transformers' over the whole sequence."""
     path, hf = request.getfixturevalue(which)
-    model = load_pretrained(str(path))
-    gen = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (50, 38)]
-    want = [_hf_logits(hf, s) for s in seqs]
-    prompt = [40, 28]
-    pool = KVPool(model.cfg, 16, BT, "cpu", torch.float32)
-    tables = [pool.allocator.alloc(pool.blocks_for(len(s))) for s in seqs]
-    for s, t, n, w in zip(seqs, tables, prompt, want):
-        first = _step(model, pool, [(t, 0, 13)], s[:13])
-        rest = _step(model, pool, [(t, 13, n - 13)], s[13:n])
-        _assert_close(torch.cat([first, rest]), w[:n], f"{which} prefill")
-    for i in range(10):  # decode steps of both sequences in one batch
-        batch = [(t, n + i, 1) for t, n in zip(tables, prompt)]
-        logits = _step(model, pool, batch, torch.stack([s[n + i] for s, n in zip(seqs, prompt)]))
-        for row, w, n in zip(logits, want, prompt):
-            _assert_close(row, w[n + i], f"{which} decode step {i}")
+    assert_paged_steps_match(load_pretrained(str(path)), hf, [50, 38], [40, 28], 16, VOCAB, which)
 
 
 def _config(path) -> dict:
@@ -261,18 +230,9 @@ print("ok")
 """
 
 
-def _interpreter_ok() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return False
-    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8)
-
-
-@pytest.mark.skipif(not _interpreter_ok(), reason="needs Triton >= 3.8 for its CPU interpreter")
+@needs_triton_interpreter
 def test_qwen3_triton_path_in_the_interpreter_equals_its_torch_path():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    r = run_in_triton_interpreter(TRITON_SCRIPT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
