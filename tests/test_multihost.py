@@ -7,6 +7,7 @@ data plane (the same-host memory copy of the shm and cuda backends is not taken 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 from dualpath.bench import netns
 from dualpath.config import local_cluster
 from dualpath.engine.weights import load_pretrained
+from dualpath.storage.blockfile import HEADER_BYTES
 from tests.test_serving import greedy_reference
 
 WHY_NOT = netns.available()
@@ -90,7 +92,7 @@ def test_kill_9_of_a_decode_host_mid_load_costs_a_retry_not_the_request(hosts, t
         t = threading.Thread(target=lambda: result.update(c.complete(
             {"prompt": turn2, "max_tokens": 4, "temperature": 0, "dualpath_policy": "de-read"})))
         t.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a bound on a hang
         while True:
             loading = [n for n, e in c.get("/v1/cluster")["engines"].items()
                        if e["role"] == "decode" and e["read_queue_bytes"]]
@@ -146,30 +148,59 @@ def test_torchrun_starts_a_cluster_with_one_command_line_per_host(tmp_path):
                 _kill_group(p)
 
 
+def tc_stats(hosts: netns.Hosts, i: int, what: str = "qdisc") -> dict[str, dict[str, int]]:
+    """`tc -s <what> show dev eth0` on host i: for each qdisc or class (by handle or class id), the
+    bytes and packets it sent and its overlimits (the times it held a packet back at its rate)."""
+    out = subprocess.run(["ip", "netns", "exec", hosts.ns(i), "tc", "-s", what, "show", "dev", "eth0"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    stats, name = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"(?:qdisc|class) \S+ (\S+)", line):
+            name = m.group(1)
+        elif (m := re.match(r"\s*Sent (\d+) bytes (\d+) pkt \(dropped \d+, overlimits (\d+)", line)) and name:
+            stats[name] = {"bytes": int(m.group(1)), "packets": int(m.group(2)), "overlimits": int(m.group(3))}
+    return stats
+
+
 def test_path_b_loads_are_bounded_by_a_shaped_compute_link(tmp_path):
-    """Decode hosts send through a 2 Mbit/s link (tc tbf): a path-B turn cannot load its hits faster
-    than that link carries them, while a path-A turn of the same size does not touch the link."""
+    """Decode hosts send through a 2 Mbit/s link (tc tbf): a path-B turn's hits go through that link
+    (its shaper counts them), so it cannot load them faster than the link carries them, while a
+    path-A turn of the same size puts nothing on it (the decode hosts' data planes send nothing).
+    By bytes, not by time: the turns' times and rates are printed, a figure, not a threshold."""
     rate_Bps = 2e6 / 8
     with netns.Hosts(3) as hosts:
         for i in (1, 2):
             hosts.shape(i, "2mbit")
+
+        def shaped_bytes() -> int:  # what the decode hosts' shaped links carried so far
+            return sum(s["bytes"] for i in (1, 2) for s in tc_stats(hosts, i).values())
+
+        def sent_by_decode_hosts() -> int:  # what the decode engines' data planes sent so far
+            return sum(sum(e["network_sent_bytes"].values()) for n, e in c.get("/v1/cluster")["engines"].items()
+                       if n != "pe0")
+
         c = Cluster(hosts, tmp_path).start()
         try:
-            times, model = {}, load_pretrained("tiny-gqa")
+            times, link, data, model = {}, {}, {}, load_pretrained("tiny-gqa")
             for k, policy in enumerate(("de-read", "pe-read")):
                 prompt = [(7 * k + j) % 256 for j in range(1500)]
                 context = prompt + c.complete({"prompt": prompt, "max_tokens": 1})["choices"][0]["token_ids"]
                 turn2 = context + [1, 2, 3]
-                t0 = time.monotonic()
+                link0, data0, t0 = shaped_bytes(), sent_by_decode_hosts(), time.monotonic()
                 r = c.complete({"prompt": turn2, "max_tokens": 2, "temperature": 0, "dualpath_policy": policy})
                 times[policy] = time.monotonic() - t0
+                link[policy], data[policy] = shaped_bytes() - link0, sent_by_decode_hosts() - data0
                 assert r["choices"][0]["token_ids"] == greedy_reference(model, turn2, 2)
-                if policy == "de-read":
+                if policy == "de-read":  # the stored hit blocks the DE read, and the KV in them
                     hit_bytes = r["dualpath"]["read_bytes"]["de"]
-            # tbf on a veth lets through somewhat more than its rate (1.4x was seen here); unshaped,
-            # the same path-B turn loads over a hundred times faster than this bound
-            assert hit_bytes > 500_000 and hit_bytes / times["de-read"] <= 2 * rate_Bps, (times, hit_bytes)
-            assert times["pe-read"] < 0.25 * times["de-read"], times
+                    hit_kv_bytes = hit_bytes - r["usage"]["prompt_tokens_details"]["cached_tokens"] // BT * HEADER_BYTES
+            print(json.dumps({"turn_s": times, "shaped_link_bytes": link, "decode_hosts_sent_bytes": data,
+                              "path_b_load_Bps": hit_bytes / times["de-read"], "link_Bps": rate_Bps}))
+            # path B: the DE sent the hits' KV (the stored blocks less their file headers) to the PE,
+            # and every byte of it went through the shaped link, with its packets' headers
+            assert hit_bytes > 500_000 and data["de-read"] >= hit_kv_bytes > 0, (hit_bytes, hit_kv_bytes, data)
+            assert link["de-read"] >= data["de-read"], link
+            assert data["pe-read"] == 0, data  # path A: no KV from a decode host, over any link
         finally:
             c.stop()
 
@@ -217,14 +248,16 @@ async def main():
     stop.set()
     await asyncio.gather(*tasks)
     p99 = lambda xs: statistics.quantiles(xs, n=100)[98]
-    print(json.dumps({{"idle_p99_s": p99(idle), "busy_p99_s": p99(busy), "bulk_Bps": rate}}))
+    print(json.dumps({{"idle_p99_s": p99(idle), "busy_p99_s": p99(busy), "bulk_Bps": rate, "bulk_bytes": moved[0],
+                      "latency_writes": 20 + len(idle) + len(busy), "latency_write_bytes": 512}}))
 asyncio.run(main())
 """
 
 
 def _latency_under_bulk(by_class: bool, rate_mbit: int = 20) -> dict:
     """Host 1 sends bulk writes that fill its shaped link and, meanwhile, small latency-class writes
-    to host 0; their p99 write time, idle and busy, and the bulk rate reached."""
+    to host 0; their p99 write time, idle and busy, the bulk rate reached, the bytes and writes
+    sent, and (under "link") what host 1's qdisc and classes counted."""
     token = "multihost-link-test-token"
     with netns.Hosts(2) as hosts:
         (hosts.shape_by_class if by_class else hosts.shape)(1, f"{rate_mbit}mbit")
@@ -233,19 +266,28 @@ def _latency_under_bulk(by_class: bool, rate_mbit: int = 20) -> dict:
         try:
             handles = rx.stdout.readline()
             out = hosts.python(1, _SENDER.format(token=token, addr=hosts.addr(1), handles=handles), timeout=120)
-            return json.loads(out)
+            return {**json.loads(out), "link": tc_stats(hosts, 1, "class" if by_class else "qdisc")}
         finally:
             rx.kill()
             rx.wait()
 
 
 def test_handoffs_keep_their_latency_while_path_b_fills_a_class_scheduled_link():
-    """The data plane marks each traffic class (DSCP); a link that schedules by class keeps the
-    latency class's p99 within 2x of idle (plus 2 ms for a 1500-byte packet ahead of it and timer
-    noise) while bulk fills it. On a plain FIFO link of the same rate, the same traffic waits behind
-    the queued bulk bytes: the marking is what the class scheduling needs, and it is needed."""
-    rate_Bps = 20e6 / 8
+    """The data plane marks each traffic class (DSCP): on a link that schedules by class (netns.py's
+    HTB: EF first, everything else after), every latency-class write goes through the priority class
+    and no bulk write does, while bulk fills the link (it held packets back at its rate). Asserted
+    by the link's own counts, not by time: the latency figures (p99 idle and under bulk, here and on
+    a plain FIFO link of the same rate, where the same traffic waits behind the queued bulk bytes)
+    are printed, a benchmark's figure that a busy host changes."""
     classed, fifo = _latency_under_bulk(by_class=True), _latency_under_bulk(by_class=False)
-    assert classed["bulk_Bps"] > 0.5 * rate_Bps and fifo["bulk_Bps"] > 0.5 * rate_Bps, (classed, fifo)  # saturated
-    assert classed["busy_p99_s"] <= 2 * classed["idle_p99_s"] + 0.002, classed
-    assert fifo["busy_p99_s"] > 3 * classed["busy_p99_s"], (classed, fifo)
+    print(json.dumps({name: {k: v for k, v in r.items() if k != "link"}
+                      for name, r in (("class_scheduled", classed), ("fifo", fifo))}))
+    link = classed["link"]
+    latency_bytes = classed["latency_writes"] * classed["latency_write_bytes"]
+    # the priority class (1:10) carried every latency write, and less than one 512 KiB bulk write:
+    # the bulk writes (1:20, the default class) are not marked EF
+    assert latency_bytes <= link["1:10"]["bytes"] < 512 << 10, (latency_bytes, link)
+    assert link["1:20"]["bytes"] >= classed["bulk_bytes"] > 0, (classed["bulk_bytes"], link)
+    assert link["1:1"]["overlimits"] > 0, link  # the link was full: its rate held bulk back
+    fifo_qdisc = next(iter(fifo["link"].values()))
+    assert fifo_qdisc["bytes"] >= fifo["bulk_bytes"] > 0 and fifo_qdisc["overlimits"] > 0, fifo

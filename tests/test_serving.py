@@ -163,7 +163,7 @@ def test_sampling_with_a_seed_is_reproducible(cluster):
 def post_raw(url: str, data: bytes) -> tuple[int, dict]:
     req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=330) as r:  # a bound on a hang: a request may wait for room
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)

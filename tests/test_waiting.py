@@ -49,7 +49,10 @@ async def test_a_waiter_given_the_turn_as_it_leaves_passes_it_on():
     tasks = await _queue(room, ["gone", "next"], order)
     room.room_changed()  # the turn is given to "gone" ...
     tasks[0].cancel()  # ... whose client hangs up before it runs
-    await asyncio.sleep(0.01)
+    # no other heartbeat comes: "next" gets in only if "gone" passed the turn on (else it ends at its
+    # 5 s deadline with TimeoutError); awaited, not slept on (three loop turns: a busy host may take
+    # longer than a 10 ms sleep over them). 60 s: a bound on a hang.
+    await asyncio.wait_for(tasks[1], 60)
     assert order == ["next"] and len(room) == 0
     with pytest.raises(asyncio.CancelledError):
         await tasks[0]
