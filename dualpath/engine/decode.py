@@ -334,12 +334,12 @@ class DecodeEngine(Engine):
         rather than on the event loop (a device-to-host copy waits for the GPU)."""
         logits = self.graphs.run([(s.tokens[-1], len(s.tokens) - 1, s.blocks) for s in seqs])
         tokens = sample_batch(logits[: len(seqs)], [(s.sampling, s.tokens, s.prompt_len) for s in seqs])
-        full = [s for s in seqs if self._completed_block(s) is not None]
+        full = [(s, b) for s in seqs if (b := self._completed_block(s)) is not None]
         if not full:
             return tokens, {}
-        blocks = self.pool.kv[:, [s.blocks[self._completed_block(s)] for s in full]]  # [layers, n, bt, W]
+        blocks = self.pool.kv[:, [s.blocks[b] for s, b in full]]  # [layers, n, bt, W]
         data = blocks.transpose(0, 1).contiguous().view(torch.uint8).flatten(2).cpu()  # [n, layers, bytes]
-        return tokens, {s.rid: data[i] for i, s in enumerate(full)}
+        return tokens, {s.rid: data[i] for i, (s, _) in enumerate(full)}
 
     def _completed_block(self, seq: DecodeSeq) -> int | None:
         """The block whose last position's KV the step for this sequence writes (KV then exists for

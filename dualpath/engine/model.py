@@ -16,7 +16,9 @@ Two ways to run it:
   pool, then attends over everything the sequence holds in the pool (cached blocks included). An
   engine can therefore wait for layer *l*'s cached KV to arrive before it calls layer *l*.
   MLA uses the absorbed form here (``W_UK`` folded into the query, ``W_UV`` applied after the
-  latent attention), so the latent is attended directly.
+  latent attention), so the latent is attended directly. On a GPU (``use_triton``) a layer
+  attends with engine/attention.py's kernel over the pool in place and runs its norms, RoPE + KV
+  write and SwiGLU as engine/fused.py's kernels; the torch code below is the CPU's path.
 
 MLP: dense SwiGLU, or DeepSeek's mixture of experts (``MoE``: shared experts plus top-k routed
 experts chosen by a ``Gate``, DeepSeek-V2's softmax or V3's sigmoid routing, group-limited) in the
@@ -291,7 +293,8 @@ def flash_available(device: torch.device) -> bool:
 @dataclass
 class Packed:
     """A prefill step's sequences packed end to end for one flash-attention call per layer (GQA,
-    half precision, CUDA): each sequence's context gathered from the pool in order, and where each
+    half precision, CUDA, where the Triton kernels are off or missing; engine/attention.py needs no
+    gather): each sequence's context gathered from the pool in order, and where each
     sequence's new tokens and context start. One call attends every sequence, whatever the lengths,
     with no padding and no mask tensor (causal, aligned to the lower right).
 
@@ -389,8 +392,9 @@ class Batch:
 
     @property
     def padded(self) -> bool:
-        """Attend over padded block tables: a step whose tables came padded (engine/graphs.py's), or
-        a decode step of several sequences on a GPU (one batched call instead of one per sequence).
+        """The torch path attends over padded block tables: a step whose tables came padded
+        (engine/graphs.py's), or a decode step of several sequences on a GPU without the Triton
+        kernels (one batched call instead of one per sequence).
         A CPU attends one sequence at a time: gathering every sequence's KV into one padded tensor
         cost tiny-gqa 28 ms a step against 22 ms for 24 sequences of 3.5K tokens."""
         return self.padded_tables is not None or (self.is_decode and len(self.new_lens) > 1
