@@ -8,6 +8,7 @@ import torch
 from dualpath.transport import available_backends, make_dataplane
 from dualpath.transport.control import MAX_FRAME, ProtocolError, RemoteError, Server, connect, pack
 from dualpath.transport.dataplane import TransferError
+from dualpath.transport.wire import ConnectQp
 
 TOKEN = "test-token"
 
@@ -286,8 +287,8 @@ async def test_rdma_queue_pair_request_to_a_tcp_peer_is_refused_clearly(pair):
     a, b, done, backend = pair
     if backend == "verbs":
         pytest.skip("this peer has an RDMA device")
-    with pytest.raises(TransferError, match="without an RDMA device"):
-        await a.ask(("127.0.0.1", b.port), "bulk", {"op": "qp", "tc": "bulk", "info": {"qpn": 1, "lid": 0, "gid": "::"}})
+    with pytest.raises(TransferError, match=f"cannot take an RDMA queue pair: it runs the {backend} data plane"):
+        await a.ask(("127.0.0.1", b.port), "bulk", ConnectQp(0, "bulk", {"qpn": 1, "lid": 0, "gid": "::"}))
     handle = b.register(_dest(backend, 4096))
     await a.write(torch.ones(100, dtype=torch.uint8), handle, 0, 100, "bulk", notify="after")
     assert done == ["after"]

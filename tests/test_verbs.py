@@ -11,6 +11,7 @@ import ctypes
 import errno
 import ipaddress
 import logging
+import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ import torch
 
 from dualpath.transport import make_dataplane
 from dualpath.transport.dataplane import TransferError
-from dualpath.transport.verbs import (DRAIN_WR_ID, MAX_WR_BYTES, RECV_DEPTH, SERVICE_LEVEL, TRAFFIC_CLASS, DeviceLayer,
-                                      RdmaOptions, VerbsDataPlane, VerbsUnavailable, _Enums, choose_gid, err_attr,
-                                      init_attr, qp_init_attr, rtr_attr, rts_attr, split_write)
+from dualpath.transport.rdma import (CQ_DEPTH, MAX_WR_BYTES, RECV_DEPTH, SERVICE_LEVEL, TRAFFIC_CLASS, DeviceLayer,
+                                     RdmaOptions, VerbsUnavailable, _Enums, _with_event_fd, choose_gid, err_attr,
+                                     init_attr, qp_init_attr, rtr_attr, rts_attr, split_write)
+from dualpath.transport.verbs import DRAIN_WR_ID, VerbsDataPlane
 
 pyverbs = pytest.importorskip("pyverbs", reason="python3-pyverbs (rdma-core) is not installed")
 from pyverbs.addr import GID  # noqa: E402
@@ -31,7 +33,7 @@ from pyverbs.cq import WC  # noqa: E402
 from pyverbs.pyverbs_error import PyverbsRDMAError  # noqa: E402
 from pyverbs.wr import SendWR  # noqa: E402
 
-from dualpath.transport.verbs import enums  # noqa: E402
+from dualpath.transport.rdma import enums  # noqa: E402
 
 TOKEN = "t"
 e = enums()
@@ -93,6 +95,26 @@ def test_gid_choice_prefers_a_routable_roce_v2_gid():
         choose_gid([(0, "fe80::1", v1)], ethernet=True, e=e)
 
 
+def test_an_event_descriptor_that_cannot_be_found_fails_setup_and_closes_what_was_made():
+    """pyverbs hides the completion channel's descriptor; where the uverbs event file it opened is not
+    found (no RDMA subsystem here: an eventfd or nothing is opened instead), setup says so, and the
+    plane is never left to busy-poll."""
+    made = []
+
+    class Opened:
+        def __init__(self):
+            self.fd, self.closed = os.eventfd(0) if hasattr(os, "eventfd") else os.open(os.devnull, os.O_RDONLY), False
+            made.append(self)
+
+        def close(self):
+            self.closed = True
+            os.close(self.fd)
+
+    with pytest.raises(VerbsUnavailable, match="event descriptor"):
+        _with_event_fd(Opened)
+    assert made[0].closed
+
+
 def test_writes_of_4_gib_and_more_split_below_the_32_bit_sge_length():
     pieces = split_write(1000, 5000, (5 << 30) + 7)
     assert len(pieces) == 6 and all(n <= MAX_WR_BYTES < 1 << 32 for _, _, n in pieces)
@@ -121,7 +143,17 @@ def test_writes_of_4_gib_and_more_split_below_the_32_bit_sge_length():
 # - Destroying a QP generates no completion; what it had outstanding is dropped (recorded here as
 #   `unflushed`), and its completions still in a CQ are removed (as mlx5 cleans its CQs).
 # - MR registration pins memory against the locked-memory limit: past it, ENOMEM.
-# - Not modelled: timing, retries and their exhaustion, asynchronous events, CQ overflow.
+# - Completion channels (ibv_comp_channel): a CQ armed with req_notify raises one event on its
+#   channel at its next completion, then is disarmed; get_cq_event takes one event and fails on
+#   another CQ's; every event must be acked before the CQ is destroyed (ibv_destroy_cq waits for
+#   it: here, an AssertionError), and a channel with a CQ on it cannot be destroyed (EBUSY). The
+#   event files are non-blocking pipes here: an empty one raises EAGAIN, as rdma-core's does.
+# - A CQ holds `cqe` completions: one more overruns it (counted in `overruns`, the completion lost)
+#   and raises IBV_EVENT_CQ_ERR on the context's async event queue.
+# - Async events queue on the context and are read with get_async_event; like pyverbs' AsyncEvent
+#   they carry the event type only (no QP number). QP.query reports the QP's state.
+# - Not modelled: timing, retries and their exhaustion, a QP moved to ERR by the device itself
+#   (tests do it, then raise the event).
 
 @dataclass
 class FakeNic:
@@ -155,10 +187,53 @@ class FakeFabric:
         return self.next_key
 
 
-class FakeContext:
+class EventFile:
+    """An event file (a completion channel's, a context's async queue): readable while events wait."""
+
+    def __init__(self):
+        self.event_fd, self._w = os.pipe()
+        os.set_blocking(self.event_fd, False)
+
+    def fire(self) -> None:
+        os.write(self._w, b"x")
+
+    def take(self, what: str) -> None:
+        try:
+            os.read(self.event_fd, 1)
+        except BlockingIOError:
+            raise PyverbsRDMAError(f"Failed to get {what}", errno.EAGAIN) from None
+
+    def close_file(self) -> None:
+        if self._w >= 0:
+            os.close(self.event_fd)
+            os.close(self._w)
+            self._w = -1
+
+
+class FakeAsyncEvent:
+    def __init__(self, ctx: "FakeContext", event_type: int):
+        self.ctx, self.event_type = ctx, event_type
+
+    def ack(self):
+        self.ctx.acked += 1
+
+
+class FakeContext(EventFile):
     def __init__(self, fake: "FakePyverbs", name: str):
+        super().__init__()
         self.fake, self.nic, self.closed = fake, next(n for n in fake.nics if n.name == name), False
+        self.events: list[int] = []
+        self.acked = 0
         fake.contexts.append(self)
+
+    def raise_event(self, event_type: int) -> None:
+        """As the device does: queue an async event."""
+        self.events.append(event_type)
+        self.fire()
+
+    def get_async_event(self):
+        self.take("async event")
+        return FakeAsyncEvent(self, self.events.pop(0))
 
     def query_device(self):
         return types.SimpleNamespace(phys_port_cnt=1)
@@ -180,6 +255,7 @@ class FakeContext:
 
     def close(self):
         self.closed = True
+        self.close_file()
 
 
 def ipaddress_exploded(text: str) -> str:
@@ -194,18 +270,63 @@ class FakePD:
         self.closed = True
 
 
+class FakeCompChannel(EventFile):
+    def __init__(self, ctx: FakeContext):
+        super().__init__()
+        self.cqs: list[FakeCQ] = []
+        self.fired: list[FakeCQ] = []
+
+    def get_cq_event(self, expected_cq: "FakeCQ"):
+        self.take("CQ event")
+        cq = self.fired.pop(0)
+        if cq is not expected_cq:  # (the event is consumed all the same, as in pyverbs)
+            raise PyverbsRDMAError("Received event on an unexpected CQ")
+        cq.num_events += 1
+
+    def close(self):
+        if any(not cq.closed for cq in self.cqs):
+            raise PyverbsRDMAError("Failed to destroy a completion channel", errno.EBUSY)
+        self.close_file()
+
+
 class FakeCQ:
     def __init__(self, ctx, cqe, cq_context=None, channel=None, comp_vector=0):
+        self.ctx, self.cqe, self.channel = ctx, cqe, channel
         self.wcs: list[WC] = []
         self.delivered = 0  # completions polled, for counting signalled WRs
+        self.polls = 0
+        self.armed, self.num_events, self.acked, self.overruns, self.closed = False, 0, 0, 0, False
+        if channel is not None:
+            channel.cqs.append(self)
+
+    def push(self, wc: WC) -> None:
+        """The device writes a completion (or overruns the CQ); an armed CQ raises its event."""
+        if len(self.wcs) >= self.cqe:
+            self.overruns += 1
+            if self.overruns == 1:
+                self.ctx.raise_event(e.IBV_EVENT_CQ_ERR)
+            return
+        self.wcs.append(wc)
+        if self.armed and self.channel is not None:
+            self.armed = False
+            self.channel.fired.append(self)
+            self.channel.fire()
+
+    def req_notify(self, solicited_only: bool = False):
+        self.armed = True
+
+    def ack_events(self, num_events: int):
+        self.acked += num_events
 
     def poll(self, num_entries: int = 1):
+        self.polls += 1
         out, self.wcs = self.wcs[:num_entries], self.wcs[num_entries:]
         self.delivered += len(out)
         return len(out), out
 
     def close(self):
-        pass
+        assert self.acked == self.num_events, "ibv_destroy_cq waits for every CQ event to be acked: it would hang"
+        self.closed = True
 
 
 class FakeMR:
@@ -326,7 +447,7 @@ class FakeQP:
                 return status
         if imm:
             recv = peer.rq.pop(0)
-            peer.rcq.wcs.append(WC(wr_id=recv.wr_id, status=e.IBV_WC_SUCCESS, opcode=e.IBV_WC_RECV_RDMA_WITH_IMM,
+            peer.rcq.push(WC(wr_id=recv.wr_id, status=e.IBV_WC_SUCCESS, opcode=e.IBV_WC_RECV_RDMA_WITH_IMM,
                                    qp_num=peer.qp_num, imm_data=wr.imm_data, wc_flags=e.IBV_WC_WITH_IMM))
         return e.IBV_WC_SUCCESS
 
@@ -345,7 +466,10 @@ class FakeQP:
         return e.IBV_WC_SUCCESS
 
     def _complete(self, cq: FakeCQ, wr_id: int, status: int) -> None:
-        cq.wcs.append(WC(wr_id=wr_id, status=status, qp_num=self.qp_num))
+        cq.push(WC(wr_id=wr_id, status=status, qp_num=self.qp_num))
+
+    def query(self, attr_mask: int):
+        return types.SimpleNamespace(qp_state=self.state), None
 
     def _error(self) -> None:
         """ERR: every outstanding WR of both queues completes with a flush error, signalled or not."""
@@ -367,7 +491,7 @@ class FakeQP:
 
 
 class FakePyverbs:
-    """verbs._pyverbs() for one process: its devices, its locked-memory limit (None: unlimited)."""
+    """rdma._pyverbs() for one process: its devices, its locked-memory limit (None: unlimited)."""
 
     def __init__(self, fabric: FakeFabric, nics: list[FakeNic] | None = None, memlock: int | None = None):
         self.fabric, self.nics, self.memlock = fabric, nics or [FakeNic()], memlock
@@ -386,7 +510,16 @@ class FakePyverbs:
         return FakePD(ctx)
 
     def CQ(self, ctx, cqe, cq_context=None, channel=None, comp_vector=0):  # noqa: N802
-        return FakeCQ(ctx, cqe)
+        return FakeCQ(ctx, cqe, cq_context, channel, comp_vector)
+
+    def CompChannel(self, ctx):  # noqa: N802
+        return FakeCompChannel(ctx)
+
+    @staticmethod
+    def with_event_fd(make):
+        """rdma._with_event_fd finds the descriptor in /proc; the fakes carry theirs."""
+        obj = make()
+        return obj, obj.event_fd
 
     def MR(self, pd, length, access, address=None):  # noqa: N802
         return FakeMR(self, pd, length, access, address)
@@ -400,10 +533,11 @@ class FakePyverbs:
 class FakeDevice(DeviceLayer):
     """The real DeviceLayer over the fake pyverbs layer; `made`: the QPs the plane asked for."""
 
-    def __init__(self, fabric: FakeFabric, mtu: int, nic: FakeNic | None = None, memlock: int | None = None):
+    def __init__(self, fabric: FakeFabric, mtu: int, nic: FakeNic | None = None, memlock: int | None = None,
+                 cq_depth: int = CQ_DEPTH):
         self.fabric, self.made = fabric, []
         self.fake = FakePyverbs(fabric, [nic or FakeNic(mtu=mtu)], memlock)
-        super().__init__(RdmaOptions(), e, api=self.fake)
+        super().__init__(RdmaOptions(), e, api=self.fake, cq_depth=cq_depth)
 
     @property
     def closed(self) -> bool:
@@ -415,7 +549,7 @@ class FakeDevice(DeviceLayer):
 
 
 def fake_api(fabric: FakeFabric, nics: list[FakeNic] | None = None, memlock: int | None = None) -> Callable[[], Any]:
-    """A stand-in for verbs._pyverbs (monkeypatched): every call gives the same fake process."""
+    """A stand-in for rdma._pyverbs (monkeypatched): every call gives the same fake process."""
     fake = FakePyverbs(fabric, nics, memlock)
     return lambda: fake
 
@@ -454,9 +588,9 @@ async def fake_pair():
 
 
 async def _idle(a: VerbsDataPlane) -> bool:
-    """Nothing pending, and the poller has ended (it notices on its next turn)."""
+    """Nothing pending: no write, landing or drain, and no WR holding room in a queue."""
     await asyncio.sleep(0.01)
-    return not a._sends and not a._waiters and not a._draining and (a._poller is None or a._poller.done())
+    return not a._sends and not a._waiters and not a._draining and a._cq_used == 0 and not any(a._sq_used.values())
 
 
 def _drained(qp: FakeQP) -> bool:
@@ -544,7 +678,7 @@ async def test_a_cancelled_write_returns_once_its_wrs_are_flushed_fake_device(fa
     assert _drained(qp) and a.dev.fabric.closed_in_use == 0 and not a.qps and done == []
 
 
-async def test_no_completion_times_out_drains_the_qp_and_poller_ends_fake_device(fake_pair):
+async def test_no_completion_times_out_drains_the_qp_and_leaves_nothing_pending_fake_device(fake_pair):
     a, b, done = fake_pair
     handle = b.register(torch.zeros(4096, dtype=torch.uint8))
     a.dev.fake.hold = True
@@ -685,7 +819,7 @@ def _next_after_verbs() -> str:
 
 def test_verbs_that_cannot_start_fall_back_to_tcp_with_one_warning(monkeypatch, caplog):
     """A configured device that is not there: one warning, tcp."""
-    import dualpath.transport.verbs as v
+    import dualpath.transport.rdma as v
 
     monkeypatch.setattr(v, "_pyverbs", fake_api(FakeFabric()))
     with caplog.at_level(logging.WARNING):
@@ -703,7 +837,7 @@ def test_verbs_that_cannot_start_fall_back_to_tcp_with_one_warning(monkeypatch, 
 def test_auto_takes_verbs_only_where_an_rc_qp_can_be_made_fake_device(monkeypatch, caplog, nic, why):
     """#34.2: iWARP (connects through rdma_cm only), EFA (no RC QPs) and a device refusing an RC QP
     are tried at setup and passed over with one warning saying why; what was opened is closed."""
-    import dualpath.transport.verbs as v
+    import dualpath.transport.rdma as v
 
     api = fake_api(FakeFabric(), [nic])
     monkeypatch.setattr(v, "_pyverbs", api)
@@ -716,7 +850,7 @@ def test_auto_takes_verbs_only_where_an_rc_qp_can_be_made_fake_device(monkeypatc
 
 
 async def test_setup_takes_the_first_device_it_can_drive_fake_device(monkeypatch):
-    import dualpath.transport.verbs as v
+    import dualpath.transport.rdma as v
 
     monkeypatch.setattr(v, "_pyverbs", fake_api(FakeFabric(), [FakeNic(name="efa_0", transport=4), FakeNic()]))
     dp = make_dataplane("auto", "x", TOKEN)
@@ -728,7 +862,7 @@ async def test_auto_registers_the_buffer_at_setup_and_passes_over_verbs_past_the
         monkeypatch, caplog):
     """#34.2: a buffer past the locked-memory limit picks another backend at setup (one warning);
     within it, verbs is picked and the engine's register() of that buffer uses the MR made then."""
-    import dualpath.transport.verbs as v
+    import dualpath.transport.rdma as v
 
     buffer = torch.zeros(1 << 20, dtype=torch.uint8)
     monkeypatch.setattr(v, "_pyverbs", fake_api(FakeFabric(), memlock=64 << 10))  # a container's default
@@ -781,3 +915,152 @@ def test_rdma_options_come_from_cluster_toml(tmp_path):
     (tmp_path / "bad.toml").write_text(text.replace("rdma_hop_limit = 64", "rdma_hop_limit = 0"))
     with pytest.raises(ConfigError, match="rdma_hop_limit"):
         load_config(tmp_path / "bad.toml")
+
+
+# -- completions by event, back-pressure, async events (#34) -----------------------------------
+
+async def _plane(fabric: FakeFabric, name: str, done: list | None = None, **device) -> VerbsDataPlane:
+    plane = VerbsDataPlane(name, TOKEN, on_complete=(done.append if done is not None else None),
+                           device_layer=FakeDevice(fabric, e.IBV_MTU_4096, **device))
+    await plane.start("127.0.0.1")
+    return plane
+
+
+async def test_completions_come_through_armed_channels_one_poll_per_event_fake_device(fake_pair):
+    """#34.6: no loop polls the CQs while writes wait; each completion event is acked, the CQ
+    re-armed, and the CQ polled empty once."""
+    a, b, done = fake_pair
+    handle = b.register(torch.zeros(1 << 16, dtype=torch.uint8))
+    for i in range(5):
+        await a.write(torch.ones(4096, dtype=torch.uint8), handle, 4096 * i, 4096, "bulk", notify=i)
+    assert done == list(range(5))
+    for cq in (a.dev.cq, b.dev.rcq):
+        assert cq.num_events >= 1 and cq.acked == cq.num_events and cq.armed
+        assert cq.polls == cq.num_events  # one poll per event: fewer than POLL_BATCH completions each
+    assert a.dev.cq.delivered == 5 and await _idle(a)
+
+
+async def test_writes_wait_for_room_in_the_send_cq_instead_of_overrunning_it_fake_device():
+    """#34.4: with a send CQ of 4 entries (one kept for a drain marker), 8 writes at once: 3 are
+    posted, the others wait for their completions; none is lost and the CQ never overruns."""
+    fabric, done = FakeFabric(), []
+    a, b = await _plane(fabric, "a", cq_depth=4), await _plane(fabric, "b", done)
+    try:
+        handle = b.register(torch.zeros(1 << 16, dtype=torch.uint8))
+        a.dev.fake.hold = True  # the first WRs wait: the others must not be posted behind them
+        writes = [asyncio.create_task(a.write(torch.ones(100, dtype=torch.uint8), handle, 100 * i, 100, "bulk",
+                                              notify=i, timeout=30)) for i in range(8)]
+        await _until(lambda: a.dev.made and len(a.dev.made[0].sq) == 3, "three writes are posted")
+        await asyncio.sleep(0.05)  # (the five others stay waiting for room)
+        (qp,) = a.dev.made
+        assert len(qp.posted) == 3 and a._cq_used == 3
+        qp.release()
+        await asyncio.gather(*writes)
+        assert sorted(done) == list(range(8)) and len(qp.posted) == 8 and a.dev.cq.overruns == 0
+        assert await _idle(a)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_receiver_refuses_qps_its_receive_cq_cannot_hold_and_the_writer_uses_tcp_fake_device(caplog):
+    """#34.4: b's receive CQ holds one QP's receives (and a drain marker): its second QP (the
+    latency class) is refused, and a writes that class over tcp; nothing overruns."""
+    fabric, done = FakeFabric(), []
+    a, b = await _plane(fabric, "a"), await _plane(fabric, "b", done, cq_depth=RECV_DEPTH + 1)
+    try:
+        dst = torch.zeros(1 << 16, dtype=torch.uint8)
+        handle = b.register(dst)
+        await a.write(torch.full((4096,), 1, dtype=torch.uint8), handle, 0, 4096, "bulk", notify="rdma")
+        with caplog.at_level(logging.WARNING):
+            await a.write(torch.full((4096,), 2, dtype=torch.uint8), handle, 4096, 4096, "latency", notify="tcp")
+            await a.write(torch.full((4096,), 3, dtype=torch.uint8), handle, 8192, 4096, "latency", notify="tcp2")
+        assert done == ["rdma", "tcp", "tcp2"] and b.bytes_received == 8192 and len(b.accepted) == 1
+        assert dst[:4096].eq(1).all() and dst[4096:8192].eq(2).all() and dst[8192:12288].eq(3).all()
+        (warning,) = _warnings(caplog)  # asked once, then tcp until QP_RETRY_AFTER
+        assert "refused a queue pair" in warning and "receive CQ" in warning
+        assert b.dev.rcq.overruns == 0 and len(a.dev.made) == 2  # (the refused QP was closed, never used)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_qp_fatal_event_retires_that_qp_only_and_the_next_write_gets_a_fresh_one_fake_device():
+    """#34.4: the device puts a's QP to b in error and says so (the event names no QP): that QP is
+    found by its state and retired; the QP to c stays, and the engine writes on."""
+    fabric, done = FakeFabric(), []
+    a, b, c = await _plane(fabric, "a"), await _plane(fabric, "b", done), await _plane(fabric, "c", done)
+    try:
+        to_b, to_c = b.register(torch.zeros(4096, dtype=torch.uint8)), c.register(torch.zeros(4096, dtype=torch.uint8))
+        await a.write(torch.ones(10, dtype=torch.uint8), to_b, 0, 10, "bulk", notify="b")
+        await a.write(torch.ones(10, dtype=torch.uint8), to_c, 0, 10, "bulk", notify="c")
+        qp_b, qp_c = a.dev.made
+        qp_b.state = e.IBV_QPS_ERR  # (nothing outstanding to flush)
+        a.dev.ctx.raise_event(e.IBV_EVENT_QP_FATAL)
+        await _until(lambda: qp_b.closed, "the failed QP is retired")
+        assert _drained(qp_b) and not qp_c.closed and a._down is None
+        await a.write(torch.ones(10, dtype=torch.uint8), to_b, 0, 10, "bulk", notify="b again")
+        assert done == ["b", "c", "b again"] and len(a.dev.made) == 3 and a.dev.ctx.acked == 1
+    finally:
+        for p in (a, b, c):
+            await p.close()
+
+
+async def test_port_down_fails_writes_in_flight_and_sends_later_ones_over_tcp_until_it_is_back_fake_device():
+    fabric, done = FakeFabric(), []
+    a, b = await _plane(fabric, "a"), await _plane(fabric, "b", done)
+    try:
+        handle = b.register(torch.zeros(4096, dtype=torch.uint8))
+        a.dev.fake.hold = True
+        stuck = asyncio.create_task(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", timeout=30))
+        await _until(lambda: a.dev.made and a.dev.made[0].sq, "a write is in flight")
+        a.dev.ctx.raise_event(e.IBV_EVENT_PORT_ERR)
+        with pytest.raises(TransferError):
+            await stuck
+        assert _drained(a.dev.made[0]) and done == []
+        await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="tcp")
+        assert done == ["tcp"] and b.bytes_received == 10 and len(a.dev.made) == 1
+        a.dev.fake.hold = False
+        a.dev.ctx.raise_event(e.IBV_EVENT_PORT_ACTIVE)
+        await _until(lambda: a._down is None, "the port is active again")
+        await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="rdma")
+        assert done == ["tcp", "rdma"] and b.bytes_received == 10 and len(a.dev.made) == 2
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_cq_overrun_stops_rdma_for_good_and_the_engine_writes_on_over_tcp_fake_device():
+    """The device's IBV_EVENT_CQ_ERR (here raised as an overrun would): every QP is retired and
+    every later write, this port active or not, goes over tcp."""
+    fabric, done = FakeFabric(), []
+    a, b = await _plane(fabric, "a"), await _plane(fabric, "b", done)
+    try:
+        handle = b.register(torch.zeros(4096, dtype=torch.uint8))
+        await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="rdma")
+        a.dev.ctx.raise_event(e.IBV_EVENT_CQ_ERR)
+        a.dev.ctx.raise_event(e.IBV_EVENT_PORT_ACTIVE)  # does not bring a fatal error back
+        await _until(lambda: a.dev.made[0].closed, "the QP is retired")
+        await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="tcp")
+        assert done == ["rdma", "tcp"] and b.bytes_received == 10 and a._down.startswith("fatal")
+        assert a.links() == {f"127.0.0.1:{b.port}": "tcp"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_landing_not_yet_arrived_does_not_hold_up_the_frames_behind_it_fake_device(fake_pair):
+    """#34.3: the receiver awaits an RDMA landing beside its reading of the link, so a write whose
+    WRITE WITH IMM has not arrived (or never will) does not stop the writes and notifies behind it."""
+    a, b, done = fake_pair
+    handle = b.register(torch.zeros(4096, dtype=torch.uint8))
+    a.dev.fake.hold = True
+    rdma = asyncio.create_task(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="rdma",
+                                       timeout=30))
+    await _until(lambda: b._waiters, "b waits for the RDMA write to land")
+    over_link = a._write_over_link(torch.ones(10, dtype=torch.uint8), handle, 100, 10, "bulk", "tcp", 30)
+    await asyncio.wait_for(over_link, 10)  # (a bound on a hang: the same bulk link, behind the landing)
+    assert done == ["tcp"] and not rdma.done()
+    a.dev.made[0].release()
+    await rdma
+    assert done == ["tcp", "rdma"] and await _idle(a)

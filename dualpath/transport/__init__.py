@@ -1,4 +1,12 @@
-"""Transport: control plane (msgpack frames) and data plane backends (tcp, shm, cuda, verbs)."""
+"""Transport: control plane (msgpack frames) and data plane backends (tcp, shm, cuda, verbs).
+
+    framing.py   frames and the login every connection shares
+    control.py   the control plane: typed requests and events between coordinator and engines
+    dataplane.py DataPlane: the interface engines use, and what every backend shares
+    link.py      the data plane's TCP link; wire.py its messages (WriteChunk, Notify, ConnectQp, Ack)
+    tcp.py, shm.py, cuda.py, verbs.py   the backends, each a DataPlane (cuda: shm's plus GPU memory)
+    rdma.py      the verbs backend's device layer (pyverbs)
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the data plane needs torch; the control plane (and the store's readers) must not
     import torch
 
-    from dualpath.transport.dataplane import TcpDataPlane
+    from dualpath.transport.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 AUTO_ORDER = ("verbs", "cuda", "shm", "tcp")
@@ -27,7 +35,7 @@ def available_backends() -> list[str]:
             out.append("cuda")
     except ImportError:
         pass
-    from dualpath.transport.verbs import rdma_devices
+    from dualpath.transport.rdma import rdma_devices
 
     if rdma_devices():
         out.append("verbs")
@@ -35,7 +43,7 @@ def available_backends() -> list[str]:
 
 
 def make_dataplane(backend: str, name: str, token: str, rdma: Any = None,
-                   register_first: "torch.Tensor | None" = None, **kwargs) -> "TcpDataPlane":
+                   register_first: "torch.Tensor | None" = None, **kwargs) -> "DataPlane":
     """'auto' picks verbs where an RDMA device can carry it, else cuda where GPUs are visible, else
     shm (engines of one host copy into each other's buffers; other hosts over tcp), else tcp.
     Verbs is tried, not assumed: its setup creates an RC queue pair and registers memory
@@ -64,7 +72,7 @@ def make_dataplane(backend: str, name: str, token: str, rdma: Any = None,
     raise AssertionError("unreachable: tcp ends every order")
 
 
-def _plane(backend: str, name: str, token: str, **kwargs) -> "TcpDataPlane":
+def _plane(backend: str, name: str, token: str, **kwargs) -> "DataPlane":
     if backend == "cuda":
         from dualpath.transport.cuda import CudaDataPlane
 
@@ -73,7 +81,7 @@ def _plane(backend: str, name: str, token: str, **kwargs) -> "TcpDataPlane":
         from dualpath.transport.shm import ShmDataPlane
 
         return ShmDataPlane(name, token, **kwargs)
-    from dualpath.transport.dataplane import TcpDataPlane
+    from dualpath.transport.tcp import TcpDataPlane
 
     return TcpDataPlane(name, token, **kwargs)
 

@@ -14,7 +14,10 @@ are dropped (closed) once a restarted peer is met at the same address (memory: `
 or logs in under the same name (its events: ``_writer_restarted``), and never used again.
 
 Host regions (the engines' DRAM buffers) are written as the shm backend writes them (shm.py): one
-memory copy into the peer's mapped buffer; other host regions go over tcp.
+memory copy into the peer's mapped buffer; other host regions go over the tcp link. That is why this
+plane is a ShmDataPlane and not a sibling of it: a GPU engine's plane *is* the shm plane (same
+mappings, same copy threads, same fallbacks) plus device memory, not a second way to write host
+memory.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 
 from dualpath.device import until_done
 from dualpath.transport.dataplane import TransferError, as_bytes, check_write
-from dualpath.transport.framing import Login
+from dualpath.transport.framing import Login, ProtocolError
 from dualpath.transport.shm import ShmDataPlane
+from dualpath.transport.wire import Landing, Notify
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ class CudaDataPlane(ShmDataPlane):
         _LOCAL.pop((self.incarnation, handle["region"]), None)
         super().release(handle)
 
-    async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
+    async def write(self, src: torch.Tensor | memoryview, dst: dict, dst_offset: int, nbytes: int,
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
         if "ipc" not in dst:  # host memory: a mapped same-host buffer (shm.py), else tcp
             return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
@@ -139,12 +143,11 @@ class CudaDataPlane(ShmDataPlane):
             event = torch.cuda.Event()
             event.record(stream)
             await until_done(event, poll_s=0)  # a copy over NVLink: microseconds matter
-            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
+            await self._notify(dst, dst_offset, nbytes, traffic_class, notify, timeout)
             return
         event, ipc = self._take_event(dev, stream)
         try:
-            await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout,
-                             landed_event=[dev, ipc], moved=nbytes)
+            await self._notify(dst, dst_offset, nbytes, traffic_class, notify, timeout, event=[dev, ipc])
         finally:
             self._free_events[dev].append((event, ipc))
 
@@ -160,10 +163,14 @@ class CudaDataPlane(ShmDataPlane):
         event.record(stream)  # the CUDA event exists from its first record on: only then has it a handle
         return event, bytes(event.ipc_handle())
 
-    async def _landed(self, msg: dict, writer: Login) -> None:
-        if msg.get("event") is None:
+    async def _landed(self, msg: Landing, writer: Login) -> None:
+        """A notify after a copy into our device memory names the writer's event recorded after it."""
+        if not isinstance(msg, Notify) or msg.event is None:
             return
-        dev, ipc = msg["event"]
+        if not (isinstance(msg.event, list) and len(msg.event) == 2 and isinstance(msg.event[0], int)
+                and isinstance(msg.event[1], bytes)):
+            raise ProtocolError(f"{writer.name} names a CUDA event that is not [device, IPC handle]")
+        dev, ipc = msg.event
         key = (writer.name, writer.incarnation, dev, bytes(ipc))
         event = self._peer_events.get(key)
         if event is None:

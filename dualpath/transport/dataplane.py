@@ -1,20 +1,34 @@
 """The data plane: one-sided, RDMA-style writes of KV bytes between engines.
 
     handle = dp.register(tensor)        # a serialisable descriptor of a local buffer
-    await dp.write(src, handle, offset, nbytes, "bulk", notify=...)   # on the peer: bytes land in
-                                                                        # place, then on_complete(notify)
+    granted = dp.grant(handle, off, n, peer="pe0")      # leave for one writer to write [off, off + n)
+    await dp.write(src, granted, off, n, "bulk", notify=...)   # on the peer: bytes land in place,
+                                                                 # then its on_complete(notify) runs
+    dp.revoke(granted); dp.release(handle); dp.links(); dp.backend; await dp.close()
 
-``TcpDataPlane`` is the backend that always works. Its receiver reads a write's payload straight
-into the registered destination (``sock_recv_into`` on a memoryview of the region: no
-intermediate copy) and reports completion only once every byte is in place, so a half-written
-destination is never reported complete. ``CudaDataPlane`` (cuda.py) and ``VerbsDataPlane``
-(verbs.py) reuse its connections for completions and move the bytes their own way.
+``DataPlane`` names that interface and holds what every backend shares; the backends implement it
+side by side, each moving the bytes its own way:
+
+    tcp.py    TcpDataPlane    payload frames on the link below (the backend that always works)
+    shm.py    ShmDataPlane    one memory copy into a same-host peer's mapped DRAM buffer
+    cuda.py   CudaDataPlane   CUDA IPC copies into a peer's GPU memory; host regions as shm does
+    verbs.py  VerbsDataPlane  RDMA WRITE WITH IMMEDIATE into a peer's registered memory
+
+What they share, here: regions and grants (the receiving side's checks), logins and incarnations
+(both sides), and the TCP link (link.py) with its messages (wire.py). Every backend needs the link:
+the receiver's completion fires on a frame from it (a write's last chunk, or a notify after bytes
+moved another way), a peer of another host is reached only through it, and a receiver takes
+payload writes on it whatever its own backend (a shm engine from one of another host).
+
+The receiver reads a payload straight into the registered destination (``sock_recv_into`` on a
+memoryview of the region: no intermediate copy) and reports completion only once every byte is in
+place, so a half-written destination is never reported complete.
 
 Incarnations: every plane has one (framing.py; an engine passes its own), named in each handle it
 registers and in its logins. A writer learns the incarnation at an address from the login of its
 link there; a handle naming another one belongs to a process that is gone (an engine restarted on
 the same address) and is refused (``StaleIncarnation``), and what the writer kept for the old one
-(links; the shm mappings, CUDA IPC handles and verbs queue pairs of the other backends) is dropped
+(links; the shm mappings, CUDA IPC handles and verbs queue pairs of the backends) is dropped
 (``_peer_restarted``). The receiver refuses a write or notify naming an incarnation other than its
 own, and grants are bound to the writer's name and incarnation (``Grant``).
 
@@ -26,7 +40,9 @@ from this process, waits between chunks so latency traffic keeps ``latency_share
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -38,19 +54,15 @@ from typing import Any, Callable
 
 import torch
 
-from dualpath.transport.framing import (LENGTH, LOGIN_MAX_FRAME, Login, MalformedLogin, ProtocolError, answer,
-                                        challenge, frame_length, new_incarnation, pack, server_incarnation, unpack,
-                                        verify)
+from dualpath.transport.framing import (LOGIN_MAX_FRAME, Login, MalformedLogin, ProtocolError, answer, challenge,
+                                        new_incarnation, pack, server_incarnation, verify)
+from dualpath.transport.link import (DSCP_TOS, PeerLink, Refused, TransferError, discard, peer_of, recv_exact,
+                                     recv_frame, tune)
+from dualpath.transport.wire import TRAFFIC_CLASSES, Ack, Landing, Notify, Request, WriteChunk, parse
 
 log = logging.getLogger(__name__)
-TRAFFIC_CLASSES = ("latency", "bulk")
-_HEADER_LIMIT = 1 << 16
-_SOCK_BUF = 4 << 20
-_RECV_SLICE = 256 << 10
-
-
-class TransferError(ConnectionError):
-    """A write failed: refused by the peer (bad handle, out of range) or the peer was lost."""
+__all__ = ["DataPlane", "TransferError", "Refused", "StaleIncarnation", "Region", "Grant", "TRAFFIC_CLASSES",
+           "as_bytes", "check_write", "host_view"]
 
 
 class StaleIncarnation(TransferError):
@@ -98,59 +110,6 @@ def host_view(t: torch.Tensor) -> memoryview:
     return memoryview(as_bytes(t).numpy())
 
 
-async def _recv_exact(loop, sock: socket.socket, view: memoryview) -> None:
-    while len(view):
-        # At most _RECV_SLICE per call: one huge copy would hold the event loop for a millisecond,
-        # and latency-class messages on the other connection would wait behind it.
-        n = await loop.sock_recv_into(sock, view[:_RECV_SLICE])
-        if n == 0:
-            raise ConnectionError("peer closed the connection")
-        view = view[n:]
-        if len(view):  # likewise: data waiting means no suspension, so let the other connections in
-            await asyncio.sleep(0)
-
-
-async def _recv_frame(loop, sock: socket.socket, max_frame: int = _HEADER_LIMIT) -> dict:
-    """One frame (framing.py) from a non-blocking socket: a write's header, an ack, a login step."""
-    head = bytearray(LENGTH.size)
-    await _recv_exact(loop, sock, memoryview(head))
-    body = bytearray(frame_length(head, max_frame))
-    await _recv_exact(loop, sock, memoryview(body))
-    return unpack(body)
-
-
-# Each traffic class's connections carry a DSCP mark in their IP header (EF for latency, CS1, "lower
-# effort", for bulk), so a link that schedules by class (a switch's priority queues, or tc on a
-# host, as bench/netns.py sets up) sends a handoff ahead of queued path-B bytes: the role InfiniBand
-# virtual lanes play in the paper, on any IP network.
-DSCP_TOS = {"latency": 46 << 2, "bulk": 8 << 2}
-
-
-def _peer_of(sock: socket.socket) -> str:
-    try:
-        host, port = sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "?"
-
-
-def _well_formed(msg: Any) -> bool:
-    """A data-plane header has the fields and types the receiver relies on (it comes from a peer
-    that proved the secret, but one bad frame must cost its connection only, not a traceback)."""
-    if not isinstance(msg, dict) or msg.get("op") not in ("w", "n", "qp") or not isinstance(msg.get("id"), int):
-        return False
-    if msg["op"] == "qp":
-        return isinstance(msg.get("info"), dict) and msg.get("tc") in TRAFFIC_CLASSES
-    ints = [msg.get("region"), msg.get("off", 0), msg.get("n", 0), msg.get("moved", 0)]
-    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints)
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
-
-
 def check_write(dst: dict, dst_offset: int, nbytes: int, traffic_class: str) -> None:
     """What every backend refuses before moving a byte: an unknown class, a range outside the handle."""
     if traffic_class not in TRAFFIC_CLASSES:
@@ -160,50 +119,29 @@ def check_write(dst: dict, dst_offset: int, nbytes: int, traffic_class: str) -> 
                             f"{dst.get('nbytes')}-byte destination")
 
 
-class _PeerLink:
-    """One outgoing connection (per peer and traffic class) and the writes waiting for acks;
-    ``incarnation``: the peer process's, as its login said."""
-
-    def __init__(self, sock: socket.socket, incarnation: str | None):
-        self.sock, self.incarnation = sock, incarnation
-        self.lock = asyncio.Lock()
-        self.pending: dict[int, asyncio.Future] = {}
-        self.closed = False
-        self.reader = asyncio.create_task(self._read_acks())
-
-    async def _read_acks(self) -> None:
-        loop = asyncio.get_running_loop()
-        err: Exception = TransferError("peer lost")
-        try:
-            while True:
-                ack = await _recv_frame(loop, self.sock)
-                fut = self.pending.pop(ack["id"], None)
-                if fut is not None and not fut.done():
-                    if ack.get("err"):
-                        fut.set_exception(TransferError(ack["err"]))
-                    else:
-                        fut.set_result(ack)
-        except (ConnectionError, OSError, ProtocolError, asyncio.IncompleteReadError) as e:
-            err = TransferError(f"peer lost mid-transfer: {e}")
-        finally:
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(err)
-            self.pending.clear()
-            self.sock.close()
-
-    @property
-    def alive(self) -> bool:
-        return not self.closed and not self.reader.done()
-
-    def close(self) -> None:
-        self.closed = True
-        self.reader.cancel()
-        self.sock.close()
+def source_view(src: torch.Tensor | memoryview, nbytes: int) -> memoryview:
+    """The first nbytes of src as host bytes (device data staged through host memory)."""
+    if isinstance(src, torch.Tensor):
+        flat = as_bytes(src)
+        if flat.device.type != "cpu":
+            flat = flat[:nbytes].cpu()
+        src = memoryview(flat.numpy())
+    src = memoryview(src).cast("B") if not isinstance(src, memoryview) else src.cast("B")
+    if len(src) < nbytes:
+        raise ValueError(f"source has {len(src)} bytes, {nbytes} requested")
+    return src[:nbytes]
 
 
-class TcpDataPlane:
-    backend = "tcp"
+class DataPlane(abc.ABC):
+    """One engine's data plane. A backend gives its ``backend`` name and ``write``; it may extend
+    register/release/links/close, and the hooks ``_landed`` (wait for bytes that moved another
+    way), ``_answer`` (a request such as ConnectQp), ``_peer_restarted`` and ``_writer_restarted``
+    (drop what it keeps for a process that is gone)."""
+
+    # Whether a notify's landing may take long (an RDMA receive completion that may never come): then
+    # it is awaited beside the connection's reading, so that one lost landing does not hold up every
+    # frame behind it; acks then go out in the order landings end (the writer matches them by id).
+    slow_landings = False
 
     def __init__(self, name: str, token: str, on_complete: Callable[[Any], None] | None = None,
                  bulk_chunk_bytes: int = 256 << 10, latency_share: float = 0.99, host: str = "127.0.0.1",
@@ -217,7 +155,7 @@ class TcpDataPlane:
         self.grants: dict[str, Grant] = {}
         self._region_ids = itertools.count(1)
         self._write_ids = itertools.count(1)
-        self._links: dict[tuple[str, int, str], _PeerLink] = {}
+        self._links: dict[tuple[str, int, str], PeerLink] = {}
         self._link_locks: dict[tuple[str, int, str], asyncio.Lock] = {}
         # Writing side: the incarnation last met at each peer address, and those known to be gone.
         self._peer_incarnations: dict[tuple[str, int], str | None] = {}
@@ -228,19 +166,32 @@ class TcpDataPlane:
         self._latency_inflight = 0
         self._latency_idle = asyncio.Event()
         self._latency_idle.set()
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task | None = None
         self._conns: set[asyncio.Task] = set()
         self.bytes_received = 0
         self.sent_bytes: Counter[str] = Counter()  # by traffic class, acknowledged writes only
         self.refused = 0  # logins and writes refused
         self.malformed = 0  # of those, logins of the wrong shape (framing.MalformedLogin)
 
-    # -- registration --
+    # ------------------------------------------------------------------ the interface engines use
+
+    @property
+    @abc.abstractmethod
+    def backend(self) -> str:
+        """"tcp", "shm", "cuda" or "verbs": reported per engine in /v1/cluster and the metrics."""
+
+    @abc.abstractmethod
+    async def write(self, src: torch.Tensor | memoryview, dst: dict, dst_offset: int, nbytes: int,
+                    traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
+        """Write nbytes from src into the peer's region dst (a handle, or a grant of one) at
+        dst_offset; return once the bytes are in place on the peer and its on_complete(notify) has
+        run. TransferError if the peer refused it or was lost (StaleIncarnation: it restarted)."""
 
     def register(self, tensor: torch.Tensor, share_path: str | None = None, granted_only: bool = False) -> dict:
-        """share_path: where another process of this host can map the (host) tensor; the cuda
-        backend copies into such regions directly, tcp always sends over its socket. A
-        granted_only region takes writes only through a grant (``grant``)."""
+        """A handle (msgpack-able) through which peers write `tensor`. share_path: where another
+        process of this host can map the (host) tensor, for the backends that copy into it
+        directly. A granted_only region takes writes only through a grant (``grant``)."""
         flat = as_bytes(tensor)
         region_id = next(self._region_ids)
         view = host_view(flat) if flat.device.type == "cpu" else None
@@ -250,10 +201,6 @@ class TcpDataPlane:
 
     def release(self, handle: dict) -> None:
         self.regions.pop(handle["region"], None)
-
-    def links(self) -> dict[str, str]:
-        """The backend carrying each peer link ("host:port" -> backend), for the load report."""
-        return {f"{h}:{p}": "tcp" for h, p, _ in self._links}
 
     def grant(self, handle: dict, offset: int, nbytes: int, peer: str, peer_incarnation: str | None = None) -> dict:
         """A handle through which only `peer` may write bytes [offset, offset + nbytes) of the region:
@@ -267,6 +214,35 @@ class TcpDataPlane:
         if isinstance(gid, str):
             self.grants.pop(gid, None)
 
+    def links(self) -> dict[str, str]:
+        """The backend carrying each peer link ("host:port" -> backend), for the load report: tcp
+        for every link here; a backend names its own where it moves the bytes another way."""
+        return {f"{h}:{p}": "tcp" for h, p, _ in self._links}
+
+    async def start(self, host: str | None = None, port: int = 0) -> int:
+        """Listen for peers' links; returns the port (their handles name it)."""
+        self.host = host or self.host
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self._listener = sock
+        self._accept_task = asyncio.create_task(self._accept_loop())
+        return self.port
+
+    async def close(self) -> None:
+        for t in [self._accept_task, *self._conns]:
+            if t is not None:
+                t.cancel()
+        for link in self._links.values():
+            link.close()
+        if self._listener is not None:
+            self._listener.close()
+
+    # ------------------------------------------------------------------ receiving side: checks
+
     def _check(self, region_id: int, off: int, n: int, need_host: bool = True, grant: Any = None,
                peer: Login | None = None) -> Region:
         region = self.regions.get(region_id)
@@ -275,7 +251,7 @@ class TcpDataPlane:
         if off < 0 or n < 0 or off + n > region.tensor.numel():
             raise TransferError(f"write [{off}, {off + n}) outside region {region_id} of {region.tensor.numel()} bytes")
         if need_host and region.view is None:
-            raise TransferError(f"region {region_id} is device memory; the tcp backend writes host memory only")
+            raise TransferError(f"region {region_id} is device memory; the tcp link writes host memory only")
         if region.granted_only:
             g = self.grants.get(grant) if isinstance(grant, str) else None
             if g is None or peer is None or not g.admits(region_id, off, off + n, peer):
@@ -295,7 +271,7 @@ class TcpDataPlane:
     def _writer_logged_in(self, writer: Login) -> None:
         """A writer's data connection is up. Incarnations of the same name without a live connection
         are gone (the engine restarted): their grants are dropped (bound to them, they could never be
-        used again anyway), and so is what a subclass kept for them (``_writer_restarted``). An old
+        used again anyway), and so is what a backend kept for them (``_writer_restarted``). An old
         incarnation that is still connected is left alone: a newcomer cannot revoke a live peer's grants."""
         self._writers[writer] += 1
         seen = self._writer_incarnations.setdefault(writer.name, set())
@@ -309,122 +285,156 @@ class TcpDataPlane:
                      writer.name, writer.incarnation, old, len(dropped))
             self._writer_restarted(writer.name, old)
 
-    def _writer_restarted(self, name: str, old_incarnation: str | None) -> None:
-        """Drop what we keep for a writer's earlier incarnation (the cuda and verbs planes keep some)."""
+    def _writer_logged_out(self, writer: Login) -> None:
+        self._writers[writer] -= 1
+        if not self._writers[writer]:
+            del self._writers[writer]
 
-    # -- receiving side --
-
-    async def start(self, host: str | None = None, port: int = 0) -> int:
-        self.host = host or self.host
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, port))
-        sock.listen(64)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        self._listener = sock
-        self._accept_task = asyncio.create_task(self._accept_loop())
-        return self.port
+    # ------------------------------------------------------------------ receiving side: the link
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(self._listener)
             conn.setblocking(False)
-            _tune(conn)
+            tune(conn)
             t = asyncio.create_task(self._serve(conn))
             self._conns.add(t)
             t.add_done_callback(self._conns.discard)
 
+    async def _login(self, sock: socket.socket) -> Login | None:
+        """The writer at the other end of sock, once it proved the secret; None (said, counted and
+        answered) if it did not."""
+        loop = asyncio.get_running_loop()
+        nonce, first = challenge(self.incarnation)
+        await loop.sock_sendall(sock, first)
+        try:
+            hello = await asyncio.wait_for(recv_frame(loop, sock, LOGIN_MAX_FRAME), 10)
+            login = verify(self.token, nonce, hello, need_incarnation=True)
+        except ProtocolError as e:  # one line per refusal, never a traceback
+            self.refused += 1
+            self.malformed += isinstance(e, MalformedLogin)
+            log.warning("%s: refused data connection from %s: %s", self.name, peer_of(sock), e)
+            await loop.sock_sendall(sock, pack({"ok": False, "error": str(e)}))
+            return None
+        await loop.sock_sendall(sock, pack({"ok": True}))
+        return login
+
     async def _serve(self, sock: socket.socket) -> None:
+        """One writer's connection: its messages (wire.py), in order, until it closes."""
         loop = asyncio.get_running_loop()
         writer: Login | None = None
         try:
-            nonce, first = challenge(self.incarnation)
-            await loop.sock_sendall(sock, first)
-            try:
-                hello = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 10)
-                # proved with the secret: grants are checked against this name and incarnation
-                login = verify(self.token, nonce, hello, need_incarnation=True)
-            except ProtocolError as e:  # one line per refusal, never a traceback
-                self.refused += 1
-                self.malformed += isinstance(e, MalformedLogin)
-                log.warning("%s: refused data connection from %s: %s", self.name, _peer_of(sock), e)
-                await loop.sock_sendall(sock, pack({"ok": False, "error": str(e)}))
+            writer = await self._login(sock)
+            if writer is None:
                 return
-            await loop.sock_sendall(sock, pack({"ok": True}))
-            writer = login
             self._writer_logged_in(writer)
             scratch = memoryview(bytearray(1 << 20))
+            acks = asyncio.Lock()  # frames out on sock: from this loop, and from landings awaited beside it
             while True:
-                msg = await _recv_frame(loop, sock)
-                if not _well_formed(msg):
-                    raise ProtocolError(f"malformed data-plane header from {writer.name}: {str(msg)[:200]}")
-                if msg["op"] == "qp":  # a verbs writer's queue-pair handshake (verbs.py)
-                    try:
-                        reply = {"id": msg["id"], "qp": self.accept_qp(msg["info"], msg["tc"], writer)}
-                    except Exception as e:
-                        reply = {"id": msg["id"], "err": f"{self.name} cannot take an RDMA queue pair: {e}"}
-                    await loop.sock_sendall(sock, pack(reply))
-                    continue
-                n = msg.get("n", 0)
-                try:
-                    self._check_incarnation(msg.get("inc"))
-                    # a notify ("n") stands for bytes the writer moved itself: check their whole range
-                    span = n if msg["op"] == "w" else msg.get("moved", 0)
-                    region = self._check(msg["region"], msg.get("off", 0), span, need_host=msg["op"] == "w",
-                                         grant=msg.get("grant"), peer=writer)
-                except TransferError as e:
-                    self.refused += 1
-                    while n:  # drain the payload so the stream stays in step
-                        k = min(n, len(scratch))
-                        await _recv_exact(loop, sock, scratch[:k])
-                        n -= k
-                    await loop.sock_sendall(sock, pack({"id": msg["id"], "err": str(e)}))
-                    continue
-                if msg["op"] == "w" and n:
-                    await _recv_exact(loop, sock, region.view[msg["off"] : msg["off"] + n])
-                    self.bytes_received += n
-                if msg.get("last", True):
-                    await self._landed(msg, writer)
-                    self.on_complete(msg.get("notify"))  # every byte is in place
-                    await loop.sock_sendall(sock, pack({"id": msg["id"]}))
+                msg = parse(await recv_frame(loop, sock))  # grants are checked against `writer`
+                if isinstance(msg, (WriteChunk, Notify)):
+                    await self._take(sock, msg, writer, scratch, acks)
+                else:
+                    await self._send_ack(sock, self._reply(msg, writer), acks)
         except ProtocolError as e:
-            log.warning("%s: closed a data connection from %s: %s", self.name, _peer_of(sock), e)
+            log.warning("%s: closed a data connection from %s: %s", self.name, peer_of(sock), e)
         except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away; nothing half-written was reported complete
         finally:
             if writer is not None:
-                self._writers[writer] -= 1
-                if not self._writers[writer]:
-                    del self._writers[writer]
+                self._writer_logged_out(writer)
             sock.close()
 
-    async def _landed(self, msg: dict, writer: Login) -> None:
-        """Return once the bytes of the write that `msg` ends are in place. Over tcp they came in the
-        frames themselves; the cuda plane waits for the writer's copy (cuda.py)."""
+    async def _take(self, sock: socket.socket, msg: Landing, writer: Login, scratch: memoryview,
+                    acks: asyncio.Lock) -> None:
+        """A write chunk (its payload follows on sock) or a notify: checked, landed, acked."""
+        loop = asyncio.get_running_loop()
+        payload = msg.n if isinstance(msg, WriteChunk) else 0
+        try:
+            self._check_incarnation(msg.inc)
+            # a notify stands for bytes the writer moved itself: check their whole range
+            span = payload if isinstance(msg, WriteChunk) else msg.moved
+            region = self._check(msg.region, msg.off, span, need_host=isinstance(msg, WriteChunk), grant=msg.grant,
+                                 peer=writer)
+        except TransferError as e:
+            self.refused += 1
+            await discard(loop, sock, payload, scratch)
+            await self._send_ack(sock, Ack(msg.id, err=str(e)), acks)
+            return
+        if payload:
+            await recv_exact(loop, sock, region.view[msg.off : msg.off + payload])
+            self.bytes_received += payload
+        if not msg.last:
+            return
+        if isinstance(msg, Notify) and self.slow_landings:
+            task = asyncio.create_task(self._land_beside(sock, msg, writer, acks))
+            self._conns.add(task)  # (cancelled at close, like the connections)
+            task.add_done_callback(self._conns.discard)
+        else:
+            await self._land(sock, msg, writer, acks)
 
-    def accept_qp(self, info: dict, traffic_class: str, writer: Login) -> dict:
-        """A peer's RDMA queue pair wants one of ours (verbs.py overrides this)."""
-        raise TransferError(f"{self.name} runs the {self.backend} data plane, without an RDMA device")
+    async def _land(self, sock: socket.socket, msg: Landing, writer: Login, acks: asyncio.Lock) -> None:
+        """Once msg's bytes are in place: on_complete(notify), then the ack. A landing that fails
+        (the RDMA write failed, or never came) is acked with the reason; the link stays up."""
+        try:
+            await self._landed(msg, writer)
+        except TransferError as e:
+            self.refused += 1
+            return await self._send_ack(sock, Ack(msg.id, err=str(e)), acks)
+        self.on_complete(msg.notify)  # every byte is in place
+        await self._send_ack(sock, Ack(msg.id), acks)
 
-    # -- sending side --
+    async def _land_beside(self, sock: socket.socket, msg: Landing, writer: Login, acks: asyncio.Lock) -> None:
+        try:
+            await self._land(sock, msg, writer, acks)
+        except (ConnectionError, OSError):
+            pass  # the connection closed meanwhile: the writer has failed this write already
 
-    async def ask(self, addr: tuple[str, int], traffic_class: str, msg: dict, timeout: float = 10.0) -> dict:
-        """A request on the data-plane link to the peer at addr; returns its reply frame."""
+    @staticmethod
+    async def _send_ack(sock: socket.socket, ack: Ack, acks: asyncio.Lock) -> None:
+        async with acks:
+            await asyncio.get_running_loop().sock_sendall(sock, pack(ack.to_wire()))
+
+    def _reply(self, request: Request, writer: Login) -> Ack:
+        try:
+            return Ack(request.id, answer=self._answer(request, writer))
+        except Exception as e:  # a refusal, said to the writer: its link stays usable
+            return Ack(request.id, err=f"{self.name} cannot take {request.what}: {e}")
+
+    async def _landed(self, msg: Landing, writer: Login) -> None:
+        """Return once the bytes of the write that `msg` ends are in place (TransferError if they
+        never will be). Over the link they came in the frames themselves; a backend whose writer
+        moves them another way waits for them here (cuda: the writer's copy event; verbs: the RDMA
+        receive completion)."""
+
+    def _answer(self, request: Request, writer: Login) -> dict:
+        """The answer to a writer's request (wire.py); a backend that takes none refuses it."""
+        raise TransferError(f"it runs the {self.backend} data plane")
+
+    def _writer_restarted(self, name: str, old_incarnation: str | None) -> None:
+        """Drop what we keep for a writer's earlier incarnation (the cuda and verbs planes keep some)."""
+
+    # ------------------------------------------------------------------ sending side: the link
+
+    async def ask(self, addr: tuple[str, int], traffic_class: str, msg: Request | dict,
+                  timeout: float = 10.0) -> Ack:
+        """A request (wire.py) on our link to the peer at addr; its Ack, or TransferError if refused.
+        A dict is sent as it is: tests forge headers with it that a well-behaved writer never sends."""
         link = await self._link(tuple(addr), traffic_class)
         wid = next(self._write_ids)
+        frame = {**msg, "id": wid} if isinstance(msg, dict) else dataclasses.replace(msg, id=wid).to_wire()
         fut = link.pending[wid] = asyncio.get_running_loop().create_future()
         try:
             async with link.lock:
-                await asyncio.get_running_loop().sock_sendall(link.sock, pack({**msg, "id": wid}))
+                await asyncio.get_running_loop().sock_sendall(link.sock, pack(frame))
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise TransferError(f"{addr} did not answer {msg.get('op')!r} within {timeout}s") from None
+            raise TransferError(f"{addr} did not answer {frame.get('op')!r} within {timeout}s") from None
         finally:
             link.pending.pop(wid, None)
 
-    async def _link(self, addr: tuple[str, int], tc: str) -> _PeerLink:
+    async def _link(self, addr: tuple[str, int], tc: str) -> PeerLink:
         """Our live link to addr for class tc, connecting if there is none."""
         key = (addr[0], addr[1], tc)
         async with self._link_locks.setdefault(key, asyncio.Lock()):
@@ -434,26 +444,26 @@ class TcpDataPlane:
                 self._met(addr, link.incarnation)
             return link
 
-    async def _dial(self, addr: tuple[str, int], tc: str) -> _PeerLink:
+    async def _dial(self, addr: tuple[str, int], tc: str) -> PeerLink:
         """A new, logged-in connection to the data plane at addr (not yet one of our links)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
-        _tune(sock)
+        tune(sock)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_TOS[tc])
         try:
             await asyncio.wait_for(loop.sock_connect(sock, addr), 5)
-            first = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
+            first = await asyncio.wait_for(recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
             await loop.sock_sendall(sock, answer(self.token, self.name, first, self.incarnation))
             theirs = server_incarnation(first)
-            reply = await asyncio.wait_for(_recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
+            reply = await asyncio.wait_for(recv_frame(loop, sock, LOGIN_MAX_FRAME), 5)
             if not isinstance(reply, dict) or not reply.get("ok"):
                 why = reply.get("error") if isinstance(reply, dict) else reply
                 raise TransferError(f"{addr} refused the data connection: {why}")
         except (OSError, asyncio.TimeoutError, ProtocolError, ConnectionError) as e:
             sock.close()
             raise TransferError(f"cannot reach data plane at {addr[0]}:{addr[1]}: {e}") from e
-        return _PeerLink(sock, theirs)
+        return PeerLink(sock, theirs)
 
     def _met(self, addr: tuple[str, int], incarnation: str | None) -> None:
         """A login at addr named `incarnation`. If the last one there named another, that process is
@@ -468,14 +478,14 @@ class TcpDataPlane:
             self._peer_restarted(addr, incarnation)
 
     def _peer_restarted(self, addr: tuple[str, int], incarnation: str | None) -> None:
-        """The process at addr is now `incarnation`: close links to an earlier one (subclasses drop
+        """The process at addr is now `incarnation`: close links to an earlier one (backends drop
         their mappings, opened IPC handles and queue pairs too)."""
         for key, link in list(self._links.items()):
             if key[:2] == addr and link.incarnation != incarnation:
                 link.close()
                 del self._links[key]
 
-    async def _link_to(self, dst: dict, tc: str) -> _PeerLink:
+    async def _link_to(self, dst: dict, tc: str) -> PeerLink:
         """Our link to the peer that registered `dst`, checked to be that very process: StaleIncarnation
         if the handle names an incarnation that no longer runs at its address. Every backend calls
         this before it moves a byte (shm, cuda and verbs before touching the peer's memory)."""
@@ -520,87 +530,86 @@ class TcpDataPlane:
             # latency write that is about to start is not held behind a run of bulk chunks.
             await asyncio.sleep(0)
 
-    async def _send(self, src: memoryview, dst: dict, off: int, tc: str, notify: Any, op: str,
-                    timeout: float, landed_event: Any = None, moved: int | None = None) -> None:
-        """Send a write's frames (op "w": header and bytes) or a notify-only frame (op "n", after the
-        bytes went another way: `moved` of them) and wait for the peer's ack."""
-        link = await self._link_to(dst, tc)
-        loop = asyncio.get_running_loop()
-        wid = next(self._write_ids)
-        fut = loop.create_future()
-        link.pending[wid] = fut
-        n = len(src)
-        step = self.chunk if tc == "bulk" else max(n, 1)
-        pos = 0
-        try:
-            while True:
-                k = min(step, n - pos)
-                last = pos + k >= n
-                header = {"op": op, "id": wid, "region": dst["region"], "grant": dst.get("grant"), "off": off + pos,
-                          "n": k if op == "w" else 0, "last": last, "notify": notify if last else None,
-                          "inc": dst["inc"]}
-                if op == "n":  # the bytes went another way: their range still has to be within a grant
-                    header["moved"] = moved or 0
-                if last and landed_event is not None:
-                    header["event"] = landed_event
-                t0 = time.perf_counter()
-                async with link.lock:
-                    await loop.sock_sendall(link.sock, pack(header))
-                    if k and op == "w":
-                        await loop.sock_sendall(link.sock, src[pos : pos + k])
-                pos += k
-                if last:
-                    break
-                if tc == "bulk":
-                    await self._yield_to_latency(time.perf_counter() - t0)
-            await asyncio.wait_for(fut, timeout)
-            self.sent_bytes[tc] += n if moved is None else moved
-        except TransferError:  # refused by the peer (bad handle/range): the link itself is fine
-            raise
-        except (OSError, ConnectionError) as e:
-            link.close()
-            raise TransferError(f"write to {dst['addr']} failed: {e}") from e
-        except asyncio.TimeoutError:
-            link.close()
-            raise TransferError(f"write to {dst['addr']} not acknowledged within {timeout}s") from None
-        finally:
-            link.pending.pop(wid, None)
-
-    async def write(self, src: torch.Tensor | memoryview, dst: dict, dst_offset: int, nbytes: int,
-                    traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
-        """Write nbytes from src into the peer's region dst at dst_offset; returns once the bytes are
-        in place on the peer and its on_complete(notify) has run."""
-        check_write(dst, dst_offset, nbytes, traffic_class)
-        view = self._source_view(src, nbytes)
-        if traffic_class == "latency":
+    async def _write_over_link(self, src: torch.Tensor | memoryview, dst: dict, dst_offset: int, nbytes: int,
+                               tc: str, notify: Any, timeout: float) -> None:
+        """The write with its payload in frames on the link: tcp's way, and every backend's way to a
+        peer it cannot reach otherwise (another host, memory it cannot map or register)."""
+        check_write(dst, dst_offset, nbytes, tc)
+        view = source_view(src, nbytes)
+        if tc == "latency":
             self._latency_inflight += 1
             self._latency_idle.clear()
         try:
-            await self._send(view, dst, dst_offset, traffic_class, notify, "w", timeout)
+            await self._exchange(dst, tc, timeout, nbytes,
+                                 lambda link, wid: self._send_chunks(link, wid, view, dst, dst_offset, tc, notify))
         finally:
-            if traffic_class == "latency":
+            if tc == "latency":
                 self._latency_inflight -= 1
                 if not self._latency_inflight:
                     self._latency_idle.set()
 
-    def _source_view(self, src: torch.Tensor | memoryview, nbytes: int) -> memoryview:
-        if isinstance(src, torch.Tensor):
-            flat = as_bytes(src)
-            if flat.device.type != "cpu":  # tcp moves host bytes: stage device data through host memory
-                flat = flat[:nbytes].cpu()
-            src = memoryview(flat.numpy())
-        src = memoryview(src).cast("B") if not isinstance(src, memoryview) else src.cast("B")
-        if len(src) < nbytes:
-            raise ValueError(f"source has {len(src)} bytes, {nbytes} requested")
-        return src[:nbytes]
+    async def _notify(self, dst: dict, dst_offset: int, moved: int, tc: str, notify: Any, timeout: float,
+                      event: Any = None) -> None:
+        """After `moved` bytes went another way: the notify frame, and the peer's ack once they landed."""
+        async def send(link: PeerLink, wid: int) -> None:
+            msg = Notify(wid, dst["region"], dst_offset, moved, dst["inc"], dst.get("grant"), notify, event)
+            async with link.lock:
+                await asyncio.get_running_loop().sock_sendall(link.sock, pack(msg.to_wire()))
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for t in [getattr(self, "_accept_task", None), *self._conns]:
-            if t is not None:
-                t.cancel()
-        for link in self._links.values():
+        await self._exchange(dst, tc, timeout, moved, send)
+
+    async def _exchange(self, dst: dict, tc: str, timeout: float, nbytes: int,
+                        send: Callable[[PeerLink, int], Any]) -> None:
+        """Send one message's frames on our link to dst's peer (send(link, id)) and wait for its ack.
+        A refusal leaves the link up; a lost or silent peer closes it."""
+        link = await self._link_to(dst, tc)
+        wid = next(self._write_ids)
+        fut = link.pending[wid] = asyncio.get_running_loop().create_future()
+        try:
+            await send(link, wid)
+            await asyncio.wait_for(fut, timeout)
+            self.sent_bytes[tc] += nbytes
+        except TransferError:  # refused by the peer (bad handle/range): the link itself is fine
+            raise
+        except asyncio.TimeoutError:  # (before OSError: a TimeoutError is one)
             link.close()
-        if hasattr(self, "_listener"):
-            self._listener.close()
+            raise TransferError(f"write to {dst['addr']} not acknowledged within {timeout}s") from None
+        except (OSError, ConnectionError) as e:
+            link.close()
+            raise TransferError(f"write to {dst['addr']} failed: {e}") from e
+        finally:
+            link.pending.pop(wid, None)
+
+    async def _send_chunks(self, link: PeerLink, wid: int, src: memoryview, dst: dict, off: int, tc: str,
+                           notify: Any) -> None:
+        """A write's frames: a header and its bytes per chunk (bulk in chunks, yielding to latency
+        traffic between them; latency in one)."""
+        loop = asyncio.get_running_loop()
+        n = len(src)
+        step = self.chunk if tc == "bulk" else max(n, 1)
+        pos = 0
+        while True:
+            k = min(step, n - pos)
+            last = pos + k >= n
+            header = WriteChunk(wid, dst["region"], off + pos, k, dst["inc"], dst.get("grant"), last,
+                                notify if last else None)
+            t0 = time.perf_counter()
+            async with link.lock:
+                await loop.sock_sendall(link.sock, pack(header.to_wire()))
+                if k:
+                    await loop.sock_sendall(link.sock, src[pos : pos + k])
+            pos += k
+            if last:
+                return
+            if tc == "bulk":
+                await self._yield_to_latency(time.perf_counter() - t0)
+
+
+def __getattr__(name: str) -> Any:
+    """``from dualpath.transport.dataplane import TcpDataPlane`` as before the backends moved to their
+    own modules (tcp.py imports this one, so it cannot be imported at the top)."""
+    if name == "TcpDataPlane":
+        from dualpath.transport.tcp import TcpDataPlane
+
+        return TcpDataPlane
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,9 @@ those of an earlier incarnation are dropped (unmapped) as soon as its successor 
 address and region only, a mapping once outlived a restart: handoffs went into the dead engine's
 memory and the restarted one served, and persisted, wrong KV.)
 
-Everything else goes over tcp: a buffer of another host, a region registered without a share path,
-a file that cannot be mapped (said once in the log and in ``links()``). The cuda backend builds on
-this one and adds device memory.
+Everything else goes over the link as tcp writes it (dataplane.py): a buffer of another host, a
+region registered without a share path, a file that cannot be mapped (said once in the log and in
+``links()``). The cuda backend is this one plus device memory (cuda.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from dualpath.device import device_threads
-from dualpath.transport.dataplane import TRAFFIC_CLASSES, TcpDataPlane, as_bytes, check_write
+from dualpath.transport.dataplane import TRAFFIC_CLASSES, DataPlane, as_bytes, check_write
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def shm_available() -> bool:
     return hasattr(os, "memfd_create")
 
 
-class ShmDataPlane(TcpDataPlane):
+class ShmDataPlane(DataPlane):
     backend = "shm"
 
     def __init__(self, *args, **kwargs):
@@ -107,18 +107,18 @@ class ShmDataPlane(TcpDataPlane):
         for pool in self._copiers.values():
             pool.shutdown(wait=False)
 
-    async def write(self, src: torch.Tensor, dst: dict, dst_offset: int, nbytes: int,
+    async def write(self, src: torch.Tensor | memoryview, dst: dict, dst_offset: int, nbytes: int,
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
         if not self._same_host(dst):
-            return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
+            return await self._write_over_link(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
         check_write(dst, dst_offset, nbytes, traffic_class)
         await self._link_to(dst, traffic_class)  # the handle's incarnation is the one at its address, or refused
         mapped = self._map_shared(dst)
         if mapped is None:
-            return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
+            return await self._write_over_link(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
         source = as_bytes(src) if isinstance(src, torch.Tensor) else torch.frombuffer(src, dtype=torch.uint8)
         target, source = mapped[dst_offset : dst_offset + nbytes], source[:nbytes]
         if len(source) < nbytes:
             raise ValueError(f"source has {len(source)} bytes, {nbytes} requested")
         await asyncio.get_running_loop().run_in_executor(self._copiers[traffic_class], target.copy_, source)
-        await self._send(memoryview(b""), dst, dst_offset, traffic_class, notify, "n", timeout, moved=nbytes)
+        await self._notify(dst, dst_offset, nbytes, traffic_class, notify, timeout)

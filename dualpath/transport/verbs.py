@@ -17,7 +17,7 @@ so are the tests: examples/rdma_check.sh is the first run on a real fabric.
   address. GPU memory is not registered (no dma-buf export from torch): such writes go over tcp,
   and so do writes into a region whose registration failed after setup.
 - One RC queue pair per (peer, traffic class), created under a lock on the first write and
-  connected by a ``qp`` request on the TCP data-plane link. Per class: a service level (IB virtual
+  connected by a ConnectQp request (wire.py) on the data plane's TCP link. Per class: a service level (IB virtual
   lane) and an IP traffic class (RoCE DSCP), so switches keep latency traffic ahead of bulk.
 - Device, port and GID: the configured ones, else the first ACTIVE port and, on Ethernet, a RoCE v2
   GID that is not link-local (routable); hop limit 64; MTU the smaller of the two active MTUs.
@@ -43,301 +43,58 @@ so are the tests: examples/rdma_check.sh is the first run on a real fabric.
   from a writer are retired once a new incarnation of it logs in. A handle of an earlier incarnation
   (its rkey names memory of a process that is gone) is refused before anything is posted.
 
+- Completions: each CQ has its own completion channel and is armed (ibv_req_notify_cq); the event
+  loop watches the channel's descriptor (non-blocking) and, on an event, acks it, re-arms, then
+  polls the CQ empty. Nothing spins while writes wait. pyverbs exposes neither the channel's nor the
+  async queue's descriptor and its get_cq_event holds the GIL while it blocks, so the descriptors
+  are found in /proc/self/fd as the event files setup opened (``_with_event_fd``).
+- Back-pressure: a write takes as many entries as it has WRs in its QP's send queue (SEND_DEPTH)
+  and in the shared send CQ (all of a QP's WRs complete into it at once when it fails, signalled or
+  not), waiting for room rather than failing the post or overrunning the CQ; it gives them back
+  when its last WR completes. A receiver accepts only as many QPs as its receive CQ holds the
+  receives of; beyond that it refuses, and the writer writes to it over tcp (and asks again after
+  QP_RETRY_AFTER).
+- Async events (the device's event queue, watched the same way): a QP in error (pyverbs' event
+  names no QP, so those in ERR are found by query) is retired, failing only the writes and
+  landings on it; port down retires every QP and sends later writes over tcp until the port is
+  active again; a CQ overrun or a fatal device does the same for good. The engine goes on.
+
 Not done: grants (docs/SECURITY.md) are checked on the notify frame only; the DRAM buffer's one MR
 lets any holder of its rkey write anywhere in it. Enforcing grants at the NIC needs an MR or memory
-window per grant, invalidated on revoke. Completions are polled in a loop that yields to the event
-loop while any write, landing or drain waits (no completion channel yet), and nothing bounds the
-WRs in flight against the queue and CQ depths (a full send queue fails the post).
+window per grant, invalidated on revoke. Everything above the enum shim and attribute builders ran
+against tests/test_verbs.py's fake device only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import resource
+from collections import Counter
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from dualpath.transport.dataplane import TcpDataPlane, TransferError, as_bytes, check_write
+from dualpath.transport.dataplane import DataPlane, TransferError, as_bytes, check_write
 from dualpath.transport.framing import Login
+from dualpath.transport.link import Refused
+from dualpath.transport.rdma import (RECV_DEPTH, SEND_DEPTH, DeviceLayer, RdmaOptions, VerbsUnavailable, enums,
+                                     err_attr, init_attr, locked_memory_limit, rtr_attr, rts_attr, split_write)
+from dualpath.transport.wire import ConnectQp, Landing, Notify, Request
 
 log = logging.getLogger(__name__)
-SERVICE_LEVEL = {"latency": 0, "bulk": 1}
-TRAFFIC_CLASS = {"latency": 26 << 2, "bulk": 0}  # DSCP AF31 for latency, best effort for bulk
-MAX_WR_BYTES = 1 << 30  # an SGE length is 32 bits: split larger writes
-SEND_DEPTH = 1024
-RECV_DEPTH = 512
-CQ_DEPTH = 4096
 DRAIN_WR_ID = (1 << 64) - 1  # a retiring QP's marker WR; a write's WRs are (write id << 1) | is-last-piece
 DRAIN_TIMEOUT = 5.0  # seconds for a QP in ERR to flush before it is destroyed anyway
+QP_RETRY_AFTER = 30.0  # seconds a writer whose QP a peer refused writes to it over tcp before asking again
+POLL_BATCH = 32
 
 
-class VerbsUnavailable(TransferError):
-    """This host's RDMA device cannot carry the verbs plane; the message says why."""
+def _seconds(value: Any, default: float = 60.0, most: float = 3600.0) -> float:
+    """A writer's timeout from its notify frame, as a number of seconds this side will wait."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return min(float(value), most) if ok else default
 
 
-def enums():
-    """rdma-core >= v59 dropped pyverbs.enums for pyverbs.libibverbs_enums, whose names are reached
-    through their enum class; older ones (Debian 12: v44) have only pyverbs.enums."""
-    try:
-        import pyverbs.libibverbs_enums as e
-    except ImportError:
-        import pyverbs.enums as e
-    return _Enums(e)
-
-
-class _Enums:
-    """IBV_* names from either module: flat (pyverbs.enums, old libibverbs_enums) or class-qualified
-    (ibv_access_flags.IBV_ACCESS_LOCAL_WRITE with Cython >= 3.1)."""
-
-    def __init__(self, mod):
-        self.mod = mod
-
-    def __getattr__(self, name: str):
-        if hasattr(self.mod, name):
-            return getattr(self.mod, name)
-        for cls in vars(self.mod).values():
-            if isinstance(cls, type) and hasattr(cls, name):
-                return int(getattr(cls, name))
-        raise AttributeError(f"rdma-core's pyverbs has no {name}")
-
-
-@dataclass
-class RdmaOptions:
-    """cluster.toml [transport] rdma_*: empty / -1 choose automatically."""
-    device: str = ""
-    port: int = 0  # 0: the first ACTIVE port
-    gid_index: int = -1  # -1: RoCE v2 routable GID on Ethernet, 0 on InfiniBand
-    hop_limit: int = 64
-
-
-def _pyverbs() -> SimpleNamespace:
-    """The pyverbs entry points DeviceLayer uses, in one place: tests/test_verbs.py substitutes fakes
-    that behave as rdma-core does, since no kernel here can serve a device."""
-    from pyverbs.cq import CQ
-    from pyverbs.device import Context, get_device_list
-    from pyverbs.mr import MR
-    from pyverbs.pd import PD
-    from pyverbs.qp import QP
-
-    def create_qp(pd, scq, rcq, e):
-        return QP(pd, qp_init_attr(e, scq, rcq))
-
-    return SimpleNamespace(get_device_list=get_device_list, Context=Context, PD=PD, CQ=CQ, MR=MR,
-                           create_qp=create_qp)
-
-
-def _device_list() -> list:
-    """pyverbs' Device entries (name, transport_type, ...); [] if pyverbs is missing or finds none."""
-    try:
-        api = _pyverbs()
-    except ImportError:
-        return []
-    try:
-        return list(api.get_device_list())
-    except Exception:  # pyverbs raises 'Failed to get devices list' when there is none
-        return []
-
-
-def rdma_devices() -> list[str]:
-    """Names of RDMA devices on this host; [] if pyverbs is missing or there are none."""
-    return [dev.name.decode() for dev in _device_list()]
-
-
-def locked_memory_limit() -> str:
-    """RLIMIT_MEMLOCK, as said in an error: every registration pins memory against it (unless the
-    process has CAP_IPC_LOCK), and containers default to 64 KiB - 8 MiB."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if soft == resource.RLIM_INFINITY:
-        return "locked-memory limit: unlimited"
-    return f"locked-memory limit (ulimit -l): {soft >> 10} KiB"
-
-
-# -- pure choices and QP attribute builders (tested field by field without a device) --
-
-def choose_gid(gids: list[tuple[int, str, int]], ethernet: bool, e) -> int:
-    """gids: (index, gid, gid type as Context.query_gid_type gives it: the sysfs enum, where 'RoCE v2'
-    is IBV_GID_TYPE_SYSFS_ROCE_V2 == 1; IBV_GID_TYPE_ROCE_V2 == 2 belongs to ibv_query_gid_ex and
-    never matches it). InfiniBand: index 0. Ethernet: the first RoCE v2 GID that is not link-local
-    (an IPv4-mapped or global IPv6 address is routable), else any RoCE v2 one."""
-    if not ethernet:
-        return 0
-    v2 = [(i, g) for i, g, t in gids if t == e.IBV_GID_TYPE_SYSFS_ROCE_V2 and g.strip(":0")]
-    for i, g in v2:
-        if not ipaddress.IPv6Address(g).is_link_local:
-            return i
-    if v2:
-        return v2[0][0]
-    raise VerbsUnavailable("no RoCE v2 GID on this port (is an IP address configured on its netdev?)")
-
-
-def gid_table(ctx, port: int, size: int) -> list[tuple[int, str, int]]:
-    """(index, gid, sysfs gid type) of the port's filled GID table slots."""
-    out = []
-    for i in range(size):
-        try:
-            out.append((i, str(ctx.query_gid(port, i)), ctx.query_gid_type(port, i)))
-        except Exception:  # an empty slot: libibverbs finds no type for it in sysfs
-            continue
-    return out
-
-
-def _gid_text(gid: str) -> str:
-    return ipaddress.IPv6Address(gid).exploded  # pyverbs' GID parser wants all eight groups
-
-
-def qp_init_attr(e, scq=None, rcq=None):
-    """An RC QP with sq_sig_all=0: only WRs posted with IBV_SEND_SIGNALED complete into the CQ
-    (pyverbs' QPInitAttr defaults to 1, which signals every piece of a split write). A failed or
-    flushed WR completes whatever its flags."""
-    from pyverbs.qp import QPCap, QPInitAttr
-
-    cap = QPCap(max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH, max_send_sge=1, max_recv_sge=1)
-    return QPInitAttr(qp_type=e.IBV_QPT_RC, scq=scq, rcq=rcq, cap=cap, sq_sig_all=0)
-
-
-def init_attr(port: int, e):
-    from pyverbs.qp import QPAttr
-
-    attr = QPAttr(qp_state=e.IBV_QPS_INIT, port_num=port)
-    attr.pkey_index = 0
-    attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
-    mask = e.IBV_QP_STATE | e.IBV_QP_PKEY_INDEX | e.IBV_QP_PORT | e.IBV_QP_ACCESS_FLAGS
-    return attr, mask
-
-
-def rtr_attr(port: int, remote: dict, sgid_index: int, path_mtu: int, tc: str, hop_limit: int, e):
-    """Aimed at the remote QP; always with a GRH (required on RoCE, harmless on IB)."""
-    from pyverbs.addr import GID, AHAttr, GlobalRoute
-    from pyverbs.qp import QPAttr
-
-    attr = QPAttr(qp_state=e.IBV_QPS_RTR, port_num=port)
-    attr.path_mtu = path_mtu
-    attr.dest_qp_num, attr.rq_psn = remote["qpn"], remote.get("psn", 0)
-    attr.max_dest_rd_atomic, attr.min_rnr_timer = 1, 12
-    gr = GlobalRoute(dgid=GID(_gid_text(remote["gid"])), sgid_index=sgid_index, hop_limit=hop_limit,
-                     traffic_class=TRAFFIC_CLASS[tc])
-    attr.ah_attr = AHAttr(port_num=port, is_global=1, gr=gr, dlid=remote["lid"], sl=SERVICE_LEVEL[tc])
-    mask = (e.IBV_QP_STATE | e.IBV_QP_AV | e.IBV_QP_PATH_MTU | e.IBV_QP_DEST_QPN | e.IBV_QP_RQ_PSN
-            | e.IBV_QP_MAX_DEST_RD_ATOMIC | e.IBV_QP_MIN_RNR_TIMER)
-    return attr, mask
-
-
-def rts_attr(psn: int, e):
-    from pyverbs.qp import QPAttr
-
-    attr = QPAttr(qp_state=e.IBV_QPS_RTS)
-    attr.sq_psn, attr.timeout, attr.retry_cnt, attr.rnr_retry, attr.max_rd_atomic = psn, 14, 7, 7, 1  # ~67 ms a try
-    mask = (e.IBV_QP_STATE | e.IBV_QP_TIMEOUT | e.IBV_QP_RETRY_CNT | e.IBV_QP_RNR_RETRY | e.IBV_QP_SQ_PSN
-            | e.IBV_QP_MAX_QP_RD_ATOMIC)
-    return attr, mask
-
-
-def err_attr(e):
-    """Any state -> ERR: the device flushes every outstanding WR of the QP, signalled or not."""
-    from pyverbs.qp import QPAttr
-
-    return QPAttr(qp_state=e.IBV_QPS_ERR), e.IBV_QP_STATE
-
-
-def split_write(addr: int, raddr: int, nbytes: int, limit: int = MAX_WR_BYTES) -> list[tuple[int, int, int]]:
-    """(local address, remote address, length) pieces of at most `limit` bytes (>= 1 piece)."""
-    return [(addr + o, raddr + o, min(limit, nbytes - o)) for o in range(0, max(nbytes, 1), limit)]
-
-
-def _unusable(name: str, transport: int, e) -> str | None:
-    """Why this plane cannot drive the device, or None: only InfiniBand and RoCE (both report the IB
-    transport) connect RC QPs through ibv_modify_qp as it does."""
-    if transport == e.IBV_TRANSPORT_IWARP:
-        return (f"{name} is an iWARP device: its RC queue pairs connect only through rdma_cm, which this plane "
-                "does not use")
-    if transport != e.IBV_TRANSPORT_IB:
-        return (f"{name} is neither InfiniBand nor RoCE (transport type {transport}, as EFA and usNIC report): no RC "
-                "queue pair this plane can connect")
-    return None
-
-
-class DeviceLayer:
-    """The verbs objects this plane touches, opened through pyverbs (`api`: the same entry points,
-    faked in tests). Setup fails with VerbsUnavailable, saying why, where this plane could not
-    connect or use an RC queue pair: the device's transport, an RC QP that cannot be created, memory
-    that cannot be registered."""
-
-    def __init__(self, opts: RdmaOptions, e, api: SimpleNamespace | None = None):
-        self.api = api or _pyverbs()
-        self._opened: list[Any] = []  # closed in reverse order, also when setup fails half-way
-        name = self._pick_device(opts.device, e)
-        try:
-            self.ctx = self._own(self.api.Context(name=name))
-            self._pick_port_and_gid(name, opts, e)
-            self.pd = self._own(self.api.PD(self.ctx))
-            self.cq = self._own(self.api.CQ(self.ctx, CQ_DEPTH, None, None, 0))  # send completions of every QP
-            self.rcq = self._own(self.api.CQ(self.ctx, CQ_DEPTH, None, None, 0))  # receive (WRITE WITH IMM) ones
-            try:  # receive WRs need an SGE (WRITE WITH IMM places nothing through it)
-                self.scratch = self._own(self.api.MR(self.pd, 64, e.IBV_ACCESS_LOCAL_WRITE))
-            except Exception as err:
-                raise VerbsUnavailable(f"{name} cannot register memory ({err}; {locked_memory_limit()})") from None
-            try:  # EFA, for one, refuses RC QPs here
-                self._make_qp(e).close()
-            except Exception as err:
-                raise VerbsUnavailable(f"{name} cannot create an RC queue pair ({err})") from None
-        except BaseException:
-            self.close()
-            raise
-
-    def _own(self, obj: Any) -> Any:
-        self._opened.append(obj)
-        return obj
-
-    def _pick_device(self, wanted: str, e) -> str:
-        """The configured device, else the first one this plane can drive; says why there is none."""
-        try:
-            devices = {dev.name.decode(): dev for dev in self.api.get_device_list()}
-        except Exception:  # pyverbs raises 'Failed to get devices list' when there is none
-            devices = {}
-        if not devices:
-            raise VerbsUnavailable("no RDMA device (pyverbs finds none)")
-        if wanted and wanted not in devices:
-            raise VerbsUnavailable(f"RDMA device {wanted!r} not found (have {list(devices)})")
-        reasons = []
-        for name in [wanted] if wanted else list(devices):
-            why = _unusable(name, devices[name].transport_type, e)
-            if why is None:
-                return name
-            reasons.append(why)
-        raise VerbsUnavailable("; ".join(reasons))
-
-    def _pick_port_and_gid(self, name: str, opts: RdmaOptions, e) -> None:
-        ports = [opts.port] if opts.port else range(1, self.ctx.query_device().phys_port_cnt + 1)
-        active = [p for p in ports if self.ctx.query_port(p).state == e.IBV_PORT_ACTIVE]
-        if not active:
-            raise VerbsUnavailable(f"no ACTIVE port on {name} (checked {list(ports)})")
-        self.port = active[0]
-        pattr = self.ctx.query_port(self.port)
-        self.lid, self.active_mtu = pattr.lid, pattr.active_mtu
-        ethernet = pattr.link_layer == e.IBV_LINK_LAYER_ETHERNET
-        if opts.gid_index >= 0:
-            self.gid_index = opts.gid_index
-        else:
-            self.gid_index = choose_gid(gid_table(self.ctx, self.port, pattr.gid_tbl_len), ethernet, e)
-        self.gid = str(self.ctx.query_gid(self.port, self.gid_index))
-
-    def _make_qp(self, e):
-        return self.api.create_qp(self.pd, self.cq, self.rcq, e)
-
-    def new_qp(self, e):
-        return self._make_qp(e)
-
-    def register(self, address: int, nbytes: int, access: int):
-        return self.api.MR(self.pd, nbytes, access, address=address)
-
-    def close(self) -> None:
-        while self._opened:
-            self._opened.pop().close()
 
 
 @dataclass
@@ -348,10 +105,12 @@ class _Send:
     qp_num: int
     done: asyncio.Future
     status: int | None = None  # the first failed WR's (an unsignalled WR completes only by failing)
+    slots: int = 0  # send-queue and CQ entries it holds (one per WR) until `done`
 
 
-class VerbsDataPlane(TcpDataPlane):
+class VerbsDataPlane(DataPlane):
     backend = "verbs"
+    slow_landings = True  # a WRITE WITH IMM that never arrives must not hold up the link's other frames
 
     def __init__(self, *args, rdma: RdmaOptions | None = None, device_layer: Any = None,
                  register_first: torch.Tensor | None = None, **kwargs):
@@ -375,8 +134,17 @@ class VerbsDataPlane(TcpDataPlane):
         self._draining: dict[int, asyncio.Task] = {}  # qp number -> its retirement
         self._markers: dict[int, asyncio.Future] = {}  # qp number -> its drain marker's completion
         self._drain_lock = asyncio.Lock()
+        self._retiring_recvs: set[int] = set()  # accepted QPs draining: their flushed receives still land in rcq
         self._seq = 0
-        self._poller: asyncio.Task | None = None
+        # Back-pressure: WRs outstanding per send queue and on the shared send CQ (a full send queue
+        # fails the post; a CQ overrun puts every QP on it in error). One CQ entry stays free for
+        # the drain marker (one drain at a time).
+        self._sq_used: Counter[int] = Counter()
+        self._cq_used = 0
+        self._room_waiters: list[asyncio.Future] = []
+        self._no_qp: dict[tuple, float] = {}  # (peer addr, class, incarnation) -> loop time to ask again
+        self._down: str | None = None  # why the device cannot carry writes now (async events), or None
+        self._watching: asyncio.AbstractEventLoop | None = None
         self._source_warned = False
         if register_first is not None:
             self._register_first(register_first)
@@ -396,7 +164,7 @@ class VerbsDataPlane(TcpDataPlane):
 
     def links(self) -> dict[str, str]:
         """The backend of each peer link: verbs where a QP is connected, else tcp."""
-        out = {f"{h}:{p}": "tcp" for h, p, _ in self._links}
+        out = super().links()
         out.update({f"{a[0]}:{a[1]}": "verbs" for a, _, _ in self.qps})
         return out
 
@@ -459,7 +227,22 @@ class VerbsDataPlane(TcpDataPlane):
         for _ in range(n):  # WRITE WITH IMM consumes a receive WR and places nothing through it
             qp.post_recv(RecvWR(wr_id=qp.qp_num, num_sge=1, sg=[SGE(scratch.buf, 64, scratch.lkey)]))
 
-    def accept_qp(self, info: dict, traffic_class: str, writer: Login) -> dict:
+    def _answer(self, request: Request, writer: Login) -> dict:
+        """A writer's ConnectQp: the address of a QP of ours connected to its own."""
+        if not isinstance(request, ConnectQp):
+            return super()._answer(request, writer)
+        return self._accept_qp(request.info, request.tc, writer)
+
+    def _accept_qp(self, info: dict, traffic_class: str, writer: Login) -> dict:
+        """Refused (the writer then writes over tcp) while the device is down or when the receive CQ
+        could not hold one more QP's receives, all flushed at once if its QPs fail."""
+        if self._down is not None:
+            raise TransferError(self._down)
+        qps = len(self.accepted) + len(self._retiring_recvs) + 1
+        if qps * (RECV_DEPTH + 1) > self.dev.cq_depth:  # + 1: the drain marker
+            raise TransferError(f"its receive CQ ({self.dev.cq_depth} entries) is full with the receives of "
+                                f"{qps - 1} queue pairs")
+        self._watch()
         qp = self.dev.new_qp(self.e)
         try:
             self._connect(qp, info, traffic_class)
@@ -481,9 +264,16 @@ class VerbsDataPlane(TcpDataPlane):
             if qp is not None:  # (a failed one is retiring already)
                 self._retire_qp(qp, "recv")
 
+    async def start(self, host: str | None = None, port: int = 0) -> int:
+        port = await super().start(host, port)
+        self._watch()
+        return port
+
     def _peer_restarted(self, addr: tuple[str, int], incarnation: str | None) -> None:
         """Retire our queue pairs to an earlier incarnation at addr: their remote QP is gone."""
         super()._peer_restarted(addr, incarnation)
+        for key in [k for k in self._no_qp if k[0] == addr and k[2] != incarnation]:
+            del self._no_qp[key]
         for key in [k for k in self.qps if k[0] == addr and k[2] != incarnation]:
             self._drop_qp(key)
 
@@ -495,17 +285,15 @@ class VerbsDataPlane(TcpDataPlane):
             return self.qps[key]
 
     async def _new_connected_qp(self, dst: dict, tc: str) -> tuple[Any, int]:
-        """A QP of ours connected to one the peer makes for it (the ``qp`` request). Failures are
+        """A QP of ours connected to one the peer makes for it (ConnectQp). Failures are
         TransferErrors; a QP that fails here had no WR posted, so it is destroyed without a drain."""
         try:
             qp = self.dev.new_qp(self.e)
         except Exception as err:
             raise TransferError(f"cannot create a queue pair: {err}") from None
         try:
-            reply = await self.ask(dst["addr"], tc, {"op": "qp", "tc": tc, "info": self._address(qp)})
-            if "err" in reply:
-                raise TransferError(reply["err"])
-            self._connect(qp, reply["qp"], tc)
+            remote = (await self.ask(dst["addr"], tc, ConnectQp(0, tc, self._address(qp)))).answer
+            self._connect(qp, remote, tc)
         except TransferError:
             qp.close()
             raise
@@ -515,7 +303,7 @@ class VerbsDataPlane(TcpDataPlane):
         except BaseException:
             qp.close()
             raise
-        return qp, reply["qp"]["qpn"]
+        return qp, remote["qpn"]
 
     def _drop_qp(self, key: tuple, qp: Any = None) -> asyncio.Task | None:
         """Take the QP under `key` out of use and retire it; given `qp`, only if that is the one there
@@ -533,6 +321,8 @@ class VerbsDataPlane(TcpDataPlane):
         task = self._draining.get(qp.qp_num)
         if task is None:
             task = self._draining[qp.qp_num] = asyncio.create_task(self._drain(qp, queue))
+            if queue == "recv":
+                self._retiring_recvs.add(qp.qp_num)
         return task
 
     async def _drain(self, qp: Any, queue: str) -> None:
@@ -545,7 +335,6 @@ class VerbsDataPlane(TcpDataPlane):
             async with self._drain_lock:
                 waits = self._flush(qp, queue)
                 if waits:
-                    self._ensure_poller()
                     _, pending = await asyncio.wait(waits, timeout=DRAIN_TIMEOUT)
                     if pending:
                         log.warning("%s: queue pair %d did not drain within %ss; destroying it anyway", self.name,
@@ -554,9 +343,11 @@ class VerbsDataPlane(TcpDataPlane):
             self._markers.pop(qpn, None)
             qp.close()  # after this the device does no more work for it either
             self._draining.pop(qpn, None)
-            for send in self._sends.values():  # writes whose completion can no longer come
+            self._retiring_recvs.discard(qpn)
+            for send in list(self._sends.values()):  # writes whose completion can no longer come
                 if send.qp_num == qpn and not send.done.done():
                     send.done.set_result(send.status if send.status is not None else self.e.IBV_WC_WR_FLUSH_ERR)
+            self._sq_used.pop(qpn, None)
 
     def _flush(self, qp: Any, queue: str) -> list[asyncio.Future]:
         """Move qp to ERR and post the drain marker; returns what to wait for (nothing if qp cannot
@@ -588,24 +379,134 @@ class VerbsDataPlane(TcpDataPlane):
         wr.set_wr_rdma(0, 0)
         qp.post_send(wr)
 
-    # -- completions --
+    # -- completions and device events: the event loop watches their descriptors, nothing spins --
 
-    def _wanted(self) -> bool:
-        return bool(self._sends or self._waiters or self._markers)
+    def _watch(self) -> None:
+        """Watch both completion channels and the async event queue on the running loop (once)."""
+        if self._watching is not None:
+            return
+        loop = self._watching = asyncio.get_running_loop()
+        dev = self.dev
+        loop.add_reader(dev.cq_fd, self._on_cq_event, dev.cq, dev.cq_channel, self._send_completion)
+        loop.add_reader(dev.rcq_fd, self._on_cq_event, dev.rcq, dev.rcq_channel, self._recv_completion)
+        loop.add_reader(dev.async_fd, self._on_async_event)
 
-    def _ensure_poller(self) -> None:
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll())
+    def _unwatch(self) -> None:
+        if self._watching is not None:
+            for fd in (self.dev.cq_fd, self.dev.rcq_fd, self.dev.async_fd):
+                self._watching.remove_reader(fd)
+            self._watching = None
 
-    async def _poll(self) -> None:
-        """Send and receive completions while any write, landing or drain waits; each waiter owns its
-        own timeout, so this loop ends as soon as nothing is pending."""
-        while self._wanted():
-            for cq, handle in ((self.dev.cq, self._send_completion), (self.dev.rcq, self._recv_completion)):
-                n, wcs = cq.poll(num_entries=32)
-                for wc in wcs[:n]:
-                    handle(wc)
-            await asyncio.sleep(0)
+    def _on_cq_event(self, cq: Any, channel: Any, handle: Callable[[Any], None]) -> None:
+        """A completion channel is readable: take and ack its event, re-arm the CQ, then reap it.
+        Re-armed before reaping, so a completion that lands after the last poll raises the next event
+        (ibv_req_notify_cq(3)); acked at once, since destroying a CQ waits for every event's ack."""
+        try:
+            channel.get_cq_event(cq)
+        except Exception:  # EAGAIN (the descriptor is non-blocking): woken without an event
+            return
+        cq.ack_events(1)
+        cq.req_notify()
+        self._reap(cq, handle)
+
+    @staticmethod
+    def _reap(cq: Any, handle: Callable[[Any], None]) -> None:
+        while True:
+            n, wcs = cq.poll(num_entries=POLL_BATCH)
+            for wc in wcs[:n]:
+                handle(wc)
+            if n < POLL_BATCH:
+                return
+
+    def _on_async_event(self) -> None:
+        try:
+            event = self.dev.ctx.get_async_event()
+        except Exception:  # EAGAIN: nothing queued
+            return
+        try:
+            self._device_event(event.event_type)
+        finally:
+            event.ack()  # destroying a QP or CQ waits for the acks of the events about it
+
+    def _device_event(self, kind: int) -> None:
+        """Port down, a QP or CQ in error, a fatal device: the writes in flight on what failed fail
+        (their QPs are drained and destroyed), later ones go over tcp until the port is back; the
+        engine goes on. pyverbs' AsyncEvent names no QP, so a QP event retires the QPs in ERR."""
+        e = self.e
+        if kind in (e.IBV_EVENT_QP_FATAL, e.IBV_EVENT_QP_REQ_ERR, e.IBV_EVENT_QP_ACCESS_ERR):
+            self._retire_failed_qps()
+        elif kind == e.IBV_EVENT_PORT_ERR:
+            self._go_down(f"port {self.dev.port} went down")
+        elif kind == e.IBV_EVENT_PORT_ACTIVE and self._down is not None and self._down.startswith("port"):
+            log.warning("%s: RDMA port %d is active again; new writes use verbs", self.name, self.dev.port)
+            self._down = None
+        elif kind == e.IBV_EVENT_CQ_ERR:
+            self._go_down("a completion queue overran (every QP on it is in error)", sticky=True)
+        elif kind == e.IBV_EVENT_DEVICE_FATAL:
+            self._go_down("the device reported a fatal error", sticky=True)
+        else:
+            log.info("%s: RDMA async event %d", self.name, kind)
+
+    def _go_down(self, why: str, sticky: bool = False) -> None:
+        """Stop using the device: retire every QP (their writes and landings fail), write over tcp."""
+        if self._down is None or sticky:
+            log.warning("%s: %s; writes in flight over RDMA fail, later ones go over tcp", self.name, why)
+            self._down = ("fatal: " if sticky else "") + why
+        for key in list(self.qps):
+            self._drop_qp(key)
+        for qpn in list(self.accepted):
+            self._accepted_failed(qpn, self.e.IBV_WC_WR_FLUSH_ERR)
+
+    def _retire_failed_qps(self) -> None:
+        for key, (qp, _) in list(self.qps.items()):
+            if self._in_error(qp):
+                self._drop_qp(key, qp)
+        for qpn, qp in list(self.accepted.items()):
+            if self._in_error(qp):
+                self._accepted_failed(qpn, self.e.IBV_WC_WR_FLUSH_ERR)
+
+    def _in_error(self, qp: Any) -> bool:
+        try:
+            attr, _ = qp.query(self.e.IBV_QP_STATE)
+        except Exception:  # cannot even be queried: treat it as failed
+            return True
+        return attr.qp_state == self.e.IBV_QPS_ERR
+
+    # -- back-pressure --
+
+    def _fits(self, qpn: int, n: int) -> bool:
+        return self._sq_used[qpn] + n <= SEND_DEPTH and self._cq_used + n <= self.dev.cq_depth - 1
+
+    async def _take_room(self, send: _Send, n: int) -> None:
+        """Wait until n more WRs fit in the send queue of send's QP and in the shared send CQ, and
+        hold them for the write until its last WR completes (``_give_room``)."""
+        if n > min(SEND_DEPTH, self.dev.cq_depth - 1):
+            raise TransferError(f"a write of {n} work requests cannot fit a send queue of {SEND_DEPTH} or a CQ of "
+                                f"{self.dev.cq_depth}")
+        while not self._fits(send.qp_num, n):
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+        self._sq_used[send.qp_num] += n
+        self._cq_used += n
+        send.slots = n
+        send.done.add_done_callback(lambda _: self._give_room(send))
+
+    def _give_room(self, send: _Send) -> None:
+        if not send.slots:
+            return
+        if send.qp_num in self._sq_used:
+            self._sq_used[send.qp_num] -= send.slots
+        self._cq_used -= send.slots
+        send.slots = 0
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:  # each checks again; those that still do not fit wait again
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _send_completion(self, wc: Any) -> None:
         if wc.wr_id == DRAIN_WR_ID:
@@ -652,41 +553,47 @@ class VerbsDataPlane(TcpDataPlane):
                 fut.set_result(status)
         self._retire_qp(self.accepted.pop(qpn), "recv")
 
-    async def _landed(self, msg: dict, writer: Login) -> None:
-        """A verbs write's TCP notify frame: fire only once its WRITE WITH IMM has been received."""
-        ev = msg.get("event")
+    async def _landed(self, msg: Landing, writer: Login) -> None:
+        """A verbs write's notify frame: fire only once its WRITE WITH IMM has been received."""
+        ev = msg.event if isinstance(msg, Notify) else None
         if not isinstance(ev, dict) or "rdma_seq" not in ev:
             return
         qpn = ev.get("qpn")
         if not isinstance(qpn, int) or self._accepted_from.get(qpn) != writer:  # (an old incarnation's are retired)
-            raise ConnectionError(f"{writer.name} names queue pair {qpn!r}, which it did not connect")
+            raise TransferError(f"{writer.name} names queue pair {qpn!r}, which it did not connect")
         key = (ev["qpn"], ev["rdma_seq"])
         status = self._arrived.pop(key, None)
         if status is None:
             status = self._failed.get(qpn)
         if status is None:
             fut = self._waiters[key] = asyncio.get_running_loop().create_future()
-            self._ensure_poller()
+            self._watch()
             try:
-                status = await asyncio.wait_for(fut, ev.get("timeout", 60.0))
+                status = await asyncio.wait_for(fut, _seconds(ev.get("timeout")))
+            except asyncio.TimeoutError:
+                raise TransferError(f"the RDMA write on queue pair {qpn} did not arrive in time") from None
             finally:
-                self._waiters.pop(key, None)  # a timeout raises out of _serve: the link closes
+                self._waiters.pop(key, None)
         if status != self.e.IBV_WC_SUCCESS:
-            raise ConnectionError(f"RDMA write landed with work completion status {status}")
+            raise TransferError(f"RDMA write landed with work completion status {status}")
 
     # -- writes --
 
     async def write(self, src: torch.Tensor | memoryview, dst: dict, dst_offset: int, nbytes: int,
                     traffic_class: str = "bulk", notify: Any = None, timeout: float = 60.0) -> None:
-        """As TcpDataPlane.write; returns or raises only once none of its WRs is in flight (also on
+        """As DataPlane.write; returns or raises only once none of its WRs is in flight (also on
         a timeout or cancellation), so the caller may reuse the source then."""
-        if "rkey" not in dst or not isinstance(src, torch.Tensor) or src.is_cuda:
-            return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
+        if "rkey" not in dst or not isinstance(src, torch.Tensor) or src.is_cuda or self._down is not None:
+            return await self._write_over_link(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
         check_write(dst, dst_offset, nbytes, traffic_class)
         flat = as_bytes(src)
         if flat.numel() < nbytes:
             raise ValueError(f"source has {flat.numel()} bytes, {nbytes} requested")
         await self._link_to(dst, traffic_class)  # the rkey is of the incarnation at its address, or refused
+        self._watch()
+        entry = await self._qp_or_none(dst, traffic_class)
+        if entry is None:  # the peer takes no QP of ours (now): its link carries the bytes
+            return await self._write_over_link(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
         try:
             mr, temporary = self._source_mr(flat, nbytes)
         except Exception as err:  # the source cannot be registered (locked-memory limit): tcp moves it
@@ -694,34 +601,55 @@ class VerbsDataPlane(TcpDataPlane):
                 self._source_warned = True
                 log.warning("%s: an unregistered source could not be registered (%s; %s); such writes go over tcp",
                             self.name, err, locked_memory_limit())
-            return await super().write(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
+            return await self._write_over_link(src, dst, dst_offset, nbytes, traffic_class, notify, timeout)
         try:
-            await self._write_rdma(flat.data_ptr(), mr, dst, dst_offset, nbytes, traffic_class, notify, timeout)
+            await self._write_rdma(entry, flat.data_ptr(), mr, dst, dst_offset, nbytes, traffic_class, notify,
+                                   timeout)
         finally:
             if temporary:
                 mr.close()  # only now: no WR reads through it any more
 
-    async def _write_rdma(self, addr: int, mr: Any, dst: dict, dst_offset: int, nbytes: int, tc: str, notify: Any,
-                          timeout: float) -> None:
+    async def _qp_or_none(self, dst: dict, tc: str) -> tuple[Any, int] | None:
+        """Our QP to dst's peer for class tc, made if need be; None while that peer refuses one (its
+        receive CQ is full, its port is down, it cannot make one): then writes go over tcp, and the
+        QP is asked for again after QP_RETRY_AFTER."""
+        key, now = (tuple(dst["addr"]), tc, dst["inc"]), asyncio.get_running_loop().time()
+        if self._no_qp.get(key, now) > now:
+            return None
         try:
-            qp, remote_qpn = await self._qp(dst, tc)
+            return await self._qp(dst, tc)
+        except Refused as err:
+            log.warning("%s: %s refused a queue pair (%s); writing to it over tcp for %ss", self.name, dst["addr"],
+                        err, QP_RETRY_AFTER)
+            self._no_qp[key] = now + QP_RETRY_AFTER
+            return None
         except TransferError as err:
             raise TransferError(f"RDMA write to {dst['addr']} failed: {err}") from None
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
+
+    async def _write_rdma(self, entry: tuple[Any, int], addr: int, mr: Any, dst: dict, dst_offset: int, nbytes: int,
+                          tc: str, notify: Any, timeout: float) -> None:
+        qp, remote_qpn = entry
         wid = next(self._write_ids)
         send = self._sends[wid] = _Send(qp.qp_num, asyncio.get_running_loop().create_future())
+        try:
+            await asyncio.wait_for(self._take_room(send, len(split_write(addr, 0, nbytes))), timeout)
+        except BaseException as err:  # nothing posted: the QP is fine
+            self._sends.pop(wid, None)
+            if isinstance(err, asyncio.TimeoutError):
+                raise TransferError(f"RDMA write to {dst['addr']} found no room in its queues within {timeout}s") \
+                    from None
+            raise
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
         notified: asyncio.Task | None = None
         try:
             try:
                 self._post(qp, mr, addr, dst["rkey"], dst["raddr"] + dst_offset, nbytes, wid, self._seq)
             except Exception as err:  # PyverbsRDMAError and the like; pieces already posted drain below
                 raise TransferError(f"post_send failed: {err}") from None
-            self._ensure_poller()
             # The notify frame goes at once: the peer checks the handle and range (a released one
             # answers "unknown or released", as over tcp) and fires on its receive completion.
             landed = {"qpn": remote_qpn, "rdma_seq": self._seq, "timeout": timeout}
-            notified = asyncio.create_task(self._send(memoryview(b""), dst, dst_offset, tc, notify, "n", timeout,
-                                                      landed_event=landed, moved=nbytes))
+            notified = asyncio.create_task(self._notify(dst, dst_offset, nbytes, tc, notify, timeout, event=landed))
             await self._both_done(send, notified, timeout)
         except (Exception, asyncio.CancelledError) as err:
             if not (send.done.done() and send.done.result() == self.e.IBV_WC_SUCCESS):
@@ -732,7 +660,10 @@ class VerbsDataPlane(TcpDataPlane):
                 raise TransferError(f"RDMA write to {dst['addr']} failed: {err}") from None
             raise
         finally:
-            self._sends.pop(wid, None)
+            if send.done.done():
+                self._sends.pop(wid, None)
+            else:  # (cancelled twice while draining) keep it where the drain resolves it and frees its room
+                send.done.add_done_callback(lambda _: self._sends.pop(wid, None))
             if notified is not None and not notified.done():
                 notified.cancel()
 
@@ -798,8 +729,7 @@ class VerbsDataPlane(TcpDataPlane):
         self._accepted_from.clear()
         self._failed.clear()
         await asyncio.gather(*self._draining.values(), return_exceptions=True)  # each bounded by DRAIN_TIMEOUT
-        if self._poller is not None:
-            self._poller.cancel()
+        self._unwatch()  # (only now: the drains' markers complete through the channels)
         for mr in [*self.mrs.values(), *self._premade.values()]:
             mr.close()
         self.mrs.clear()
