@@ -5,10 +5,15 @@ Both answer the two questions the simulator asks:
 - ``decode_step_s(batch, attended)``: one decode step of ``batch`` sequences that attend to
   ``attended`` stored tokens in all, where a sequence of n tokens attends to ``attended(n)``.
 
-``ComputeProfile`` is a `dualpath bench model` measurement (runs/cpu/bench_model_tiny_gqa.json,
+``GridProfile`` is one machine's measured grids (``python -m dualpath.sim.measure``, runs/sim/profiles/):
+the DE's decode step over batch x context per sequence, the PE's step over new x cached tokens, each
+interpolated piecewise linearly (held flat below the grid, extended along its last segment above it).
+A prefill step of several jobs costs the step of all their new tokens over no context, plus each
+job's extra for its cached context (the attention over it).
+
+``ComputeProfile`` is a single `dualpath bench model` point (runs/cpu/bench_model_tiny_gqa.json,
 runs/gpu/model_small_gqa.json): prefill time linear in the new tokens, a decode step at the measured
-time up to the measured batch and linear past it. Context length is not in it: it was measured at
-one context, which is what the real engines' small presets run at.
+time up to the measured batch and linear past it, whatever the context.
 
 ``Roofline`` derives both from a ``ModelShape`` (the paper's three models are in ``SHAPES``) and a
 ``GpuSpec``: a step takes the longer of its FLOPs at a sustained fraction of peak and its HBM bytes
@@ -19,6 +24,7 @@ communication make steps slower, and the sustained fractions below stand for all
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +62,79 @@ class ComputeProfile:
 
     def attended(self, context: int) -> int:
         return context
+
+
+def _segment(xs: tuple[float, ...], x: float) -> tuple[int, float]:
+    """The grid segment [i, i+1] x falls in and x's place along it: 0 below the grid (held flat),
+    past 1 above it (extended along the last segment)."""
+    if len(xs) == 1 or x <= xs[0]:
+        return 0, 0.0
+    i = min(bisect.bisect_right(xs, x), len(xs) - 1) - 1
+    return i, (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Seconds measured at every (x, y) of a grid; piecewise bilinear between the points."""
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    seconds: tuple[tuple[float, ...], ...]  # seconds[i][j] at (xs[i], ys[j])
+
+    @staticmethod
+    def of(rows: list[dict], x: str, y: str) -> "Grid":
+        xs, ys = sorted({r[x] for r in rows}), sorted({r[y] for r in rows})
+        at = {(r[x], r[y]): r["seconds"] for r in rows}
+        return Grid(tuple(xs), tuple(ys), tuple(tuple(at[(a, b)] for b in ys) for a in xs))
+
+    def _along_y(self, i: int, y: float) -> float:
+        row = self.seconds[i]
+        if len(self.ys) == 1:
+            return row[0]
+        j, f = _segment(self.ys, y)
+        return row[j] + f * (row[j + 1] - row[j])
+
+    def at(self, x: float, y: float) -> float:
+        if len(self.xs) == 1:
+            return self._along_y(0, y)
+        i, f = _segment(self.xs, x)
+        lo, hi = self._along_y(i, y), self._along_y(i + 1, y)
+        return max(0.0, lo + f * (hi - lo))
+
+
+@dataclass(frozen=True)
+class GridProfile:
+    """One machine's measured step times (dualpath/sim/measure.py), interpolated."""
+    decode: Grid  # x: sequences in the step, y: tokens each attends to
+    prefill: Grid  # x: new tokens of one job, y: its cached tokens
+    source: str = ""
+
+    @staticmethod
+    def from_file(path: str | Path, shared_cores: bool = False) -> "GridProfile":
+        """shared_cores: the engines of a host outnumber its cores, so each computes on about one
+        (the grids measured at one thread); else those measured at the threads an engine gets alone."""
+        m = json.loads(Path(path).read_text())
+        threads = "1" if shared_cores else str(m["threads_alone"])
+        g = m["grids"][threads]
+        return GridProfile(Grid.of(g["decode"], "batch", "context"), Grid.of(g["prefill"], "new", "cached"),
+                           f"{path} ({m['preset']}, {m['device']}, {m['dtype']}, {threads} thread(s))")
+
+    def prefill_s(self, work: list[tuple[int, int]]) -> float:
+        p = self.prefill
+        together = p.at(sum(new for new, _ in work), 0)
+        return together + sum(p.at(new, ctx) - p.at(new, 0) for new, ctx in work if ctx)
+
+    def decode_step_s(self, batch: int, attended: int) -> float:
+        return self.decode.at(batch, attended / batch) if batch else 0.0
+
+    def attended(self, context: int) -> int:
+        return context
+
+
+def load_profile(path: str | Path, shared_cores: bool = False) -> "GridProfile | ComputeProfile":
+    """A measured profile: grids (`python -m dualpath.sim.measure`) or one `bench model` point."""
+    if json.loads(Path(path).read_text()).get("bench") == "sim-profile":
+        return GridProfile.from_file(path, shared_cores)
+    return ComputeProfile.from_bench(path)
 
 
 @dataclass(frozen=True)

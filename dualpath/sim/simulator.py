@@ -9,10 +9,13 @@ What is modelled, each in the simplest form that keeps the real system's bottlen
 - an engine's compute NIC (its GPUs' NICs together): a FIFO link each way; path-B KV leaves the
   DE's and enters the PE's, the handoff leaves the PE's and enters the DE's;
 - memory: an engine's DRAM buffer and the HBM it keeps for KV, in blocks. The DE takes the
-  prompt's blocks in its buffer until the handoff is in, and the prompt and answer in HBM until the
-  request ends, or refuses at once (the request goes back to the coordinator). The PE then waits,
-  first come first served, for the prompt's blocks in both until its handoff is sent, as the
-  engines' ``Room`` does. A request larger than an engine's memory fails;
+  prompt and answer in HBM until the request ends, and the prompt's blocks in its buffer until the
+  handoff is in, or refuses at once (the coordinator asks another DE at once). The PE then waits
+  for the prompt's blocks in its buffer, then its HBM, until its handoff is sent; each pool serves
+  waiters as the engines' ``Room`` does (whoever fits a release takes it, in the order they began
+  waiting). A request larger than an engine's memory fails;
+- compute: each step takes the profile's time (measured grids, or a roofline); with
+  ``host_cores``, engines that compute at once on one host share its cores;
 - a PE: a step loop; each step computes ``pick_batch`` of its ready requests whose hit KV is in
   (else of the first one still loading) in the profile's time, and ends no earlier than one
   layer's compute after the last hit layer it waits for lands (layer-wise overlap);
@@ -37,7 +40,7 @@ from tqdm import tqdm
 from dualpath.bench.driver import RequestRecord, RunResult
 from dualpath.bench.workload import Session, cached_tokens
 from dualpath.engine.batching import pick_batch
-from dualpath.sched.policy import ClusterView, EngineLoad, NoRoom, RequestInfo, assigned, choose
+from dualpath.sched.policy import ClusterView, Decision, EngineLoad, NoRoom, RequestInfo, assigned, choose
 from dualpath.sim.profile import Profile
 from dualpath.storage.blockfile import HEADER_BYTES
 
@@ -62,12 +65,16 @@ class Link:
 
 
 class Pool:
-    """Memory in blocks that requests take and give back; a request that does not fit waits, first
-    come first served (capacity 0: unbounded)."""
+    """Memory in blocks that requests take and give back (capacity 0: unbounded), served as the
+    engines' ``Room`` serves their pools (engine/room.py): a request tries at once, whoever waits;
+    one that does not fit waits; a release wakes every waiter, and each in the order it began
+    waiting takes its blocks if they fit now. So a small request may pass a large one that waits.
+    ``try_take`` is the pools' non-waiting allocation (``alloc``, ``try_alloc``), which a DE's
+    admission uses: it refuses rather than wait."""
 
     def __init__(self, blocks: int):
         self.capacity, self.used = blocks, 0
-        self.waiting: deque[tuple[int, Callable[[], None]]] = deque()
+        self.waiting: list[tuple[int, Callable[[], None]]] = []
 
     @property
     def free(self) -> int:
@@ -76,20 +83,31 @@ class Pool:
     def never_fits(self, n: int) -> bool:
         return bool(self.capacity) and n > self.capacity
 
+    def try_take(self, n: int) -> bool:
+        if n > self.free:
+            return False
+        self.used += n
+        return True
+
     def take(self, n: int, then: Callable[[], None]) -> None:
-        if self.capacity and n > self.capacity:
+        """``Room.until``: take n blocks now if they fit, else once a release makes room; then()."""
+        if self.never_fits(n):
             raise ValueError(f"a request of {n} blocks can never fit a pool of {self.capacity}")
-        if not self.waiting and n <= self.free:
-            self.used += n
+        if self.try_take(n):
             then()
         else:
             self.waiting.append((n, then))
 
     def give(self, n: int) -> None:
+        """``Room.released``: every waiter tries again, oldest first; those that fit take."""
         self.used -= n
-        while self.waiting and self.waiting[0][0] <= self.free:
-            n, then = self.waiting.popleft()
-            self.used += n
+        if not self.waiting:
+            return
+        granted, still = [], []
+        for n_wait, then in self.waiting:
+            (granted if self.try_take(n_wait) else still).append((n_wait, then))
+        self.waiting = still  # before the callbacks: they may take from this pool again
+        for _, then in granted:
             then()
 
 
@@ -112,6 +130,10 @@ class SimConfig:
     sample_every_s: float = 0.25
     send_until_s: float = 0.0  # > 0: no new turn starts after this; the run ends when the last one does
     trace_block_tokens: int = 512  # tokens per hash id, in trace replay (workload.load_mooncake's block_tokens)
+    # > 0: every engine computes on the cores of one host (a CPU cluster: engine processes, or network
+    # namespaces, on one machine). A step that starts while k engines compute, itself included, takes
+    # max(1, k / host_cores) times its profile time (the cores shared evenly, as of its start)
+    host_cores: int = 0
 
 
 @dataclass(slots=True)
@@ -183,6 +205,7 @@ class Simulation:
         self.to_arrive = 0  # sessions whose first timed turn has not been sent yet
         self.stored: set[int] = set()  # trace replay: hash ids whose blocks are stored
         self.samples: list[dict] = []
+        self.computing = 0  # engines with a step under way (host_cores > 0)
         self.bar = tqdm(total=cfg.send_until_s or None, unit="sim-s", disable=not progress, leave=False)
 
     # -- the event queue --
@@ -302,24 +325,16 @@ class Simulation:
         """Choose engines and path for a turn and start it; False if no engine had room for it."""
         c, bt, info, s = self.cfg, self.cfg.block_tokens, t.info, t.session
         prompt, hit, turn = info.prompt_tokens, info.hit_blocks, s.turns[t.k]
-        try:
-            d = choose(self.policy, info, self.view)
-        except NoRoom as e:
-            self.short_of = e.role
+        d = self._decide(info)
+        if d is None:
             return False
         pe, de = self.engines[self.index[d.pe]], self.engines[self.index[d.de]]
-        if de.hbm.free < info.decode_blocks or de.buffer.free < info.prompt_blocks:
-            self.short_of = "decode"  # the DE refuses at once (heartbeat-stale view)
-            return False
         rec = RequestRecord(s.sid, t.k, t.t_send, prompt_tokens=prompt, cached_tokens=hit * bt,
                             output_tokens=turn.output_tokens, path=d.path, pe=d.pe, de=d.de,
                             read_bytes_pe=d.pe_blocks * c.block_bytes, read_bytes_de=d.de_blocks * c.block_bytes)
         self.records.append(rec)
         self.open_requests += 1
         req = _Request(rec, prompt - hit * bt, hit * bt, info.prompt_blocks, info.decode_blocks)
-        to_pe, to_de = assigned(d, info, bt)
-        self._assign(d.pe, to_pe)
-        self._assign(d.de, to_de)
         pe.queued_tokens += req.new_tokens
         de.decode_tokens += prompt + turn.output_tokens  # a DE counts a request from its admission on
 
@@ -333,9 +348,39 @@ class Simulation:
             read = self._read(de, rec.read_bytes_de)
             self._loaded(pe, req, max(de.out.reserve(read, nbytes), pe.inn.reserve(read, nbytes)))
 
-        # The DE admits first, or refuses (above); the PE then waits for room, as the engines' Room does
-        de.hbm.take(req.decode_blocks, lambda: de.buffer.take(req.prompt_blocks, de_admitted))
-        pe.hbm.take(req.prompt_blocks, lambda: pe.buffer.take(req.prompt_blocks, pe_admitted))
+        de_admitted()  # the DE took its memory in _decide; the PE then waits for room, buffer first (take_memory)
+        pe.buffer.take(req.prompt_blocks, lambda: pe.hbm.take(req.prompt_blocks, pe_admitted))
+        return True
+
+    def _decide(self, info: RequestInfo) -> Decision | None:
+        """The coordinator's ``schedule`` loop: choose, count the decision in the view, ask the DE to
+        admit; a DE that refuses (no room after all, its heartbeat was stale) is passed over and
+        another is chosen at once. None when no engine has room (the request waits). As in the
+        coordinator, a refused decision stays counted in the view until the engines' next heartbeat."""
+        passed_over: set[str] = set()
+        while True:
+            try:
+                d = choose(self.policy, info, self.view, skip=passed_over)
+            except NoRoom as e:
+                self.short_of = e.role
+                return None
+            to_pe, to_de = assigned(d, info, self.cfg.block_tokens)
+            self._assign(d.pe, to_pe)
+            self._assign(d.de, to_de)
+            de = self.engines[self.index[d.de]]
+            if self._de_takes(de, info):
+                return d
+            passed_over.add(d.de)
+
+    @staticmethod
+    def _de_takes(de: _Engine, info: RequestInfo) -> bool:
+        """``DecodeEngine.on_admit``: HBM for prompt + answer, then a buffer run for the prompt, or
+        refuse at once, holding nothing."""
+        if not de.hbm.try_take(info.decode_blocks):
+            return False
+        if not de.buffer.try_take(info.prompt_blocks):
+            de.hbm.give(info.decode_blocks)
+            return False
         return True
 
     def _read(self, e: _Engine, nbytes: int) -> float:
@@ -363,7 +408,7 @@ class Simulation:
         if not jobs:
             return  # no read has started yet: _loaded starts the step
         picked = list(zip(jobs, pick_batch((r.new_tokens - r.computed for r in jobs), self.cfg.prefill_token_quota)))
-        work = self.profile.prefill_s([(n, r.context + r.computed) for r, n in picked])
+        work = self._compute_s(self.profile.prefill_s([(n, r.context + r.computed) for r, n in picked]))
         loading = [r.loaded_at for r, _ in picked if r.computed == 0 and r.context]
         end = max(self.now + work, max(loading, default=0.0) + work / self.cfg.n_layers)
         pe.stepping = True
@@ -371,6 +416,7 @@ class Simulation:
 
     def _prefilled(self, pe: _Engine, picked: list[tuple[_Request, int]]) -> None:
         pe.stepping = False
+        self._computed()
         for req, n in picked:
             req.computed += n
             pe.queued_tokens -= n
@@ -404,16 +450,33 @@ class Simulation:
         de.attended += self.profile.attended(rec.prompt_tokens)
         if not de.stepping:
             de.stepping = True
-            self.at(self.now + self.profile.decode_step_s(len(de.finishing), de.attended), lambda: self._step(de))
+            self._decode(de)
+
+    def _decode(self, de: _Engine) -> None:
+        step = self._compute_s(self.profile.decode_step_s(len(de.finishing), de.attended))
+        self.at(self.now + step, lambda: self._step(de))
+
+    def _compute_s(self, seconds: float) -> float:
+        """A step of `seconds` (the profile's, on cores of its own) starts: how long it takes with
+        the host's cores shared among the engines computing now (SimConfig.host_cores)."""
+        if not self.cfg.host_cores:
+            return seconds
+        self.computing += 1
+        return seconds * max(1.0, self.computing / self.cfg.host_cores)
+
+    def _computed(self) -> None:
+        if self.cfg.host_cores:
+            self.computing -= 1
 
     def _step(self, de: _Engine) -> None:
+        self._computed()
         de.steps += 1
         while de.finishing and de.finishing[0][0] <= de.steps:
             req = heapq.heappop(de.finishing)[2]
             de.attended -= self.profile.attended(req.rec.prompt_tokens)
             self._finish(de, req)
         if de.finishing:
-            self.at(self.now + self.profile.decode_step_s(len(de.finishing), de.attended), lambda: self._step(de))
+            self._decode(de)
         else:
             de.stepping = False
 
