@@ -56,15 +56,18 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     bt = 16
     cases = {"decode": [([3, 5, 7], 40, 1), ([1], 5, 1), ([9, 10, 11, 12, 13], 64, 1)],
              "appends": [([3, 5, 7], 20, 13), ([1], 0, 9), ([9, 10, 11, 12], 37, 20)],
-             "fresh": [([2, 4], 0, 32)]}
+             "fresh": [([2, 4], 0, 32)],
+             # contexts past a tile of keys: the unmasked walk before the diagonal
+             "long appends": [(list(range(16, 46)), 450, 20), (list(range(2, 12)), 100, 3)],
+             "long decode": [(list(range(16, 46)), 470, 1), (list(range(2, 12)), 150, 1)]}
     for layout, heads, width in [(KVLayout.gqa(2, 16), 6, 64), (KVLayout.mla(32, 16), 4, 48)]:
-        kv = torch.randn(16, bt, width)
+        kv = torch.randn(48, bt, width)
         for name, seqs in cases.items():
             q = torch.randn(sum(n for *_, n in seqs), heads, layout.dk1 + layout.dk2)
             want = reference(q, kv, layout, seqs, 0.3)
             for splits in (None, 1, 3):
                 meta = PagedMeta.for_steps(seqs, bt, torch.device("cpu"), prefill_block_q(layout, heads))
-                assert meta.decode == (name == "decode")
+                assert meta.decode == name.endswith("decode")
                 got = paged_attention(q, kv, layout, meta, 0.3, n_splits=splits)
                 err = (got - want).abs().max().item()
                 assert err < 1e-4, (layout, name, splits, err)
@@ -176,7 +179,7 @@ def test_kernel_in_the_interpreter_equals_attention_per_sequence():
     prefill; with the context in one range and split in three (each merged by its log-sum-exp)."""
     r = run_in_triton_interpreter(INTERPRETER_SCRIPT)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.strip().endswith("ok") and r.stdout.count("\n") == 2 * 3 * 3 + 1
+    assert r.stdout.strip().endswith("ok") and r.stdout.count("\n") == 2 * 5 * 3 + 1
 
 
 @needs_triton_interpreter

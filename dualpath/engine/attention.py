@@ -147,6 +147,65 @@ def choose_splits(programs: int, max_ctx: int, device: torch.device, min_chunk: 
 if triton is not None:
 
     @triton.jit
+    def _attend_keys(m, l, acc, q1, q2, KV, Table, g, pos, start_key, end_key, hi, stride_kvb, stride_kvt,
+                     scale_log2, BLOCK_N: tl.constexpr, BT: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
+                     DV: tl.constexpr, K2_OFF: tl.constexpr, V_OFF: tl.constexpr, V_IS_K1: tl.constexpr,
+                     IEEE: tl.constexpr, MASKED: tl.constexpr):
+        """The online softmax over keys [start_key, end_key) of one sequence's block table, in tiles of
+        BLOCK_N. MASKED: keys past ``hi`` or past a row's position are dropped (the diagonal, the
+        range's end); unmasked tiles are wholly visible to every row."""
+        cols1, colsv = tl.arange(0, DK1), tl.arange(0, DV)
+        for start in range(start_key, end_key, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            key_ok = keys < hi
+            if MASKED:
+                block = tl.load(Table + keys // BT, mask=key_ok, other=0)
+            else:
+                block = tl.load(Table + keys // BT)
+            row_ptr = KV + block.to(tl.int64) * stride_kvb + (keys % BT) * stride_kvt  # [BLOCK_N] cached rows
+            if MASKED:
+                k1 = tl.load(row_ptr[:, None] + g * DK1 + cols1[None, :], mask=key_ok[:, None], other=0.0)
+            else:
+                k1 = tl.load(row_ptr[:, None] + g * DK1 + cols1[None, :])
+            k1 = k1.to(q1.dtype)
+            if IEEE:
+                s = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+            else:
+                s = tl.dot(q1, tl.trans(k1))
+            if DK2 > 0:
+                if MASKED:
+                    k2 = tl.load(row_ptr[:, None] + K2_OFF + tl.arange(0, DK2)[None, :], mask=key_ok[:, None],
+                                 other=0.0)
+                else:
+                    k2 = tl.load(row_ptr[:, None] + K2_OFF + tl.arange(0, DK2)[None, :])
+                k2 = k2.to(q2.dtype)
+                if IEEE:
+                    s += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+                else:
+                    s += tl.dot(q2, tl.trans(k2))
+            s = s * scale_log2
+            if MASKED:
+                s = tl.where(key_ok[None, :] & (keys[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays all zero
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
+            l = l * alpha + tl.sum(p, 1)
+            if V_IS_K1:
+                v = k1
+            elif MASKED:
+                v = tl.load(row_ptr[:, None] + V_OFF + g * DV + colsv[None, :], mask=key_ok[:, None], other=0.0)
+            else:
+                v = tl.load(row_ptr[:, None] + V_OFF + g * DV + colsv[None, :])
+            v = v.to(q1.dtype)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        return m, l, acc
+
+    @triton.jit
     def _attention_kernel(
         Q, KV, Out, Part, Lse, Tables, CtxLens, QStart, NewLens, TileSeq, TileQ,
         stride_qn, stride_qh, stride_kvb, stride_kvt, stride_tab, stride_on, stride_oh,
@@ -179,47 +238,25 @@ if triton is not None:
         q1 = tl.load(q_ptr + tl.arange(0, DK1)[None, :], mask=row_ok[:, None], other=0.0)
         if DK2 > 0:
             q2 = tl.load(q_ptr + DK1 + tl.arange(0, DK2)[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            q2 = q1  # unused: GQA's key has no second part
 
         m = tl.full([BLOCK_Q * RP], float("-inf"), tl.float32)  # running max (log2 domain)
         l = tl.zeros([BLOCK_Q * RP], tl.float32)  # running sum of exp2
         acc = tl.zeros([BLOCK_Q * RP, DV], tl.float32)
-        cols1, colsv = tl.arange(0, DK1), tl.arange(0, DV)
-        for start in range(lo, hi, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            key_ok = keys < hi
-            block = tl.load(Tables + seq * stride_tab + keys // BT, mask=key_ok, other=0)
-            row_ptr = KV + block.to(tl.int64) * stride_kvb + (keys % BT) * stride_kvt  # [BLOCK_N] cached rows
-            k1 = tl.load(row_ptr[:, None] + g * DK1 + cols1[None, :], mask=key_ok[:, None], other=0.0).to(Q.dtype.element_ty)
-            if IEEE:
-                s = tl.dot(q1, tl.trans(k1), input_precision="ieee")
-            else:
-                s = tl.dot(q1, tl.trans(k1))
-            if DK2 > 0:
-                k2 = tl.load(row_ptr[:, None] + K2_OFF + tl.arange(0, DK2)[None, :], mask=key_ok[:, None],
-                             other=0.0).to(Q.dtype.element_ty)
-                if IEEE:
-                    s += tl.dot(q2, tl.trans(k2), input_precision="ieee")
-                else:
-                    s += tl.dot(q2, tl.trans(k2))
-            s = s * scale_log2
-            s = tl.where(key_ok[None, :] & (keys[None, :] <= pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays all zero
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m - m_safe)
-            l = l * alpha + tl.sum(p, 1)
-            if V_IS_K1:
-                v = k1
-            else:
-                v = tl.load(row_ptr[:, None] + V_OFF + g * DV + colsv[None, :], mask=key_ok[:, None],
-                            other=0.0).to(Q.dtype.element_ty)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+        # Keys every row of the tile sees (up to its first row's position) need no mask: walk them
+        # first, then the diagonal and the range's ragged end with masks (FlashAttention's split).
+        seen_by_all = tl.minimum(hi, first_pos + q0 + 1)
+        mid = lo + tl.maximum(seen_by_all - lo, 0) // BLOCK_N * BLOCK_N
+        m, l, acc = _attend_keys(m, l, acc, q1, q2, KV, Tables + seq * stride_tab, g, pos, lo, mid, hi,
+                                 stride_kvb, stride_kvt, scale_log2, BLOCK_N, BT, DK1, DK2, DV, K2_OFF, V_OFF,
+                                 V_IS_K1, IEEE, False)
+        m, l, acc = _attend_keys(m, l, acc, q1, q2, KV, Tables + seq * stride_tab, g, pos, mid, hi, hi,
+                                 stride_kvb, stride_kvt, scale_log2, BLOCK_N, BT, DK1, DK2, DV, K2_OFF, V_OFF,
+                                 V_IS_K1, IEEE, True)
 
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+        colsv = tl.arange(0, DV)
         if SPLIT:
             lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(l))
             part = Part + split * stride_ps + tok[:, None] * stride_pn + head[:, None] * stride_ph + colsv[None, :]
