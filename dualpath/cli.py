@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from dualpath import __version__
 from dualpath.config import POLICIES, ConfigError
 
 
@@ -14,7 +15,30 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+def _model_option(default: str, help: str = "model preset"):
+    """`--model PRESET`, the one spelling every command uses for a preset. `--preset`, the old one of
+    `bench model` and `bench h2d`, still works there, hidden from --help."""
+    def decorate(fn):
+        fn = click.option("--preset", "preset_alias", default=None, hidden=True,
+                          help="the old spelling of --model")(fn)
+        return click.option("--model", "preset", default=default, show_default=True, help=help)(fn)
+    return decorate
+
+
+def _take_alias(kw: dict) -> None:
+    """Fold a hidden --preset into --model's `preset` (refusing two different models)."""
+    alias = kw.pop("preset_alias")
+    if alias is not None:
+        from click.core import ParameterSource
+
+        given = click.get_current_context().get_parameter_source("preset") == ParameterSource.COMMANDLINE
+        if given and alias != kw["preset"]:
+            _fail(f"--preset {alias} and --model {kw['preset']}: give one (--preset is the old name of --model)")
+        kw["preset"] = alias
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="dualpath", message="%(prog)s %(version)s")
 def main() -> None:
     """DualPath: dual-path KV-cache loading for agentic LLM inference."""
 
@@ -49,6 +73,12 @@ def run(role: str | None, node: int, config_path: str) -> None:
             cfg.find_engine(role, node)
     except ConfigError as e:
         _fail(str(e))
+    from dualpath.launcher import store_problem
+
+    # An engine writes the store: a clear refusal now, not its OSError traceback later. (The coordinator
+    # only reads it, and may run where it is mounted read-only.)
+    if role != "coordinator" and (why := store_problem(cfg.store.root)) is not None:
+        _fail(f"{why} (store.root in {config_path})")
     run_process(cfg, role, node)
 
 
@@ -65,7 +95,14 @@ def run(role: str | None, node: int, config_path: str) -> None:
 @click.option("--snic-gbps", type=float, default=0.0, show_default=True,
               help="emulated storage NIC read bandwidth per node, GB/s (0 = unlimited)")
 @click.option("--transport", "backend", default="auto", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True, help="HTTP API port")
+@click.option("--port", type=int, default=8000, show_default=True,
+              help="HTTP API port; the cluster also listens on --port + 1 (coordinator control), --port + 2 and up "
+                   "(one per engine) and those + 1000 (engines' data planes)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address the HTTP API binds, e.g. 0.0.0.0 for every interface (the coordinator's control port, "
+                   "which only the cluster secret opens, binds there too; engines stay on loopback)")
+@click.option("--served-model-name", default=None,
+              help="the model id clients send and responses and /metrics name (default: --model, or --weights)")
 @click.option("--demo/--no-demo", default=False, help="send a multi-turn conversation, print it, stop")
 @click.option("--config-out", type=click.Path(), default=None,
               help="also write the cluster TOML here (it holds the cluster's secret; mode 0600), to keep: "
@@ -78,7 +115,10 @@ def run(role: str | None, node: int, config_path: str) -> None:
                    "or $DUALPATH_API_KEY (the default; none if unset)")
 @click.pass_context
 def up(ctx: click.Context, **kw) -> None:
-    """Start a whole cluster on this host (coordinator + engines as subprocesses)."""
+    """Start a whole cluster on this host (coordinator + engines as subprocesses).
+
+    Refuses, before starting anything, a port that is in use and a store it cannot write. Once the
+    cluster serves, prints the API's base URL, the dashboard's and the metrics' URLs, and how to stop."""
     from click.core import ParameterSource
 
     from dualpath.launcher import launch_local
@@ -103,7 +143,7 @@ def bench() -> None:
 
 
 @bench.command("model")
-@click.option("--preset", default="tiny-gqa", show_default=True)
+@_model_option("tiny-gqa")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--prompt-tokens", type=int, default=1024, show_default=True)
@@ -115,6 +155,7 @@ def bench_model(**kw) -> None:
     """Prefill and decode tokens/s of the model on one device."""
     from dualpath.bench.model_bench import run as run_bench
 
+    _take_alias(kw)
     r = run_bench(**kw)
     click.echo(f"{r['preset']} on {r['device']} ({r['dtype']}): "
                f"prefill {r['prefill']['tokens_per_s']:,.0f} tok/s ({r['prefill']['tokens']} tokens), "
@@ -181,7 +222,7 @@ def bench_transport(**kw) -> None:
 
 
 @bench.command("h2d")
-@click.option("--preset", default="small-mla", show_default=True)
+@_model_option("small-mla")
 @click.option("--dtype", default="bfloat16", show_default=True)
 @click.option("--blocks", type=int, default=512, show_default=True, help="blocks of 64 tokens (512 = 32K)")
 @click.option("--out", default="runs/bench_h2d.json", show_default=True)
@@ -189,6 +230,7 @@ def bench_h2d(**kw) -> None:
     """Pinned DRAM buffer -> paged HBM pool GB/s vs. the pinned copy peak (needs CUDA)."""
     from dualpath.bench.h2d_bench import run as run_bench
 
+    _take_alias(kw)
     r = run_bench(**kw)
     click.echo(f"{r['bytes'] / 1e9:.2f} GB of KV: paged H2D {r['paged_h2d_GBps']:.1f} GB/s, pinned peak "
                f"{r['pinned_copy_peak_GBps']:.1f} GB/s, ratio {r['ratio']:.2f}")
@@ -457,8 +499,10 @@ def sim() -> None:
 @click.option("--decode", "n_decode", type=int, default=2, show_default=True)
 @click.option("--model", "preset", default="tiny-gqa", show_default=True, help="its KV bytes per block")
 @click.option("--dtype", default="float32", show_default=True)
-@click.option("--profile", "profile_path", default="runs/cpu/bench_model_tiny_gqa.json", show_default=True,
-              help="compute times: a `dualpath bench model` JSON")
+@click.option("--profile", "profile_path", default="runs/sim/profiles/cpu_tiny_gqa.json", show_default=True,
+              help="compute times: a `dualpath sim profile` JSON (grids), or a `dualpath bench model` JSON (one point)")
+@click.option("--host-cores", type=int, default=0, show_default=True,
+              help="the engines share this many cores (a CPU cluster on one host); 0: each has its own")
 @click.option("--snic-gbps", type=float, default=0.008, show_default=True, help="storage NIC read rate per node")
 @click.option("--compute-link-gbps", type=float, default=10.0, show_default=True, help="per engine, each way")
 @click.option("--egress-only", is_flag=True, help="links limit only what an engine sends (as tc does on the "
@@ -473,24 +517,25 @@ def sim() -> None:
 @click.option("--measured", default=None, help="a `bench repro` repro.json to put beside the simulation")
 @click.option("--progress/--no-progress", default=False, help="a progress bar in simulated seconds")
 @click.option("--out", default="runs/sim/sim.json", show_default=True, help="the JSON; plots go beside it")
-def sim_repro(n_prefill, n_decode, preset, dtype, profile_path, snic_gbps, compute_link_gbps, egress_only, agents,
-              path, limit, trace_block_tokens, policies, measured, progress, out) -> None:
+def sim_repro(n_prefill, n_decode, preset, dtype, profile_path, host_cores, snic_gbps, compute_link_gbps, egress_only,
+              agents, path, limit, trace_block_tokens, policies, measured, progress, out) -> None:
     """The `bench repro` workload (or --workload) on a simulated cluster, every policy, one table."""
     import dataclasses
 
     from dualpath.bench.repro import ReproConfig
     from dualpath.bench.workload import read_jsonl
-    from dualpath.sim.profile import ComputeProfile
+    from dualpath.sim.profile import load_profile
     from dualpath.sim.run import main as run_sim
 
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     if "pe-read" not in chosen or not set(chosen) <= set(POLICIES):
         _fail(f"--policies {policies!r}: a comma-separated subset of {', '.join(POLICIES)} that includes pe-read")
     try:
-        profile = ComputeProfile.from_bench(profile_path)
+        # engines that outnumber the cores they share: the grids measured at one thread each
+        profile = load_profile(profile_path, shared_cores=bool(host_cores) and n_prefill + n_decode > host_cores)
     except (OSError, KeyError, ValueError) as e:
-        _fail(f"--profile {profile_path}: not a `dualpath bench model` result ({e}); the default is a path in the "
-              f"repository: run from its root, or give --profile")
+        _fail(f"--profile {profile_path}: not a `dualpath sim profile` or `bench model` result ({e}); the default "
+              f"is a path in the repository: run from its root, or give --profile")
     sessions = None
     if path:
         try:
@@ -500,7 +545,37 @@ def sim_repro(n_prefill, n_decode, preset, dtype, profile_path, snic_gbps, compu
     rc = ReproConfig(preset=preset, dtype=dtype, n_prefill=n_prefill, n_decode=n_decode, snic_gbps=snic_gbps,
                      policies=chosen)
     rc.workload = dataclasses.replace(rc.workload, agents=agents)
-    run_sim(rc, profile, compute_link_gbps, measured, out, sessions, trace_block_tokens, progress, egress_only)
+    run_sim(rc, profile, compute_link_gbps, measured, out, sessions, trace_block_tokens, progress, egress_only,
+            host_cores)
+
+
+@sim.command("profile")
+@click.option("--model", "preset", default="tiny-gqa", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--block-tokens", type=int, default=64, show_default=True)
+@click.option("--repeat", type=int, default=5, show_default=True)
+@click.option("--out", default="runs/sim/profiles/cpu_tiny_gqa.json", show_default=True)
+def sim_profile(preset, device, dtype, block_tokens, repeat, out) -> None:
+    """This machine's compute profile: the engines' own decode and prefill steps over grids of batch,
+    context, new and cached tokens (one file per machine, read by `sim repro --profile`)."""
+    from dualpath.bench.common import write_json
+    from dualpath.sim.measure import measure
+
+    write_json(out, measure(preset, device, dtype, block_tokens, repeat))
+    click.echo(f"wrote {out}")
+
+
+@sim.command("validate", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sim_validate(args) -> None:
+    """The simulator against every committed run it was not built on: sim / measured per policy."""
+    import sys
+
+    from dualpath.sim.validate import main as validate
+
+    sys.argv = ["dualpath sim validate", *args]
+    validate()
 
 
 @sim.command("paper")

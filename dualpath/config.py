@@ -52,6 +52,9 @@ class ModelSpec:
     preset: str = "tiny-gqa"
     weights: str | None = None
     dtype: str = "float32"
+    # The model id clients send in "model" and that /v1/models and /metrics name (vLLM's
+    # --served-model-name); empty: the preset's name, or the weights directory
+    served_model_name: str = ""
 
     def validate(self) -> None:
         from dualpath.engine.weights import PRESETS
@@ -220,6 +223,9 @@ class SchedulerConfig:
     # (1.70x off): it does not make dualpath match pe-read where storage is not the bound.
     drain_rates: bool = False
     request_timeout_s: float = 600.0  # a request not answered by then fails with 504 and frees its memory
+    # A request whose engine dies after it streamed tokens continues elsewhere as prompt + those
+    # tokens (sched/coordinator.py), at most this often; 0: it fails instead
+    max_migrations: int = 3
     # When set, /v1/* needs 'Authorization: Bearer <key>'. The key: api_key, else the file api_key_file
     # (mode 0600), else $DUALPATH_API_KEY. A file or the environment keeps it out of `ps` and of the config.
     api_key: str = ""
@@ -237,6 +243,7 @@ class SchedulerConfig:
         _check(self.dead_after_s > self.heartbeat_s, "scheduler.dead_after_s", self.dead_after_s,
                "must exceed heartbeat_s")
         _check(self.request_timeout_s > 0, "scheduler.request_timeout_s", self.request_timeout_s, "must be > 0")
+        _check(self.max_migrations >= 0, "scheduler.max_migrations", self.max_migrations, "must be >= 0")
 
 
 RANK_ENV = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")  # torchrun, SLURM, Open MPI

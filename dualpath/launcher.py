@@ -8,15 +8,22 @@ The cluster's config file holds its secret, so it is on disk only while the clus
 removes it, and a work directory the cluster made itself (``/tmp/dualpath-*``) goes with it, logs
 included, unless the cluster failed (its logs, without the secret, are then what to read next).
 ``dualpath up`` stops so on Ctrl-C, SIGTERM and SIGHUP too; ``--config-out`` keeps a copy where asked.
+
+Before it starts anything, ``dualpath up`` checks what would otherwise fail late and obscurely
+(``preflight``): every port the cluster will listen on must be free (the API, the coordinator's
+control port, each engine's control and data ports; another server on the API port would even
+answer the health check), and the block store must be writable (an engine would die of an OSError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +38,8 @@ from dualpath.config import (ClusterConfig, ConfigError, default_store_root, loc
                              write_config)
 
 READERS = {"A": "the PE", "B": "the DE", "A+B": "both"}  # who read the hit KV, for the demo's lines
+DATA_PORT_OFFSET = 1000  # an engine's data plane listens on its control port + 1000 (engine/runtime.py)
+WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # bind-all address -> one to connect to
 
 
 class ClusterDied(RuntimeError):
@@ -52,7 +61,10 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        return f"http://{self.cfg.scheduler.host}:{self.cfg.scheduler.http_port}"
+        """The API's base URL as this host reaches it (an address that binds all, as 0.0.0.0, is not one
+        to connect to: its loopback instead)."""
+        host = WILDCARDS.get(self.cfg.scheduler.host, self.cfg.scheduler.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.cfg.scheduler.http_port}"
 
     def _spawn(self, name: str, role: str, node: int) -> None:
         log = open(self.workdir / f"{name}.log", "ab")
@@ -186,10 +198,95 @@ def _raise_stopped(signum: int, frame) -> None:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # as Ctrl-C: a service manager's stop, a closed terminal
 
 
+def ports_needed(cfg: ClusterConfig) -> list[tuple[str, str, int]]:
+    """Every (what, host, port) the cluster's processes will listen on."""
+    s = cfg.scheduler
+    needed = [("the HTTP API, --port", s.host, s.http_port), ("the coordinator's control port", s.host, s.control_port)]
+    for e in cfg.engines:
+        if e.port:  # (0: the system picks free ports for both, at the engine's start)
+            needed.append((f"{e.name}'s control port", e.host, e.port))
+            needed.append((f"{e.name}'s data port", e.host, e.port + DATA_PORT_OFFSET))
+    return needed
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on host:port now, or None. Bound as the cluster's servers bind
+    (SO_REUSEADDR: a port left in TIME_WAIT is free to them); on Linux a listening socket on the
+    port, of any address that overlaps this one, still refuses it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as e:
+        return e
+    return None
+
+
+def port_problems(cfg: ClusterConfig) -> list[str]:
+    """One line per port the cluster cannot listen on: out of range, in use, or refused."""
+    problems = []
+    for what, host, port in ports_needed(cfg):
+        if not 0 < port < 65536:
+            problems.append(f"{port} ({what}): not a TCP port")
+        elif (e := bind_error(host, port)) is not None:
+            why = "in use" if e.errno == errno.EADDRINUSE else f"cannot listen on {host}: {e.strerror}"
+            problems.append(f"{port} ({what}): {why}")
+    return problems
+
+
+def store_problem(root: str) -> str | None:
+    """Why the block store cannot be written at `root`, or None. A real write, as the engines will
+    make: permissions alone do not tell (root ignores them; a read-only mount or a file in the way
+    does not show in a mode)."""
+    from dualpath.storage.private import private_dir  # (the store's own way to make its directory)
+
+    existing = Path(root).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():  # (makedirs would say "File exists", which reads as the opposite)
+        return f"the block store {root} cannot be made: {existing} is a file, not a directory"
+    try:
+        private_dir(root)
+        fd, probe = tempfile.mkstemp(prefix=".dualpath-write-check-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"the block store {root} is not writable: {e.strerror}{f' ({e.filename})' if e.filename else ''}"
+    return None
+
+
+def _ranges(ports: Iterable[int]) -> str:
+    """8000, 8001, 8002, 9002 -> '8000-8002, 9002'."""
+    runs: list[list[int]] = []
+    for p in sorted(set(ports)):
+        if runs and p == runs[-1][1] + 1:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def preflight(cfg: ClusterConfig) -> None:
+    """ConfigError naming every port `up` cannot listen on and an unwritable store, before anything
+    starts (else the first sign is a process dying later, about a port the user never chose)."""
+    problems = port_problems(cfg)
+    if problems:
+        problems = [f"port {p}" for p in problems]
+        problems.append(f"choose another --port (this one needs ports {_ranges(p for _, _, p in ports_needed(cfg))}: "
+                        f"--port, --port + 1, one per engine from --port + 2, and those + {DATA_PORT_OFFSET})")
+    if (why := store_problem(cfg.store.root)) is not None:
+        problems += [why, "give --store a directory you can write"]
+    if problems:
+        raise ConfigError("cannot start the cluster:\n  " + "\n  ".join(problems))
+
+
 def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None, dtype: str, device: str,
                  policy: str, store_root: str | None, snic_gbps: float, backend: str, port: int, demo: bool,
-                 config_out: str | None, api_key: str = "", api_key_file: str | None = None) -> int:
-    """`dualpath up`: returns the exit code."""
+                 config_out: str | None, api_key: str = "", api_key_file: str | None = None,
+                 host: str = "127.0.0.1", served_model_name: str | None = None) -> int:
+    """`dualpath up`: returns the exit code. Nothing starts unless every port it needs is free and the
+    store is writable (preflight)."""
     cfg = local_cluster(n_prefill, n_decode, base_port=port + 2)
     if api_key_file:  # the config names the file, not the key: --config-out then does not carry it
         api_key = read_secret_file(api_key_file, "--api-key-file")
@@ -201,11 +298,15 @@ def launch_local(n_prefill: int, n_decode: int, preset: str, weights: str | None
     cfg.store.snic_read_gbps = snic_gbps
     cfg.transport.backend = backend
     cfg.scheduler.policy, cfg.scheduler.http_port, cfg.scheduler.control_port = policy, port, port + 1
+    cfg.scheduler.host = host  # the API's bind address; the coordinator's control port (secret-guarded) shares it
+    if served_model_name:
+        cfg.model.served_model_name = served_model_name
     if device.startswith("cuda"):
         from dualpath.device import spread_over_gpus  # torch only when asked for GPUs
 
         spread_over_gpus(cfg.engines)
     cfg.validate()
+    preflight(cfg)
     if config_out:
         write_config(cfg, config_out)  # the user's copy: it stays after the cluster stops
     with _stop_signals_raise():
@@ -228,6 +329,26 @@ def _stop_signals_raise():
             signal.signal(sig, handler)
 
 
+def served_name(cfg: ClusterConfig) -> str:
+    """The model id clients send, as the coordinator names it."""
+    return cfg.model.served_model_name or cfg.model.weights or cfg.model.preset
+
+
+def ready_message(cfg: ClusterConfig, cluster: LocalCluster, demo: bool) -> str:
+    """What a user needs once the cluster serves: where to send requests, where to look, how to stop.
+    (The first line starts with "API:", as scripts and tests that wait for a ready cluster expect.)"""
+    url = cluster.url
+    bound = "" if cfg.scheduler.host not in WILDCARDS else f"; listening on every address ({cfg.scheduler.host})"
+    stop = ("the demo follows; the cluster stops after it" if demo else
+            f"stop it with Ctrl-C, or `kill {os.getpid()}` (SIGTERM): every process stops and its secret is removed")
+    return "\n".join([
+        f"API: {url}/v1   (the OpenAI base URL: POST /v1/completions, /v1/chat/completions; GET /v1/models{bound})",
+        f"  dashboard  {url}/dashboard",
+        f"  metrics    {url}/metrics",
+        f"  model {served_name(cfg)!r}, policy {cfg.scheduler.policy}; block store {cfg.store.root}",
+        stop])
+
+
 def _run_cluster(cfg: ClusterConfig, demo: bool, api_key: str) -> int:
     """Start the cluster, run the demo or serve until Ctrl-C or a stop signal (restarting engines that
     crash), then stop it, whatever happened; the exit code."""
@@ -238,7 +359,7 @@ def _run_cluster(cfg: ClusterConfig, demo: bool, api_key: str) -> int:
               f"{sum(e.role == 'decode' for e in cfg.engines)} decode engines ({cfg.model.weights or cfg.model.preset}"
               f", policy {cfg.scheduler.policy}); logs in {cluster.workdir}", flush=True)
         cluster.start()
-        print(f"API: {cluster.url}/v1/completions   (store: {cfg.store.root})", flush=True)
+        print(ready_message(cfg, cluster, demo), flush=True)
         if demo:
             demo_conversation(cluster.url, api_key=api_key)
             return 0

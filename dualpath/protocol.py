@@ -168,6 +168,10 @@ class Admit(Message):
     pe: str  # the only peer granted to write the handoff into the run
     handoff_timeout_s: float  # no Prefilled by then: the slot is freed
     pe_incarnation: str | None = None  # the PE's process life, as it logged in: the grant binds to it
+    # Of `tokens`, the trailing ones that are already answer: a request whose engine died continues
+    # elsewhere as prompt + the tokens it streamed (sched/coordinator.py), and they still count as
+    # answer for max_tokens, min_tokens and the penalties
+    generated: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,7 @@ class Prefill(Message):
     sampling: SamplingParams  # the PE draws the first token with it
     de: str
     de_run: RunHandle  # the DE's run: where the handoff goes
+    generated: int = 0  # as Admit's: trailing tokens that are already answer
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,9 @@ class Failed(Message):
     rid: str
     error: str
     retry: bool = False  # another attempt (new engines) may succeed
+    # why the attempt ended, as metrics count it: "failed" (an engine said so), or, as the
+    # coordinator finds it, "died" (its connection closed, or it restarted) or "silent" (no heartbeat)
+    cause: str = "failed"
 
 
 STRUCTS = (RunHandle, EngineReport, SamplingParams)  # dataclass fields of messages: a dict on the wire

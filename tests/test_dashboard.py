@@ -1,21 +1,30 @@
-"""The live dashboard: its data feed agrees with the work a cluster did, and headless Chromium draws
-every chart from it (skipped where Chromium is absent)."""
+"""The live dashboard: its data feed agrees with the work a cluster did, its page works behind a
+reverse proxy's path prefix, and headless Chromium draws every chart from it (skipped where
+Chromium is absent). /metrics: the vLLM-named families, with model_name, move with the work done,
+and the Grafana dashboard asks only for what a scrape has."""
 
+import http.server
 import json
 import re
 import shutil
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dualpath.launcher import LocalCluster, complete
 from tests.test_serving import BT, cluster_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-CHARTS = ("read", "write", "queue", "paths", "ttft", "memory")
+CHARTS = ("read", "write", "queue", "paths", "ttft", "tpot", "failures", "memory")
+MODEL = "tiny-gqa"
 
 
 def get(url: str) -> bytes:
@@ -23,12 +32,20 @@ def get(url: str) -> bytes:
         return r.read()
 
 
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """A /metrics scrape as (sample name, sorted labels) -> value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 @pytest.fixture(scope="module")
 def worked(tmp_path_factory):
     """A 1P2D cluster after two conversations: one on path A, one on path B (their second turns hit;
-    a first turn has nothing to load, and counts as path A)."""
-    cfg = cluster_config(2, "tiny-gqa", str(tmp_path_factory.mktemp("store")))
+    a first turn has nothing to load, and counts as path A). Also /metrics as it was before them,
+    and the clock time they began."""
+    cfg = cluster_config(2, MODEL, str(tmp_path_factory.mktemp("store")))
     with LocalCluster(cfg, str(tmp_path_factory.mktemp("run"))) as c:
+        before, began = get(c.url + "/metrics").decode(), time.time()
         paths = []
         for policy, first in (("pe-read", 11), ("de-read", 57)):
             prompt = [(first + 7 * i) % 256 for i in range(6 * BT)]
@@ -38,7 +55,7 @@ def worked(tmp_path_factory):
                 prompt = prompt + r["choices"][0]["token_ids"] + [3, 1, 4]
         assert paths == ["A", "A", "A", "B"]
         time.sleep(2.5)  # two more samples after the last answer
-        yield c
+        yield SimpleNamespace(url=c.url, metrics_before=before, began=began)
 
 
 def test_the_feed_shows_both_nodes_reading_and_the_paths_taken(worked):
@@ -51,13 +68,136 @@ def test_the_feed_shows_both_nodes_reading_and_the_paths_taken(worked):
     assert read_by_node["1"] + read_by_node["2"] > 0  # path B: a DE's node read
     answered = {p: sum(v for v in values if v) * data["period_s"] for p, values in data["path_rps"].items()}
     assert round(answered["A"]) == 3 and round(answered["B"]) == 1 and round(answered["A+B"]) == 0
-    assert all(len(values) == n for series in ("read_bps", "buffer_used", "ttft_s") for values in data[series].values())
+    assert all(len(values) == n for series in ("read_bps", "buffer_used", "ttft_s", "tpot_s", "failures_ps")
+               for values in data[series].values())
     assert {"pe0", "de1", "de2"} <= set(data["hbm_used"])
+
+
+def test_the_feed_gives_clock_time_tpot_failures_model_and_policy(worked):
+    data = json.loads(get(worked.url + "/dashboard/data"))
+    assert len(data["time"]) == len(data["t"]) and data["time"] == sorted(data["time"])
+    assert data["time"][0] <= worked.began <= data["time"][-1] <= time.time()  # the clock's time, not uptime
+    assert any(v is not None for v in data["tpot_s"]["p50"])  # 4-token answers: 3 gaps each
+    assert set(data["failures_ps"]) == {"engine", "rejected", "timeout", "unauthorized", "unavailable"}
+    assert (data["model"], data["policy"]) == (MODEL, "dualpath")
+
+
+class PrefixProxy(http.server.ThreadingHTTPServer):
+    """A reverse proxy serving `target` under /prefix/, as nginx's `location /prefix/ { proxy_pass
+    http://target/; }` does; Location headers pass unchanged (a relative one keeps the prefix)."""
+
+    def __init__(self, target: str):
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if not self.path.startswith("/prefix/"):
+                    self.send_error(404, "outside the prefix")
+                    return
+                proxy.requested.append(self.path)
+                req = urllib.request.Request(target + self.path.removeprefix("/prefix"))
+                opener = urllib.request.build_opener(NoRedirect)
+                try:
+                    r = opener.open(req, timeout=10)
+                except urllib.error.HTTPError as e:  # a redirect or an error: pass it on as it is
+                    r = e
+                with r:
+                    body = r.read()
+                    self.send_response(r.status)
+                    for k in ("Content-Type", "Location"):
+                        if r.headers.get(k):
+                            self.send_header(k, r.headers[k])
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *_):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requested: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/prefix"
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_):
+        return None  # the proxy passes a redirect to its client, as proxies do
+
+
+def test_the_page_works_behind_a_path_prefix(worked):
+    """Behind /prefix/, everything the page loads and polls resolves under /prefix/ (its URLs are
+    relative), and /prefix/dashboard/ redirects to /prefix/dashboard."""
+    proxy = PrefixProxy(worked.url)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        page_url = proxy.url + "/dashboard"
+        page = get(page_url).decode()
+        refs = re.findall(r'(?:src|href)="([^"]+)"', page) + re.findall(r'fetch\("([^"]+)"\)', page)
+        assert len(refs) == 3 and not any(r.startswith(("/", "http")) for r in refs), refs
+        for ref in refs:
+            resolved = urllib.parse.urljoin(page_url, ref)
+            assert resolved.startswith(proxy.url + "/dashboard/"), resolved
+            assert len(get(resolved)) > 0
+        data = json.loads(get(urllib.parse.urljoin(page_url, "dashboard/data")))
+        assert data["model"] == MODEL
+        with urllib.request.urlopen(proxy.url + "/dashboard/", timeout=10) as r:  # follows the redirect
+            assert r.geturl() == page_url and b"uPlot" in r.read()
+        assert all(p.startswith("/prefix/dashboard") for p in proxy.requested), proxy.requested
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+VLLM_FAMILIES = {  # family -> what a scrape shows of it
+    "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge", "vllm:gpu_cache_usage_perc": "gauge",
+    "vllm:request_success": "counter", "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
+    "vllm:prefix_cache_queries": "counter", "vllm:prefix_cache_hits": "counter",
+    "vllm:request_prompt_tokens": "histogram", "vllm:request_generation_tokens": "histogram",
+    "vllm:request_params_max_tokens": "histogram", "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:time_per_output_token_seconds": "histogram", "vllm:e2e_request_latency_seconds": "histogram",
+    "vllm:request_queue_time_seconds": "histogram", "vllm:request_inference_time_seconds": "histogram",
+    "vllm:request_prefill_time_seconds": "histogram", "vllm:request_decode_time_seconds": "histogram",
+}
+
+
+def test_vllm_named_families_carry_model_name_and_move_with_the_work(worked):
+    text = get(worked.url + "/metrics").decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, kind in VLLM_FAMILIES.items():
+        assert name in families and families[name].type == kind, name
+        assert families[name].samples and all(s.labels.get("model_name") == MODEL for s in families[name].samples), name
+    before, after = samples(worked.metrics_before), samples(text)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted({"model_name": MODEL, **labels}.items())))
+        return after[key] - before.get(key, 0.0)
+
+    # four answers of 4 tokens: two first turns of 6 blocks, two second turns that hit their 6 blocks
+    assert sum(moved("vllm:request_success_total", finished_reason=r) for r in ("stop", "length", "abort")) == 4
+    assert moved("vllm:generation_tokens_total") == 16
+    prompts = moved("vllm:prompt_tokens_total")
+    assert prompts == moved("vllm:prefix_cache_queries_total") == moved("vllm:request_prompt_tokens_sum") > 24 * BT
+    assert moved("vllm:prefix_cache_hits_total") == 2 * 6 * BT
+    for histogram in ("vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds",
+                      "vllm:time_per_output_token_seconds", "vllm:request_queue_time_seconds",
+                      "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+                      "vllm:request_generation_tokens"):
+        assert moved(histogram + "_count") == 4 and moved(histogram + "_sum") > 0, histogram
+    assert moved("vllm:num_requests_running") == 0 and moved("vllm:num_requests_waiting") == 0  # all answered
+    usage = {s.labels["engine"] for s in families["vllm:kv_cache_usage_perc"].samples}
+    assert usage == {"pe0", "de1", "de2"}
+    assert all(0 <= s.value <= 1 for s in families["vllm:kv_cache_usage_perc"].samples)
+    info = [s.labels for s in families["dualpath_cluster_info"].samples]
+    assert info == [{"model_name": MODEL, "policy": "dualpath"}], info
 
 
 def test_the_page_and_its_chart_library_are_served_from_the_package(worked):
     page = get(worked.url + "/dashboard").decode()
-    assert "/dashboard/static/uPlot.iife.min.js" in page and "http" not in page.split("<script>")[0].lower()
+    assert '"dashboard/static/uPlot.iife.min.js"' in page and "http" not in page.split("<script>")[0].lower()
     assert len(get(worked.url + "/dashboard/static/uPlot.iife.min.js")) > 10_000
 
 
@@ -97,14 +237,19 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_cluster_serves(worked):
              for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]
     assert len(set(cells)) == len(cells) and all(x < 24 for x, _ in cells)
     text = get(worked.url + "/metrics").decode()
-    scraped = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("dualpath_")}
+    metric = r"(?:dualpath_|vllm:)[\w:]+"
+    scraped = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if re.match(metric, line)}
     # a labelled family with no sample yet (no failure so far) is still declared by its TYPE line
     suffixes = {"counter": ["", "_total"], "histogram": ["_bucket", "_sum", "_count"]}
     scraped |= {name.removesuffix("_total") + suffix if kind == "counter" else name + suffix
-                for name, kind in re.findall(r"^# TYPE (dualpath_\w+) (\w+)$", text, re.M)
+                for name, kind in re.findall(rf"^# TYPE ({metric}) (\w+)$", text, re.M)
                 for suffix in suffixes.get(kind, [""])}
-    named = {name for e in exprs for name in re.findall(r"\bdualpath_\w+", e)}
+    named = {name for e in exprs for name in re.findall(rf"\b{metric}", e)}
     assert named and named <= scraped, sorted(named - scraped)
+    assert any(name.startswith("vllm:") for name in named)  # the panels a vLLM user looks for
     labels = {label for e in exprs for label in re.findall(r"by \(([^)]*)\)", e) for label in label.split(", ")}
     assert labels <= {"node", "path", "le", "engine", "memory", "kind", "traffic_class", "cause", "stage", "role",
-                      "backend"}
+                      "backend", "model_name", "finished_reason"}
+    # the model_name variable the vLLM panels filter by is one a scrape has
+    variables = dashboard["templating"]["list"]
+    assert [v["name"] for v in variables] == ["model_name"] and "vllm:num_requests_running" in variables[0]["definition"]

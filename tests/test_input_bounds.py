@@ -166,10 +166,20 @@ async def test_well_formed_tools_and_tool_calls_are_answered(api):
     answer_with(api.coord, list(b"ok"))
     messages = [USER, {"role": "assistant", "content": None, "tool_calls": [CALL]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "a.py"}]
-    for choice in (None, "auto", "required", {"type": "function", "function": {"name": "ls"}}):
+    for choice in (None, "auto", "none"):
         status, reply = await post(api, {"messages": messages, "tools": [TOOL], "tool_choice": choice,
                                          "max_tokens": 2}, path="/v1/chat/completions")
         assert status == 200 and reply["choices"][0]["message"]["content"] == "ok", reply
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "ls"}},
+                                    {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [TOOL]}}])
+async def test_a_tool_choice_that_forces_a_call_is_refused_by_name(api, choice):
+    """Nothing constrains what the model generates, so a forced call could not be kept: a 400
+    naming tool_choice, not an answer that may hold no call."""
+    status, reply = await post(api, {"messages": [USER], "tools": [TOOL], "tool_choice": choice, "max_tokens": 2},
+                               path="/v1/chat/completions")
+    assert_openai_error(status, reply, 400, "tool_choice", "not supported")
 
 
 def test_the_text_given_out_token_by_token_is_the_whole_answer_decoded_and_cut_at_a_stop():

@@ -40,6 +40,8 @@ class DecodeSeq:
     rid: str
     tokens: list[int]  # prompt, then generated tokens
     prompt_len: int
+    context_len: int  # tokens at admission, whose KV the handoff brings: the prompt, or a migrated
+    # request's prompt + the answer it had streamed (protocol.Admit.generated)
     hit_blocks: int
     de_blocks: int  # leading hit blocks this engine reads and sends to the PE (path B)
     sampling: SamplingParams  # how its tokens are drawn, and when its answer ends
@@ -175,17 +177,17 @@ class DecodeEngine(Engine):
         coordinator tries another DE, or waits for room: it must not wait out its admit's timeout
         here); start reading our share of the hits (path B). Answers the RunHandle where the PE
         writes its handoff."""
-        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens), msg.hit_blocks, msg.de_blocks, msg.sampling,
-                        msg.pe)
+        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens) - msg.generated, len(msg.tokens), msg.hit_blocks,
+                        msg.de_blocks, msg.sampling, msg.pe)
         try:
             seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
         except OutOfBlocks as e:
             raise RuntimeError(f"{self.name} has no room for this request: {e}") from None
-        seq.run = self.buffer.try_alloc(self.pool.blocks_for(seq.prompt_len))
+        seq.run = self.buffer.try_alloc(self.pool.blocks_for(seq.context_len))
         if seq.run is None:  # (free blocks may be enough, but not in one run)
             self.pool.allocator.release(seq.blocks)
             raise RuntimeError(f"{self.name} has no room for this request: no run of "
-                               f"{self.pool.blocks_for(seq.prompt_len)} free DRAM-buffer blocks")
+                               f"{self.pool.blocks_for(seq.context_len)} free DRAM-buffer blocks")
         if seq.rid in self.aborted_early:
             self.free_request_memory(seq)
             raise RuntimeError(f"{seq.rid} was aborted while {self.name} admitted it")
@@ -254,7 +256,7 @@ class DecodeEngine(Engine):
 
     async def _merge(self, seq: DecodeSeq, first_token: int) -> dict:
         seq.prefilled = True
-        nb, n_full = seq.run.n_blocks, seq.prompt_len // self.bt
+        nb, n_full = seq.run.n_blocks, seq.context_len // self.bt
 
         def copy_in():
             blocks = self.hbm_index(seq.blocks[:nb])

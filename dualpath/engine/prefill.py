@@ -44,6 +44,7 @@ class PrefillJob:
     de: str
     de_run: RunHandle  # where the handoff goes
     sampling: SamplingParams  # how the first token is drawn
+    generated: int = 0  # trailing tokens that are already answer (a migrated request: protocol.Admit)
     run: BufferRun | None = None
     grant: dict | None = None  # the DE's leave to write path B into our run
     blocks: list[int] = field(default_factory=list)
@@ -90,7 +91,7 @@ class PrefillEngine(Engine):
 
     async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
         job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.sampling,
-                         computed=msg.hit_blocks * self.bt)  # its queued work is the miss alone
+                         msg.generated, computed=msg.hit_blocks * self.bt)  # its queued work is the miss alone
         self.jobs[job.rid] = job
         self.spawn(self._admit(job), f"admitting {job.rid}")
         return {"accepted": True}
@@ -239,7 +240,7 @@ class PrefillEngine(Engine):
 
         def first_tokens() -> list[int]:  # on the compute thread: sampling waits for the GPU
             logits = self.model.logits(h[[i for _, i in finished]])
-            return sample_batch(logits, [(j.sampling, j.tokens, len(j.tokens)) for j, _ in finished])
+            return sample_batch(logits, [(j.sampling, j.tokens, len(j.tokens) - j.generated) for j, _ in finished])
 
         firsts = await self.in_compute(first_tokens) if finished else []
         for j, n in picked:

@@ -2,33 +2,49 @@
 
 A Hugging Face checkpoint brings a Jinja template in tokenizer_config.json; it is rendered the way
 transformers' ``apply_chat_template`` renders it (a sandboxed Jinja environment, ``messages``,
-``tools``, ``add_generation_prompt``, ``bos_token`` and ``eos_token``). The presets have no
-template of their own and use ``PRESET_TEMPLATE``:
+``tools``, ``add_generation_prompt``, ``bos_token`` and ``eos_token``, a ``tojson`` that does not
+escape HTML, and each tool call's ``arguments`` as an object, as templates expect them). The presets
+have no template of their own and use ``PRESET_TEMPLATE``: the tools, one JSON object a line, then
+each message, an assistant's tool calls in the format tools.py parses out of answers:
 
+    <|tools|>
+    {"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}<|end|>
     <|system|>
     You are a coding agent.<|end|>
     <|user|>
     List the files.<|end|>
     <|assistant|>
+    <|tool_call|>{"name": "ls", "arguments": {"path": "."}}<|/tool_call|><|end|>
+    <|tool|>
+    a.py b.py<|end|>
+    <|assistant|>
     ...
 
 A tool result is a ``tool`` message, rendered like any other role. ``tools``, ``tool_choice`` and an
-assistant message's ``tool_calls`` must have their OpenAI shape (a 400 names what is wrong), though
-only a template that renders tools uses them: this server does not parse tool calls out of answers. An agent's next turn sends the
-same messages again plus the answer and the tool output, and the template renders the earlier part
-identically, so the next prompt extends the last one token for token and its KV is a cache hit.
+assistant message's ``tool_calls`` must have their OpenAI shape (a 400 names what is wrong). An
+agent's next turn sends the same messages again plus the answer and the tool output, and the template
+renders the earlier part identically, so the next prompt extends the last one token for token and
+its KV is a cache hit.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from dualpath.sched.tools import PRESET, ToolCallFormat, format_of
+
 PRESET_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+    "{% if tools %}<|tools|>\n{{ tools | map('tojson') | join('\n') }}<|end|>\n{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}"
+    "{% for call in m.tool_calls or [] %}{% set f = call.function or call.custom %}"
+    "<|tool_call|>{\"name\": {{ f.name | tojson }}, "
+    "{% if call.function %}\"arguments\": {{ f.arguments if f.arguments is string else f.arguments | tojson }}"
+    "{% else %}\"input\": {{ f.input | tojson }}{% endif %}}<|/tool_call|>{% endfor %}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -49,17 +65,27 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    """transformers' tojson: Jinja's own escapes <, >, & and ' for HTML, which a prompt must not."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 class ChatTemplate:
     def __init__(self, template: str | None, bos_token: str = "", eos_token: str = ""):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])  # as transformers has it
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = _tojson
         self.template = env.from_string(template or PRESET_TEMPLATE)
         self.bos_token, self.eos_token = bos_token, eos_token
+        # how its model writes a tool call (None: unknown, so answers are not searched for calls)
+        self.tool_format: ToolCallFormat | None = PRESET if template is None else format_of(template)
 
-    def render(self, messages: Any, tools: Any = None, tool_choice: Any = None) -> str:
-        """The prompt for these messages, ending where the assistant's answer starts."""
+    def render(self, messages: Any, tools: Any = None) -> str:
+        """The prompt for these messages (and tools: check them first, with check_tools), ending
+        where the assistant's answer starts."""
         messages = [_message(m, i) for i, m in enumerate(_list(messages, "messages"))]
-        check_tools(tools, tool_choice)
         try:
             return self.template.render(messages=messages, tools=tools, add_generation_prompt=True,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
@@ -90,11 +116,27 @@ def _message(m: Any, i: int) -> dict:
             raise ChatError(f"messages[{i}].tool_calls must be a list")
         for j, call in enumerate(calls):
             _tool_call(call, f"messages[{i}].tool_calls[{j}]")
+        m = {**m, "tool_calls": [_for_template(call) for call in calls]}
         if content is None:
             content = ""
     if not isinstance(content, str):
         raise ChatError(f"messages[{i}].content must be a string or a list of text parts")
     return {**m, "content": content}
+
+
+def _for_template(call: dict) -> dict:
+    """A tool call as chat templates expect it: `arguments` an object, not JSON text (vLLM and
+    transformers do the same); text that is not a JSON object stays as it is."""
+    function = call.get("function")
+    if function is None:
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except (ValueError, RecursionError):
+        return call
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 JSON_KINDS = {str: "a string", dict: "an object", list: "a list", bool: "true or false"}
