@@ -95,11 +95,6 @@ def unnamed_modules() -> list[str]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN.md §4's map does not yet name every module (storage/, transport/, bench/, sched/ "
-    "and sim/ are described in prose or only in part); remove this mark once it does",
-)
 def test_the_package_map_in_design_names_every_module():
     missing = unnamed_modules()
     assert not missing, f"DESIGN.md's package map does not name: {', '.join(missing)}"
