@@ -5,7 +5,9 @@ streamed tokens, the coordinator continues it on a live engine as prompt + the t
 (their KV loaded from the blocks the dead DE persisted, on the policy's path), and the client's
 stream goes on with the next token. The continuation is exact: greedy and seeded sampled tokens are
 those of an uninterrupted run, with the same usage and finish reason, and no token is repeated.
-On commit 997d14d every stream that had sent a token failed with "engine de1 died".
+The prefill engine's death while requests wait for it costs them only time: they wait, bounded by
+their deadline, for `dualpath up` to restart it. On commit 997d14d every stream that had sent a
+token failed with "engine de1 died".
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import torch
 
 from dualpath.engine.weights import load_pretrained
 from dualpath.launcher import LocalCluster, complete
-from tests.test_serving import assert_decode_engines_idle, cluster_config, greedy_reference, scrape, total
+from tests.test_serving import BT, assert_decode_engines_idle, cluster_config, greedy_reference, scrape, total
 
-STREAMS = 12  # half greedy, half sampled with a seed
+STREAMS = 20  # half greedy, half sampled with a seed
 ANSWER = 40  # tokens each
 
 
@@ -106,6 +108,10 @@ def check(c, streams: list[Stream], want: list[list[int]]) -> None:
         assert s.tokens == ref, f"stream {i} ({'sampled' if i % 2 else 'greedy'}) differs from an uninterrupted run"
         assert s.finish == "length"
         assert s.usage["completion_tokens"] == ANSWER and s.usage["prompt_tokens"] == len(s.body["prompt"])
+        # the prompt's hits as the first attempt found them: a sampled prompt was served once before
+        # (its reference run), a greedy one never (migrations load more, but usage is the prompt's)
+        cached = (len(s.body["prompt"]) - 1) // BT * BT if s.body["temperature"] else 0
+        assert s.usage["prompt_tokens_details"]["cached_tokens"] == cached
 
 
 def test_streams_continue_at_the_exact_token_when_their_decode_engine_is_killed(cluster):
@@ -138,3 +144,22 @@ def test_streams_continue_when_their_decode_engine_stops_answering(cluster):
         os.kill(c.procs["de1"].pid, signal.SIGCONT)
     assert total(scrape(c), "dualpath_request_migrations_total") >= 1
     assert_decode_engines_idle(c)  # the resumed DE freed what the migrated requests held there
+
+
+def test_requests_waiting_for_a_killed_prefill_engine_are_served_once_it_restarts(cluster):
+    """kill -9 of the only PE: requests sent meanwhile wait for it (no 503), and once it is
+    restarted each gets the reference tokens; nothing is stranded on the decode engines."""
+    c = cluster
+    work = [b for b in bodies(3) if not b["temperature"]][:6]
+    want = references(c, work)
+    os.kill(c.procs["pe0"].pid, signal.SIGKILL)
+    c.procs["pe0"].wait(30)
+    streams = [Stream(c.url, b) for b in work]
+    deadline = time.monotonic() + 60
+    while total(scrape(c), "dualpath_requests_waiting_for_room") < len(work):  # all wait for a PE
+        assert time.monotonic() < deadline and all(s.is_alive() for s in streams), \
+            [s.error for s in streams]
+        time.sleep(0.05)
+    assert c.supervise() == ["pe0"]
+    check(c, streams, want)
+    assert_decode_engines_idle(c)

@@ -109,6 +109,66 @@ def test_kill_9_of_a_decode_host_mid_load_costs_a_retry_not_the_request(hosts, t
         c.stop()
 
 
+STREAMS_ON_HOST_0 = """
+import json, sys, threading, time, urllib.request
+url, bodies = sys.argv[1], json.loads(sys.argv[2])
+results = [{"tokens": [], "finish": None, "error": None} for _ in bodies]
+
+def stream(body, out):
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=240) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        out["error"] = str(chunk["error"])
+                    elif chunk.get("choices"):
+                        out["tokens"] += chunk["choices"][0]["token_ids"]
+                        out["finish"] = chunk["choices"][0]["finish_reason"] or out["finish"]
+    except Exception as e:
+        out["error"] = repr(e)
+
+threads = [threading.Thread(target=stream, args=(b, o), daemon=True) for b, o in zip(bodies, results)]
+for t in threads:
+    t.start()
+deadline = time.monotonic() + 120
+while sum(len(o["tokens"]) >= 2 for o in results) < len(bodies) // 2 and time.monotonic() < deadline:
+    time.sleep(0.02)
+print("streaming", flush=True)
+for t in threads:
+    t.join(240)
+print(json.dumps(results), flush=True)
+"""
+
+
+def test_streams_continue_across_hosts_when_a_decode_host_is_killed(hosts, tmp_path):
+    """Request migration (issue #37) between namespace hosts: kill -9 of de1 while 8 greedy
+    streams run; each goes on, on de2, with the reference tokens and no repeated token."""
+    c = Cluster(hosts, tmp_path, ports=700).start()
+    try:
+        gen = torch.Generator().manual_seed(37)
+        bodies = [{"prompt": torch.randint(0, 256, (60,), generator=gen).tolist(), "max_tokens": 40,
+                   "ignore_eos": True, "temperature": 0, "dualpath_policy": "dualpath"} for _ in range(8)]
+        model = load_pretrained("tiny-gqa")
+        want = [greedy_reference(model, b["prompt"], 40) for b in bodies]
+        driver = hosts.popen(0, [sys.executable, "-c", STREAMS_ON_HOST_0, c.url, json.dumps(bodies)],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": netns._root()})
+        try:
+            assert driver.stdout.readline().strip() == "streaming"
+            c.procs["de1"].kill()
+            results = json.loads(driver.stdout.readline())
+        finally:
+            driver.kill()
+            driver.wait(30)
+        for i, (r, ref) in enumerate(zip(results, want)):
+            assert r["error"] is None and r["tokens"] == ref and r["finish"] == "length", (i, r["error"])
+        assert c.get("/v1/cluster")["stats"]["migrated"] >= 1
+    finally:
+        c.stop()
+
+
 def _kill_group(p: subprocess.Popen) -> None:
     try:
         os.killpg(p.pid, signal.SIGTERM)

@@ -140,7 +140,7 @@ TOOL = {"type": "function", "function": {"name": "ls", "parameters": {"type": "o
 
 @pytest.mark.parametrize("body,param", [
     ({"tools": [TOOL], "parallel_tool_calls": False}, "parallel_tool_calls"),
-    ({"tools": [TOOL], "parallel_tool_calls": True}, "parallel_tool_calls"),
+    ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"logprobs": True}, "logprobs"), ({"top_logprobs": 1}, "top_logprobs"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
     ({"suffix": "x"}, "suffix"), ({"top_p": 5}, "top_p"), ({"stream_options": {}}, "stream_options"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import itertools
+import secrets
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -74,7 +74,6 @@ class Api:
         self.served = Served(coord.model_name, coord.bt, coord.block_bytes)
         # A body over this is refused with 413: room for a whole context as token ids or escaped text
         self.max_body_bytes = max(1 << 20, 32 * coord.max_context)
-        self._ids = itertools.count(1)
         self.conversations = Conversations()  # for /v1/responses' previous_response_id
 
     def app(self) -> web.Application:
@@ -133,7 +132,7 @@ class Api:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         prompts, params, policy = parse_completion(await json_body(request), self.limits, self.coord.tokenizer)
-        cid = f"cmpl-{next(self._ids)}"
+        cid = f"cmpl-{secrets.token_hex(12)}"  # unique across coordinators, as OpenAI's
         reqs = [self.coord.new_request(f"{cid}-{i}" if len(prompts) > 1 else cid, tokens, params, policy)
                 for i, tokens in enumerate(prompts)]
         if params["stream"]:
@@ -150,7 +149,7 @@ class Api:
         whose answer may hold tool calls (tools.py)."""
         chat = parse_chat(await json_body(request), self.limits, self.coord.tokenizer, self.coord.chat)
         prompts, params, policy = chat.completion
-        req = self.coord.new_request(f"chatcmpl-{next(self._ids)}", prompts[0], params, policy)
+        req = self.coord.new_request(f"chatcmpl-{secrets.token_hex(12)}", prompts[0], params, policy)
         call_parser = chat.call_parser()
         if params["stream"]:
             return await self._stream(request, req, chat=True, call_parser=call_parser)

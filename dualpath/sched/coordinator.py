@@ -129,7 +129,7 @@ class Coordinator:
         self.requests: dict[str, RequestState] = {}  # by attempt_rid: the attempts engines are running
         self.metrics = ClusterMetrics(self)
         self.dashboard = Dashboard(self)
-        self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0,
+        self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0, "migrated": 0,
                       "admit_retries": 0, "failed": 0, "client_gone": 0}
 
     # ------------------------------------------------------------------ engine registry (control plane)
@@ -379,6 +379,7 @@ class Coordinator:
             raise RequestFailed(status, f"request failed: {news.error}")
         if req.output:
             req.migrations += 1
+            self.stats["migrated"] += 1
             self.metrics.migrations.labels(news.cause).inc()
             log.info("%s: %s after %d tokens; it continues on another engine", req.rid, news.error, len(req.output))
         else:

@@ -149,9 +149,13 @@ def parse_chat(body: dict, limits: Limits, tokenizer: Tokenizer, template: ChatT
         text = template.render(body.get("messages"), tools if render_tools else None)
     except ChatError as e:
         raise BadRequest(str(e), param=e.param) from None
-    if body.get("parallel_tool_calls") is not None and tools:
-        # whether one answer may make several calls is not enforced here: refused, not ignored
-        raise BadRequest("'parallel_tool_calls' is not supported", param="parallel_tool_calls")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise BadRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    if parallel is False and tools:
+        # true (OpenAI's default) is what the parser does: every call an answer makes comes back;
+        # false would need the answer stopped after its first call: refused, not ignored
+        raise BadRequest("'parallel_tool_calls': false is not supported", param="parallel_tool_calls")
     rest = {k: v for k, v in body.items() if k not in CHAT_ONLY}
     # without max_tokens, the answer may fill the rest of the context (vLLM's default for chat)
     completion = parse_completion({**rest, "prompt": text}, limits, tokenizer, default_max_tokens=None)
