@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,10 +40,22 @@ def host_info() -> dict[str, Any]:
     return info
 
 
+def commit() -> str | None:
+    """The commit the running code is, for every result a benchmark writes (docs cite it)."""
+    if os.environ.get("DUALPATH_COMMIT"):  # a copy of the tree without .git (a lent GPU machine)
+        return os.environ["DUALPATH_COMMIT"]
+    try:
+        # --dirty: a tree that is not its HEAD says so (a lent machine's copy may carry an older .git)
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def write_json(path: str | os.PathLike[str], result: dict[str, Any]) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    result = {"host": host_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
+    result = {"host": host_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit(), **result}
     p.write_text(json.dumps(result, indent=2))
     return p
 

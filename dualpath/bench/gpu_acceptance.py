@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from dualpath.bench.common import host_info
+from dualpath.bench.common import commit, host_info
 
 TESTS = ["tests/test_device.py", "tests/test_transport.py", "tests/test_model.py", "tests/test_attention.py",
          "tests/test_storage.py"]
@@ -269,18 +269,7 @@ def run(out_dir: str, only: tuple[str, ...], port: int, step_timeout_s: float) -
 def _write(acc: Acceptance) -> list[str]:
     failed = [r.figure for r in acc.rows if not r.passed]
     result = {"bench": "gpu", "host": host_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "commit": _commit(), "gpus": acc.gpus, "shared_gpu": acc.gpus == 1, "steps_s": acc.seconds,
+              "commit": commit(), "gpus": acc.gpus, "shared_gpu": acc.gpus == 1, "steps_s": acc.seconds,
               "rows": [asdict(r) for r in acc.rows], "failed": failed}
     (acc.out_dir / "acceptance.json").write_text(json.dumps(result, indent=2))
     return failed
-
-
-def _commit() -> str | None:
-    if os.environ.get("DUALPATH_COMMIT"):  # a copy of the tree without .git (a lent GPU machine)
-        return os.environ["DUALPATH_COMMIT"]
-    try:
-        # --dirty: a tree that is not its HEAD says so (a lent machine's copy may carry an older .git)
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except OSError:
-        return None
