@@ -165,7 +165,7 @@ def bench_model(**kw) -> None:
 
 
 @bench.command("roofline")
-@click.option("--model", "presets", multiple=True, default=("small-gqa", "small-mla"), show_default=True,
+@click.option("--model", "presets", multiple=True, default=("small-gqa", "small-mla", "small-moe"), show_default=True,
               help="repeatable")
 @click.option("--block-tokens", type=int, default=64, show_default=True)
 @click.option("--torch-attention", is_flag=True, help="time the torch attention path instead of the Triton kernels")

@@ -25,8 +25,8 @@ import torch
 
 from dualpath.bench.common import commit, host_info
 
-TESTS = ["tests/test_device.py", "tests/test_transport.py", "tests/test_model.py", "tests/test_attention.py",
-         "tests/test_storage.py"]
+TESTS = ["tests/test_device.py", "tests/test_transport.py", "tests/test_dataplane_cuda.py", "tests/test_model.py",
+         "tests/test_attention.py", "tests/test_families.py", "tests/test_moe.py", "tests/test_storage.py"]
 # Never turn on NVLink multicast: on a shared host a program using it can take the GPUs down.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -179,7 +179,7 @@ def steps(gpus: int, port: int) -> list[Step]:
         Step("demo", [*dp, "up", "--prefill", "1", "--decode", str(decode), "--model", "small-gqa", "--demo",
                       "--device", "cuda", "--port", str(port), "--store", "{tmp}/demo-store"], lambda r: []),
     ]
-    for preset in ("small-gqa", "small-mla"):
+    for preset in ("small-gqa", "small-mla", "small-moe"):
         for dtype in ("float32", "bfloat16"):
             name = f"agreement_{preset.replace('-', '_')}_{dtype}"
             out.append(Step(name, [*dp, "bench", "agreement", "--model", preset, "--dtype", dtype, *cluster,
