@@ -225,6 +225,19 @@ class Failed(Message):
     cause: str = "failed"
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why an engine ended a request's attempt early, and whether another attempt (on new engines,
+    or once a hit block that vanished is computed instead) may succeed. An engine reports it to the
+    coordinator as a Failed message."""
+
+    reason: str
+    retryable: bool = False
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 STRUCTS = (RunHandle, EngineReport, SamplingParams)  # dataclass fields of messages: a dict on the wire
 
 
@@ -259,7 +272,7 @@ def _struct(cls: type, value: dict) -> Any:
     return cls(**{k: v for k, v in value.items() if k in names})
 
 
-def decode(kind: str, params: dict) -> Message:
+def from_wire(kind: str, params: dict) -> Message:
     """The message a (kind, params) pair from the wire stands for; ValueError if it is none."""
     cls = MESSAGES.get(kind)
     if cls is None:
@@ -276,7 +289,7 @@ def decode(kind: str, params: dict) -> Message:
 
 async def dispatch(receiver: Any, conn: Any, kind: str, params: dict) -> Any:
     """Call ``receiver.on_<kind>(conn, message)``: the control plane's handler for typed messages."""
-    msg = decode(kind, params)
+    msg = from_wire(kind, params)
     handler = getattr(receiver, f"on_{msg.kind}", None)
     if handler is None:
         raise ValueError(f"{type(receiver).__name__} does not take {msg.kind!r} messages")

@@ -6,7 +6,7 @@ import pytest
 from dualpath import protocol
 from dualpath.engine.decode import DecodeEngine
 from dualpath.engine.prefill import PrefillEngine
-from dualpath.protocol import MESSAGES, Admit, Prefill, RunHandle, SamplingParams, decode
+from dualpath.protocol import MESSAGES, Admit, Prefill, RunHandle, SamplingParams, from_wire
 from dualpath.sched.coordinator import Coordinator
 
 RUN = RunHandle({"backend": "tcp", "addr": ["127.0.0.1", 7001], "region": 1, "grant": 9}, offset=4096, n_blocks=3)
@@ -28,7 +28,7 @@ def test_every_message_is_sampled_and_survives_msgpack():
     assert {m.kind for m in SAMPLES} == set(MESSAGES) == set(RECEIVERS)
     for msg in SAMPLES:
         wire = msgpack.unpackb(msgpack.packb(msg.params(), use_bin_type=True), raw=False)
-        assert decode(msg.kind, wire) == msg
+        assert from_wire(msg.kind, wire) == msg
 
 
 def test_every_message_has_an_on_kind_handler_where_it_is_sent():
@@ -39,9 +39,9 @@ def test_every_message_has_an_on_kind_handler_where_it_is_sent():
 
 def test_unknown_or_incomplete_messages_are_refused_by_name():
     with pytest.raises(ValueError, match="unknown message 'steal'"):
-        decode("steal", {})
+        from_wire("steal", {})
     with pytest.raises(ValueError, match="lacks field 'first_token'"):
-        decode("prefilled", {"rid": "r.1"})
+        from_wire("prefilled", {"rid": "r.1"})
 
 
 def test_a_run_handle_places_each_layer_of_a_layer_major_run():

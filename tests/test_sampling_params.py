@@ -13,7 +13,7 @@ import torch
 
 from dualpath.engine.runtime import filter_probs, process_logits, sample
 from dualpath.launcher import LocalCluster, complete
-from dualpath.protocol import Admit, SamplingParams, decode
+from dualpath.protocol import Admit, SamplingParams, from_wire
 from tests.test_input_bounds import answer_with, api, assert_openai_error, post  # noqa: F401  (api: a fixture)
 from tests.test_serving import cluster_config, post_raw, stream_events
 
@@ -91,7 +91,7 @@ def test_sampling_params_survive_the_wire_in_an_admit():
     p = SamplingParams(0.7, 0.9, 40, 0.05, -5, 32, 2, (7, 9), True, 2, 0.5, -0.5, 1.2, ((3, -100.0), (12, 4.5)))
     msg = Admit("r.1", [1, 2, 3], 1, 0, p, "pe0", 30.0)
     wire = msgpack.unpackb(msgpack.packb(msg.params(), use_bin_type=True), raw=False)
-    assert decode("admit", wire) == msg
+    assert from_wire("admit", wire) == msg
 
 
 # -- the coordinator: applied or refused by name --

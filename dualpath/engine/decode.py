@@ -230,7 +230,7 @@ class DecodeEngine(Engine):
                 if seq.cancelled:
                     raise RuntimeError(f"{seq.rid} was aborted")
                 if seq.layers_read <= l:
-                    raise RuntimeError("retry: a hit block was missing or corrupt")
+                    raise RuntimeError("a hit block was missing or corrupt")
                 off, _ = self.buffer.layer_range(seq.run, l)
                 src = self.buffer.host[off : off + seq.de_blocks * bpl]
                 writes.append(asyncio.ensure_future(self.dataplane.write(
@@ -281,7 +281,7 @@ class DecodeEngine(Engine):
         seq.run = None
         self.freed.set()
         self._emit(seq, first_token)
-        if not self._finished(seq):
+        if not self._is_done(seq):
             self.running.append(seq)
             self.wake.set()
         else:
@@ -294,7 +294,7 @@ class DecodeEngine(Engine):
         seq.tokens.append(token)
         tell(self.coord, Token(seq.rid, token))
 
-    def _finished(self, seq: DecodeSeq) -> bool:
+    def _is_done(self, seq: DecodeSeq) -> bool:
         """Cancelled, at max_tokens, or its last token ends it (a stop token id, or EOS unless
         ignore_eos; min_tokens kept them from being drawn earlier: runtime.process_logits)."""
         return (seq.cancelled or seq.generated >= seq.max_tokens
@@ -306,7 +306,7 @@ class DecodeEngine(Engine):
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            for seq in [s for s in self.running if self._finished(s)]:
+            for seq in [s for s in self.running if self._is_done(s)]:
                 self.running.remove(seq)
                 self.spawn(self._finish(seq), f"finishing {seq.rid}")
             batch_seqs = self.running[: self.cfg.engine.max_decode_batch]

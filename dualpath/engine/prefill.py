@@ -27,7 +27,7 @@ from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import (Abort, EngineReport, Failed, Load, Prefill, Prefilled, RunHandle, SamplingParams, ask,
+from dualpath.protocol import (Abort, EngineReport, Failed, Failure, Load, Prefill, Prefilled, RunHandle, SamplingParams, ask,
                                tell)
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
@@ -58,7 +58,7 @@ class PrefillJob:
     t_admit: float = field(default_factory=time.monotonic)
     t_landed: dict[int, float] = field(default_factory=dict)  # layer -> when our storage read of it was in
     t_started: list[float] = field(default_factory=list)  # when the compute thread started layer l
-    failed: str | None = None
+    failed: Failure | None = None  # set once the attempt cannot go on (an abort, a miss, a failed step)
     handoff: asyncio.Task | None = None  # writing the prompt's KV into the DE's run, then telling it
 
 
@@ -101,7 +101,7 @@ class PrefillEngine(Engine):
         for it before giving the run those writes land in to another request."""
         job = self.jobs.get(msg.rid)
         if job:
-            job.failed = "aborted"
+            job.failed = Failure("aborted")
             for ev in job.path_a_layer + job.path_b_layer:  # a step waiting on its KV stops waiting (it checks failed)
                 ev.set()
             if job.handoff is not None:
@@ -128,19 +128,19 @@ class PrefillEngine(Engine):
             self.ready.append(job)
             self.wake.set()
         except Exception as e:
-            await self._fail(job, f"admission failed: {e}")
+            await self._fail(job, Failure(f"admission failed: {e}"))
 
     async def _read_path_a(self, job: PrefillJob, lo: int, hi: int, layers: list[asyncio.Event]) -> None:
         """Storage → our buffer, hit blocks [lo, hi), setting layers[l] as each layer lands."""
         if hi > lo:
             keys = block_chain(job.tokens[: hi * self.bt], self.model.fingerprint, self.bt)[lo:]
 
-            def landed(l: int) -> None:
+            def layer_read(l: int) -> None:
                 job.t_landed.setdefault(l, time.monotonic())
                 layers[l].set()
 
-            if not await self.read_blocks(keys, job.run, first=lo, on_layer=landed):
-                job.failed = "retry: a hit block was missing or corrupt"
+            if not await self.read_blocks(keys, job.run, first=lo, on_layer=layer_read):
+                job.failed = Failure("a hit block was missing or corrupt", retryable=True)
             else:
                 self.metrics["path_a_requests"] += 1
                 self.metrics["path_a_blocks"] += hi - lo
@@ -199,7 +199,7 @@ class PrefillEngine(Engine):
                 except Exception as e:
                     log.exception("%s: prefill step failed", self.name)
                     for job, _ in picked:
-                        job.failed = f"prefill step failed: {e}"
+                        job.failed = Failure(f"prefill step failed: {e}")
 
     async def _step(self, picked: list[tuple[PrefillJob, int]]) -> None:
         batch = Batch.build([(j.blocks, j.computed, n) for j, n in picked], self.bt, self.device)
@@ -209,7 +209,7 @@ class PrefillEngine(Engine):
         n_layers = self.model.cfg.n_layers
         h, cos_sin = await self.in_compute(lambda: (self.model.embed(ids), self.model.rope_cos_sin(batch)))
 
-        def landed(l: int) -> bool:
+        def kv_in_buffer(l: int) -> bool:  # layer l of every loading job's hits, on both paths
             return all(j.path_a_layer[l].is_set() and j.path_b_layer[l].is_set() for j in loading)
 
         def run_layers(l: int, h: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -217,7 +217,7 @@ class PrefillEngine(Engine):
             our buffer (each layer's copy to HBM enqueued right before it); returns the first layer
             it could not run yet. The thread never waits for KV: other work (a finished job's
             handoff) can use it meanwhile, and the event loop waits instead."""
-            while l < n_layers and landed(l) and not any(j.failed for j, _ in picked):
+            while l < n_layers and kv_in_buffer(l) and not any(j.failed for j, _ in picked):
                 for j in loading:
                     j.t_started.append(time.monotonic())
                     self.buffer_to_hbm(j.run, hit_index[j.rid], l)
@@ -259,7 +259,7 @@ class PrefillEngine(Engine):
         blocks read on path A are in our buffer already; only the computed ones come back from HBM."""
         try:
             if job.failed:  # aborted while it computed: no write into the DE's run may start now
-                raise RuntimeError(job.failed)
+                raise RuntimeError(job.failed.reason)
             nb, start = job.run.n_blocks, job.de_blocks
             with self.timed("handoff_d2h"):
                 await until_done(await self.in_compute(self.hbm_to_buffer, job.run, job.blocks[job.hit_blocks:],
@@ -279,12 +279,12 @@ class PrefillEngine(Engine):
                     await asyncio.gather(*writes)
                 self.metrics["handoff_blocks"] += nb - start
                 if job.failed:
-                    raise RuntimeError(job.failed)
+                    raise RuntimeError(job.failed.reason)
                 de = await self.peer(job.de)
                 await ask(de, Prefilled(job.rid, first_token))
             self.metrics["prefilled_requests"] += 1
         except Exception as e:  # the DE died or dropped the link: another DE may take the request
-            await self._fail(job, f"retry: handoff to {job.de} failed: {e}")
+            await self._fail(job, Failure(f"handoff to {job.de} failed: {e}", retryable=True))
             return
         self._release(job)
 
@@ -292,7 +292,7 @@ class PrefillEngine(Engine):
         self.free_request_memory(job)
         self.jobs.pop(job.rid, None)
 
-    async def _fail(self, job: PrefillJob, why: str) -> None:
-        log.warning("%s: request %s failed: %s", self.name, job.rid, why)
+    async def _fail(self, job: PrefillJob, failure: Failure) -> None:
+        log.warning("%s: request %s failed: %s", self.name, job.rid, failure)
         self._release(job)
-        tell(self.coord, Failed(job.rid, why, retry=why.startswith("retry")))
+        tell(self.coord, Failed(job.rid, failure.reason, retry=failure.retryable))

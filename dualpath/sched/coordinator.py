@@ -134,7 +134,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ engine registry (control plane)
 
-    async def on_engine(self, conn: Connection, kind: str, params: dict) -> Any:
+    async def on_message(self, conn: Connection, kind: str, params: dict) -> Any:
         """Every control message from an engine goes to the ``on_<kind>`` method below (protocol.py)."""
         return await dispatch(self, conn, kind, params)
 
@@ -455,7 +455,7 @@ class Coordinator:
 
 async def serve(cfg: ClusterConfig, stop: asyncio.Event) -> None:
     coord = Coordinator(cfg)
-    server = Server(cfg.transport.token, coord.on_engine, on_close=coord.on_close)
+    server = Server(cfg.transport.token, coord.on_message, on_close=coord.on_close)
     await server.start(cfg.scheduler.host, cfg.scheduler.control_port)
     runner = web.AppRunner(coord.app(), handle_signals=False)
     await runner.setup()
