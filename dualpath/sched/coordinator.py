@@ -117,7 +117,8 @@ class Coordinator:
         es = dtype.itemsize
         shape = BlockShape(self.model_cfg.n_layers, self.bt * self.model_cfg.kv_width * es, cfg.model.dtype,
                            self.fingerprint)
-        self.store = FileStore(cfg.store.root, shape, int(cfg.store.capacity_gb * 1e9))
+        # Lookups only (the engines write and evict): no index of the store's files to build at start
+        self.store = FileStore(cfg.store.root, shape, int(cfg.store.capacity_gb * 1e9), scan=False)
         self.block_bytes = shape.file_bytes
         self.max_context = cfg.engine.max_context or self.model_cfg.max_position
         self.engines: dict[str, EngineEntry] = {}
@@ -257,7 +258,8 @@ class Coordinator:
         context, generated = req.context, len(req.output)
         chain = block_chain(context, self.fingerprint, self.bt)
         # At least one token is computed: the PE needs the last context token's logits.
-        hit = min(self.store.lookup(chain), (len(context) - 1) // self.bt)
+        # (a stat per block: on a thread, so that a long prompt does not hold up the event loop)
+        hit = min(await asyncio.to_thread(self.store.lookup, chain), (len(context) - 1) // self.bt)
         if not generated:  # (usage reports the prompt's hits, as an uninterrupted run would)
             req.hit_blocks = hit
         n, m = len(context), req.params["max_tokens"] - generated
