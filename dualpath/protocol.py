@@ -95,7 +95,6 @@ class EngineReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # where its time goes
     # a prefill engine
     queued_prefill_tokens: int = 0  # tokens still to compute of the requests it holds
-    last_prefill: dict | None = None  # the last prefill's timeline (bench overlap reads it)
     # a decode engine
     running_decode_tokens: int = 0  # prompt + max_tokens of every request it holds
     persist_queue: int | None = None  # blocks waiting to be written (None: not a decode engine)
@@ -109,6 +108,12 @@ class EngineReport:
 class Heartbeat(Message):
     engine: str
     report: EngineReport
+
+
+@dataclass(frozen=True)
+class LastPrefill(Message):
+    """Ask a PE for its last prefill's timeline: when each layer's hit KV landed and each layer
+    started (`bench overlap` asks; it is not carried on every heartbeat)."""
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,24 @@ Target: overlapped <= 1.15 x max(load only, compute only).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import tempfile
 import time
-import urllib.request
 
 import torch
 
 from dualpath.bench.common import bench_cluster, sync, write_json
+from dualpath.config import ClusterConfig
 from dualpath.engine.buffers import BufferPool
 from dualpath.engine.kvcache import KVPool
 from dualpath.engine.model import Batch
 from dualpath.engine.weights import load_pretrained
 from dualpath.launcher import LocalCluster, complete
+from dualpath.protocol import LastPrefill, ask
 from dualpath.storage.blockfile import BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import open_store
+from dualpath.transport.control import connect
 
 
 async def _best(fn, repeat: int = 5) -> float:
@@ -39,6 +40,16 @@ async def _best(fn, repeat: int = 5) -> float:
         await fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+async def _last_prefill(cfg: ClusterConfig) -> dict:
+    """The PE's timeline of the prefill it just ran, asked of the PE itself."""
+    pe = next(e for e in cfg.engines if e.role == "prefill")
+    conn = await connect(pe.host, pe.port, cfg.transport.token, "bench-overlap")
+    try:
+        return await ask(conn, LastPrefill())
+    finally:
+        await conn.close()
 
 
 def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, out: str, readers: int = 8,
@@ -56,9 +67,7 @@ def run(preset: str, dtype: str, device: str, cached: int, new: int, port: int, 
             for _ in range(3):  # turn 2 three times, each with its own new tokens; best of three
                 prompt = context + [rng.randrange(256) for _ in range(new)]
                 r2 = complete(c.url, {"prompt": prompt, "max_tokens": 1, "dualpath_policy": "pe-read"})
-                time.sleep(2 * cfg.scheduler.heartbeat_s)
-                with urllib.request.urlopen(c.url + "/v1/cluster") as resp:
-                    timelines.append(json.load(resp)["engines"]["pe0"]["last_prefill"])
+                timelines.append(asyncio.run(_last_prefill(cfg)))
             hit_blocks = r2["usage"]["prompt_tokens_details"]["cached_tokens"] // bt
 
         # The two limits, in this process, on the PE's device and the blocks the PE just read.

@@ -27,7 +27,7 @@ from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import (Abort, EngineReport, Failed, Failure, Load, Prefill, Prefilled, RunHandle, SamplingParams, ask,
+from dualpath.protocol import (Abort, EngineReport, Failed, Failure, LastPrefill, Load, Prefill, Prefilled, RunHandle, SamplingParams, ask,
                                tell)
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
@@ -87,7 +87,10 @@ class PrefillEngine(Engine):
 
     def report(self) -> EngineReport:
         queued = sum(len(j.tokens) - j.computed for j in self.jobs.values())
-        return dataclasses.replace(super().report(), queued_prefill_tokens=queued, last_prefill=self.last_prefill)
+        return dataclasses.replace(super().report(), queued_prefill_tokens=queued)
+
+    async def on_last_prefill(self, conn: Connection, msg: LastPrefill) -> dict:
+        return self.last_prefill
 
     async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
         job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.sampling,
