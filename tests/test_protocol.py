@@ -17,11 +17,12 @@ SAMPLES = [
                                                  logit_bias=((3, -1.5),)), "pe0", 30.0),
     Prefill("r.1", [1, 2, 3], 1, 0, SamplingParams(), "de1", RUN), protocol.Load("r.1", RUN),
     protocol.Prefilled("r.1", 17), protocol.Abort("r.1"), protocol.Token("r.1", 5), protocol.Done("r.1", True),
-    protocol.Failed("r.1", "retry: a hit block was missing", retry=True),
+    protocol.Failed("r.1", "a hit block was missing", retry=True, cause="failed"), protocol.LastPrefill(),
 ]
 RECEIVERS = {"register": Coordinator, "heartbeat": Coordinator, "engines": Coordinator, "token": Coordinator,
              "done": Coordinator, "failed": Coordinator, "admit": DecodeEngine, "load": DecodeEngine,
-             "prefilled": DecodeEngine, "prefill": PrefillEngine, "abort": (PrefillEngine, DecodeEngine)}
+             "prefilled": DecodeEngine, "prefill": PrefillEngine, "last_prefill": PrefillEngine,
+             "abort": (PrefillEngine, DecodeEngine)}
 
 
 def test_every_message_is_sampled_and_survives_msgpack():
