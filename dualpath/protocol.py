@@ -198,6 +198,30 @@ class Load(Message):
 
 
 @dataclass(frozen=True)
+class LayerLanded(Message):
+    """Path B: the DE wrote layer `layer` of request `rid`'s hit KV into the PE's buffer. It travels
+    as the notify of the data-plane write that carried the layer (it arrives once the bytes have:
+    transport/dataplane.py), not on the control plane; ``as_notify`` and ``from_notify`` wrap it."""
+
+    rid: str
+    layer: int
+
+    def as_notify(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.params()}
+
+    @staticmethod
+    def from_notify(notify: Any) -> "LayerLanded":
+        """ValueError for anything else (the writer proved the cluster secret, but a bad payload must
+        cost nothing but itself)."""
+        if not isinstance(notify, dict) or notify.get("kind") != LayerLanded.kind:
+            raise ValueError(f"not a layer landing: {notify!r:.80}")
+        msg = from_wire(LayerLanded.kind, {k: v for k, v in notify.items() if k != "kind"})
+        if not isinstance(msg.rid, str) or not isinstance(msg.layer, int) or isinstance(msg.layer, bool):
+            raise ValueError(f"malformed layer landing: {notify!r:.80}")
+        return msg
+
+
+@dataclass(frozen=True)
 class Prefilled(Message):
     rid: str
     first_token: int

@@ -18,10 +18,12 @@ SAMPLES = [
     Prefill("r.1", [1, 2, 3], 1, 0, SamplingParams(), "de1", RUN), protocol.Load("r.1", RUN),
     protocol.Prefilled("r.1", 17), protocol.Abort("r.1"), protocol.Token("r.1", 5), protocol.Done("r.1", True),
     protocol.Failed("r.1", "a hit block was missing", retry=True, cause="failed"), protocol.LastPrefill(),
+    protocol.LayerLanded("r.1", 3),
 ]
 RECEIVERS = {"register": Coordinator, "heartbeat": Coordinator, "engines": Coordinator, "token": Coordinator,
              "done": Coordinator, "failed": Coordinator, "admit": DecodeEngine, "load": DecodeEngine,
              "prefilled": DecodeEngine, "prefill": PrefillEngine, "last_prefill": PrefillEngine,
+             "layer_landed": PrefillEngine,
              "abort": (PrefillEngine, DecodeEngine)}
 
 
@@ -49,3 +51,12 @@ def test_a_run_handle_places_each_layer_of_a_layer_major_run():
     # layer l of a 3-block run starts 3 * l blocks in; block 2 of layer 1 is 5 blocks in
     assert [RUN.layer_offset(l, 100) for l in range(3)] == [4096, 4396, 4696]
     assert RUN.layer_offset(1, 100, first_block=2) == 4096 + 500
+
+
+def test_a_layer_landing_rides_a_write_as_its_notify_and_anything_else_is_refused():
+    msg = protocol.LayerLanded("r.1", 3)
+    assert protocol.LayerLanded.from_notify(msgpack.unpackb(msgpack.packb(msg.as_notify()), raw=False)) == msg
+    for bad in [None, {"rid": "r.1", "layer": 3}, {"kind": "layer_landed", "rid": "r.1"},
+                {"kind": "layer_landed", "rid": 7, "layer": 3}, {"kind": "layer_landed", "rid": "r.1", "layer": "3"}]:
+        with pytest.raises(ValueError):
+            protocol.LayerLanded.from_notify(bad)

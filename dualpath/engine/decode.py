@@ -25,8 +25,8 @@ from dualpath.engine.buffers import BufferRun
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import (Abort, Admit, Done, EngineReport, Failed, Load, Prefilled, RunHandle, SamplingParams,
-                               Token, ask, tell)
+from dualpath.protocol import (Abort, Admit, Done, EngineReport, Failed, LayerLanded, Load, Prefilled, RunHandle,
+                               SamplingParams, Token, ask, tell)
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
 from dualpath.storage.store import BusyClock
@@ -235,7 +235,7 @@ class DecodeEngine(Engine):
                 src = self.buffer.host[off : off + seq.de_blocks * bpl]
                 writes.append(asyncio.ensure_future(self.dataplane.write(
                     src, dst.region, dst.layer_offset(l, bpl), seq.de_blocks * bpl, "bulk",
-                    notify={"rid": seq.rid, "layer": l})))
+                    notify=LayerLanded(seq.rid, l).as_notify())))
             with self.timed("path_b_send"):
                 await asyncio.gather(*writes)
         finally:  # on a miss or a failed write, no write may still be under way when we answer

@@ -27,7 +27,7 @@ from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import (Abort, EngineReport, Failed, Failure, LastPrefill, Load, Prefill, Prefilled, RunHandle, SamplingParams, ask,
+from dualpath.protocol import (Abort, EngineReport, Failed, Failure, LastPrefill, LayerLanded, Load, Prefill, Prefilled, RunHandle, SamplingParams, ask,
                                tell)
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
@@ -112,10 +112,17 @@ class PrefillEngine(Engine):
         return {"ok": True}
 
     def on_write_complete(self, notify: Any) -> None:
+        """A data-plane write into our buffer is complete: path B's layer landings."""
+        try:
+            self.on_layer_landed(LayerLanded.from_notify(notify))
+        except ValueError as e:
+            log.warning("%s: dropped a write's notify: %s", self.name, e)
+
+    def on_layer_landed(self, msg: LayerLanded) -> None:
         """Path B: the DE wrote layer `layer` of a job's hit KV into our buffer."""
-        job = self.jobs.get(notify["rid"]) if isinstance(notify, dict) else None
-        if job is not None and job.path_b_layer:
-            job.path_b_layer[notify["layer"]].set()
+        job = self.jobs.get(msg.rid)
+        if job is not None and 0 <= msg.layer < len(job.path_b_layer):
+            job.path_b_layer[msg.layer].set()
 
     # -- admission and loading --
 
