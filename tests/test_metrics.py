@@ -10,18 +10,19 @@ from types import SimpleNamespace
 from prometheus_client.parser import text_string_to_metric_families
 
 from dualpath.protocol import SamplingParams
+from dualpath.sched.coordinator import RequestStatus
 from dualpath.sched.metrics import ClusterMetrics, buckets_1_2_5, finish_reason, in_flight
 
 BT = 16
 EOS = 2
 
 
-def fake_coordinator(**requests: float | None) -> SimpleNamespace:
-    """What ClusterMetrics reads of a coordinator; `requests` maps an id to its t_scheduled."""
+def fake_coordinator(**requests: RequestStatus) -> SimpleNamespace:
+    """What ClusterMetrics reads of a coordinator; `requests` maps an id to its status."""
     cfg = SimpleNamespace(scheduler=SimpleNamespace(policy="dualpath"),
                           engine=SimpleNamespace(buffer_blocks=64, hbm_blocks=128))
     return SimpleNamespace(cfg=cfg, model_name="tiny-gqa", max_context=2048, waiting=[], live_engines=lambda: [],
-                           requests={rid: SimpleNamespace(t_scheduled=t) for rid, t in requests.items()})
+                           requests={rid: SimpleNamespace(status=st) for rid, st in requests.items()})
 
 
 def request(output: list[int], max_tokens: int, prompt: int = 40, hit_blocks: int = 2) -> SimpleNamespace:
@@ -73,7 +74,7 @@ def test_finish_reasons_as_vllm_names_them():
 
 
 def test_running_counts_admitted_requests_and_waiting_the_rest():
-    coordinator = fake_coordinator(a=1.0, b=None, c=2.0)
+    coordinator = fake_coordinator(a=RequestStatus.PREFILLING, b=RequestStatus.WAITING, c=RequestStatus.DECODING)
     assert in_flight(coordinator, running=True)() == 2 and in_flight(coordinator, running=False)() == 1
     m = ClusterMetrics(coordinator)
     s = scrape(m)

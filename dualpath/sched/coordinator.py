@@ -14,6 +14,7 @@ Life of a request here (DESIGN.md §2 steps 1-4):
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import time
@@ -67,6 +68,21 @@ class EngineEntry:
                           r.read_rate_bps if drain_rates else 0.0, r.delivery_cost if drain_rates else 0.0)
 
 
+class RequestStatus(enum.Enum):
+    """Where a request is. A retry or a migration takes it back to WAITING."""
+
+    WAITING = "waiting"  # for room or a live engine, or being admitted
+    PREFILLING = "prefilling"  # its engines have it; no token of this attempt yet
+    DECODING = "decoding"  # its tokens stream
+    DONE = "done"  # answered in full
+    FAILED = "failed"  # answered with an error
+    ABORTED = "aborted"  # its client went away
+
+    @property
+    def running(self) -> bool:
+        return self in (RequestStatus.PREFILLING, RequestStatus.DECODING)
+
+
 @dataclass
 class RequestState:
     rid: str
@@ -82,6 +98,7 @@ class RequestState:
     output: list[int] = field(default_factory=list)
     attempts: int = 0
     migrations: int = 0  # times it continued on another engine after streaming tokens
+    status: RequestStatus = RequestStatus.WAITING
     t_arrival: float = field(default_factory=time.monotonic)
     t_first: float | None = None
     t_scheduled: float | None = None  # admitted on its engines
@@ -254,6 +271,7 @@ class Coordinator:
         up` restarts a crashed engine in seconds, and a request has minutes). A DE that refuses (no
         room after all) or does not answer while its heartbeats stop is passed over."""
         req.attempts += 1
+        req.status = RequestStatus.WAITING
         self.requests[req.attempt_rid] = req
         context, generated = req.context, len(req.output)
         chain = block_chain(context, self.fingerprint, self.bt)
@@ -309,7 +327,7 @@ class Coordinator:
             self.stats[f"path_{d.path}"] += 1
             # (a PE that went away meanwhile fails this attempt: generate() tries again)
             await self._ask(pe, Prefill(rid, context, hit, d.de_blocks, sampling, d.de, de_run, generated))
-            req.t_scheduled = time.monotonic()
+            req.t_scheduled, req.status = time.monotonic(), RequestStatus.PREFILLING
             return
 
     def _check_open(self) -> None:
@@ -358,6 +376,7 @@ class Coordinator:
                     if isinstance(event, Token):
                         if req.t_first is None:
                             req.t_first = time.monotonic()
+                        req.status = RequestStatus.DECODING
                         req.output.append(event.token)
                         yield event.token
                     elif isinstance(event, Done):
@@ -370,6 +389,9 @@ class Coordinator:
                     return
                 self._try_again(req, news)
                 self._end_attempt(req)  # its DE slot and buffers are freed before the retry takes new ones
+        except RequestFailed:
+            req.status = RequestStatus.FAILED
+            raise
         finally:
             self._end_attempt(req)
 
@@ -404,12 +426,14 @@ class Coordinator:
     def answered(self, req: RequestState, reason: str | None = None) -> None:
         """Count an answered request: its engines finished it, or (`reason` "stop") a stop string
         ended it in the API."""
+        req.status = RequestStatus.DONE
         self.metrics.answered(req, time.monotonic(), self.bt, reason)
         self.dashboard.answered(req)
 
     def client_gone(self, req: RequestState) -> None:
         """Count a request whose client left (generate()'s closing frees its slot and buffers)."""
         log.info("client of %s went away; its slot and buffers are freed", req.rid)
+        req.status = RequestStatus.ABORTED
         self.stats["client_gone"] += 1
         self.metrics.aborted()
 

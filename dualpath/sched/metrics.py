@@ -123,7 +123,7 @@ def in_flight(coordinator: Coordinator, running: bool) -> Callable[[], float]:
     """A gauge's reading: the coordinator's requests in flight that are running on their engines
     (admitted: prefill submitted) or, with running=False, waiting (for room, or being admitted)."""
     def count() -> float:
-        return sum((r.t_scheduled is not None) == running for r in list(coordinator.requests.values()))
+        return sum(r.status.running == running for r in list(coordinator.requests.values()))
     return count
 
 
