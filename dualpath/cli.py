@@ -204,11 +204,20 @@ def bench_store(**kw) -> None:
 @bench.command("transport")
 @click.option("--backend", type=click.Choice(["tcp", "shm", "cuda", "verbs"]), default="tcp", show_default=True)
 @click.option("--seconds", type=float, default=1.0, show_default=True, help="per message size")
+@click.option("--small-n", type=int, default=1000, show_default=True,
+              help="writes per small size (4-256 KB; latency one at a time, then throughput); 0: none")
+@click.option("--inflight", type=int, default=16, show_default=True, help="small writes in flight for throughput")
+@click.option("--small-class", type=click.Choice(["bulk", "latency"]), default="bulk", show_default=True)
+@click.option("--verify", is_flag=True, help="instead: check every byte of odd-sized writes landed where asked")
 @click.option("--out", default="runs/bench_transport.json", show_default=True)
-def bench_transport(**kw) -> None:
-    """Data-plane write GB/s (1-64 MiB) next to iperf3 (tcp), a host memory copy (shm) or a P2P copy (cuda)."""
-    from dualpath.bench.transport_bench import run as run_bench
+def bench_transport(verify: bool, **kw) -> None:
+    """Data-plane write GB/s (1-64 MiB) next to iperf3 (tcp), a host memory copy (shm) or a P2P copy
+    (cuda), and small writes' latency and throughput."""
+    from dualpath.bench.transport_bench import run as run_bench, run_verify
 
+    if verify:
+        run_verify(kw["backend"], kw["out"])
+        return
     r = run_bench(**kw)
     for mib, gbps in r["write_GBps_by_MiB"].items():
         click.echo(f"{r['backend']} write {mib:>3} MiB: {gbps:.2f} GB/s")

@@ -37,6 +37,7 @@ class ByteTokenizer:
 
     eos_id: int | None = None
     chat_template: str | None = None
+    sampling_defaults: dict[str, float] = {}  # (random weights: OpenAI's defaults)
     bos_token = eos_token = ""
 
     def __init__(self, vocab_size: int):
@@ -65,6 +66,22 @@ class ByteTokenizer:
         return "".join(out) + _text(run)
 
 
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(generation: dict) -> dict[str, float]:
+    """A checkpoint's own sampling defaults (its generation_config.json), which a request that names
+    none of them gets, as vLLM applies them. Only where the checkpoint samples at all (`do_sample`,
+    false by default in transformers: then it decodes greedily); transformers' top_k 0 is "off"."""
+    if generation.get("do_sample") is not True:
+        return {}
+    out = {k: generation[k] for k in SAMPLING_DEFAULT_KEYS
+           if isinstance(generation.get(k), (int, float)) and not isinstance(generation.get(k), bool)}
+    if out.get("top_k") == 0:
+        out["top_k"] = -1
+    return out
+
+
 class HFTokenizer:
     """A checkpoint's tokenizer.json, with its end-of-sequence token and chat template (from
     generation_config.json / tokenizer_config.json, as transformers reads them)."""
@@ -79,7 +96,9 @@ class HFTokenizer:
         if isinstance(template, list):  # named templates: the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.chat_template: str | None = template
-        eos = _json(path / "generation_config.json").get("eos_token_id")
+        generation = _json(path / "generation_config.json")
+        self.sampling_defaults = sampling_defaults(generation)
+        eos = generation.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         self.eos_id: int | None = eos if eos is not None else (self._tok.token_to_id(self.eos_token)

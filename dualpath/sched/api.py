@@ -62,6 +62,20 @@ def new_text(req: RequestState, answer: AnswerText) -> str:
     return answer.add(req.output, final=len(req.output) >= req.params["max_tokens"])
 
 
+class EventStream(web.StreamResponse):
+    """Server-sent events whose status line and headers go out with the first event, so that a
+    request that fails before it (no engine in time, a refused start) is answered with its status."""
+
+    def __init__(self, request: web.Request):
+        super().__init__(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        self._request = request
+
+    async def write(self, data: bytes) -> None:
+        if not self.prepared:
+            await self.prepare(self._request)
+        await super().write(data)
+
+
 class Api:
     """The OpenAI-compatible API of one coordinator. It reads `coord.tokenizer` and calls
     `coord.generate` per request (tests answer without engines by replacing them)."""
@@ -75,6 +89,7 @@ class Api:
         # A body over this is refused with 413: room for a whole context as token ids or escaped text
         self.max_body_bytes = max(1 << 20, 32 * coord.max_context)
         self.conversations = Conversations()  # for /v1/responses' previous_response_id
+        self.started = int(time.time())  # /v1/models' "created": when this coordinator began serving
 
     def app(self) -> web.Application:
         dashboard = self.coord.dashboard
@@ -221,9 +236,9 @@ class Api:
                       send: Callable[[web.StreamResponse], Awaitable[None]],
                       error: Callable[[int, str], bytes] = StreamChunks.error) -> web.StreamResponse:
         """A server-sent-event response that `send` writes. A client that hangs up is no failure of
-        ours; a failure after the stream began can only be told as an event (its status is sent)."""
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        ours. A failure before the first event is a real HTTP status (clients retry a 503); after
+        it, it can only be told as an event (its status is sent)."""
+        resp = EventStream(request)
         try:
             await send(resp)
         except (ConnectionResetError, asyncio.CancelledError) as e:  # a write failed, or aiohttp cancelled us
@@ -233,6 +248,8 @@ class Api:
         except RequestFailed as e:
             self.coord.stats["failed"] += 1
             self.coord.metrics.failed(e.status)
+            if not resp.prepared:
+                return error_response(e.status, str(e))
             with contextlib.suppress(ConnectionResetError):  # the client may have gone meanwhile
                 await resp.write(error(e.status, str(e)))
         return resp
@@ -277,7 +294,7 @@ class Api:
 
     async def models(self, _: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": self.served.model, "object": "model",
-                                                               "owned_by": "dualpath",
+                                                               "created": self.started, "owned_by": "dualpath",
                                                                "max_context": self.coord.max_context}]})
 
     # ------------------------------------------------------------------ the cluster

@@ -190,7 +190,7 @@ def parse_completion(body: Any, limits: Limits, tokenizer: Tokenizer,
     batch = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
     prompts = [_prompt_tokens(p, tokenizer, limits.vocab_size) for p in (prompt if batch else [prompt])]
     max_tokens = _max_tokens(body, prompts, limits, default_max_tokens)
-    sampling = _sampling(body, max_tokens, limits.vocab_size, tokenizer.eos_id)
+    sampling = _sampling(body, max_tokens, limits.vocab_size, tokenizer.eos_id, tokenizer.sampling_defaults)
     stop = _stop_strings(body.get("stop"))
     stream, include_usage = _stream(body, len(prompts))
     policy = body.get("dualpath_policy", limits.default_policy)
@@ -302,19 +302,24 @@ def _integer(body: dict, name: str, default: int) -> int:
     return value
 
 
-def _sampling(body: dict, max_tokens: int, vocab_size: int, eos_id: int | None) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int, vocab_size: int, eos_id: int | None,
+              defaults: dict[str, float] | None = None) -> SamplingParams:
     """The sampling parameters of a request, each in OpenAI's range (or vLLM's, for its own
-    parameters), or a 400 naming it. A request without a seed gets a random one here, once: its
-    answer is random, yet its PE and DE draw with the same seed (engine/runtime.py)."""
-    temperature = _number(body, "temperature", 0.0, 0.0, MAX_TEMPERATURE)  # (greedy unless asked)
+    parameters), or a 400 naming it. Where a request names none, the checkpoint's own default
+    (its generation_config.json, as vLLM reads it), else greedy and no filtering. A request without
+    a seed gets a random one here, once: its answer is random, yet its PE and DE draw with the same
+    seed (engine/runtime.py)."""
+    d = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, **(defaults or {})}
+    temperature = _number(body, "temperature", d["temperature"], 0.0, MAX_TEMPERATURE)
     if temperature < MIN_TEMPERATURE:
         temperature = 0.0
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
+    top_p = _number(body, "top_p", d["top_p"], 0.0, 1.0, low_open=True)
+    min_p = _number(body, "min_p", d["min_p"], 0.0, 1.0)
     presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
-    repetition = _number(body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY, low_open=True)
-    top_k = _integer(body, "top_k", -1)
+    repetition = _number(body, "repetition_penalty", d["repetition_penalty"], 0.0, MAX_REPETITION_PENALTY,
+                         low_open=True)
+    top_k = _integer(body, "top_k", int(d["top_k"]))
     if top_k == 0 or top_k < -1:
         raise BadRequest(f"'top_k' must be -1 (all tokens) or at least 1, got {top_k}", param="top_k")
     min_tokens = _integer(body, "min_tokens", 0)
