@@ -19,6 +19,7 @@ def _text(raw: bytes) -> str:
 
 class Tokenizer(Protocol):
     eos_id: int | None
+    sampling_defaults: dict[str, float]  # the checkpoint's, for parameters a request does not name
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
