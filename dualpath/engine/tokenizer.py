@@ -38,7 +38,9 @@ class ByteTokenizer:
 
     eos_id: int | None = None
     chat_template: str | None = None
-    sampling_defaults: dict[str, float] = {}  # (random weights: OpenAI's defaults)
+    # The presets' generation config: greedy (random weights, whose sampled text says nothing;
+    # greedy tokens are checked against the no-cache reference). A request may still sample.
+    sampling_defaults: dict[str, float] = {"temperature": 0.0}
     bos_token = eos_token = ""
 
     def __init__(self, vocab_size: int):
@@ -72,10 +74,7 @@ SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_p
 
 def sampling_defaults(generation: dict) -> dict[str, float]:
     """A checkpoint's own sampling defaults (its generation_config.json), which a request that names
-    none of them gets, as vLLM applies them. Only where the checkpoint samples at all (`do_sample`,
-    false by default in transformers: then it decodes greedily); transformers' top_k 0 is "off"."""
-    if generation.get("do_sample") is not True:
-        return {}
+    none of them gets, as vLLM applies them (the rest are OpenAI's); transformers' top_k 0 is "off"."""
     out = {k: generation[k] for k in SAMPLING_DEFAULT_KEYS
            if isinstance(generation.get(k), (int, float)) and not isinstance(generation.get(k), bool)}
     if out.get("top_k") == 0:

@@ -306,10 +306,10 @@ def _sampling(body: dict, max_tokens: int, vocab_size: int, eos_id: int | None,
               defaults: dict[str, float] | None = None) -> SamplingParams:
     """The sampling parameters of a request, each in OpenAI's range (or vLLM's, for its own
     parameters), or a 400 naming it. Where a request names none, the checkpoint's own default
-    (its generation_config.json, as vLLM reads it), else greedy and no filtering. A request without
+    (its generation_config.json, as vLLM reads it; the presets': greedy), else OpenAI's. A request without
     a seed gets a random one here, once: its answer is random, yet its PE and DE draw with the same
     seed (engine/runtime.py)."""
-    d = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, **(defaults or {})}
+    d = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, **(defaults or {})}
     temperature = _number(body, "temperature", d["temperature"], 0.0, MAX_TEMPERATURE)
     if temperature < MIN_TEMPERATURE:
         temperature = 0.0
