@@ -591,11 +591,14 @@ def sim_validate(args) -> None:
 @click.option("--only", multiple=True, type=click.Choice(["ratios", "scaling", "online", "bandwidth", "split", "speed"]),
               help="run only these studies; repeatable (default: all)")
 @click.option("--out-dir", default="runs/sim/paper", show_default=True)
-def sim_paper(only: tuple[str, ...], out_dir: str) -> None:
+@click.option("--bands/--no-bands", default=True, show_default=True,
+              help="also run the ratios and online studies at the low and high value of each uncertain input "
+                   "(MFU, storage and compute NIC rates, hit ratio), one at a time: each figure as a range")
+def sim_paper(only: tuple[str, ...], out_dir: str, bands: bool) -> None:
     """The paper's questions on its model shapes and scale (up to 48P96D, 1,152 GPUs): JSON, plots, tables."""
-    from dualpath.sim.paper import main as run_paper
+    from dualpath.sim.paper import BANDED, main as run_paper
 
-    run_paper(only, out_dir)
+    run_paper(only, out_dir, tuple(BANDED) if bands else ())
 
 
 @bench.command("gpu")

@@ -11,6 +11,13 @@ Each study writes its JSON (and a plot) under the output folder and returns rows
 - ``split``: whole-request choice (dualpath) against split reads (dualpath-split) at scale.
 The hardware (``Hardware``) is stated, not measured: an H200-class node of 8 GPUs, one 400 Gbps
 compute NIC per GPU and one 400 Gbps storage NIC per node, unless a study sweeps it.
+
+Sensitivity (``BANDED``: ratios and online, by default): such a study is run again at the low and
+the high value of each uncertain input (``UNCERTAIN``), one at a time, the others at their stated
+values: MFU 0.30 / 0.60 (stated 0.45), the storage NIC per node and the compute NIC per GPU at half
+and double, and every turn after the first hitting 0.90 / 0.99 (the stated workload hits 0.97).
+Each of its figures is then reported as central [low-high], with the input that moves it most
+(``<study>_bands.json`` and SUMMARY.md).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class Hardware:
     compute_gbps_per_gpu: float = 50.0  # one 400 Gbps compute NIC per GPU
     buffer_gb_per_node: float = 512.0  # host DRAM kept for KV buffers
     block_tokens: int = 64
+    mfu: float = 0.45  # the roofline's sustained fraction of peak FLOPs (GpuSpec.mfu): assumed, not measured
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class Scenario:
 
 def build(sc: Scenario) -> tuple[SimConfig, Roofline, list[Session]]:
     shape, hw = SHAPES[sc.shape], sc.hw
-    profile = Roofline(shape, GpuSpec.named(hw.gpu), sc.gpus_per_engine)
+    profile = Roofline(shape, dataclasses.replace(GpuSpec.named(hw.gpu), mfu=hw.mfu), sc.gpus_per_engine)
     block_bytes = HEADER_BYTES + shape.kv_bytes_per_token * hw.block_tokens
     engines_per_node = hw.gpus_per_node // sc.gpus_per_engine
     cfg = SimConfig(sc.n_prefill, sc.n_decode, hw.snic_gbps, hw.compute_gbps_per_gpu, sc.gpus_per_engine,
@@ -100,26 +108,40 @@ def _slim(s: dict) -> dict:
 
 # -- the studies --
 
-def study_ratios(out: Path, shapes=tuple(SHAPES)) -> list[dict]:
+Vary = Callable[[Scenario], Scenario]
+
+
+def _same(sc: Scenario) -> Scenario:
+    return sc
+
+
+def study_ratios(out: Path, shapes=tuple(SHAPES), vary: Vary = _same, band: bool = False) -> list[dict]:
+    """band: a sensitivity run (``study_bands``): no JSON, no dualpath-split and no storage-unlimited run."""
     rows = []
     gpus_per_engine = {"deepseek-660b": 8, "deepseek-27b": 1, "qwen2.5-32b": 1}
+    policies = ("pe-read", "de-read", "dualpath") if band else POLICIES
     for shape in shapes:
         g = gpus_per_engine[shape]
         scale = 8 // g  # whole nodes: engines of one GPU come 8 to a node
         for p, d in ((1, 1), (1, 2), (1, 4), (2, 1)):
-            sc = Scenario(shape, p * scale, d * scale, g, agents_per_pe=1000 // scale)
-            summaries, _ = run(sc)
-            (free,), _ = run(sc, ("dualpath",), snic_gbps=0.0)  # storage unlimited: what compute and memory allow
+            sc = vary(Scenario(shape, p * scale, d * scale, g, agents_per_pe=1000 // scale))
+            summaries, _ = run(sc, policies)
             bound = (p + d) / p
             row = {"model": shape, "P:D": f"{p}:{d}", "cluster": f"{sc.n_prefill}P{sc.n_decode}D", "gpus": sc.gpus,
-                   **{pol: s["ratio"] for pol, s in zip(POLICIES, summaries)},
-                   "bound": bound, "storage unlimited": free["tokens_per_s"] / summaries[0]["tokens_per_s"],
-                   "pe-read tokens/s": summaries[0]["tokens_per_s"],
-                   "pe-read PE-node read util": _pe_util(summaries[0], sc)}
+                   **{pol: s["ratio"] for pol, s in zip(policies, summaries)}, "bound": bound}
+            if not band:
+                # storage unlimited: what compute and memory allow
+                (free,), _ = run(sc, ("dualpath",), snic_gbps=0.0)
+                row["storage unlimited"] = free["tokens_per_s"] / summaries[0]["tokens_per_s"]
+            row.update({"pe-read tokens/s": summaries[0]["tokens_per_s"],
+                        "pe-read PE-node read util": _pe_util(summaries[0], sc),
+                        "hit ratio": summaries[0]["hit_ratio_after_first_turn"]})
             rows.append(row)
-            print(f"  {sc.label}: " + ", ".join(f"{pol} {row[pol]:.2f}x" for pol in POLICIES) + f" (bound {bound:g})",
-                  flush=True)
-    _write(out / "ratios.json", {"hardware": dataclasses.asdict(Hardware()), "rows": rows})
+            if not band:
+                print(f"  {sc.label}: " + ", ".join(f"{pol} {row[pol]:.2f}x" for pol in policies)
+                      + f" (bound {bound:g})", flush=True)
+    if not band:
+        _write(out / "ratios.json", {"hardware": dataclasses.asdict(Hardware()), "rows": rows})
     return rows
 
 
@@ -148,26 +170,46 @@ def study_scaling(out: Path, sizes=((2, 4), (8, 16), (24, 48), (48, 96)), send_u
 
 
 def study_online(out: Path, ttft_slo_s: float = 2.0, attainment: float = 0.9, first_rate: float = 4.0,
-                 factor: float = 1.25, steps: int = 14) -> list[dict]:
+                 factor: float = 1.25, steps: int = 25, vary: Vary = _same, band: bool = False,
+                 start: dict[str, float] | None = None) -> list[dict]:
     """Agents arrive as a Poisson process, each running 6 turns; the highest rate at which 90% of
-    requests meet the TTFT SLO, per policy, on 2P4D of the 660B."""
-    sc = Scenario("deepseek-660b", 2, 4, agents_per_pe=400)
+    requests meet the TTFT SLO, per policy, on 2P4D of the 660B. Rates are first_rate x factor^k:
+    from first_rate up to the first missed (or from start[policy], down to the first met if it
+    misses: a sensitivity run starts at the central run's answer, on the same grid of rates).
+    The agents are finite (800), each waiting for its answer before its next turn: once all of them
+    arrive within one SLO (rate >= agents / SLO) a higher rate changes nothing, and a policy still
+    meeting the SLO there meets it at any rate (reported as inf)."""
+    sc = vary(Scenario("deepseek-660b", 2, 4, agents_per_pe=400))
     _, _, base = build(sc)
+    top = len(base) / ttft_slo_s
     points, best = [], {}
     for policy in ("pe-read", "dualpath"):
-        rate, best[policy] = first_rate, None
+        rate, best[policy], down = (start or {}).get(policy) or first_rate, None, False
         for _ in range(steps):
             (s,), _ = run(sc, (policy,), sessions=poisson_arrivals(base, rate, seed=1), ttft_slo_s=ttft_slo_s)
             met = s["slo_attainment"] >= attainment
             points.append({"policy": policy, "rate": rate, "ttft_p90": s["ttft_s"]["p90"], "met": met})
-            print(f"  {policy:<9} {rate:6.2f} agents/s TTFT p90 {s['ttft_s']['p90']:.2f} s {'ok' if met else 'missed'}",
-                  flush=True)
-            if not met:
+            if not band:
+                print(f"  {policy:<9} {rate:6.2f} agents/s TTFT p90 {s['ttft_s']['p90']:.2f} s "
+                      f"{'ok' if met else 'missed'}", flush=True)
+            if met and down:  # going down: the first rate met is the answer
+                best[policy] = rate
                 break
-            best[policy], rate = rate, rate * factor
+            if met and rate >= top:  # all agents at once, and still met
+                best[policy] = float("inf")
+                break
+            if met:
+                best[policy], rate = rate, rate * factor
+            elif down or best[policy] is None and start and start.get(policy):  # the start missed: go down
+                down, rate = True, rate / factor
+            else:
+                break
     rows = [{"policy": p, "highest rate (agents/s)": r,
-             "x pe-read": r / best["pe-read"] if r and best["pe-read"] else None} for p, r in best.items()]
-    _write(out / "online.json", {"ttft_slo_s": ttft_slo_s, "attainment": attainment, "rows": rows, "points": points})
+             "x pe-read": r / best["pe-read"] if r and best["pe-read"] and best["pe-read"] < float("inf") else None}
+            for p, r in best.items()]
+    if not band:
+        _write(out / "online.json", {"ttft_slo_s": ttft_slo_s, "attainment": attainment, "rows": rows,
+                                     "points": points})
     return rows
 
 
@@ -222,9 +264,20 @@ STUDIES: dict[str, Callable[[Path], list[dict]]] = {
     "split": study_split}
 
 
+def _strict(v):
+    """JSON without Infinity: an unbounded figure (online: the SLO met at any rate) is written "inf"."""
+    if isinstance(v, float) and v == float("inf"):
+        return "inf"
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return v
+
+
 def _write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str))
+    path.write_text(json.dumps(_strict(result), indent=2, default=str))
 
 
 def study_speed(out: Path, minutes: float = 10.0) -> list[dict]:
@@ -245,6 +298,105 @@ def study_speed(out: Path, minutes: float = 10.0) -> list[dict]:
 STUDIES["speed"] = study_speed
 
 
+# -- sensitivity: each banded study again at the low and high value of one uncertain input at a time --
+
+def _hw(field_: str, scale: float | None = None, value: float | None = None) -> Vary:
+    def vary(sc: Scenario) -> Scenario:
+        v = getattr(sc.hw, field_) * scale if scale is not None else value
+        return dataclasses.replace(sc, hw=dataclasses.replace(sc.hw, **{field_: v}))
+    return vary
+
+
+def _hit(ratio: float) -> Vary:
+    """Every turn after the first hits `ratio` of its prompt: tool outputs drawn long, then clipped
+    by the generator to just what keeps that hit ratio."""
+    def vary(sc: Scenario) -> Scenario:
+        return dataclasses.replace(sc, workload=dataclasses.replace(sc.workload, min_hit_ratio=ratio,
+                                                                    tool_output=(200, 100_000)))
+    return vary
+
+
+# input: (its stated value, ((low label, change), (high label, change)))
+UNCERTAIN: dict[str, tuple[str, tuple[tuple[str, Vary], tuple[str, Vary]]]] = {
+    "MFU": ("0.45", (("0.30", _hw("mfu", value=0.30)), ("0.60", _hw("mfu", value=0.60)))),
+    "storage NIC": ("50 GB/s per node", (("1/2x", _hw("snic_gbps", 0.5)), ("2x", _hw("snic_gbps", 2.0)))),
+    "compute NIC": ("50 GB/s per GPU", (("1/2x", _hw("compute_gbps_per_gpu", 0.5)),
+                                        ("2x", _hw("compute_gbps_per_gpu", 2.0)))),
+    "hit ratio": ("0.97 (the stated workload)", (("0.90", _hit(0.90)), ("0.99", _hit(0.99)))),
+}
+FLAT = 0.02  # an input that moves a figure by less than this fraction of it does not set it
+
+
+def sensitivity(measure: Callable[[Vary], dict[str, float]], central: dict[str, float] | None = None,
+                inputs=UNCERTAIN) -> tuple[list[dict], dict[str, float]]:
+    """measure(vary) -> {figure: value} at the inputs `vary` sets. Each figure as central
+    [low-high] over every input's low and high value, one input at a time, and the input whose
+    two values (with the central one) span it most: that input sets the figure ("-" if none moves it
+    by FLAT of it). Returns the rows and each variant run's wall seconds."""
+    central = central if central is not None else measure(_same)
+    at, wall = {}, {}
+    for name, (_, levels) in inputs.items():
+        for label, vary in levels:
+            t0 = time.monotonic()
+            at[name, label] = measure(vary)
+            wall[f"{name} {label}"] = time.monotonic() - t0
+            print(f"  {name} {label}: {wall[f'{name} {label}']:.0f} s", flush=True)
+    rows = []
+    for fig, c in central.items():
+        row = {"figure": fig, "central": c}
+        values = [] if c is None else [c]
+        span = {}
+        for name, (_, levels) in inputs.items():
+            lo, hi = (at[name, label].get(fig) for label, _ in levels)
+            row[name] = (lo, hi)
+            known = [v for v in (c, lo, hi) if v is not None]
+            values += known
+            span[name] = max(known) - min(known) if known else 0.0
+        row["low"], row["high"] = (min(values), max(values)) if values else (None, None)
+        top = max(span, key=span.get)
+        row["set by"] = top if span[top] > FLAT * abs(c or 0.0) else "-"
+        rows.append(row)
+    return rows, wall
+
+
+_SHORT = {"deepseek-660b": "DS 660B", "deepseek-27b": "DS 27B", "qwen2.5-32b": "Qwen 32B"}
+
+
+def figures_ratios(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for r in rows:
+        out[f"{_SHORT[r['model']]} {r['P:D']} dualpath x pe-read"] = r["dualpath"]
+    for r in rows:
+        out[f"{_SHORT[r['model']]} {r['P:D']} de-read x pe-read"] = r["de-read"]
+    return out
+
+
+def figures_online(rows: list[dict]) -> dict[str, float]:
+    best = {r["policy"]: r["highest rate (agents/s)"] for r in rows}
+    return {"pe-read agents/s": best["pe-read"], "dualpath agents/s": best["dualpath"],
+            "dualpath x pe-read": best["dualpath"] / best["pe-read"]
+            if best["dualpath"] and best["pe-read"] and best["pe-read"] < float("inf") else None}
+
+
+# study: (its figures, the keyword arguments a sensitivity run takes from the central run's rows)
+BANDED: dict[str, tuple[Callable[[list[dict]], dict], Callable[[list[dict]], dict]]] = {
+    "ratios": (figures_ratios, lambda rows: {}),
+    "online": (figures_online, lambda rows: {"start": {r["policy"]: r["highest rate (agents/s)"] for r in rows}}),
+}
+
+
+def study_bands(name: str, out: Path, central_rows: list[dict]) -> list[dict]:
+    """The sensitivity of one banded study, around its central rows; writes <name>_bands.json."""
+    figures, hints = BANDED[name]
+    t0 = time.monotonic()
+    rows, wall = sensitivity(lambda vary: figures(STUDIES[name](out, vary=vary, band=True, **hints(central_rows))),
+                             figures(central_rows))
+    _write(out / f"{name}_bands.json", {
+        "inputs": {n: {"stated": st, "low": lv[0][0], "high": lv[1][0]} for n, (st, lv) in UNCERTAIN.items()},
+        "flat": FLAT, "wall_s": time.monotonic() - t0, "wall_s_per_run": wall, "rows": rows})
+    return rows
+
+
 # -- plots and the summary --
 
 def plot(study: str, rows: list[dict], path: Path) -> None:
@@ -256,6 +408,14 @@ def plot(study: str, rows: list[dict], path: Path) -> None:
         x = range(len(rows))
         for k, pol in enumerate(POLICIES):
             ax.bar([i + (k - 1.5) * 0.2 for i in x], [r[pol] for r in rows], 0.2, label=pol)
+        if (path.parent / "ratios_bands.json").exists():  # dualpath's band over the uncertain inputs
+            band = {b["figure"]: b for b in json.loads((path.parent / "ratios_bands.json").read_text())["rows"]}
+            got = [band.get(f"{_SHORT[r['model']]} {r['P:D']} dualpath x pe-read") for r in rows]
+            if all(got):
+                ax.errorbar([i + 0.1 for i in x], [r["dualpath"] for r in rows], fmt="none", ecolor="k", lw=0.8,
+                            capsize=2, yerr=[[r["dualpath"] - b["low"] for r, b in zip(rows, got)],
+                                             [b["high"] - r["dualpath"] for r, b in zip(rows, got)]],
+                            label="dualpath: low-high over the uncertain inputs")
         ax.scatter(list(x), [r["bound"] for r in rows], marker="_", s=300, color="k", label="bound (P+D)/P", zorder=3)
         ax.scatter(list(x), [r["storage unlimited"] for r in rows], marker="v", s=25, color="k",
                    label="dualpath, storage unlimited", zorder=3)
@@ -296,7 +456,7 @@ def plot(study: str, rows: list[dict], path: Path) -> None:
     else:
         plt.close(fig)
         return
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2 if study == "ratios" else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -310,24 +470,77 @@ def markdown(rows: list[dict]) -> str:
                      + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows])
 
 
-def main(only: tuple[str, ...], out_dir: str) -> dict[str, list[dict]]:
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    if v == float("inf"):
+        return "any"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+
+def markdown_bands(rows: list[dict]) -> str:
+    """figure | central [low-high] | the input that sets it | each input's low / high value."""
+    head = ["figure", "central [low-high]", "set by"] + [f"{n} {lv[0][0]} / {lv[1][0]}"
+                                                         for n, (_, lv) in UNCERTAIN.items()]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["figure"], f"{_num(r['central'])} [{_num(r['low'])}-{_num(r['high'])}]", r["set by"]]
+        cells += [f"{_num(r[n][0])} / {_num(r[n][1])}" for n in UNCERTAIN]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _bands_intro(name: str, out: Path) -> str:
+    b = json.loads((out / f"{name}_bands.json").read_text())
+    stated = "; ".join(f"{n} {v['low']} / {v['stated']} / {v['high']}" for n, v in b["inputs"].items())
+    return (f"\nEach figure at the stated inputs, [the lowest-the highest] over each uncertain input set low and "
+            f"high, one at a time (low / stated / high: {stated}). \"set by\": the input that moves it most "
+            f"(\"-\": no input moves it by {b['flat']:.0%}). {len(b['wall_s_per_run'])} runs, "
+            f"{b['wall_s']:.0f} s of wall time beside the central run.\n")
+
+
+def main(only: tuple[str, ...], out_dir: str, bands: tuple[str, ...] = tuple(BANDED)) -> dict[str, list[dict]]:
+    """bands: the studies run again for their sensitivity to the uncertain inputs (UNCERTAIN)."""
     out = Path(out_dir)
     results = {}
     for name, study in STUDIES.items():
         if only and name not in only:
             continue
         print(f"{name}:", flush=True)
+        t0 = time.monotonic()
         results[name] = study(out)
-        plot(name, results[name], out / f"{name}.png")
+        print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
         print(markdown(results[name]), flush=True)
+        if name in bands and name in BANDED:
+            print(f"{name}, sensitivity ({2 * len(UNCERTAIN)} runs):", flush=True)
+            results[f"{name} bands"] = study_bands(name, out, results[name])
+            print(markdown_bands(results[f"{name} bands"]), flush=True)
+        plot(name, results[name], out / f"{name}.png")
     summary = out / "SUMMARY.md"
     sections = {}
     if summary.exists():  # keep the studies not re-run
         for part in summary.read_text().split("\n## ")[1:]:
             sections[part.split("\n", 1)[0]] = part.split("\n", 1)[1]
     for name, rows in results.items():
-        sections[name] = "\n" + markdown(rows) + "\n"
+        if name.endswith(" bands"):
+            sections[name] = _bands_intro(name.removesuffix(" bands"), out) + "\n" + markdown_bands(rows) + "\n"
+        else:
+            sections[name] = "\n" + markdown(rows) + "\n"
+    order = [n for s in STUDIES for n in (s, f"{s} bands")]
     summary.write_text(f"# `dualpath sim paper` (hardware: {Hardware()})\n"
-                       + "".join(f"\n## {n}\n{sections[n]}" for n in STUDIES if n in sections))
+                       + "".join(f"\n## {n}\n{sections[n]}" for n in order if n in sections))
     print(f"wrote {out}/ (JSON, plots, SUMMARY.md)")
     return results
+
+
+if __name__ == "__main__":  # `dualpath sim paper` without the CLI, and with the choice of banded studies
+    import argparse
+
+    ap = argparse.ArgumentParser(description="dualpath sim paper")
+    ap.add_argument("--only", action="append", default=[], choices=list(STUDIES))
+    ap.add_argument("--out-dir", default="runs/sim/paper")
+    ap.add_argument("--bands", action="append", default=None, choices=list(BANDED),
+                    help="studies to run for their sensitivity (default: all of BANDED)")
+    ap.add_argument("--no-bands", action="store_true", help="the central runs only")
+    a = ap.parse_args()
+    main(tuple(a.only), a.out_dir, () if a.no_bands else tuple(a.bands or BANDED))
