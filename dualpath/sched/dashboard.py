@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, AsyncIterator
 import numpy as np
 from aiohttp import web
 
-from dualpath.sched.metrics import FAILURE_CAUSES
+from dualpath.sched.metrics import FAILURE_CAUSES, CoordinatorView
 
 if TYPE_CHECKING:
-    from dualpath.sched.coordinator import Coordinator, RequestState
+    from dualpath.sched.coordinator import RequestState
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -76,7 +76,7 @@ def _percentiles(window: deque[tuple[float, float]], now: float) -> dict[str, fl
 
 
 class Dashboard:
-    def __init__(self, coordinator: Coordinator, period_s: float = 1.0, keep_s: float = 600.0):
+    def __init__(self, coordinator: CoordinatorView, period_s: float = 1.0, keep_s: float = 600.0):
         self.coordinator, self.period_s = coordinator, period_s
         self.t0 = time.monotonic()
         self.samples: deque[Sample] = deque(maxlen=max(1, int(keep_s / period_s)))

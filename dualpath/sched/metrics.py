@@ -15,13 +15,30 @@ dashboards and tests read, and they carry what vLLM has no name for (paths, stor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Mapping, Sized
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from dualpath.sched.coordinator import Coordinator, RequestState
+    from dualpath.config import ClusterConfig
+    from dualpath.sched.coordinator import EngineEntry, RequestState
+
+
+class CoordinatorView(Protocol):
+    """What /metrics and the dashboard read of the coordinator, and nothing more: its config, the
+    model it serves, its requests and its waiting room, its live engines (with their last reports)
+    and the metrics themselves."""
+
+    cfg: ClusterConfig
+    model_name: str
+    max_context: int
+    waiting: Sized
+    requests: Mapping[str, RequestState]
+    metrics: ClusterMetrics
+
+    def live_engines(self) -> list[EngineEntry]: ...
 
 FAILURE_CAUSES = {400: "rejected", 404: "rejected", 401: "unauthorized", 503: "unavailable", 504: "timeout"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -56,7 +73,7 @@ def finish_reason(req: RequestState) -> str:
 
 
 class ClusterMetrics:
-    def __init__(self, coordinator: Coordinator):
+    def __init__(self, coordinator: CoordinatorView):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("dualpath_requests", "Requests answered, by policy and the path their hit KV took",
                                 ["policy", "path"], registry=r)
@@ -119,7 +136,7 @@ class ClusterMetrics:
         return generate_latest(self.registry)
 
 
-def in_flight(coordinator: Coordinator, running: bool) -> Callable[[], float]:
+def in_flight(coordinator: CoordinatorView, running: bool) -> Callable[[], float]:
     """A gauge's reading: the coordinator's requests in flight that are running on their engines
     (admitted: prefill submitted) or, with running=False, waiting (for room, or being admitted)."""
     def count() -> float:
@@ -131,7 +148,7 @@ class VllmMetrics:
     """The families a vLLM user looks for, under vLLM's names and its ``model_name`` label, from what
     the coordinator sees of each request. Engine-side ones (KV-cache usage) are in EngineCollector."""
 
-    def __init__(self, r: CollectorRegistry, coordinator: Coordinator):
+    def __init__(self, r: CollectorRegistry, coordinator: CoordinatorView):
         self.model_name = m = coordinator.model_name
         labels = ["model_name"]
         self.running = Gauge("vllm:num_requests_running", "Requests admitted on their engines (prefilling or "
@@ -199,7 +216,7 @@ class VllmMetrics:
 class EngineCollector:
     """Each live engine's last heartbeat, as metrics labelled by engine, role and node."""
 
-    def __init__(self, coordinator: Coordinator):
+    def __init__(self, coordinator: CoordinatorView):
         self.coordinator = coordinator
 
     def collect(self) -> Iterator[Metric]:
