@@ -30,21 +30,11 @@ class RunHandle:
     handle (backend-specific: tcp address, shared-memory path, IPC handle or rkey, and the grant
     that lets exactly that peer write this run; and the engine's incarnation, so that a handle of
     an engine that has restarted since is refused), the run's byte offset, and its length in blocks.
-    A run is layer-major: layer l holds the run's blocks back to back."""
+    Its layout (layer-major) is the buffer's: engine/buffers.py ``run_layer_offset``."""
 
     region: dict
     offset: int
     n_blocks: int
-
-    def layer_offset(self, layer: int, bytes_per_layer: int, first_block: int = 0) -> int:
-        """Byte offset in the region of block `first_block` of layer `layer` of this run."""
-        return layer_offset(self.offset, self.n_blocks, layer, bytes_per_layer, first_block)
-
-
-def layer_offset(run_offset: int, n_blocks: int, layer: int, bytes_per_layer: int, first_block: int = 0) -> int:
-    """The one place for the layer-major layout of a buffer run (engine/buffers.py): layer l of a
-    run of n blocks starts l * n blocks after the run's start, and its blocks follow each other."""
-    return run_offset + (layer * n_blocks + first_block) * bytes_per_layer
 
 
 @dataclass(frozen=True)

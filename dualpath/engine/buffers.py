@@ -21,8 +21,19 @@ from dataclasses import dataclass
 import torch
 
 from dualpath.engine.room import Room
-from dualpath.protocol import layer_offset
+from dualpath.protocol import RunHandle
 from dualpath.storage.store import SlotDests
+
+
+def layer_offset(run_offset: int, n_blocks: int, layer: int, bytes_per_layer: int, first_block: int = 0) -> int:
+    """The one place for the layer-major layout of a buffer run: layer l of a run of n blocks starts
+    l * n blocks after the run's start, and its blocks follow each other."""
+    return run_offset + (layer * n_blocks + first_block) * bytes_per_layer
+
+
+def run_layer_offset(run: RunHandle, layer: int, bytes_per_layer: int, first_block: int = 0) -> int:
+    """Byte offset in a peer's region of block `first_block` of layer `layer` of its run `run`."""
+    return layer_offset(run.offset, run.n_blocks, layer, bytes_per_layer, first_block)
 
 
 def _shared_memory(nbytes: int) -> tuple[torch.Tensor, str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dualpath.config import ClusterConfig, EngineSpec
-from dualpath.engine.buffers import BufferRun
+from dualpath.engine.buffers import BufferRun, run_layer_offset
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
@@ -234,7 +234,7 @@ class DecodeEngine(Engine):
                 off, _ = self.buffer.layer_range(seq.run, l)
                 src = self.buffer.host[off : off + seq.de_blocks * bpl]
                 writes.append(asyncio.ensure_future(self.dataplane.write(
-                    src, dst.region, dst.layer_offset(l, bpl), seq.de_blocks * bpl, "bulk",
+                    src, dst.region, run_layer_offset(dst, l, bpl), seq.de_blocks * bpl, "bulk",
                     notify=LayerLanded(seq.rid, l).as_notify())))
             with self.timed("path_b_send"):
                 await asyncio.gather(*writes)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dualpath.config import ClusterConfig, EngineSpec
-from dualpath.engine.buffers import BufferRun
+from dualpath.engine.buffers import BufferRun, run_layer_offset
 from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
@@ -279,13 +279,13 @@ class PrefillEngine(Engine):
                 if start == 0 and job.de_run.n_blocks == nb:  # the whole run, one write: both runs have one layout
                     off, nbytes = self.buffer.byte_range(job.run)
                     await self.dataplane.write(self.buffer.host[off : off + nbytes], job.de_run.region,
-                                               job.de_run.layer_offset(0, bpl), nbytes, "latency")
+                                               run_layer_offset(job.de_run, 0, bpl), nbytes, "latency")
                 elif start < nb:  # each layer's blocks [start, nb)
                     writes = []
                     for l in range(self.model.cfg.n_layers):
                         off, nbytes = self.buffer.layer_range(job.run, l, start)
                         writes.append(self.dataplane.write(self.buffer.host[off : off + nbytes], job.de_run.region,
-                                                           job.de_run.layer_offset(l, bpl, start), nbytes, "latency"))
+                                                           run_layer_offset(job.de_run, l, bpl, start), nbytes, "latency"))
                     await asyncio.gather(*writes)
                 self.metrics["handoff_blocks"] += nb - start
                 if job.failed:
