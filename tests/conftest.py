@@ -1,5 +1,8 @@
+import asyncio
 import os
 import sys
+import time
+from typing import Callable, TypeVar
 
 import pytest
 import torch
@@ -11,9 +14,60 @@ if ROOT not in sys.path:
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+# -- the `cluster` marker (pyproject.toml): a test that starts real processes carries it --
+# By hand: `pytestmark = pytest.mark.cluster` in a module whose every test starts processes, else
+# `@pytest.mark.cluster` on the test. `pytest -m "not cluster"` is the fast subset.
+
+CLUSTER_FIXTURES = {"cluster", "worked"}  # the modules' fixtures that start a LocalCluster
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a cluster fixture but lacks the mark would slip into the fast subset: refuse it."""
+    unmarked = [item.nodeid for item in items
+                if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("cluster")]
+    if unmarked:
+        raise pytest.UsageError("these tests start a cluster (through a fixture) but are not marked "
+                                "@pytest.mark.cluster: " + ", ".join(unmarked))
+
+
 @pytest.fixture(params=["tiny-gqa", "tiny-mla"])
 def preset(request) -> str:
     return request.param
+
+
+# -- waiting for a condition (import as `from tests.conftest import ...`) --
+# A test waits for what it needs to have happened, never for a fixed time: a busy host makes a
+# condition come later, not fail. `timeout` bounds a hang; it is no measurement and no test asserts on it.
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], what: str, timeout: float = 60.0, every: float = 0.02) -> T:
+    """Poll `predicate` until it returns something truthy, and return that; fail naming `what`
+    if it has not after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"never: {what} (waited {timeout:g} s)"
+        time.sleep(every)
+    return value
+
+
+async def until(predicate: Callable[[], T], what: str, timeout: float = 60.0, every: float = 0.005) -> T:
+    """wait_until for a coroutine: polls without blocking the event loop (the code under test runs
+    on the same loop meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"never: {what} (waited {timeout:g} s)"
+        await asyncio.sleep(every)
+    return value
+
+
+async def loop_turns(n: int = 10) -> None:
+    """Let the event loop run `n` times: whatever is ready to run (a task just woken, a callback
+    just scheduled) has run after it. For showing that something does NOT happen without I/O,
+    where there is no condition to wait for."""
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 # -- shared helpers (import as `from tests.conftest import ...`) --

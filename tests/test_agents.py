@@ -229,6 +229,7 @@ def listing(i: int) -> str:
 
 
 @pytest.mark.usefixtures("langchain_package")  # (before the cluster: skipped, it does not start)
+@pytest.mark.cluster
 def test_a_three_turn_langchain_conversation_with_tool_results_has_growing_cached_tokens(langchain, cluster):
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
     from langchain_core.tools import tool
@@ -262,6 +263,7 @@ def test_a_three_turn_langchain_conversation_with_tool_results_has_growing_cache
 
 
 @pytest.mark.usefixtures("agents_package")  # (before the cluster: skipped, it does not start)
+@pytest.mark.cluster
 def test_a_three_turn_openai_agents_conversation_with_tool_results_has_growing_cached_tokens(agents, cluster):
     @agents.function_tool
     def ls(path: str) -> str:

@@ -174,6 +174,7 @@ print("ok")
 
 
 @needs_triton_interpreter
+@pytest.mark.cluster
 def test_kernel_in_the_interpreter_equals_attention_per_sequence():
     """GQA and MLA layouts; decode, ragged appends over contexts ending mid-block, a fresh causal
     prefill; with the context in one range and split in three (each merged by its log-sum-exp)."""
@@ -183,6 +184,7 @@ def test_kernel_in_the_interpreter_equals_attention_per_sequence():
 
 
 @needs_triton_interpreter
+@pytest.mark.cluster
 def test_fused_norm_and_rope_in_the_interpreter_equal_the_torch_layers():
     """fp32 (the interpreter rounds bf16 its own way; the GPU test covers bf16)."""
     r = run_in_triton_interpreter(FUSED_SCRIPT)
@@ -190,6 +192,7 @@ def test_fused_norm_and_rope_in_the_interpreter_equal_the_torch_layers():
 
 
 @needs_triton_interpreter
+@pytest.mark.cluster
 def test_the_models_triton_path_in_the_interpreter_equals_its_torch_path():
     r = run_in_triton_interpreter(WHOLE_MODEL_SCRIPT)
     assert r.returncode == 0 and r.stdout.split() == ["gqa", "ok", "mla", "ok", "ok"], r.stdout + r.stderr

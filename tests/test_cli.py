@@ -82,6 +82,7 @@ def refused_up(tmp_path: Path, *args: str) -> str:
 # ---------------------------------------------------------------------------------------------- up refuses
 
 
+@pytest.mark.cluster
 def test_up_refuses_busy_ports_naming_each_before_starting_anything(tmp_path):
     port = _free_port_block()
     api, de1_data = port, port + 3 + 1000  # the API, and the first decode engine's data plane
@@ -93,6 +94,7 @@ def test_up_refuses_busy_ports_naming_each_before_starting_anything(tmp_path):
     assert "choose another --port" in err
 
 
+@pytest.mark.cluster
 def test_up_refuses_the_coordinator_control_port_the_user_never_chose(tmp_path):
     """The issue's case: the API port free, --port + 1 taken (the run died 38 s later about it)."""
     port = _free_port_block()
@@ -101,6 +103,7 @@ def test_up_refuses_the_coordinator_control_port_the_user_never_chose(tmp_path):
     assert f"port {port + 1} (the coordinator's control port): in use" in err, err
 
 
+@pytest.mark.cluster
 def test_up_refuses_a_store_it_cannot_write(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -111,6 +114,7 @@ def test_up_refuses_a_store_it_cannot_write(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any mode")
+@pytest.mark.cluster
 def test_up_refuses_a_store_directory_without_write_permission(tmp_path):
     store = tmp_path / "read-only"
     store.mkdir(mode=0o500)
@@ -124,6 +128,7 @@ def test_up_refuses_a_store_directory_without_write_permission(tmp_path):
 # ---------------------------------------------------------------------------------------------- up serves
 
 
+@pytest.mark.cluster
 def test_up_says_where_it_serves_and_how_to_stop_and_binds_the_api_where_host_says(tmp_path):
     """--host 127.0.0.2 (loopback, but not the default address): the printed base URL is there,
     /v1/models answers there and not on 127.0.0.1; SIGTERM, as printed, stops every process."""
@@ -201,6 +206,7 @@ def test_the_old_preset_spelling_still_works_where_it_was(monkeypatch):
     assert r.exit_code == 2 and "give one" in r.output
 
 
+@pytest.mark.cluster
 def test_served_model_name_is_the_id_clients_send_and_metrics_name(tmp_path):
     port = _free_port_block()
     workdirs = tmp_path / "tmp"
@@ -219,6 +225,7 @@ def test_served_model_name_is_the_id_clients_send_and_metrics_name(tmp_path):
         assert p.wait(timeout=60) == 0
 
 
+@pytest.mark.cluster
 def test_run_refuses_an_engine_a_store_it_cannot_write(tmp_path):
     """`dualpath run` of one engine (a cluster across hosts) says so too, instead of an OSError
     traceback from the engine."""

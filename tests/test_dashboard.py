@@ -20,7 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dualpath.launcher import LocalCluster, complete
+from tests.conftest import wait_until
 from tests.test_serving import BT, cluster_config
+
+pytestmark = pytest.mark.cluster  # every test reads a LocalCluster's dashboard
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHARTS = ("read", "write", "queue", "paths", "ttft", "tpot", "failures", "memory")
@@ -54,8 +57,18 @@ def worked(tmp_path_factory):
                 paths.append(r["dualpath"]["path"])
                 prompt = prompt + r["choices"][0]["token_ids"] + [3, 1, 4]
         assert paths == ["A", "A", "A", "B"]
-        time.sleep(2.5)  # two more samples after the last answer
+        answered = time.time()
+        wait_until(lambda: caught_up(json.loads(get(c.url + "/dashboard/data")), answered),
+                   "the feed has two samples after the last answer, with both nodes' reads")
         yield SimpleNamespace(url=c.url, metrics_before=before, began=began)
+
+
+def caught_up(data: dict, answered: float) -> bool:
+    """The feed has two samples taken after `answered` (clock time), and has seen the PE's node and
+    a DE's node read (their byte counts come with the engines' heartbeats)."""
+    read = {node: sum(v for v in values if v) for node, values in data["read_bps"].items()}
+    return (sum(t > answered for t in data["time"]) >= 2 and read.get("0", 0) > 0
+            and read.get("1", 0) + read.get("2", 0) > 0)
 
 
 def test_the_feed_shows_both_nodes_reading_and_the_paths_taken(worked):

@@ -10,7 +10,8 @@ import torch
 
 from dualpath.transport import make_dataplane
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")
+pytestmark = [pytest.mark.cluster,  # a receiver process (spawned)
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")]
 TOKEN = "test-token"
 N = 4 << 20
 

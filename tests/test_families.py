@@ -231,6 +231,7 @@ print("ok")
 
 
 @needs_triton_interpreter
+@pytest.mark.cluster
 def test_qwen3_triton_path_in_the_interpreter_equals_its_torch_path():
     r = run_in_triton_interpreter(TRITON_SCRIPT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

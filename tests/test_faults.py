@@ -23,6 +23,8 @@ from dualpath.protocol import Abort, Admit, Engines, Register, SamplingParams, a
 from dualpath.transport.control import ProtocolError, connect
 from tests.test_serving import assert_decode_engines_idle, cluster_config, cluster_metrics, post_raw
 
+pytestmark = pytest.mark.cluster  # every test starts a LocalCluster or `dualpath` processes
+
 HBM_BLOCKS = 40  # per engine: 39 usable on a DE (one is scratch), i.e. 624 tokens of prompt + answer
 SUMMARY: list[str] = []
 
@@ -473,7 +475,7 @@ def test_a_request_already_decoding_outlives_its_prefill_engine(tmp_path):
             time.sleep(0.05)
         de = c.procs["de1"].pid
         os.kill(de, signal.SIGSTOP)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the behaviour under test: a pause in the DE's tokens (longer than two heartbeats)
         os.kill(de, signal.SIGCONT)
         assert "error" not in out, out["error"]
         assert t.is_alive() and len(out["tokens"]) < 1900, "the answer ended before the pause: make it longer"

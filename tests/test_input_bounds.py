@@ -207,3 +207,33 @@ def test_the_text_given_out_token_by_token_is_the_whole_answer_decoded_and_cut_a
             assert any(full[len(text):].startswith(s) for s in stops)
         else:
             assert text == full
+
+
+async def test_a_stream_that_fails_before_its_first_token_gets_a_real_status_and_one_after_an_event(api):
+    """A 503 before any byte of the stream (clients retry it; an HTTP 200 with an error event they
+    do not); once tokens went out, the failure can only be an event."""
+    from dualpath.sched.errors import RequestFailed
+
+    def fail_after(n: int):
+        async def generate(req: RequestState) -> AsyncIterator[int]:
+            for t in range(n):
+                req.output.append(65 + t)
+                yield 65 + t
+            raise RequestFailed(503, "no engine had room for this request within the request timeout")
+        return generate
+
+    for path, body in [("/v1/completions", {"prompt": "hi", "max_tokens": 8, "stream": True}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                                                 "stream": True})]:
+        api.coord.generate = fail_after(0)
+        status, reply = await post(api, body, path)
+        assert status == 503 and "no engine had room" in reply["error"]["message"], reply
+        api.coord.generate = fail_after(2)
+        status, reply = await post(api, body, path)
+        assert status == 200 and "no engine had room" in reply and "data: " in reply, reply
+
+
+async def test_models_say_when_they_were_created(api):
+    async with api.get("/v1/models") as r:
+        model = (await r.json())["data"][0]
+    assert isinstance(model["created"], int) and model["created"] > 1_700_000_000

@@ -26,6 +26,8 @@ from dualpath.engine.weights import load_pretrained
 from dualpath.launcher import LocalCluster, complete
 from tests.test_serving import BT, assert_decode_engines_idle, cluster_config, greedy_reference, scrape, total
 
+pytestmark = pytest.mark.cluster  # every test starts a LocalCluster
+
 STREAMS = 20  # half greedy, half sampled with a seed
 ANSWER = 40  # tokens each
 

@@ -247,6 +247,7 @@ print("ok")
 
 
 @needs_triton_interpreter
+@pytest.mark.cluster
 def test_the_moe_models_triton_path_in_the_interpreter_equals_its_torch_path():
     r = run_in_triton_interpreter(TRITON_SCRIPT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
@@ -259,6 +260,7 @@ def _hf_greedy(hf, tokens: list[int], n: int) -> list[int]:
     return seq[len(tokens):]
 
 
+@pytest.mark.cluster
 def test_a_cluster_serves_the_moe_checkpoint_with_transformers_tokens(v3_dir, tmp_path):
     """1P2D on the V3 MoE checkpoint: each policy's conversation gives transformers' greedy tokens,
     and its second turn loads its cached KV on the path the policy names."""

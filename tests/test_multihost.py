@@ -24,7 +24,8 @@ from dualpath.storage.blockfile import HEADER_BYTES
 from tests.test_serving import greedy_reference
 
 WHY_NOT = netns.available()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"multi-host tests: {WHY_NOT}")
+pytestmark = [pytest.mark.cluster,  # every test starts processes in network-namespace hosts
+              pytest.mark.skipif(WHY_NOT is not None, reason=f"multi-host tests: {WHY_NOT}")]
 BT, HTTP, CONTROL = 16, 8000, 7000
 
 
@@ -273,7 +274,7 @@ async def main():
     await dp.start({addr!r})
     bulk, lat = dp.register(torch.zeros(8 << 20, dtype=torch.uint8)), dp.register(torch.zeros(4096, dtype=torch.uint8))
     print(json.dumps({{"bulk": bulk, "lat": lat}}), flush=True)
-    await asyncio.sleep(120)
+    await asyncio.sleep(120)  # (stays up to receive until the test kills it)
 asyncio.run(main())
 """
 
@@ -291,7 +292,7 @@ async def main():
             t0 = time.perf_counter()
             await dp.write(msg, handles["lat"], 0, 512, "latency")
             out.append(time.perf_counter() - t0)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # paces the probes (a client's rate), not a wait for anything
         return out
     await latencies(20)
     idle = await latencies(150)
@@ -301,7 +302,8 @@ async def main():
             await dp.write(big, handles["bulk"], 0, 512 << 10, "bulk")
             moved[0] += 512 << 10
     tasks = [asyncio.create_task(bulk()) for _ in range(2)]
-    await asyncio.sleep(0.5)  # the link's queue fills
+    while moved[0] < 2 * (512 << 10):  # the link's queue fills: both bulk writers have had a write go through it
+        await asyncio.sleep(0.01)
     t0, m0 = time.perf_counter(), moved[0]
     busy = await latencies(150)
     rate = (moved[0] - m0) / (time.perf_counter() - t0)

@@ -6,6 +6,8 @@ import pytest
 
 from tests.test_serving import BT, cluster  # noqa: F401  (the module-scoped 1P2D cluster fixture)
 
+pytestmark = pytest.mark.cluster  # every test talks to a LocalCluster
+
 
 @pytest.fixture
 def client(cluster):  # noqa: F811

@@ -186,6 +186,7 @@ def work_dirs(tmp_path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+@pytest.mark.cluster
 def test_a_stopped_cluster_leaves_no_work_directory_with_its_secret(tmp_path, how):
     """Started with its API key in a file (or in the environment), the API refuses a request without
     the key and serves one with it; stopped, the cluster's work directory (its config, holding the
@@ -212,6 +213,7 @@ def test_a_stopped_cluster_leaves_no_work_directory_with_its_secret(tmp_path, ho
     assert "stopping the cluster" in out and work_dirs(tmp_path) == [], out[-3000:]
 
 
+@pytest.mark.cluster
 def test_the_demo_uses_an_api_key_file_and_the_config_out_copy_is_kept(tmp_path):
     path = key_file(tmp_path, 0o600)
     out_cfg = tmp_path / "kept.toml"
@@ -223,6 +225,7 @@ def test_the_demo_uses_an_api_key_file_and_the_config_out_copy_is_kept(tmp_path)
     assert str(path) in text and SECRET not in text  # the kept config names the key's file, not the key
 
 
+@pytest.mark.cluster
 def test_a_failed_cluster_keeps_its_logs_but_not_its_secret(tmp_path):
     """Every process of the cluster fails as it starts (a bad $DUALPATH_SWITCH_INTERVAL_S, which
     each reads first; `up` refuses a taken port before starting anything, so that no longer serves).

@@ -49,8 +49,10 @@ def test_unknown_or_incomplete_messages_are_refused_by_name():
 
 def test_a_run_handle_places_each_layer_of_a_layer_major_run():
     # layer l of a 3-block run starts 3 * l blocks in; block 2 of layer 1 is 5 blocks in
-    assert [RUN.layer_offset(l, 100) for l in range(3)] == [4096, 4396, 4696]
-    assert RUN.layer_offset(1, 100, first_block=2) == 4096 + 500
+    from dualpath.engine.buffers import run_layer_offset
+
+    assert [run_layer_offset(RUN, l, 100) for l in range(3)] == [4096, 4396, 4696]
+    assert run_layer_offset(RUN, 1, 100, first_block=2) == 4096 + 500
 
 
 def test_a_layer_landing_rides_a_write_as_its_notify_and_anything_else_is_refused():

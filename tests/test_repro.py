@@ -2,10 +2,13 @@
 
 import dataclasses
 
+import pytest
+
 from dualpath.bench.repro import ReproConfig, offline
 from dualpath.bench.workload import agentic
 from tests.test_serving import _free_port_block
 
+pytestmark = pytest.mark.cluster  # real clusters, one per run
 
 def test_repeated_runs_report_the_median_run_and_every_run(tmp_path):
     rc = ReproConfig(out_dir=str(tmp_path), policies=("pe-read", "dualpath"), snic_gbps=0.0, repeats=2,

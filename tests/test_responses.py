@@ -101,6 +101,7 @@ def cluster(tmp_path_factory):
         yield c
 
 
+@pytest.mark.cluster
 def test_a_two_turn_conversation_on_a_cluster_is_served_and_its_second_turn_is_cached(cluster):
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     first = client.responses.create(model="tiny-gqa", input="Summarise the repository. " * 12, tools=TOOLS,

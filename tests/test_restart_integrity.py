@@ -28,6 +28,7 @@ from dualpath.transport.control import Server
 from dualpath.transport.dataplane import TransferError
 from dualpath.transport.framing import LOGIN_MAX_FRAME, pack, recv_frame_blocking
 from dualpath.transport.shm import ShmDataPlane
+from tests.conftest import until
 from tests.test_serving import BT, cluster_config, greedy_reference
 
 TOKEN = "test-token"
@@ -100,6 +101,7 @@ def next_turn(c, context: list[int], policy: str, gen: torch.Generator) -> list[
 
 
 @pytest.mark.parametrize("victim", ["de1", "pe0"])
+@pytest.mark.cluster
 def test_a_killed_and_restarted_engine_serves_reference_tokens_and_persists_the_right_kv(cluster, victim):
     """Before the fault each policy has a conversation of two turns (the second reads hits, so the
     writers of both paths have mapped their peer's buffer); after kill -9 and restart of `victim`,
@@ -115,14 +117,6 @@ def test_a_killed_and_restarted_engine_serves_reference_tokens_and_persists_the_
 
 
 # ------------------------------------------------------------------------------ incarnations
-
-async def _until(ready, what: str, timeout: float = 30) -> None:
-    """Wait (a bound on a hang, not a measurement) until ready() holds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not ready():
-        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
-        await asyncio.sleep(0.01)
-
 
 def _links_closed(plane) -> bool:
     """Whether the writer has seen every one of its links close (as after its peer's kill -9)."""
@@ -157,7 +151,7 @@ async def test_a_restarted_peer_is_a_new_peer_and_the_old_ones_handles_are_refus
         assert done == ["old"] and int(buf.host[:4096].sum()) == 7 * 4096
         port = b.port
         await b.close()
-        await _until(lambda: _links_closed(a), "a sees b's close")  # as after a kill -9 (a restart takes seconds)
+        await until(lambda: _links_closed(a), "a sees b's close")  # as after a kill -9 (a restart takes seconds)
         done2: list = []
         b2 = plane("b", TOKEN, on_complete=done2.append)  # same name, same port: a new incarnation
         await b2.start("127.0.0.1", port)
@@ -228,7 +222,7 @@ async def test_verbs_queue_pairs_of_an_old_incarnation_are_closed_and_its_rkeys_
         await a.write(torch.ones(10, dtype=torch.uint8), old, 0, 10, "bulk")
         (first_qp,) = a.dev.made
         await running.pop().close()  # b
-        await _until(lambda: _links_closed(a), "a sees b's close")
+        await until(lambda: _links_closed(a), "a sees b's close")
         b2 = plane("b", on_complete=done.append)
         running.append(b2)
         await b2.start("127.0.0.1", port)
@@ -240,7 +234,7 @@ async def test_verbs_queue_pairs_of_an_old_incarnation_are_closed_and_its_rkeys_
         assert done == ["new"] and first_qp.closed and list(a.qps) == [(("127.0.0.1", port), "bulk", new["inc"])]
         (accepted,) = b2.accepted.values()
         await running.pop(0).close()  # a restarts: its QP on b2 is closed once the new one logs in
-        await _until(lambda: not b2._writers, "b2 sees a's connections close")
+        await until(lambda: not b2._writers, "b2 sees a's connections close")
         a2 = plane("a")
         running.append(a2)
         await a2.start("127.0.0.1")

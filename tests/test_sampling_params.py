@@ -194,6 +194,7 @@ SAMPLED = {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "min_p": 0.01, "presen
            "frequency_penalty": 0.3, "repetition_penalty": 1.2, "logit_bias": {"7": 3.0}, "seed": 1234}
 
 
+@pytest.mark.cluster
 def test_seeded_draws_with_filters_and_penalties_are_the_same_on_every_path(cluster):
     turn1 = list(range(10, 80))
     complete(cluster.url, {"prompt": turn1, "max_tokens": 2})  # its blocks are stored: turn 2 hits them
@@ -208,12 +209,14 @@ def test_seeded_draws_with_filters_and_penalties_are_the_same_on_every_path(clus
     assert len(next(iter(outs.values()))) == 10
 
 
+@pytest.mark.cluster
 def test_unseeded_requests_differ_across_repeats(cluster):
     body = {"prompt": list(range(20)), "max_tokens": 8, "temperature": 1.0}
     answers = {tuple(complete(cluster.url, body)["choices"][0]["token_ids"]) for _ in range(3)}
     assert len(answers) > 1
 
 
+@pytest.mark.cluster
 def test_stop_token_ids_end_a_stream_and_min_tokens_holds_them_back(cluster):
     prompt = list(range(30, 60))
     greedy = complete(cluster.url, {"prompt": prompt, "max_tokens": 8})["choices"][0]["token_ids"]
@@ -230,6 +233,27 @@ def test_stop_token_ids_end_a_stream_and_min_tokens_holds_them_back(cluster):
 
 @pytest.mark.parametrize("param,value", [("top_p", 5), ("suffix", "x"), ("response_format", {"type": "json_object"}),
                                          ("logit_bias", {"1": 500}), ("stream_options", {"include_usage": True})])
+@pytest.mark.cluster
 def test_refused_parameters_name_themselves_on_the_cluster(cluster, param, value):
     status, reply = post_raw(cluster.url, json.dumps({"prompt": [1, 2], "max_tokens": 2, param: value}).encode())
     assert status == 400 and reply["error"]["param"] == param and reply["error"]["type"] == "invalid_request_error"
+
+
+def test_a_checkpoints_generation_config_sets_the_defaults_a_request_does_not_name():
+    """As vLLM: generation_config.json's sampling parameters are the defaults, the rest OpenAI's
+    (temperature 1); what a request names wins. The presets' own config is greedy."""
+    from dualpath.engine.tokenizer import ByteTokenizer, sampling_defaults
+    from dualpath.sched.parse import _sampling
+
+    qwen = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+            "eos_token_id": [151645, 151643]}
+    defaults = sampling_defaults(qwen)
+    assert defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    assert sampling_defaults({"top_k": 0}) == {"top_k": -1} and sampling_defaults({}) == {}  # 0: transformers' "off"
+    p = _sampling({}, 16, 1000, None, defaults)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    p = _sampling({"temperature": 0, "top_k": 5}, 16, 1000, None, defaults)
+    assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.8, 5)
+    p = _sampling({}, 16, 1000, None, {})  # a checkpoint that names none: OpenAI's
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (1.0, 1.0, -1, 1.0)
+    assert _sampling({}, 16, 1000, None, ByteTokenizer(1000).sampling_defaults).temperature == 0.0

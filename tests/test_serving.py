@@ -29,6 +29,8 @@ from dualpath.storage.blockfile import HEADER_BYTES, BlockShape
 from dualpath.storage.keys import block_chain
 from dualpath.storage.store import FileStore
 
+pytestmark = pytest.mark.cluster  # every test serves on a LocalCluster
+
 BT = 16
 
 

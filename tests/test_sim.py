@@ -213,6 +213,7 @@ def test_paper_scale_dualpath_beats_pe_read_within_the_bound():
     assert 2.5 < ratio <= 3.0 + 1e-6, ratio  # storage-bound: three NICs where pe-read has one
 
 
+@pytest.mark.cluster
 def test_sim_repro_replays_a_trace_file_and_writes_the_bench_repro_plots(tmp_path):
     import subprocess
     import sys
@@ -329,3 +330,34 @@ def test_the_profile_command_measures_the_engines_steps_into_grids_the_simulator
     for shared in (True, False):
         p = load_profile(path, shared_cores=shared)
         assert isinstance(p, GridProfile) and p.decode_step_s(2, 2 * 300) > 0 and p.prefill_s([(64, 128)]) > 0
+
+
+def test_paper_sensitivity_moves_a_compute_bound_figure_with_mfu_and_a_storage_bound_one_with_the_storage_nic():
+    """`sim paper`'s bands (issue 35 item 3) on a tiny configuration: each uncertain input low and
+    high, one at a time; directions only, no times."""
+    from dualpath.sim.paper import FLAT, UNCERTAIN, Scenario, run, sensitivity
+
+    def measure(vary):
+        ds = vary(Scenario("deepseek-660b", 1, 1, agents_per_pe=300, turns=3))
+        qwen = vary(Scenario("qwen2.5-32b", 1, 2, gpus_per_engine=8, agents_per_pe=60, turns=3))
+        (dp,), _ = run(ds, ("dualpath",), snic_gbps=0.0)  # storage unlimited: compute-bound
+        (q,), _ = run(qwen, ("pe-read",))  # one storage NIC for three engines: storage-bound
+        return {"compute-bound": dp["tokens_per_s"], "storage-bound": q["tokens_per_s"]}
+
+    rows, wall = sensitivity(measure)
+    assert len(wall) == 2 * len(UNCERTAIN)
+    fig = {r["figure"]: r for r in rows}
+    compute, storage = fig["compute-bound"], fig["storage-bound"]
+    for r in rows:  # the band spans the central value and every input's low and high
+        values = [r["central"], *(v for n in UNCERTAIN for v in r[n])]
+        assert (r["low"], r["high"]) == (min(values), max(values))
+    c = compute["central"]
+    assert compute["MFU"][0] < c < compute["MFU"][1], compute
+    assert compute["hit ratio"][0] < c < compute["hit ratio"][1]  # less hit, more to compute
+    assert all(abs(v - c) < FLAT * c for v in compute["storage NIC"] + compute["compute NIC"])
+    assert compute["set by"] in ("MFU", "hit ratio")
+    c = storage["central"]
+    assert storage["set by"] == "storage NIC", storage
+    lo, hi = storage["storage NIC"]
+    assert 1.8 < hi / c < 2.2 and 1.8 < c / lo < 2.2  # its one NIC at half and double
+    assert all(abs(v - c) < FLAT * c for v in storage["MFU"])

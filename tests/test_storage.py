@@ -15,6 +15,7 @@ from dualpath.storage.keys import block_chain
 from dualpath.storage.persist import Persister
 from dualpath.storage.readers import ReaderLost
 from dualpath.storage.store import FileStore, layer_spans, open_store
+from tests.conftest import loop_turns, until
 
 FP = b"model-A-finger!!"
 SHAPE = BlockShape(n_layers=3, bytes_per_layer=4096, dtype="float32", fingerprint=FP)
@@ -165,6 +166,7 @@ def _hammer(root: str, worker: int, keys: list[bytes], q) -> None:
     q.put((bad, store.stats.corrupt))
 
 
+@pytest.mark.cluster
 def test_concurrent_processes_never_see_partial_blocks(tmp_path):
     keys = block_chain(list(range(64 * 4)), FP, 64)
     ctx = mp.get_context("spawn")
@@ -212,6 +214,7 @@ def test_the_emulated_nic_queues_each_io_behind_the_last_at_its_rate(tmp_path, m
         bucket.close()
 
 
+@pytest.mark.cluster
 async def test_throttled_writes_and_reads_wait_for_the_emulated_nic(tmp_path):
     """Through the throttled store the blocks arrive whole, and no write or read returns before the
     emulated NIC has carried its bytes: the queue is empty when they are all done. (No bound on how
@@ -242,6 +245,7 @@ def test_layer_spans_cover_every_layer_once_with_layer_0_first_and_alone():
                 assert spans[0] == range(1)
 
 
+@pytest.mark.cluster
 async def test_layerwise_read_announces_each_layer_as_it_lands_and_stops_at_a_corrupt_one(tmp_path):
     shape = BlockShape(4, 1 << 18, "uint8", FP)  # 4 layers of 256 KiB per block
     astore = open_store(str(tmp_path), shape, 1 << 33, node=0, read_gbps=0.1, readers=2)
@@ -262,6 +266,7 @@ async def test_layerwise_read_announces_each_layer_as_it_lands_and_stops_at_a_co
     await astore.close()
 
 
+@pytest.mark.cluster
 async def test_layer_0_is_announced_while_the_later_layers_are_still_on_the_nic(tmp_path, monkeypatch):
     """Compute starts on layer 0 before the rest of the blocks have come through the storage NIC. The
     emulated NIC is held after the first span of layers (one span let through per release): layer 0
@@ -287,8 +292,7 @@ async def test_layer_0_is_announced_while_the_later_layers_are_still_on_the_nic(
     reading = asyncio.create_task(astore.read_many(keys, buf.slot_dests(run, 0), on_layer))
     nic.release()
     await asyncio.wait_for(layer0.wait(), 60)  # a bound on a hang only
-    for _ in range(10):  # whatever else could run now does
-        await asyncio.sleep(0)
+    await loop_turns()  # whatever else could run now does
     assert seen == [0] and not reading.done()
     for _ in range(3):
         nic.release()
@@ -296,6 +300,7 @@ async def test_layer_0_is_announced_while_the_later_layers_are_still_on_the_nic(
     await astore.close()
 
 
+@pytest.mark.cluster
 async def test_a_reader_process_that_dies_costs_its_reads_not_the_store(tmp_path):
     astore = open_store(str(tmp_path), SHAPE, 1 << 30, readers=2)
     keys = stored(astore.store, 4)
@@ -315,6 +320,7 @@ async def test_a_reader_process_that_dies_costs_its_reads_not_the_store(tmp_path
     assert all(r.proc.poll() is not None for r in astore._readers)  # closing stops every reader
 
 
+@pytest.mark.cluster
 async def test_reads_that_do_not_fit_the_buffer_or_an_unmappable_buffer_are_refused(tmp_path):
     astore = open_store(str(tmp_path), SHAPE, 1 << 30, readers=1)
     keys = stored(astore.store, 3)
@@ -329,6 +335,7 @@ async def test_reads_that_do_not_fit_the_buffer_or_an_unmappable_buffer_are_refu
     await other.close()
 
 
+@pytest.mark.cluster
 async def test_read_queue_is_visible_while_throttled(tmp_path):
     shape = BlockShape(1, 1 << 20, "uint8", FP)
     astore = open_store(str(tmp_path), shape, 1 << 33, node=3, read_gbps=0.02)
@@ -337,8 +344,8 @@ async def test_read_queue_is_visible_while_throttled(tmp_path):
         astore.store.write(k, layers_for(1, shape))
     buf, run = await attached(astore, shape, 10)
     reads = [asyncio.create_task(astore.read_many([k], buf.slot_dests(run, i))) for i, k in enumerate(keys)]
-    await asyncio.sleep(0.05)
-    assert astore.read_queue_bytes() > 5 * shape.file_bytes
+    # the queue shows the reads waiting for the throttled NIC (2.5 MB/s: 10 MiB take about 4 s)
+    await until(lambda: astore.read_queue_bytes() > 5 * shape.file_bytes, "more than 5 blocks queued to read")
     await asyncio.gather(*reads)
     assert astore.read_queue_bytes() == 0
     await astore.close()
@@ -363,7 +370,7 @@ async def test_buffer_pool_exhaustion_waits_and_release_frees():
     b = await pool.alloc(3)
     assert pool.free_blocks == 0 and pool.try_alloc(1) is None
     waiter = asyncio.create_task(pool.alloc(4))
-    await asyncio.sleep(0.01)
+    await loop_turns()  # nothing frees a block: the waiter must still be waiting after it had every chance to run
     assert not waiter.done()  # back-pressure
     pool.release(a)
     c = await asyncio.wait_for(waiter, 1)
@@ -381,7 +388,7 @@ async def test_hbm_blocks_wait_the_same_way_and_a_request_larger_than_the_pool_i
     alloc = BlockAllocator(6)
     held = alloc.alloc(5)
     waiter = asyncio.create_task(alloc.alloc_wait(3))
-    await asyncio.sleep(0.01)
+    await loop_turns()  # nothing frees a block: the waiter must still be waiting after it had every chance to run
     assert not waiter.done()  # back-pressure
     alloc.release(held[:2])
     got = await asyncio.wait_for(waiter, 1)

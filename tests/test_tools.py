@@ -237,6 +237,7 @@ def cluster(tmp_path_factory):
         yield c
 
 
+@pytest.mark.cluster
 def test_a_conversation_with_tools_calls_and_results_is_served_and_its_next_turn_is_cached(cluster):
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     messages = [{"role": "system", "content": "You are a coding agent. " * 8}, USER,

@@ -9,6 +9,7 @@ from dualpath.transport import available_backends, make_dataplane
 from dualpath.transport.control import MAX_FRAME, ProtocolError, RemoteError, Server, connect, pack
 from dualpath.transport.dataplane import TransferError
 from dualpath.transport.wire import ConnectQp
+from tests.conftest import until
 
 TOKEN = "test-token"
 
@@ -19,7 +20,7 @@ async def _echo(conn, method, params):
     if method == "echo":
         return params
     if method == "slow":
-        await asyncio.sleep(params["s"])
+        await asyncio.sleep(params["s"])  # the behaviour under test: an answer later than the caller waits
         return "late"
     raise ValueError(f"unknown method {method!r}")
 
@@ -42,7 +43,7 @@ async def test_control_request_response_events_and_errors():
     with pytest.raises(TimeoutError):
         await conn.request("slow", timeout=0.05, s=1)
     conn.event("ev", x=3)
-    await asyncio.sleep(0.05)
+    await until(lambda: events, "the event reached the server's handler")
     assert events == [{"x": 3}]
     await conn.close()
     await server.close()
@@ -186,8 +187,7 @@ async def test_a_latency_write_overtakes_bulk_and_bulk_holds_back_while_it_is_in
     (latency_sock,) = links_to_b()
     bulk = asyncio.create_task(a.write(torch.ones(64 << 20, dtype=torch.uint8), bulk_dst, 0, 64 << 20, "bulk",
                                        notify="bulk"))
-    while b.bytes_received == 16:  # until the bulk write is under way
-        await asyncio.sleep(0.001)
+    await until(lambda: b.bytes_received > 16, "the bulk write is under way", every=0.001)
     (bulk_sock,) = [sock for sock in links_to_b() if sock is not latency_sock]
     before = sent[bulk_sock]
     await a.write(torch.ones(16 << 20, dtype=torch.uint8), lat_dst, 0, 16 << 20, "latency", notify="latency")
@@ -208,7 +208,7 @@ async def test_peer_dying_mid_transfer_fails_fast_and_reconnect_works():
     handle = b.register(dst)
     writing = asyncio.create_task(a.write(torch.ones(256 << 20, dtype=torch.uint8), handle, 0, 256 << 20,
                                           "bulk", notify="never", timeout=3600))
-    await asyncio.sleep(0.05)
+    await until(lambda: b.bytes_received > 0, "the write is under way")
     await b.close()  # the peer dies mid-transfer
     with pytest.raises(TransferError):  # the loss is noticed: the write's own hour-long ack timeout is not
         await asyncio.wait_for(writing, 60)  # what ended it (60 s: a bound on a hang, not a measurement)
@@ -229,7 +229,7 @@ async def test_data_plane_refuses_a_peer_without_the_token():
     handle = b.register(torch.zeros(16, dtype=torch.uint8))
     with pytest.raises(TransferError):
         await a.write(torch.ones(16, dtype=torch.uint8), handle, 0, 16, "latency")
-    await asyncio.sleep(0.05)
+    await until(lambda: b.refused, "the receiver counted the refusal")
     assert b.refused == 1
     await a.close()
     await b.close()

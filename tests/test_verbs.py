@@ -26,6 +26,7 @@ from dualpath.transport.rdma import (CQ_DEPTH, MAX_WR_BYTES, RECV_DEPTH, SERVICE
                                      RdmaOptions, VerbsUnavailable, _Enums, _with_event_fd, choose_gid, err_attr,
                                      init_attr, qp_init_attr, rtr_attr, rts_attr, split_write)
 from dualpath.transport.verbs import DRAIN_WR_ID, VerbsDataPlane
+from tests.conftest import loop_turns, until
 
 pyverbs = pytest.importorskip("pyverbs", reason="python3-pyverbs (rdma-core) is not installed")
 from pyverbs.addr import GID  # noqa: E402
@@ -588,22 +589,15 @@ async def fake_pair():
 
 
 async def _idle(a: VerbsDataPlane) -> bool:
-    """Nothing pending: no write, landing or drain, and no WR holding room in a queue."""
-    await asyncio.sleep(0.01)
-    return not a._sends and not a._waiters and not a._draining and a._cq_used == 0 and not any(a._sq_used.values())
+    """Nothing pending, once the loop has handled the last completions: no write, landing or drain,
+    and no WR holding room in a queue. (Fails, naming it, if that never comes.)"""
+    return await until(lambda: not a._sends and not a._waiters and not a._draining and a._cq_used == 0
+                       and not any(a._sq_used.values()), "nothing pending", timeout=5)
 
 
 def _drained(qp: FakeQP) -> bool:
     """Moved to ERR, every outstanding WR flushed, then destroyed."""
     return qp.closed and qp.unflushed == 0 and qp.states[-2:] == ["ERR", "destroyed"]
-
-
-async def _until(cond: Callable[[], bool], what: str, limit: float = 5.0) -> None:
-    for _ in range(int(limit / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
 
 
 def test_roce_setup_picks_the_routable_v2_gid_by_its_sysfs_type_fake_device():
@@ -656,7 +650,7 @@ async def test_a_write_over_1_gib_completes_on_its_last_piece_only_fake_device()
         with pytest.raises(TransferError, match=f"work completion status {e.IBV_WC_REM_ACCESS_ERR}"):
             await a.write(src, handle, 0, n, "bulk", notify="cut", timeout=4.0)
         assert asyncio.get_running_loop().time() - t0 < 3.0 and done == ["big"] and not a.qps
-        await _until(lambda: qp.closed, "the failed QP is retired")  # (in the background: no WR of the write is left)
+        await until(lambda: qp.closed, "the failed QP is retired")  # (in the background: no WR of the write is left)
         assert _drained(qp)
     finally:
         await a.close()
@@ -670,7 +664,7 @@ async def test_a_cancelled_write_returns_once_its_wrs_are_flushed_fake_device(fa
     handle = b.register(torch.zeros(1 << 16, dtype=torch.uint8))
     a.dev.fake.hold = True  # the peer does not answer: WRs stay queued
     task = asyncio.create_task(a.write(torch.ones(4096, dtype=torch.uint8), handle, 0, 4096, "bulk", timeout=30))
-    await _until(lambda: a.dev.made and a.dev.made[0].sq, "the write is posted")
+    await until(lambda: a.dev.made and a.dev.made[0].sq, "the write is posted")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -741,7 +735,7 @@ async def test_a_failed_write_retires_its_own_qp_only_fake_device(fake_pair):
     b.release(gone)  # its rkey is deregistered: the WRITE fails with a remote access error
     with pytest.raises(TransferError, match="unknown or released"):
         await a.write(torch.ones(10, dtype=torch.uint8), gone, 0, 10, "bulk", timeout=5)
-    await _until(lambda: first.closed, "the failed QP is retired")
+    await until(lambda: first.closed, "the failed QP is retired")
     assert _drained(first)
     await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="fresh")
     fresh = a.dev.made[1]
@@ -760,13 +754,13 @@ async def test_a_receiving_qp_in_error_fails_its_landings_at_once_fake_device(fa
     a.dev.fake.hold = True  # the WRITE WITH IMM never arrives
     t0 = asyncio.get_running_loop().time()
     task = asyncio.create_task(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", timeout=20))
-    await _until(lambda: b._waiters, "the receiver waits for the landing")
+    await until(lambda: b._waiters, "the receiver waits for the landing")
     (theirs,) = b.dev.made
     theirs.modify(*err_attr(e))  # as after a fatal error on the receiver's QP
     with pytest.raises(TransferError):
         await task
     assert asyncio.get_running_loop().time() - t0 < 5 and done == []
-    await _until(lambda: theirs.closed, "the receiver retires its failed QP")
+    await until(lambda: theirs.closed, "the receiver retires its failed QP")
     assert _drained(theirs) and not b.accepted and not b._arrived and _drained(a.dev.made[0])
 
 
@@ -795,7 +789,7 @@ async def test_close_drains_and_destroys_every_qp_and_closes_the_device_fake_dev
     (ours,), (theirs,) = a.dev.made, b.dev.made
     ours.hold = True
     stuck = asyncio.create_task(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", timeout=30))
-    await _until(lambda: ours.sq, "the second write is posted")
+    await until(lambda: ours.sq, "the second write is posted")
     await a.close()
     with pytest.raises(TransferError):
         await stuck
@@ -950,8 +944,8 @@ async def test_writes_wait_for_room_in_the_send_cq_instead_of_overrunning_it_fak
         a.dev.fake.hold = True  # the first WRs wait: the others must not be posted behind them
         writes = [asyncio.create_task(a.write(torch.ones(100, dtype=torch.uint8), handle, 100 * i, 100, "bulk",
                                               notify=i, timeout=30)) for i in range(8)]
-        await _until(lambda: a.dev.made and len(a.dev.made[0].sq) == 3, "three writes are posted")
-        await asyncio.sleep(0.05)  # (the five others stay waiting for room)
+        await until(lambda: a.dev.made and len(a.dev.made[0].sq) == 3, "three writes are posted")
+        await loop_turns()  # the five others stay waiting for room: nothing completes while the WRs are held
         (qp,) = a.dev.made
         assert len(qp.posted) == 3 and a._cq_used == 3
         qp.release()
@@ -997,7 +991,7 @@ async def test_a_qp_fatal_event_retires_that_qp_only_and_the_next_write_gets_a_f
         qp_b, qp_c = a.dev.made
         qp_b.state = e.IBV_QPS_ERR  # (nothing outstanding to flush)
         a.dev.ctx.raise_event(e.IBV_EVENT_QP_FATAL)
-        await _until(lambda: qp_b.closed, "the failed QP is retired")
+        await until(lambda: qp_b.closed, "the failed QP is retired")
         assert _drained(qp_b) and not qp_c.closed and a._down is None
         await a.write(torch.ones(10, dtype=torch.uint8), to_b, 0, 10, "bulk", notify="b again")
         assert done == ["b", "c", "b again"] and len(a.dev.made) == 3 and a.dev.ctx.acked == 1
@@ -1013,7 +1007,7 @@ async def test_port_down_fails_writes_in_flight_and_sends_later_ones_over_tcp_un
         handle = b.register(torch.zeros(4096, dtype=torch.uint8))
         a.dev.fake.hold = True
         stuck = asyncio.create_task(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", timeout=30))
-        await _until(lambda: a.dev.made and a.dev.made[0].sq, "a write is in flight")
+        await until(lambda: a.dev.made and a.dev.made[0].sq, "a write is in flight")
         a.dev.ctx.raise_event(e.IBV_EVENT_PORT_ERR)
         with pytest.raises(TransferError):
             await stuck
@@ -1022,7 +1016,7 @@ async def test_port_down_fails_writes_in_flight_and_sends_later_ones_over_tcp_un
         assert done == ["tcp"] and b.bytes_received == 10 and len(a.dev.made) == 1
         a.dev.fake.hold = False
         a.dev.ctx.raise_event(e.IBV_EVENT_PORT_ACTIVE)
-        await _until(lambda: a._down is None, "the port is active again")
+        await until(lambda: a._down is None, "the port is active again")
         await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="rdma")
         assert done == ["tcp", "rdma"] and b.bytes_received == 10 and len(a.dev.made) == 2
     finally:
@@ -1040,7 +1034,7 @@ async def test_a_cq_overrun_stops_rdma_for_good_and_the_engine_writes_on_over_tc
         await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="rdma")
         a.dev.ctx.raise_event(e.IBV_EVENT_CQ_ERR)
         a.dev.ctx.raise_event(e.IBV_EVENT_PORT_ACTIVE)  # does not bring a fatal error back
-        await _until(lambda: a.dev.made[0].closed, "the QP is retired")
+        await until(lambda: a.dev.made[0].closed, "the QP is retired")
         await a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="tcp")
         assert done == ["rdma", "tcp"] and b.bytes_received == 10 and a._down.startswith("fatal")
         assert a.links() == {f"127.0.0.1:{b.port}": "tcp"}
@@ -1057,7 +1051,7 @@ async def test_a_landing_not_yet_arrived_does_not_hold_up_the_frames_behind_it_f
     a.dev.fake.hold = True
     rdma = asyncio.create_task(a.write(torch.ones(10, dtype=torch.uint8), handle, 0, 10, "bulk", notify="rdma",
                                        timeout=30))
-    await _until(lambda: b._waiters, "b waits for the RDMA write to land")
+    await until(lambda: b._waiters, "b waits for the RDMA write to land")
     over_link = a._write_over_link(torch.ones(10, dtype=torch.uint8), handle, 100, 10, "bulk", "tcp", 30)
     await asyncio.wait_for(over_link, 10)  # (a bound on a hang: the same bulk link, behind the landing)
     assert done == ["tcp"] and not rdma.done()

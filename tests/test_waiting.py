@@ -6,6 +6,7 @@ import time
 import pytest
 
 from dualpath.sched.waiting import WaitingRoom
+from tests.conftest import loop_turns, until
 
 
 async def _queue(room: WaitingRoom, names: list[str], order: list[str], **kw) -> list[asyncio.Task]:
@@ -27,7 +28,8 @@ async def test_each_heartbeat_wakes_only_the_oldest_waiter():
     for expected in (["a"], ["a", "b"], ["a", "b", "c"]):
         room.room_changed()
         room.room_changed()  # a second heartbeat before the woken one ran wakes no one else
-        await asyncio.sleep(0.01)
+        await until(lambda: len(order) >= len(expected), f"{expected[-1]} was woken")
+        await loop_turns()  # one wrongly woken as well would have run by now
         assert order == expected
     await asyncio.gather(*tasks)
     assert len(room) == 0
@@ -37,9 +39,9 @@ async def test_a_waiter_that_found_no_room_keeps_its_place_at_the_front():
     room, order = WaitingRoom(), []
     tasks = await _queue(room, ["b", "c"], order)
     tasks += await _queue(room, ["a"], order, keep_place=True)
-    for _ in range(3):
+    for n in range(1, 4):
         room.room_changed()
-        await asyncio.sleep(0.01)
+        await until(lambda: len(order) >= n, "the front waiter was woken")  # before the next heartbeat
     await asyncio.gather(*tasks)
     assert order == ["a", "b", "c"]
 
