@@ -342,7 +342,8 @@ def ready_message(cfg: ClusterConfig, cluster: LocalCluster, demo: bool) -> str:
     stop = ("the demo follows; the cluster stops after it" if demo else
             f"stop it with Ctrl-C, or `kill {os.getpid()}` (SIGTERM): every process stops and its secret is removed")
     return "\n".join([
-        f"API: {url}/v1   (the OpenAI base URL: POST /v1/completions, /v1/chat/completions, /v1/responses; GET /v1/models{bound})",
+        f"API: {url}/v1   (the OpenAI base URL: POST /v1/completions, /v1/chat/completions, /v1/responses; "
+        f"GET /v1/models{bound})",
         f"  dashboard  {url}/dashboard",
         f"  metrics    {url}/metrics",
         f"  model {served_name(cfg)!r}, policy {cfg.scheduler.policy}; block store {cfg.store.root}",

@@ -27,8 +27,8 @@ from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
 from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
-from dualpath.protocol import (Abort, EngineReport, Failed, Failure, LastPrefill, LayerLanded, Load, Prefill, Prefilled, RunHandle, SamplingParams, ask,
-                               tell)
+from dualpath.protocol import (Abort, EngineReport, Failed, Failure, LastPrefill, LayerLanded, Load, Prefill,
+                               Prefilled, RunHandle, SamplingParams, ask, tell)
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
 
