@@ -11,10 +11,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from dualpath.launcher import LocalCluster
 from tests.test_input_bounds import answer_with, coordinator
-from tests.test_serving import BT, cluster_config
-from tests.test_tools import ANSWER
+from tests.test_serving import BT
+from tests.test_tools import ANSWER, cluster  # noqa: F401  (cluster: a 1P1D fixture)
 
 TOOLS = [{"type": "function", "name": "ls", "description": "list files", "parameters": {"type": "object"}},
          {"type": "function", "name": "cat", "parameters": {"type": "object"}}]
@@ -92,13 +91,6 @@ async def test_what_cannot_be_honoured_is_refused_by_name(api, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         await api.openai.responses.create(**{"model": "tiny-gqa", "input": "x", "max_output_tokens": 2, **kw})
     assert e.value.status_code == 400 and e.value.body["param"] == param
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cfg = cluster_config(1, "tiny-gqa", str(tmp_path_factory.mktemp("store")))
-    with LocalCluster(cfg, str(tmp_path_factory.mktemp("run"))) as c:
-        yield c
 
 
 @pytest.mark.cluster
