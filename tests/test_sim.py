@@ -124,9 +124,11 @@ async def test_a_prefill_step_takes_the_jobs_whose_kv_is_in_and_else_the_first_l
 
     from dualpath.config import EngineConfig
     from dualpath.engine.prefill import PrefillEngine, PrefillJob
+    from dualpath.protocol import SamplingParams
 
     def job(rid: str, layers_in: int, hit_blocks: int = 4) -> PrefillJob:
-        j = PrefillJob(rid, list(range(300)), hit_blocks, 0, "de", None, 0.0, None, computed=hit_blocks * 64)
+        j = PrefillJob(rid=rid, tokens=list(range(300)), prompt_len=300, hit_blocks=hit_blocks, de_blocks=0,
+                       sampling=SamplingParams(), de="de", de_run=None, computed=hit_blocks * 64)
         j.path_a_layer = [asyncio.Event() for _ in range(3)]
         j.path_b_layer = [asyncio.Event() for _ in range(3)]
         for ev in j.path_a_layer[:layers_in] + j.path_b_layer:

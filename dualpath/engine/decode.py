@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from dualpath.config import ClusterConfig, EngineSpec
-from dualpath.engine.buffers import BufferRun, run_layer_offset
+from dualpath.engine.buffers import run_layer_offset
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import OutOfBlocks
-from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
+from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, EngineRequest, sample_batch
 from dualpath.protocol import (Abort, Admit, Done, EngineReport, Failed, LayerLanded, Load, Prefilled, RunHandle,
-                               SamplingParams, Token, ask, tell)
+                               Token, ask, tell)
 from dualpath.storage.keys import block_chain, next_key
 from dualpath.storage.persist import Persister
 from dualpath.storage.store import BusyClock
@@ -35,24 +35,17 @@ from dualpath.transport.control import Connection
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DecodeSeq:
-    rid: str
-    tokens: list[int]  # prompt, then generated tokens
-    prompt_len: int
+@dataclass(kw_only=True)
+class DecodeSeq(EngineRequest):
+    """A request on the DE: its slot reserved, its path-B share read and sent, its handoff merged,
+    then decoded, every full block persisted."""
+
     context_len: int  # tokens at admission, whose KV the handoff brings: the prompt, or a migrated
     # request's prompt + the answer it had streamed (protocol.Admit.generated)
-    hit_blocks: int
-    de_blocks: int  # leading hit blocks this engine reads and sends to the PE (path B)
-    sampling: SamplingParams  # how its tokens are drawn, and when its answer ends
     pe: str = ""  # the PE that writes its handoff into our run
-    run: BufferRun | None = None
-    grant: dict | None = None  # the PE's leave to write its handoff into our run
-    blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # chain keys of the full blocks so far
     hit_layers: list[asyncio.Event] = field(default_factory=list)  # path B: set when layer l is read, or on a miss
     layers_read: int = 0  # layers of our path-B read that are in and verified
-    io: list[asyncio.Task] = field(default_factory=list)  # reads into our run, and path-B sends out of it
     persisted: list[asyncio.Future] = field(default_factory=list)
     expiry: asyncio.TimerHandle | None = None  # frees the slot if no handoff comes by the deadline
     cancelled: bool = False
@@ -61,10 +54,6 @@ class DecodeSeq:
     @property
     def max_tokens(self) -> int:
         return self.sampling.max_tokens
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
 
 
 @dataclass
@@ -177,8 +166,9 @@ class DecodeEngine(Engine):
         coordinator tries another DE, or waits for room: it must not wait out its admit's timeout
         here); start reading our share of the hits (path B). Answers the RunHandle where the PE
         writes its handoff."""
-        seq = DecodeSeq(msg.rid, list(msg.tokens), len(msg.tokens) - msg.generated, len(msg.tokens), msg.hit_blocks,
-                        msg.de_blocks, msg.sampling, msg.pe)
+        seq = DecodeSeq(rid=msg.rid, tokens=list(msg.tokens), prompt_len=len(msg.tokens) - msg.generated,
+                        context_len=len(msg.tokens), hit_blocks=msg.hit_blocks, de_blocks=msg.de_blocks,
+                        sampling=msg.sampling, pe=msg.pe)
         try:
             seq.blocks = self.pool.allocator.alloc(self.pool.blocks_for(seq.prompt_len + seq.max_tokens))
         except OutOfBlocks as e:

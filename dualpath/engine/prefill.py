@@ -22,33 +22,26 @@ from typing import Any
 import torch
 
 from dualpath.config import ClusterConfig, EngineSpec
-from dualpath.engine.buffers import BufferRun, run_layer_offset
+from dualpath.engine.buffers import run_layer_offset
 from dualpath.engine.batching import pick_batch
 from dualpath.engine.model import Batch, last_token_index
 from dualpath.device import until_done
-from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, sample_batch
+from dualpath.engine.runtime import HANDOFF_FENCE_S, Engine, EngineRequest, sample_batch
 from dualpath.protocol import (Abort, EngineReport, Failed, Failure, LastPrefill, LayerLanded, Load, Prefill,
-                               Prefilled, RunHandle, SamplingParams, ask, tell)
+                               Prefilled, RunHandle, ask, tell)
 from dualpath.storage.keys import block_chain
 from dualpath.transport.control import Connection
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PrefillJob:
-    rid: str
-    tokens: list[int]
-    hit_blocks: int  # leading blocks whose KV is loaded, not computed
-    de_blocks: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
+@dataclass(kw_only=True)
+class PrefillJob(EngineRequest):
+    """A request on the PE: its hits loaded on paths A and B, its miss computed, its first token
+    drawn, its KV handed off to the DE."""
+
     de: str
     de_run: RunHandle  # where the handoff goes
-    sampling: SamplingParams  # how the first token is drawn
-    generated: int = 0  # trailing tokens that are already answer (a migrated request: protocol.Admit)
-    run: BufferRun | None = None
-    grant: dict | None = None  # the DE's leave to write path B into our run
-    blocks: list[int] = field(default_factory=list)
-    io: list[asyncio.Task] = field(default_factory=list)  # reads and path-B loads into our run
     # Layer l of our storage reads / of the DE's writes is in our buffer (set on the event loop; the
     # compute thread only reads them, in run_layers)
     path_a_layer: list[asyncio.Event] = field(default_factory=list)
@@ -93,8 +86,9 @@ class PrefillEngine(Engine):
         return self.last_prefill
 
     async def on_prefill(self, conn: Connection, msg: Prefill) -> dict:
-        job = PrefillJob(msg.rid, msg.tokens, msg.hit_blocks, msg.de_blocks, msg.de, msg.de_run, msg.sampling,
-                         msg.generated, computed=msg.hit_blocks * self.bt)  # its queued work is the miss alone
+        job = PrefillJob(rid=msg.rid, tokens=msg.tokens, prompt_len=len(msg.tokens) - msg.generated,
+                         hit_blocks=msg.hit_blocks, de_blocks=msg.de_blocks, sampling=msg.sampling, de=msg.de,
+                         de_run=msg.de_run, computed=msg.hit_blocks * self.bt)  # its queued work is the miss alone
         self.jobs[job.rid] = job
         self.spawn(self._admit(job), f"admitting {job.rid}")
         return {"accepted": True}
@@ -250,7 +244,7 @@ class PrefillEngine(Engine):
 
         def first_tokens() -> list[int]:  # on the compute thread: sampling waits for the GPU
             logits = self.model.logits(h[[i for _, i in finished]])
-            return sample_batch(logits, [(j.sampling, j.tokens, len(j.tokens) - j.generated) for j, _ in finished])
+            return sample_batch(logits, [(j.sampling, j.tokens, j.prompt_len) for j, _ in finished])
 
         firsts = await self.in_compute(first_tokens) if finished else []
         for j, n in picked:

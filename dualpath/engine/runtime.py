@@ -10,6 +10,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Coroutine
 
 import torch
@@ -109,6 +110,28 @@ def sample_batch(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sequence
 
 
 FREED_BEAT_GAP_S = 0.02  # frees closer together than this share one heartbeat
+
+
+@dataclass(kw_only=True)
+class EngineRequest:
+    """What an engine holds for one request, whichever its role (PrefillJob, DecodeSeq): the
+    request's tokens, hits and sampling, and the memory it holds with the I/O into it."""
+
+    rid: str  # the attempt's id (the coordinator's request id and attempt number)
+    tokens: list[int]  # the prompt, then the answer so far (a migrated request arrives with part of it)
+    prompt_len: int
+    hit_blocks: int  # leading blocks whose KV is stored (loaded, not computed)
+    de_blocks: int  # of those, the leading blocks the DE reads (path B); the PE reads the rest (path A)
+    sampling: SamplingParams  # how its tokens are drawn, and when its answer ends
+    run: BufferRun | None = None  # its run of our DRAM buffer
+    grant: dict | None = None  # the peer's leave to write into that run (the DE's path B, the PE's handoff)
+    blocks: list[int] = field(default_factory=list)  # its HBM blocks
+    io: list[asyncio.Task] = field(default_factory=list)  # reads into the run, and writes out of it
+
+    @property
+    def generated(self) -> int:
+        """Answer tokens among `tokens`."""
+        return len(self.tokens) - self.prompt_len
 
 
 class Engine:
@@ -390,7 +413,7 @@ class Engine:
             done.record()
         return done
 
-    def free_request_memory(self, req) -> None:
+    def free_request_memory(self, req: EngineRequest) -> None:
         """Give back a request's DRAM buffer run and HBM blocks (idempotent). While a read or a
         peer's write into its run is still under way (an abort mid-load), wait for it: the run must
         not be handed to another request while bytes still land in it."""
