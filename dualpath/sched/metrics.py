@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from dualpath.sched.replies import finish_reason
+
 if TYPE_CHECKING:
     from dualpath.config import ClusterConfig
     from dualpath.sched.coordinator import EngineEntry, RequestState
@@ -61,15 +63,6 @@ def buckets_1_2_5(limit: int) -> tuple[int, ...]:
                 return tuple(out)
             out.append(m * scale)
         scale *= 10
-
-
-def finish_reason(req: RequestState) -> str:
-    """vLLM's finished_reason of a request its engines finished: 'stop' for EOS or a stop token id
-    (an answer shorter than max_tokens ended so), else 'length'. A stop string is found by the API,
-    not the engines: the coordinator passes 'stop' for it (ClusterMetrics.answered's `reason`)."""
-    sampling = req.params.get("sampling")
-    ended = bool(req.output) and sampling is not None and sampling.stops_on(req.output[-1])
-    return "stop" if ended or len(req.output) < req.params["max_tokens"] else "length"
 
 
 class ClusterMetrics:

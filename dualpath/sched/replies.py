@@ -20,9 +20,10 @@ if TYPE_CHECKING:
     from dualpath.sched.coordinator import RequestState
 
 
-def finish_reason(req: RequestState, hit_stop: bool) -> str:
-    """'stop' for a stop string, a stop token id or the end-of-sequence token (even as the
-    max_tokens-th token), else 'length' when max_tokens ended the answer."""
+def finish_reason(req: RequestState, hit_stop: bool = False) -> str:
+    """'stop' for a stop string (`hit_stop`: the API finds those, not the engines), a stop token id
+    or the end-of-sequence token (even as the max_tokens-th token), else 'length' when max_tokens
+    ended the answer. The responses and /metrics (vLLM's finished_reason) both say it so."""
     ended = bool(req.output) and req.params["sampling"].stops_on(req.output[-1])
     return "stop" if hit_stop or ended or len(req.output) < req.params["max_tokens"] else "length"
 
