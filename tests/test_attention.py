@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dualpath.engine import attention
+from dualpath.engine import model as model_module
 from dualpath.engine.kvcache import KVPool
 from dualpath.engine.model import Batch, Model, ModelConfig
 from tests.conftest import needs_triton_interpreter, run_in_triton_interpreter
@@ -122,6 +123,7 @@ import torch
 from dualpath.engine import attention
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import KVPool
+from dualpath.engine import model as model_module
 from dualpath.engine.model import Batch, Model, ModelConfig
 from tests.conftest import needs_triton_interpreter, run_in_triton_interpreter
 BT = 16
@@ -156,10 +158,13 @@ for kind, cfg in CONFIGS.items():
     before = pool.kv.clone()
     want = logits(model, pool, seqs, ids, False)
     kv_want = pool.kv.clone()
-    pool.kv.copy_(before)
-    got = logits(model, pool, seqs, ids, True)
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (kind, (got - want).abs().max())
-    assert torch.allclose(pool.kv, kv_want, atol=1e-5), kind
+    for form in ("absorbed", "expanded") if kind == "mla" else ("auto",):  # MLA's two prefill forms
+        model_module.MLA_PREFILL_FORM = form
+        pool.kv.copy_(before)
+        got = logits(model, pool, seqs, ids, True)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (kind, form, (got - want).abs().max())
+        assert torch.allclose(pool.kv, kv_want, atol=1e-5), (kind, form)
+    model_module.MLA_PREFILL_FORM = "auto"
     last = [3, 9, 11]
     step = [(t, c + n, 1) for t, (c, n) in zip(tables, shapes)]
     before = pool.kv.clone()
@@ -250,9 +255,14 @@ def test_kernel_steps_equal_the_torch_path_on_gpu(kind, dtype):
     ids = torch.randint(0, 256, (sum(n for _, n in shapes),), generator=gen).cuda()
     kv_before = pool.kv.clone()
     want = _logits(model, pool, seqs, ids, paged=False)
-    pool.kv.copy_(kv_before)
-    got = _logits(model, pool, seqs, ids, paged=True)
-    torch.testing.assert_close(got.float(), want.float(), **tol)
+    for form in ("absorbed", "expanded") if kind == "mla" else ("auto",):  # MLA's two prefill forms
+        model_module.MLA_PREFILL_FORM = form
+        try:
+            pool.kv.copy_(kv_before)
+            got = _logits(model, pool, seqs, ids, paged=True)
+        finally:
+            model_module.MLA_PREFILL_FORM = "auto"
+        torch.testing.assert_close(got.float(), want.float(), **tol)
 
     last = torch.randint(0, 256, (len(shapes),), generator=gen).tolist()
     step = [(t, c + n, 1) for t, (c, n) in zip(tables, shapes)]
@@ -268,16 +278,18 @@ def test_kernel_steps_equal_the_torch_path_on_gpu(kind, dtype):
 
 
 @needs_gpu
-def test_long_context_decode_splits_and_merges_on_gpu():
-    """One sequence of 20K tokens: its decode is split across many programs; the merge equals
-    the one-range result."""
-    model = _model("gqa", torch.bfloat16)
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_long_context_decode_splits_and_merges_on_gpu(kind):
+    """One sequence of 20K tokens: its decode is split across many programs (80 here; MLA's merge
+    reads them 16 at a time); the merge equals the one-range result."""
+    model = _model(kind, torch.bfloat16)
     c = model.cfg
-    layout = attention.KVLayout.gqa(c.n_kv_heads, c.head_dim)
+    layout = (attention.KVLayout.gqa(c.n_kv_heads, c.head_dim) if kind == "gqa"
+              else attention.KVLayout.mla(c.kv_lora_rank, c.qk_rope_head_dim))
     kv = torch.randn(1300, BT, c.kv_width, device="cuda", dtype=torch.bfloat16)
     seqs = [(list(range(1280)), 20479, 1)]
     meta = attention.PagedMeta.for_steps(seqs, BT, torch.device("cuda"), 1)
-    q = torch.randn(1, c.n_heads, c.head_dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, c.n_heads, layout.dk1 + layout.dk2, device="cuda", dtype=torch.bfloat16)
     one = attention.paged_attention(q, kv, layout, meta, c.scale, n_splits=1)
     many = attention.paged_attention(q, kv, layout, meta, c.scale)
     torch.testing.assert_close(many.float(), one.float(), atol=2e-2, rtol=2e-2)

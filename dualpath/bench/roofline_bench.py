@@ -101,10 +101,14 @@ def attention_flops(cfg: ModelConfig, cached: int, new: int) -> float:
     multiply-add, for q.k and for p.v of each (query, key, head)."""
     pairs = new * cached + new * (new + 1) / 2
     if cfg.attn == "gqa":
-        per_pair = 2 * cfg.n_heads * cfg.head_dim * 2
-    else:  # absorbed: q.[latent|rope] and p.latent
-        per_pair = 2 * cfg.n_heads * (cfg.kv_width + cfg.kv_lora_rank)
-    return pairs * per_pair * cfg.n_layers
+        return pairs * 2 * cfg.n_heads * cfg.head_dim * 2 * cfg.n_layers
+    # MLA: the cheaper of its two forms (engine/model.py's MLAttention.expands). Absorbed:
+    # q.[latent|rope] and p.latent; expanded: q.[k nope|rope] and p.v, after kv_b_proj expands
+    # every context row once.
+    absorbed = pairs * 2 * cfg.n_heads * (cfg.kv_width + cfg.kv_lora_rank)
+    expanded = pairs * 2 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) \
+        + (cached + new) * 2 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank
+    return min(absorbed, expanded) * cfg.n_layers
 
 
 def _row(preset, kind, batch, new, ctx, times, gbytes, tflop, lim: Limits) -> StepRow:

@@ -268,20 +268,31 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(Out, Part, Lse, n_splits, H, stride_on, stride_oh, stride_ps, stride_pn, stride_ph,
-                      stride_ls, stride_ln, DV: tl.constexpr):
-        """One program per (token, head): out = Σ_s 2^(lse_s - M) part_s / Σ_s 2^(lse_s - M)."""
+                      stride_ls, stride_ln, DV: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One program per (token, head): out = Σ_s 2^(lse_s - M) part_s / Σ_s 2^(lse_s - M).
+
+        Splits are read BLOCK_S at a time (a vector of log-sum-exps, a [BLOCK_S, DV] tile of partial
+        outputs): a long context has ~80 splits, and one load per split leaves the merge waiting on
+        memory latency 80 times in a row."""
         n, h = tl.program_id(0) // H, tl.program_id(0) % H
-        cols = tl.arange(0, DV)
-        big = tl.full([1], float("-inf"), tl.float32)
-        for s in range(0, n_splits):
-            big = tl.maximum(big, tl.load(Lse + s * stride_ls + n * stride_ln + h + tl.zeros([1], tl.int32)))
-        total = tl.zeros([1], tl.float32)
+        cols, ss = tl.arange(0, DV), tl.arange(0, BLOCK_S)
+        lse_row = Lse + n * stride_ln + h
+        big = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            big = tl.maximum(big, tl.load(lse_row + (s0 + ss) * stride_ls, mask=s0 + ss < n_splits,
+                                          other=float("-inf")))
+        top = tl.max(big, 0)
+        total = tl.zeros([BLOCK_S], tl.float32)
         acc = tl.zeros([DV], tl.float32)
-        for s in range(0, n_splits):
-            w = tl.exp2(tl.load(Lse + s * stride_ls + n * stride_ln + h + tl.zeros([1], tl.int32)) - big)
+        for s0 in range(0, n_splits, BLOCK_S):
+            s = s0 + ss
+            ok = s < n_splits
+            w = tl.exp2(tl.load(lse_row + s * stride_ls, mask=ok, other=float("-inf")) - top)  # [BLOCK_S]
             total += w
-            acc += w * tl.load(Part + s * stride_ps + n * stride_pn + h * stride_ph + cols)
-        tl.store(Out + n * stride_on + h * stride_oh + cols, (acc / total).to(Out.dtype.element_ty))
+            part = tl.load(Part + s[:, None] * stride_ps + n * stride_pn + h * stride_ph + cols[None, :],
+                           mask=ok[:, None], other=0.0)
+            acc += tl.sum(w[:, None] * part, 0)
+        tl.store(Out + n * stride_on + h * stride_oh + cols, (acc / tl.sum(total, 0)).to(Out.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -346,5 +357,6 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: KVLayout, m
     )
     if splits > 1:
         _merge_kernel[(n * h,)](out, part, lse, splits, h, out.stride(0), out.stride(1), part.stride(0),
-                                part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), DV=layout.dv)
+                                part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), DV=layout.dv,
+                                BLOCK_S=min(triton.next_power_of_2(splits), max(2, 8192 // layout.dv)))
     return out

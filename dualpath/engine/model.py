@@ -269,6 +269,10 @@ class ModelConfig:
 
 MASK_MAX_ELEMENTS = 1 << 22  # above this an explicit [n, ctx] mask costs more memory than it saves time
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+# MLA's prefill form on the GPU: "auto" takes whichever costs fewer FLOPs (MLAttention.expands);
+# tests force one. The expanded copy of a step's context is capped at MLA_EXPAND_BYTES.
+MLA_PREFILL_FORM = "auto"  # "auto" | "expanded" | "absorbed"
+MLA_EXPAND_BYTES = 1 << 30
 
 # cuDNN's attention (which SDPA prefers for a boolean mask on Hopper) compiles a kernel for each new
 # shape, 0.5-1.3 s each on an H200, and every agent's turn has a new context length. The kernels
@@ -345,7 +349,7 @@ class Batch:
     lens: torch.Tensor | None = None
     seqs: list[tuple[list[int], int, int]] = field(default_factory=list)  # as given to build
     block_tokens: int = 0
-    _metas: dict[int, PagedMeta] = field(default_factory=dict, repr=False)
+    _metas: dict[tuple[str, int], PagedMeta] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def build(seqs: list[tuple[list[int], int, int]], block_tokens: int, device: torch.device | str) -> "Batch":
@@ -377,13 +381,34 @@ class Batch:
     def paged_meta(self, block_q: int, block_tokens: int) -> PagedMeta:
         """The step as the paged kernel reads it (engine/attention.py), made when the first layer
         asks and kept for the others; a padded decode step reads its fixed buffers in place."""
-        meta = self._metas.get(block_q)
+        meta = self._metas.get(("pool", block_q))
         if meta is None:
             if self.padded_tables is not None:
                 meta = PagedMeta.for_decode(self.padded_tables, self.lens, block_tokens)
             else:
                 meta = PagedMeta.for_steps(self.seqs, block_tokens, self.positions.device, block_q)
-            self._metas[block_q] = meta
+            self._metas[("pool", block_q)] = meta
+        return meta
+
+    @functools.cached_property
+    def context_blocks(self) -> torch.Tensor:
+        """Every pool block the step's sequences read, sequence after sequence (LongTensor on the
+        device): MLA's expanded prefill copies these rows out of the pool, in this order."""
+        ids = [b for t, c, n in self.seqs for b in t[: -(-(c + n) // self.block_tokens)]]
+        return torch.tensor(ids, dtype=torch.long).to(self.positions.device, non_blocking=True)
+
+    def context_meta(self, block_q: int) -> PagedMeta:
+        """The step as the kernel reads it from the copy of ``context_blocks``: the same sequences,
+        their tables renumbered into the copy."""
+        meta = self._metas.get(("copy", block_q))
+        if meta is None:
+            seqs, start = [], 0
+            for _, c, n in self.seqs:
+                nb = -(-(c + n) // self.block_tokens)
+                seqs.append((list(range(start, start + nb)), c, n))
+                start += nb
+            meta = self._metas[("copy", block_q)] = PagedMeta.for_steps(seqs, self.block_tokens,
+                                                                        self.positions.device, block_q)
         return meta
 
     @property
@@ -612,6 +637,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, h, bias=False)
+        self._kv_b_split: torch.Tensor | None = None  # kv_b_proj's rows regrouped (the expanded form)
 
     def _q_unrotated(self, x: torch.Tensor) -> torch.Tensor:
         """[N, H, nope + rope] before RoPE."""
@@ -645,8 +671,54 @@ class MLAttention(nn.Module):
         out = torch.einsum("hqk,khd->qhd", scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
         return self.o_proj(out.reshape(len(x), -1))
 
+    def expands(self, batch: Batch) -> bool:
+        """Attend a prefill step in the expanded form: when it costs fewer FLOPs than the absorbed one
+        and its copy fits MLA_EXPAND_BYTES. Per (query, key, head) the absorbed form does
+        2 (r + rope) + 2 r FLOPs and the expanded 2 (nope + rope) + 2 v; expanding costs
+        2 H (nope + v) r per context key, paid once for all of the step's queries (a decode step's
+        one query never repays it: DeepSeek's FlashMLA decodes absorbed, vLLM and SGLang prefill expanded)."""
+        if MLA_PREFILL_FORM != "auto" or batch.is_decode or not batch.seqs:
+            return MLA_PREFILL_FORM == "expanded" and not batch.is_decode and bool(batch.seqs)
+        c = self.cfg
+        keys = sum(-(-ctx // batch.block_tokens) * batch.block_tokens for ctx in batch.ctx_lens)
+        if keys * self.expanded_width * 2 > MLA_EXPAND_BYTES:
+            return False
+        pairs = sum(n * (ctx - n) + n * (n + 1) / 2 for n, ctx in zip(batch.new_lens, batch.ctx_lens))
+        absorbed = pairs * 2 * (c.kv_width + c.kv_lora_rank)
+        expanded = pairs * 2 * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) \
+            + keys * 2 * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
+        return expanded < absorbed
+
+    @property
+    def expanded_width(self) -> int:
+        """A context row in the expanded form: [K nope of every head | V of every head | shared rope key]."""
+        c = self.cfg
+        return c.n_heads * (c.qk_nope_head_dim + c.v_head_dim) + c.qk_rope_head_dim
+
+    def _attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_layer: torch.Tensor,
+                         batch: Batch) -> torch.Tensor:
+        """Multi-head attention over an expanded copy of the step's context: q_nope [N, H, nope] and
+        q_pe [N, H, rope] (rotated) -> out [N, H, v].
+
+        The context's latent rows go through kv_b_proj once (one GEMM, whose output lands in the
+        copy's K and V columns), the rotated rope key is copied beside them, and the paged kernel reads
+        the copy as a pool of H KV heads whose key has a second part shared by all heads."""
+        c = self.cfg
+        H, nope, v, r = c.n_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
+        if self._kv_b_split is None:  # kv_b_proj's rows as [K nope of every head | V of every head]
+            w = self.kv_b_proj.weight.view(H, nope + v, r)
+            self._kv_b_split = torch.cat([w[:, :nope].reshape(H * nope, r), w[:, nope:].reshape(H * v, r)])
+        rows = kv_layer[batch.context_blocks]  # [blocks, BT, r + rope]
+        copy = torch.empty(*rows.shape[:2], self.expanded_width, dtype=rows.dtype, device=rows.device)
+        flat = copy.view(-1, self.expanded_width)
+        torch.mm(rows.view(-1, rows.shape[-1])[:, :r], self._kv_b_split.t(), out=flat[:, : H * (nope + v)])
+        flat[:, H * (nope + v) :] = rows.view(-1, rows.shape[-1])[:, r:]
+        layout = KVLayout(n_kv_heads=H, dk1=nope, dk2=c.qk_rope_head_dim, dv=v, k2_off=H * (nope + v), v_off=H * nope)
+        meta = batch.context_meta(attention.prefill_block_q(layout, H))
+        return attention.paged_attention(torch.cat([q_nope, q_pe], -1), copy, layout, meta, c.scale)
+
     def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, cos_sin) -> torch.Tensor:
-        """Absorbed form. kv_layer: [n_blocks, block_tokens, kv_lora_rank + rope_dim].
+        """Absorbed form (a long prefill on the GPU: the expanded form, ``_attend_expanded``). kv_layer: [n_blocks, block_tokens, kv_lora_rank + rope_dim].
 
         score_h(t) = (q_nope_h W_UK_h) · c_t + q_pe_h · k_pe_t;  out_h = (Σ_t p_h(t) c_t) W_UV_h
         """
@@ -659,6 +731,9 @@ class MLAttention(nn.Module):
             ckv, _ = fused.add_rms_norm(ckv, self.kv_a_layernorm.weight, c.rms_eps)
             q_pe = fused.rope_and_cache(q, c.qk_nope_head_dim, k_pe.unsqueeze(1), ckv, kv_layer, batch.slots, cos_sin,
                                         k_dst=c.kv_lora_rank, copy_dst=0, interleave=rope.interleave)
+            if self.expands(batch):
+                out = self._attend_expanded(q[..., : c.qk_nope_head_dim], q_pe, kv_layer, batch)
+                return self.o_proj(out.reshape(len(x), -1))
             q_lat = torch.einsum("nhd,hdr->nhr", q[..., : c.qk_nope_head_dim], w_uk)  # [N, H, r]
             layout = KVLayout.mla(c.kv_lora_rank, c.qk_rope_head_dim)
             meta = batch.paged_meta(attention.prefill_block_q(layout, c.n_heads), kv_layer.shape[1])
