@@ -216,7 +216,7 @@ class Api:
     async def _stream(self, request: web.Request, req: RequestState, chat: bool,
                       call_parser: ToolCallParser | None = None) -> web.StreamResponse:
         """Server-sent events of a completion or chat completion (replies.StreamChunks)."""
-        chunks = StreamChunks(req.rid, self.served.model, chat, req.params["include_usage"])
+        chunks = StreamChunks(req.request_id, self.served.model, chat, req.params["include_usage"])
 
         async def send(resp: web.StreamResponse) -> None:
             async with contextlib.aclosing(self._pieces(req, call_parser)) as pieces:
@@ -269,15 +269,15 @@ class Api:
         text, finish = await self._complete(request, req)
         content, calls = call_parser.add(text, final=True) if call_parser else (text, [])
         finish = "tool_calls" if calls else finish
-        self.conversations.keep(req.rid, messages + answer_messages(content, calls))
+        self.conversations.keep(req.request_id, messages + answer_messages(content, calls))
         created = int(time.time())
-        return web.json_response(response_body(req.rid, body, self.served.model, output_items(content, calls),
+        return web.json_response(response_body(req.request_id, body, self.served.model, output_items(content, calls),
                                                finish, response_usage(usage([req], self.served.block_tokens)),
                                                created))
 
     async def _stream_response(self, request: web.Request, req: RequestState, body: dict, messages: list[dict],
                                call_parser: ToolCallParser | None) -> web.StreamResponse:
-        events = ResponseEvents(req.rid, body, self.served.model)
+        events = ResponseEvents(req.request_id, body, self.served.model)
 
         async def send(resp: web.StreamResponse) -> None:
             await resp.write(events.start())
@@ -287,7 +287,7 @@ class Api:
                     content.append(text)
                     await resp.write(events.text(text) + events.calls(calls))
             calls = call_parser.calls if call_parser else []
-            self.conversations.keep(req.rid, messages + answer_messages("".join(content), calls))
+            self.conversations.keep(req.request_id, messages + answer_messages("".join(content), calls))
             await resp.write(events.finish(finish, response_usage(usage([req], self.served.block_tokens))))
 
         return await self._events(request, req, send, events.error)

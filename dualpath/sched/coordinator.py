@@ -85,7 +85,7 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class RequestState:
-    rid: str
+    request_id: str  # the client's: the id of its response
     tokens: list[int]
     params: dict
     policy: str
@@ -105,10 +105,10 @@ class RequestState:
     deadline: float = math.inf  # monotonic time by which the request is answered or failed
 
     @property
-    def attempt_rid(self) -> str:
+    def rid(self) -> str:
         """The id the engines know this attempt by: a retry is a new request to them, so a late
         abort of the failed attempt can never hit the retry, even on the same engines."""
-        return f"{self.rid}.{self.attempts}"
+        return f"{self.request_id}.{self.attempts}"
 
     @property
     def context(self) -> list[int]:
@@ -144,7 +144,7 @@ class Coordinator:
         self._sweep_at = 0.0  # when cluster_view next drops the engines that stopped heartbeating
         self.waiting = WaitingRoom()  # requests that found no room (or no engine of a role), oldest first
         self.stopping = False  # set when the coordinator stops: waiting for an engine is then pointless
-        self.requests: dict[str, RequestState] = {}  # by attempt_rid: the attempts engines are running
+        self.requests: dict[str, RequestState] = {}  # by rid: the attempts engines are running
         self.metrics = ClusterMetrics(self)
         self.dashboard = Dashboard(self)
         self.stats = {"requests": 0, "path_A": 0, "path_B": 0, "path_A+B": 0, "rejected": 0, "retried": 0, "migrated": 0,
@@ -254,10 +254,10 @@ class Coordinator:
         """The model id clients send and /v1/models and /metrics name."""
         return self.cfg.model.served_model_name or self.cfg.model.weights or self.cfg.model.preset
 
-    def new_request(self, rid: str, tokens: list[int], params: dict, policy: str) -> RequestState:
+    def new_request(self, request_id: str, tokens: list[int], params: dict, policy: str) -> RequestState:
         """A request the API has validated (parse.py); generate() runs it."""
         self.stats["requests"] += 1
-        return RequestState(rid, tokens, params, policy)
+        return RequestState(request_id, tokens, params, policy)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.bt)
@@ -272,7 +272,7 @@ class Coordinator:
         room after all) or does not answer while its heartbeats stop is passed over."""
         req.attempts += 1
         req.status = RequestStatus.WAITING
-        self.requests[req.attempt_rid] = req
+        self.requests[req.rid] = req
         context, generated = req.context, len(req.output)
         chain = block_chain(context, self.fingerprint, self.bt)
         # At least one token is computed: the PE needs the last context token's logits.
@@ -308,14 +308,14 @@ class Coordinator:
             req.conns = {d.pe: pe.conn, d.de: de.conn}
             self._assign(d, info)
             self.waiting.room_changed()  # what is left may fit the next waiter
-            rid, sampling = req.attempt_rid, req.params["sampling"]
+            rid, sampling = req.rid, req.params["sampling"]
             admit = Admit(rid, context, hit, d.de_blocks, sampling, pe=d.pe,
                           handoff_timeout_s=max(0.0, req.deadline - time.monotonic()), pe_incarnation=pe.incarnation,
                           generated=generated)
             try:
                 de_run = RunHandle(**await self._ask(de, admit))
             except (RemoteError, ConnectionError, TimeoutError) as e:
-                log.warning("%s: %s did not admit it (%s); trying another decode engine", req.rid, d.de, e)
+                log.warning("%s: %s did not admit it (%s); trying another decode engine", req.request_id, d.de, e)
                 self.stats["admit_retries"] += 1
                 self.metrics.retries.labels("admit").inc()
                 if isinstance(e, RemoteError):  # it refused, holding nothing (no room after all)
@@ -405,7 +405,7 @@ class Coordinator:
             req.migrations += 1
             self.stats["migrated"] += 1
             self.metrics.migrations.labels(news.cause).inc()
-            log.info("%s: %s after %d tokens; it continues on another engine", req.rid, news.error, len(req.output))
+            log.info("%s: %s after %d tokens; it continues on another engine", req.request_id, news.error, len(req.output))
         else:
             self.stats["retried"] += 1
             self.metrics.retries.labels("attempt").inc()
@@ -420,7 +420,7 @@ class Coordinator:
         except RemoteError as e:  # the PE refused the job
             raise RequestFailed(503, f"could not start the request: {e}") from None
         except (ConnectionError, TimeoutError) as e:
-            return Failed(req.attempt_rid, f"could not start the request: {e}", retry=True)
+            return Failed(req.rid, f"could not start the request: {e}", retry=True)
         return None
 
     def answered(self, req: RequestState, reason: str | None = None) -> None:
@@ -432,17 +432,17 @@ class Coordinator:
 
     def client_gone(self, req: RequestState) -> None:
         """Count a request whose client left (generate()'s closing frees its slot and buffers)."""
-        log.info("client of %s went away; its slot and buffers are freed", req.rid)
+        log.info("client of %s went away; its slot and buffers are freed", req.request_id)
         req.status = RequestStatus.ABORTED
         self.stats["client_gone"] += 1
         self.metrics.aborted()
 
     def _end_attempt(self, req: RequestState) -> None:
         """Forget the current attempt and tell its engines to drop whatever they still hold for it."""
-        if self.requests.pop(req.attempt_rid, None) is None or req.decision is None:
+        if self.requests.pop(req.rid, None) is None or req.decision is None:
             return
         for conn in req.conns.values():  # (dropped where the engine is gone: its memory went with it)
-            tell(conn, Abort(req.attempt_rid))
+            tell(conn, Abort(req.rid))
 
     async def _next_event(self, req: RequestState) -> Token | Done | Failed:
         """The next news of the request: from its engines, or a (retryable) failure if one of them
@@ -461,7 +461,7 @@ class Coordinator:
                 for name in needed:
                     if (lost := self._lost(req, name)) is not None:
                         what = "died" if lost == "died" else "stopped heartbeating"
-                        return Failed(req.attempt_rid, f"engine {name} {what}", retry=True, cause=lost)
+                        return Failed(req.rid, f"engine {name} {what}", retry=True, cause=lost)
 
     def _lost(self, req: RequestState, name: str) -> str | None:
         """None while engine `name`, as this attempt found it, is still there; else "died" (its

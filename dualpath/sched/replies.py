@@ -71,7 +71,7 @@ def chat_body(req: RequestState, content: str, finish: str, calls: list[ToolCall
     if calls:
         message = {"role": "assistant", "content": content or None, "tool_calls": [c.openai() for c in calls]}
         finish = "tool_calls"
-    return {"id": req.rid, "object": "chat.completion", "created": int(time.time()), "model": served.model,
+    return {"id": req.request_id, "object": "chat.completion", "created": int(time.time()), "model": served.model,
             "choices": [{"index": 0, "message": message, "token_ids": req.output, "logprobs": None,
                          "finish_reason": finish}],
             "usage": usage([req], served.block_tokens), "dualpath": dualpath_info(req, served.block_bytes)}
@@ -89,7 +89,7 @@ class StreamChunks:
     the new text only, a last chunk with the finish reason (and the `dualpath` object), then the
     usage if asked, then [DONE]. A chat stream carries the text as `delta` (the first one also
     names the assistant role) and each tool call, whole, as a `tool_calls` delta."""
-    rid: str
+    request_id: str
     model: str
     chat: bool
     include_usage: bool
@@ -111,7 +111,7 @@ class StreamChunks:
         return {"index": 0, "delta": delta, "token_ids": tokens, "logprobs": None, "finish_reason": finish}
 
     def event(self, choices: list[dict], **extra) -> bytes:
-        chunk = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+        chunk = {"id": self.request_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                  "created": self._created, "model": self.model, "choices": choices, **extra}
         if self.include_usage:
             chunk.setdefault("usage", None)

@@ -45,16 +45,16 @@ class Conversations:
         self.limit = limit
         self._by_id: OrderedDict[str, list[dict]] = OrderedDict()  # oldest first
 
-    def keep(self, rid: str, messages: list[dict]) -> None:
-        self._by_id[rid] = messages
+    def keep(self, request_id: str, messages: list[dict]) -> None:
+        self._by_id[request_id] = messages
         while len(self._by_id) > self.limit:
             self._by_id.popitem(last=False)
 
-    def get(self, rid: Any) -> list[dict]:
-        if not isinstance(rid, str) or rid not in self._by_id:
-            raise BadRequest(f"no response {rid!r} is kept here ('previous_response_id': this process keeps its "
+    def get(self, request_id: Any) -> list[dict]:
+        if not isinstance(request_id, str) or request_id not in self._by_id:
+            raise BadRequest(f"no response {request_id!r} is kept here ('previous_response_id': this process keeps its "
                              f"last {self.limit} responses)", status=404, param="previous_response_id")
-        return self._by_id[rid]
+        return self._by_id[request_id]
 
 
 def to_chat(body: dict, earlier: Conversations) -> tuple[dict, list[dict]]:
@@ -136,11 +136,11 @@ def call_item(call: ToolCall) -> dict:
             "arguments": call.arguments, "status": "completed"}
 
 
-def response_body(rid: str, body: dict, model: str, output: list[dict], finish: str | None, usage: dict | None,
+def response_body(request_id: str, body: dict, model: str, output: list[dict], finish: str | None, usage: dict | None,
                   created: int) -> dict:
     """The response object; `finish` None while it is in progress, 'length' makes it incomplete."""
     status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
-    return {"id": rid, "object": "response", "created_at": created, "status": status, "model": model,
+    return {"id": request_id, "object": "response", "created_at": created, "status": status, "model": model,
             "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
@@ -169,8 +169,8 @@ def answer_messages(content: str, calls: list[ToolCall]) -> list[dict]:
 class ResponseEvents:
     """A streamed response's events, each as a server-sent event with its type and sequence number."""
 
-    def __init__(self, rid: str, body: dict, model: str):
-        self.rid, self.body, self.model, self.created = rid, body, model, int(time.time())
+    def __init__(self, request_id: str, body: dict, model: str):
+        self.request_id, self.body, self.model, self.created = request_id, body, model, int(time.time())
         self.output: list[dict] = []  # the items done so far
         self._text: dict | None = None  # the message item whose text is streaming
         self._so_far = ""  # its text
@@ -182,7 +182,7 @@ class ResponseEvents:
         return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
     def start(self) -> bytes:
-        response = response_body(self.rid, self.body, self.model, [], None, None, self.created)
+        response = response_body(self.request_id, self.body, self.model, [], None, None, self.created)
         return self._event("response.created", response=response) + self._event("response.in_progress",
                                                                                    response=response)
 
@@ -234,6 +234,6 @@ class ResponseEvents:
 
     def finish(self, finish: str, usage: dict) -> bytes:
         out = self._end_text()
-        response = response_body(self.rid, self.body, self.model, self.output, finish, usage, self.created)
+        response = response_body(self.request_id, self.body, self.model, self.output, finish, usage, self.created)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return out + self._event(kind, response=response)
