@@ -363,3 +363,61 @@ def test_paper_sensitivity_moves_a_compute_bound_figure_with_mfu_and_a_storage_b
     lo, hi = storage["storage NIC"]
     assert 1.8 < hi / c < 2.2 and 1.8 < c / lo < 2.2  # its one NIC at half and double
     assert all(abs(v - c) < FLAT * c for v in storage["MFU"])
+
+
+def _probe_config(host):
+    bb, layers = block_bytes("tiny-gqa", "float32", 64)
+    return SimConfig(1, 2, 0.0, 10.0, block_tokens=64, block_bytes=bb, n_layers=layers, host_cores=2, host=host)
+
+
+def test_host_costs_are_charged_where_the_engines_pay_them():
+    """None: the model steps alone, as before. request_s: once per request, between its prefill and
+    its first token. seq_s and step_s: per decode step (per sequence, per step). block_s: per prompt
+    block of a job starting a prefill step."""
+    from dualpath.sim.measure import PROBES
+    from dualpath.sim.profile import HostCosts
+
+    one = PROBES[0].workload()  # one agent, one-token answers: nothing overlaps
+    base = simulate(_probe_config(HostCosts()), CPU_PROFILE, "pe-read", one)
+    assert SimConfig().host == HostCosts()  # by default none: the paper studies and `sim repro` as before
+    late = simulate(_probe_config(HostCosts(request_s=0.01)), CPU_PROFILE, "pe-read", one)
+    assert [r.ttft for r in late.records] == pytest.approx([r.ttft + 0.01 for r in base.records])
+    decode = PROBES[1].workload()  # one agent, 64-token answers: batch 1
+    t0 = simulate(_probe_config(HostCosts()), CPU_PROFILE, "pe-read", decode).records[0].tpot
+    t1 = simulate(_probe_config(HostCosts(seq_s=0.001, step_s=0.002)), CPU_PROFILE, "pe-read", decode).records[0].tpot
+    assert t1 == pytest.approx(t0 + 0.003)
+    hits = PROBES[3]
+    slow = [simulate(_probe_config(HostCosts(block_s=b)), CPU_PROFILE, "pe-read", hits.workload(), 1).records
+            for b in (0.0, 0.001)]
+    assert all(b.ttft > a.ttft for a, b in zip(*slow))
+
+
+def test_calibration_finds_the_host_costs_a_probe_set_was_simulated_with():
+    """host.calibrate solves each cost from its probe's time: given probe times the simulator itself
+    produced with known costs, it returns those costs."""
+    from dataclasses import asdict
+
+    from dualpath.sim.measure import PROBES, _simulated_s, calibrate
+    from dualpath.sim.profile import HostCosts
+
+    true = HostCosts(request_s=0.004, step_s=0.0005, seq_s=0.001, block_s=0.0004)
+    probes = [{**asdict(p), "measured_s": _simulated_s(p, CPU_PROFILE, true, "tiny-gqa", "float32")} for p in PROBES]
+    got = calibrate(probes, CPU_PROFILE, rounds=3)
+    for k, v in asdict(true).items():
+        assert getattr(got, k) == pytest.approx(v, rel=0.15, abs=2e-4), (k, got)
+
+
+@pytest.mark.parametrize("name", ["CPU 1P2D, storage not emulated (s9)",
+                                  "CPU 1P2D, storage not emulated (s10, median of 3)",
+                                  "CPU 1P2D, storage not emulated, 48 agents (s10, median of 3)"])
+def test_host_costs_bring_storage_unbound_cpu_runs_within_25_percent(name):
+    """Runs where storage does not bind, with the host costs the probes measured (measure.py --host; the probes
+    share no workload with these runs): tokens/s per policy within 25% (3.0-3.8x over without them).
+    The issue's target is 10%, checked at 15%; the gap left and the orderings: docs/SIM.md."""
+    from dualpath.sim.profile import load_profile
+    from dualpath.sim.validate import CPU_CASES, CPU_HOST_CORES, check
+
+    case = next(c for c in CPU_CASES if c.name == name)
+    profile = load_profile(ROOT / case.profile, shared_cores=True)
+    r = check(case, profile, CPU_HOST_CORES, ROOT)
+    assert all(0.75 <= row["sim / measured"] <= 1.25 and row["failed"] == 0 for row in r["rows"]), r["rows"]

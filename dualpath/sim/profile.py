@@ -130,6 +130,25 @@ class GridProfile:
         return context
 
 
+@dataclass(frozen=True)
+class HostCosts:
+    """Seconds a live cluster's engines pay beyond their model steps (all 0: the steps alone, as
+    before), as the simulator charges them; measured by ``python -m dualpath.sim.measure --host``."""
+    request_s: float = 0.0
+    step_s: float = 0.0
+    seq_s: float = 0.0
+    block_s: float = 0.0
+
+    def decode_extra_s(self, batch: int) -> float:
+        return self.step_s + self.seq_s * batch
+
+
+def host_costs(path: str | Path) -> HostCosts:
+    """The host costs a profile file holds (`python -m dualpath.sim.measure --host`); none (all 0) if it has none."""
+    m = json.loads(Path(path).read_text())
+    return HostCosts(**m["host_costs"]["costs"]) if "host_costs" in m else HostCosts()
+
+
 def load_profile(path: str | Path, shared_cores: bool = False) -> "GridProfile | ComputeProfile":
     """A measured profile: grids (`python -m dualpath.sim.measure`) or one `bench model` point."""
     if json.loads(Path(path).read_text()).get("bench") == "sim-profile":

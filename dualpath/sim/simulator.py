@@ -16,6 +16,9 @@ What is modelled, each in the simplest form that keeps the real system's bottlen
   waiting). A request larger than an engine's memory fails;
 - compute: each step takes the profile's time (measured grids, or a roofline); with
   ``host_cores``, engines that compute at once on one host share its cores;
+- host costs (``SimConfig.host``, measured by ``measure.py --host``): per request between its
+  prefill and its first token, per step and per decoding sequence, per prompt block of a job
+  starting a prefill step; all 0 unless a profile gives them;
 - a PE: a step loop; each step computes ``pick_batch`` of its ready requests whose hit KV is in
   (else of the first one still loading) in the profile's time, and ends no earlier than one
   layer's compute after the last hit layer it waits for lands (layer-wise overlap);
@@ -41,7 +44,7 @@ from dualpath.bench.driver import RequestRecord, RunResult
 from dualpath.bench.workload import Session, cached_tokens
 from dualpath.engine.batching import pick_batch
 from dualpath.sched.policy import ClusterView, Decision, EngineLoad, NoRoom, RequestInfo, assigned, choose
-from dualpath.sim.profile import Profile
+from dualpath.sim.profile import HostCosts, Profile
 from dualpath.storage.blockfile import HEADER_BYTES
 
 UNBOUNDED = 1 << 40  # free blocks an engine without a memory limit reports
@@ -134,6 +137,9 @@ class SimConfig:
     # namespaces, on one machine). A step that starts while k engines compute, itself included, takes
     # max(1, k / host_cores) times its profile time (the cores shared evenly, as of its start)
     host_cores: int = 0
+    # What the engines pay beyond their model steps (measure.py --host): per request on its path to the first
+    # token, per step and per decoding sequence on the engine. All 0: the model steps alone.
+    host: HostCosts = field(default_factory=HostCosts)
 
 
 @dataclass(slots=True)
@@ -408,11 +414,19 @@ class Simulation:
         if not jobs:
             return  # no read has started yet: _loaded starts the step
         picked = list(zip(jobs, pick_batch((r.new_tokens - r.computed for r in jobs), self.cfg.prefill_token_quota)))
-        work = self._compute_s(self.profile.prefill_s([(n, r.context + r.computed) for r, n in picked]))
+        work = self._compute_s(self.profile.prefill_s([(n, r.context + r.computed) for r, n in picked])
+                               + self._prefill_host_s(picked))
         loading = [r.loaded_at for r, _ in picked if r.computed == 0 and r.context]
         end = max(self.now + work, max(loading, default=0.0) + work / self.cfg.n_layers)
         pe.stepping = True
         self.at(end, lambda: self._prefilled(pe, picked))
+
+    def _prefill_host_s(self, picked: list[tuple[_Request, int]]) -> float:
+        """A prefill step's host cost: the step's own, and each prompt block of a job starting in it
+        (its hit KV copied into HBM, its KV copied out for the handoff, on the engine's one compute
+        thread)."""
+        h = self.cfg.host
+        return h.step_s + h.block_s * sum(r.prompt_blocks for r, _ in picked if r.computed == 0)
 
     def _prefilled(self, pe: _Engine, picked: list[tuple[_Request, int]]) -> None:
         pe.stepping = False
@@ -439,7 +453,7 @@ class Simulation:
             self._freed(pe, de)
             self._join(de, req)
 
-        self.at(sent, arrived)
+        self.at(sent + c.host.request_s, arrived)  # its control messages and first token's relay
 
     def _join(self, de: _Engine, req: _Request) -> None:
         rec = req.rec
@@ -453,7 +467,9 @@ class Simulation:
             self._decode(de)
 
     def _decode(self, de: _Engine) -> None:
-        step = self._compute_s(self.profile.decode_step_s(len(de.finishing), de.attended))
+        batch = len(de.finishing)
+        step = self._compute_s(self.profile.decode_step_s(batch, de.attended)
+                               + self.cfg.host.decode_extra_s(batch))
         self.at(self.now + step, lambda: self._step(de))
 
     def _compute_s(self, seconds: float) -> float:

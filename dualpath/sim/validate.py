@@ -21,7 +21,7 @@ from pathlib import Path
 from dualpath.bench import report
 from dualpath.bench.repro import Pools
 from dualpath.bench.workload import AgenticSpec, agentic
-from dualpath.sim.profile import Profile, load_profile
+from dualpath.sim.profile import HostCosts, Profile, host_costs, load_profile
 from dualpath.sim.run import block_bytes
 from dualpath.sim.simulator import SimConfig, simulate
 
@@ -38,6 +38,7 @@ class Case:
     profile: str = CPU_PROFILE  # measured on the run's kind of machine, never taken from the run
     host_cores: int = CPU_HOST_CORES  # the engines share this many cores (0: each has its own device)
     one_device: bool = False  # a GPU run whose engines all ran on one GPU
+    host_costs: bool = True  # charge the host costs the profile file holds, if any (measure.py --host)
 
 
 def _gpu(name: str, measured: str, gpus: int) -> Case:
@@ -68,14 +69,14 @@ GPU_CASES = (
 )
 
 
-def sim_config(run_cfg: dict, case: Case, host_cores: int) -> SimConfig:
+def sim_config(run_cfg: dict, case: Case, host_cores: int, root: Path = Path(".")) -> SimConfig:
     bb, layers = block_bytes(run_cfg["preset"], run_cfg["dtype"], run_cfg["block_tokens"])
     pools = Pools(**run_cfg["pools"]) if "pools" in run_cfg else Pools()
     return SimConfig(run_cfg["n_prefill"], run_cfg["n_decode"], run_cfg["snic_gbps"], case.compute_link_gbps,
                      egress_only=case.egress_only, block_tokens=run_cfg["block_tokens"], block_bytes=bb,
                      n_layers=layers, buffer_blocks=pools.buffer_blocks,
                      hbm_blocks=pools.hbm_blocks - 1,  # a DE keeps one HBM block as scratch (decode.py)
-                     host_cores=host_cores)
+                     host_cores=host_cores, host=host_costs(root / case.profile) if case.host_costs else HostCosts())
 
 
 def check(case: Case, profile: Profile, host_cores: int, root: Path = Path(".")) -> dict:
@@ -83,7 +84,7 @@ def check(case: Case, profile: Profile, host_cores: int, root: Path = Path("."))
     measured = json.loads((root / case.measured).read_text())
     run_cfg, real = measured["config"], {s["policy"]: s for s in measured["offline"]["summaries"]}
     spec = AgenticSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in run_cfg["workload"].items()})
-    sessions, cfg = agentic(spec), sim_config(run_cfg, case, host_cores)
+    sessions, cfg = agentic(spec), sim_config(run_cfg, case, host_cores, root)
     rows = []
     for policy in run_cfg["policies"]:
         sim = report.summarize(simulate(cfg, profile, policy, sessions, run_cfg["warmup_turns"]), cfg.snic_gbps)
@@ -123,10 +124,14 @@ def main() -> None:
                     help="the CPU grids measured at one thread (default: where a run's engines outnumber the cores)")
     ap.add_argument("--gpu-host-cores", type=int, default=0,
                     help="the GPU cases' engines share a device of this many (1: a one-GPU run's two engines share it)")
+    ap.add_argument("--host-costs", action=argparse.BooleanOptionalAction, default=True,
+                    help="charge the host costs the profiles hold (python -m dualpath.sim.measure --host); "
+                         "--no-host-costs: the model steps alone")
     ap.add_argument("--out", default="runs/sim/validate_grid.json")
     a = ap.parse_args()
-    cases = [replace(c, profile=a.cpu_profile, host_cores=a.cpu_host_cores) for c in CPU_CASES]
-    cases += [replace(c, host_cores=a.gpu_host_cores if c.one_device else 0) for c in GPU_CASES]
+    cases = [replace(c, profile=a.cpu_profile, host_cores=a.cpu_host_cores, host_costs=a.host_costs) for c in CPU_CASES]
+    cases += [replace(c, host_cores=a.gpu_host_cores if c.one_device else 0, host_costs=a.host_costs)
+              for c in GPU_CASES]
     results = []
     for case in cases:
         one_thread = a.one_thread if a.one_thread is not None and case.profile == a.cpu_profile else None
