@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from dualpath.engine import attention, fused
 from dualpath.engine.attention import KVLayout, PagedMeta
@@ -499,7 +498,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, len, d]: fused kernels want 4-D
     mask, causal = None, n == ctx and n > 1
     if 1 < n < ctx:
-        mask = _lower_right_mask(n, ctx, q.device) if n * ctx <= MASK_MAX_ELEMENTS else causal_lower_right(n, ctx)
+        if n * ctx <= MASK_MAX_ELEMENTS:
+            mask = _lower_right_mask(n, ctx, q.device)
+        else:  # imported here: torch.nn.attention.bias imports torch._dynamo, 1.2 s of every engine's start
+            from torch.nn.attention.bias import causal_lower_right
+            mask = causal_lower_right(n, ctx)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return out[0].transpose(0, 1)
