@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dualpath.engine.model import Batch, Model
@@ -75,6 +76,21 @@ class DecodeGraphs:
         with torch.cuda.graph(step.graph, pool=self.memory_pool, capture_error_mode="thread_local"):
             step.logits = self.model.forward_paged(step.ids, step.batch, self.kv)
 
+    def _inputs(self, seqs: list[tuple[int, int, list[int]]], b: int, nb: int) -> torch.Tensor:
+        """A step's inputs as one host tensor laid out as ``_Step.inputs``; padding rows hold token 0
+        at position 0, one token in the scratch block. Filled with numpy: 48 sequences of 320 blocks
+        took 2.2 ms of Python lists a step, 0.3 ms so."""
+        host = np.zeros(b * (4 + nb), dtype=np.int64)
+        ids, positions, slots, lens = host[: 4 * b].reshape(4, b)
+        tables = host[4 * b :].reshape(b, nb)
+        slots[:], lens[:], tables[:] = self.scratch * self.bt, 1, self.scratch
+        for i, (tok, pos, blocks) in enumerate(seqs):
+            used = pos // self.bt + 1
+            ids[i], positions[i], lens[i] = tok, pos, pos + 1
+            slots[i] = blocks[pos // self.bt] * self.bt + pos % self.bt
+            tables[i, :used] = blocks[:used]
+        return torch.from_numpy(host)
+
     def run(self, seqs: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """seqs: (last token, its position, the sequence's HBM blocks) each; -> logits [len(seqs), vocab].
         The step writes each last token's KV at its position, as the plain step does."""
@@ -85,18 +101,7 @@ class DecodeGraphs:
             return self.model.forward_paged(ids, batch, self.kv)
         b = _bucket(len(seqs))
         nb = _bucket(max(pos // self.bt + 1 for _, pos, _ in seqs), MIN_TABLE_BLOCKS)
-        pad = b - len(seqs)
-        ids = [tok for tok, _, _ in seqs] + [0] * pad
-        positions = [pos for _, pos, _ in seqs] + [0] * pad
-        slots = [blocks[pos // self.bt] * self.bt + pos % self.bt for _, pos, blocks in seqs]
-        slots += [self.scratch * self.bt] * pad
-        lens = [pos + 1 for _, pos, _ in seqs] + [1] * pad
-        tables = []
-        for _, pos, blocks in seqs:
-            used = blocks[: pos // self.bt + 1]
-            tables += used + [self.scratch] * (nb - len(used))
-        tables += [self.scratch] * (nb * pad)
-        host = torch.tensor(ids + positions + slots + lens + tables, dtype=torch.long)
+        host = self._inputs(seqs, b, nb)
         step = self.steps.get((b, nb))
         if step is None:
             step = self.steps[(b, nb)] = self._new_step(b, nb)
