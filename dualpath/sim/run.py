@@ -14,7 +14,7 @@ from dualpath.bench import report
 from dualpath.bench.repro import COLUMNS, ReproConfig, node_table, ratios
 from dualpath.bench.workload import Session, agentic
 from dualpath.engine.weights import model_identity
-from dualpath.sim.profile import Profile
+from dualpath.sim.profile import HostCosts, Profile
 from dualpath.sim.simulator import SimConfig, simulate
 from dualpath.storage.blockfile import HEADER_BYTES
 
@@ -27,7 +27,7 @@ def block_bytes(preset: str, dtype: str, block_tokens: int) -> tuple[int, int]:
 
 def main(rc: ReproConfig, profile: Profile, compute_link_gbps: float, measured: str | None, out: str,
          sessions: list[Session] | None = None, trace_block_tokens: int = 512, progress: bool = False,
-         egress_only: bool = False, host_cores: int = 0) -> dict:
+         egress_only: bool = False, host_cores: int = 0, host: HostCosts | None = None) -> dict:
     """Simulate every policy of `rc` (the agentic workload it names, or `sessions`); write the JSON
     to `out` and the plots beside it."""
     t0 = time.monotonic()
@@ -35,13 +35,13 @@ def main(rc: ReproConfig, profile: Profile, compute_link_gbps: float, measured: 
     bb, layers = block_bytes(rc.preset, rc.dtype, rc.block_tokens)
     cfg = SimConfig(rc.n_prefill, rc.n_decode, rc.snic_gbps, compute_link_gbps, block_tokens=rc.block_tokens,
                     block_bytes=bb, n_layers=layers, trace_block_tokens=trace_block_tokens,
-                    egress_only=egress_only, host_cores=host_cores)
+                    egress_only=egress_only, host_cores=host_cores, host=host or HostCosts())
     warmup = rc.warmup_turns if all(len(s.turns) > rc.warmup_turns for s in sessions) else 0  # a trace: none
     runs = [simulate(cfg, profile, p, sessions, warmup, progress=progress) for p in rc.policies]
     summaries = [report.summarize(r, rc.snic_gbps) for r in runs]
     result = {"config": {"cluster": f"{rc.n_prefill}P{rc.n_decode}D", "snic_gbps": rc.snic_gbps,
                          "compute_link_gbps": compute_link_gbps, "egress_only": egress_only, "host_cores": host_cores,
-                         "profile": profile.source,
+                         "profile": profile.source, "host_costs": vars(cfg.host),
                          "workload": vars(rc.workload), "preset": rc.preset, "dtype": rc.dtype},
               "summaries": summaries, "ratio_vs_pe_read": ratios(summaries)}
     print(report.table(summaries, COLUMNS))
