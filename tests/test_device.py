@@ -53,6 +53,7 @@ async def test_every_engine_thread_makes_the_engines_device_current(monkeypatch,
 
     monkeypatch.setattr(runtime, "make_current", recording)
     monkeypatch.setattr(device, "make_current", recording)  # what device_threads' threads call
+    monkeypatch.setattr(CudaDataPlane, "inline_copy_bytes", 0)  # every write on the copy threads, small ones too
     cfg = local_cluster(1, 1)
     cfg.model.preset, cfg.store.root = "tiny-gqa", str(tmp_path)
     cfg.engine.hbm_blocks, cfg.engine.buffer_blocks = 64, 32

@@ -8,6 +8,7 @@ import torch
 from dualpath.transport import available_backends, make_dataplane
 from dualpath.transport.control import MAX_FRAME, ProtocolError, RemoteError, Server, connect, pack
 from dualpath.transport.dataplane import TransferError
+from dualpath.transport.link import PeerLink
 from dualpath.transport.wire import ConnectQp
 from tests.conftest import until
 
@@ -157,16 +158,16 @@ async def tcp_pair():
 
 
 def count_sends(monkeypatch) -> dict:
-    """Bytes this process hands to each socket (the event loop's sock_sendall, wrapped): both planes'
-    sockets, the writer's links and the receiver's answers."""
-    loop, sent = asyncio.get_running_loop(), {}
-    send = loop.sock_sendall
+    """Bytes the writer hands to each of its links' sockets (PeerLink.send, wrapped: every message's
+    frames go through it)."""
+    sent = {}
+    send = PeerLink.send
 
-    async def counted(sock, data):
-        sent[sock] = sent.get(sock, 0) + len(data)
-        return await send(sock, data)
+    async def counted(link, *frames):
+        sent[link.sock] = sent.get(link.sock, 0) + sum(len(f) for f in frames)
+        return await send(link, *frames)
 
-    monkeypatch.setattr(loop, "sock_sendall", counted)
+    monkeypatch.setattr(PeerLink, "send", counted)
     return sent
 
 

@@ -163,6 +163,10 @@ class CudaDataPlane(ShmDataPlane):
         event.record(stream)  # the CUDA event exists from its first record on: only then has it a handle
         return event, bytes(event.ipc_handle())
 
+    def _landed_now(self, msg: Landing) -> bool:
+        """Only a notify naming a copy event waits (for the event); host-memory landings do not."""
+        return not (isinstance(msg, Notify) and msg.event is not None)
+
     async def _landed(self, msg: Landing, writer: Login) -> None:
         """A notify after a copy into our device memory names the writer's event recorded after it."""
         if not isinstance(msg, Notify) or msg.event is None:

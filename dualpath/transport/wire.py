@@ -134,7 +134,7 @@ def parse(msg: Any) -> Landing | Request:
     if op not in (Op.WRITE, Op.NOTIFY):
         raise ProtocolError(f"unknown data-plane op {op!r}")
     region, off, n, moved = msg.get("region"), msg.get("off", 0), msg.get("n", 0), msg.get("moved", 0)
-    if not all(_count(v) for v in (region, off, n, moved)):
+    if not (_count(region) and _count(off) and _count(n) and _count(moved)):  # (no generator: once per write)
         raise ProtocolError(f"malformed data-plane header: {str(msg)[:200]}")
     if op == Op.WRITE:
         return WriteChunk(msg["id"], region, off, n, msg.get("inc"), msg.get("grant"), bool(msg.get("last", True)),
