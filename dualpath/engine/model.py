@@ -680,8 +680,10 @@ class MLAttention(nn.Module):
         2 (r + rope) + 2 r FLOPs and the expanded 2 (nope + rope) + 2 v; expanding costs
         2 H (nope + v) r per context key, paid once for all of the step's queries (a decode step's
         one query never repays it: DeepSeek's FlashMLA decodes absorbed, vLLM and SGLang prefill expanded)."""
-        if MLA_PREFILL_FORM != "auto" or batch.is_decode or not batch.seqs:
-            return MLA_PREFILL_FORM == "expanded" and not batch.is_decode and bool(batch.seqs)
+        if batch.is_decode or not batch.seqs:
+            return False
+        if MLA_PREFILL_FORM != "auto":
+            return MLA_PREFILL_FORM == "expanded"
         c = self.cfg
         keys = sum(-(-ctx // batch.block_tokens) * batch.block_tokens for ctx in batch.ctx_lens)
         if keys * self.expanded_width * 2 > MLA_EXPAND_BYTES:
@@ -721,7 +723,8 @@ class MLAttention(nn.Module):
         return attention.paged_attention(torch.cat([q_nope, q_pe], -1), copy, layout, meta, c.scale)
 
     def forward(self, x: torch.Tensor, batch: Batch, kv_layer: torch.Tensor, rope: Rotary, cos_sin) -> torch.Tensor:
-        """Absorbed form (a long prefill on the GPU: the expanded form, ``_attend_expanded``). kv_layer: [n_blocks, block_tokens, kv_lora_rank + rope_dim].
+        """Absorbed form; on the GPU a prefill that ``expands`` takes ``_attend_expanded``.
+        kv_layer: [n_blocks, block_tokens, kv_lora_rank + rope_dim].
 
         score_h(t) = (q_nope_h W_UK_h) · c_t + q_pe_h · k_pe_t;  out_h = (Σ_t p_h(t) c_t) W_UV_h
         """

@@ -405,7 +405,8 @@ class Coordinator:
             req.migrations += 1
             self.stats["migrated"] += 1
             self.metrics.migrations.labels(news.cause).inc()
-            log.info("%s: %s after %d tokens; it continues on another engine", req.request_id, news.error, len(req.output))
+            log.info("%s: %s after %d tokens; it continues on another engine", req.request_id, news.error,
+                     len(req.output))
         else:
             self.stats["retried"] += 1
             self.metrics.retries.labels("attempt").inc()
