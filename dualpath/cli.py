@@ -525,18 +525,17 @@ def sim() -> None:
 @click.option("--policies", default=",".join(POLICIES), show_default=True)
 @click.option("--measured", default=None, help="a `bench repro` repro.json to put beside the simulation")
 @click.option("--progress/--no-progress", default=False, help="a progress bar in simulated seconds")
-@click.option("--host-costs/--no-host-costs", default=True, show_default=True,
+@click.option("--host-costs/--no-host-costs", "charge_host", default=True, show_default=True,
               help="charge the per-request and per-step host costs the profile holds (measure.py --host), if any")
 @click.option("--out", default="runs/sim/sim.json", show_default=True, help="the JSON; plots go beside it")
 def sim_repro(n_prefill, n_decode, preset, dtype, profile_path, host_cores, snic_gbps, compute_link_gbps, egress_only,
-              agents, path, limit, trace_block_tokens, policies, measured, progress, host_costs, out) -> None:
+              agents, path, limit, trace_block_tokens, policies, measured, progress, charge_host, out) -> None:
     """The `bench repro` workload (or --workload) on a simulated cluster, every policy, one table."""
     import dataclasses
 
     from dualpath.bench.repro import ReproConfig
     from dualpath.bench.workload import read_jsonl
-    from dualpath.sim.profile import HostCosts, load_profile
-    from dualpath.sim.profile import host_costs as profile_host_costs
+    from dualpath.sim.profile import HostCosts, host_costs, load_profile
     from dualpath.sim.run import main as run_sim
 
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
@@ -545,7 +544,7 @@ def sim_repro(n_prefill, n_decode, preset, dtype, profile_path, host_cores, snic
     try:
         # engines that outnumber the cores they share: the grids measured at one thread each
         profile = load_profile(profile_path, shared_cores=bool(host_cores) and n_prefill + n_decode > host_cores)
-        host = profile_host_costs(profile_path) if host_costs else HostCosts()
+        host = host_costs(profile_path) if charge_host else HostCosts()
     except (OSError, KeyError, ValueError) as e:
         _fail(f"--profile {profile_path}: not a `dualpath sim profile` or `bench model` result ({e}); the default "
               f"is a path in the repository: run from its root, or give --profile")

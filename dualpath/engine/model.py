@@ -390,10 +390,15 @@ class Batch:
         return meta
 
     @functools.cached_property
+    def context_block_counts(self) -> list[int]:
+        """Pool blocks each sequence's context (cached + new) takes."""
+        return [-(-ctx // self.block_tokens) for ctx in self.ctx_lens]
+
+    @functools.cached_property
     def context_blocks(self) -> torch.Tensor:
         """Every pool block the step's sequences read, sequence after sequence (LongTensor on the
         device): MLA's expanded prefill copies these rows out of the pool, in this order."""
-        ids = [b for t, c, n in self.seqs for b in t[: -(-(c + n) // self.block_tokens)]]
+        ids = [b for (t, _, _), nb in zip(self.seqs, self.context_block_counts) for b in t[:nb]]
         return torch.tensor(ids, dtype=torch.long).to(self.positions.device, non_blocking=True)
 
     def context_meta(self, block_q: int) -> PagedMeta:
@@ -402,8 +407,7 @@ class Batch:
         meta = self._metas.get(("copy", block_q))
         if meta is None:
             seqs, start = [], 0
-            for _, c, n in self.seqs:
-                nb = -(-(c + n) // self.block_tokens)
+            for (_, c, n), nb in zip(self.seqs, self.context_block_counts):
                 seqs.append((list(range(start, start + nb)), c, n))
                 start += nb
             meta = self._metas[("copy", block_q)] = PagedMeta.for_steps(seqs, self.block_tokens,
@@ -685,7 +689,7 @@ class MLAttention(nn.Module):
         if MLA_PREFILL_FORM != "auto":
             return MLA_PREFILL_FORM == "expanded"
         c = self.cfg
-        keys = sum(-(-ctx // batch.block_tokens) * batch.block_tokens for ctx in batch.ctx_lens)
+        keys = sum(batch.context_block_counts) * batch.block_tokens  # rows the copy holds
         if keys * self.expanded_width * 2 > MLA_EXPAND_BYTES:
             return False
         pairs = sum(n * (ctx - n) + n * (n + 1) / 2 for n, ctx in zip(batch.new_lens, batch.ctx_lens))

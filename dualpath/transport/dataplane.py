@@ -60,7 +60,7 @@ import torch
 from dualpath.transport.framing import (LENGTH, LOGIN_MAX_FRAME, Login, MalformedLogin, ProtocolError, answer,
                                         challenge, frame_length, new_incarnation, pack, server_incarnation, unpack,
                                         verify)
-from dualpath.transport.link import (_RECV_SLICE, DSCP_TOS, HEADER_LIMIT, PeerLink, Refused, TransferError, peer_of,
+from dualpath.transport.link import (DSCP_TOS, HEADER_LIMIT, RECV_SLICE, PeerLink, Refused, TransferError, peer_of,
                                      recv_frame, tune)
 from dualpath.transport.wire import TRAFFIC_CLASSES, Ack, Landing, Notify, Request, WriteChunk, parse
 
@@ -619,7 +619,7 @@ class _Inbound(asyncio.BufferedProtocol):
     placed, completed and acked in the one callback that read them, with no task woken and no
     reader registered per frame (issue #34: the frame-by-frame task cost the receiver 90-140 µs
     of CPU per 4 KB write). Payload bytes beyond those buffered are read straight into their region
-    (no copy), at most ``_RECV_SLICE`` per callback so that other connections get their turn. A
+    (no copy), at most ``RECV_SLICE`` per callback so that other connections get their turn. A
     landing that must be awaited (a CUDA event, an RDMA receive) pauses reading until it is done, so
     the connection's messages are still handled one after another, in order; verbs' landings are
     awaited beside the reading instead (``DataPlane.slow_landings``).
@@ -648,7 +648,7 @@ class _Inbound(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.payload is not None:
-            return self.payload[:_RECV_SLICE]
+            return self.payload[:RECV_SLICE]
         if self.streaming:  # read little more than the next header: its payload goes straight to the region
             return self.buf[self.hi : self.hi + _STREAM_READ]
         return self.buf[self.hi :]  # (never empty: _handle_frames leaves room for a whole frame)

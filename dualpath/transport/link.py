@@ -16,7 +16,7 @@ from dualpath.transport.wire import Ack, parse_ack
 
 HEADER_LIMIT = 1 << 16
 _SOCK_BUF = 4 << 20
-_RECV_SLICE = 256 << 10
+RECV_SLICE = 256 << 10  # bytes read into a destination per call: one huge copy would hold the event loop
 _ACK_READ = 64 << 10  # bytes of acks read at once (an ack is about 10)
 
 # Each traffic class's connections carry a DSCP mark in their IP header (EF for latency, CS1, "lower
@@ -36,9 +36,9 @@ class Refused(TransferError):
 
 async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
     while len(view):
-        # At most _RECV_SLICE per call: one huge copy would hold the event loop for a millisecond,
+        # At most RECV_SLICE per call: one huge copy would hold the event loop for a millisecond,
         # and latency-class messages on the other connection would wait behind it.
-        n = await loop.sock_recv_into(sock, view[:_RECV_SLICE])
+        n = await loop.sock_recv_into(sock, view[:RECV_SLICE])
         if n == 0:
             raise ConnectionError("peer closed the connection")
         view = view[n:]
