@@ -173,8 +173,7 @@ def offline(rc: ReproConfig, sessions, snic_gbps: float, policies) -> tuple[list
         for policy in policies:
             r = run_on_fresh_cluster(rc, sessions, policy, "offline", snic_gbps)
             tried[policy].append((r, report.summarize(r, snic_gbps)))
-            print(f"  {policy:<15} {r.duration:7.2f} s  {tried[policy][-1][1]['tokens_per_s']:>10,.0f} tokens/s",
-                  flush=True)
+            print("  " + run_line(tried[policy][-1][1]), flush=True)
     runs, summaries = [], []
     for policy in policies:
         ranked = sorted(tried[policy], key=lambda rs: rs[1]["tokens_per_s"])
@@ -182,6 +181,19 @@ def offline(rc: ReproConfig, sessions, snic_gbps: float, policies) -> tuple[list
         runs.append(r)
         summaries.append({**summary, "tokens_per_s_runs": [s["tokens_per_s"] for _, s in tried[policy]]})
     return runs, summaries
+
+
+def run_line(s: dict) -> str:
+    """One finished run in a line: a sweep cut short by a time limit keeps its figures in the log."""
+    ttft = " ".join(f"{p} {_p50(d)}" for p, d in s["ttft_s_by_path"].items())
+    util = " ".join(f"n{n} {v['read_util']:.2f}" for n, v in s.get("nodes", {}).items() if "read_util" in v)
+    return (f"{s['policy']:<15} {s['duration_s']:7.2f} s  {s['tokens_per_s']:>10,.0f} tokens/s  "
+            f"TPOT p50 {_p50(s['tpot_s'])} s  TTFT p50 by path {ttft or '-'} s  read use {util or '-'}  "
+            f"failed {s['failed']}")
+
+
+def _p50(d: dict) -> str:
+    return "-" if d.get("p50") is None else f"{d['p50']:.3f}"
 
 
 def online(rc: ReproConfig) -> dict:
