@@ -28,7 +28,8 @@ from typing import Any
 ROLES = ("prefill", "decode")
 BACKENDS = ("auto", "tcp", "shm", "verbs", "cuda")
 POLICIES = ("pe-read", "de-read", "dualpath", "dualpath-split")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the KV dtypes, by bytes per value
+DTYPES = tuple(DTYPE_BYTES)
 
 
 class ConfigError(ValueError):
@@ -57,7 +58,7 @@ class ModelSpec:
     served_model_name: str = ""
 
     def validate(self) -> None:
-        from dualpath.engine.weights import PRESETS
+        from dualpath.engine.architecture import PRESETS
 
         if self.weights is None:
             _check(self.preset in PRESETS, "model.preset", self.preset, f"expected one of {sorted(PRESETS)}")

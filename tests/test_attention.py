@@ -17,7 +17,8 @@ import torch
 from dualpath.engine import attention
 from dualpath.engine import model as model_module
 from dualpath.engine.kvcache import KVPool
-from dualpath.engine.model import Batch, Model, ModelConfig
+from dualpath.engine.architecture import ModelConfig
+from dualpath.engine.model import Batch, Model
 from tests.conftest import needs_triton_interpreter, run_in_triton_interpreter
 
 BT = 16
@@ -124,7 +125,8 @@ from dualpath.engine import attention
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import KVPool
 from dualpath.engine import model as model_module
-from dualpath.engine.model import Batch, Model, ModelConfig
+from dualpath.engine.architecture import ModelConfig
+from dualpath.engine.model import Batch, Model
 from tests.conftest import needs_triton_interpreter, run_in_triton_interpreter
 BT = 16
 CONFIGS = {

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dualpath.engine.kvcache import KVPool
-from dualpath.engine.model import Batch, RopeScaling, Rotary
-from dualpath.engine.weights import CheckpointError, config_from_hf, load_pretrained
+from dualpath.engine.architecture import CheckpointError, RopeScaling, config_from_hf
+from dualpath.engine.model import Batch, Rotary
+from dualpath.engine.weights import load_pretrained
 from tests.conftest import (assert_logits_close, assert_paged_steps_match, hf_logits, needs_triton_interpreter,
                             run_in_triton_interpreter)
 
@@ -184,7 +185,8 @@ def test_unsupported_configs_are_refused_by_key(which, change, key, request, tmp
 # over cached blocks, then a decode step. On a CPU in Triton's interpreter (fp32), on a GPU compiled.
 def compare_qwen3_paths(device: str, dtype: torch.dtype, tol: float) -> None:
     from dualpath.engine import attention
-    from dualpath.engine.model import Model, ModelConfig
+    from dualpath.engine.architecture import ModelConfig
+    from dualpath.engine.model import Model
 
     cfg = ModelConfig(attn="gqa", vocab_size=128, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                       intermediate_size=96, qkv_bias=True, o_bias=True, qk_norm=True, max_position=256,

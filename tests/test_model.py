@@ -9,7 +9,8 @@ import torch
 
 from dualpath.engine.kvcache import KVPool
 from dualpath.engine.model import Batch, Packed, _gather, flash_available, last_token_index
-from dualpath.engine.weights import CheckpointError, load_pretrained
+from dualpath.engine.architecture import CheckpointError
+from dualpath.engine.weights import load_pretrained
 
 BT = 16  # small blocks so that short sequences cross many block boundaries
 

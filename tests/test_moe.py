@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from dualpath.engine.kvcache import KVPool
-from dualpath.engine.model import Batch, Gate, MoE, MoEConfig, ModelConfig, last_token_index
-from dualpath.engine.weights import CheckpointError, config_from_hf, load_pretrained
+from dualpath.engine.architecture import CheckpointError, MoEConfig, ModelConfig, config_from_hf
+from dualpath.engine.model import Batch, Gate, MoE, last_token_index
+from dualpath.engine.weights import load_pretrained
 from dualpath.launcher import LocalCluster, complete
 from tests.test_serving import cluster_config
 from tests.conftest import (assert_logits_close, assert_paged_steps_match, hf_logits, needs_triton_interpreter,

@@ -10,7 +10,7 @@ import torch
 from dualpath.bench.common import write_json
 from dualpath.engine.buffers import BufferPool
 from dualpath.engine.kvcache import KVPool
-from dualpath.engine.weights import PRESETS
+from dualpath.engine.architecture import PRESETS
 
 
 def run(preset: str, dtype: str, blocks: int, out: str) -> dict:

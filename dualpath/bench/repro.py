@@ -64,7 +64,7 @@ def size_pools(spec: AgenticSpec, preset: str, dtype: str, block_tokens: int, en
 
     import torch
 
-    from dualpath.engine.weights import PRESETS
+    from dualpath.engine.architecture import PRESETS
 
     cfg = PRESETS[preset]
     block_bytes = block_tokens * cfg.kv_width * cfg.n_layers * torch.empty(0, dtype=getattr(torch, dtype)).element_size()

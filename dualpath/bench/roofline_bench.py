@@ -24,7 +24,8 @@ from dualpath.bench.common import write_json
 from dualpath.engine import attention
 from dualpath.engine.graphs import DecodeGraphs
 from dualpath.engine.kvcache import KVPool
-from dualpath.engine.model import Batch, Model, ModelConfig
+from dualpath.engine.architecture import ModelConfig
+from dualpath.engine.model import Batch, Model
 from dualpath.engine.weights import load_pretrained
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dualpath.engine.model import ModelConfig
+from dualpath.engine.architecture import ModelConfig
 from dualpath.engine.room import Room
 
 

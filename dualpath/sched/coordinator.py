@@ -24,9 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
-from dualpath.config import ClusterConfig
+from dualpath.config import DTYPE_BYTES, ClusterConfig
 from dualpath.engine.tokenizer import load_tokenizer
-from dualpath.engine.weights import model_identity
+from dualpath.engine.architecture import model_identity
 from dualpath.sched.api import Api
 from dualpath.sched.chat import ChatTemplate
 from dualpath.sched.dashboard import Dashboard
@@ -126,13 +126,12 @@ class RequestState:
 class Coordinator:
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg
-        dtype = __import__("torch").__dict__[cfg.model.dtype]
-        self.model_cfg, self.fingerprint = model_identity(cfg.model.weights or cfg.model.preset, dtype)
+        self.model_cfg, self.fingerprint = model_identity(cfg.model.weights or cfg.model.preset, cfg.model.dtype)
         self.tokenizer = load_tokenizer(cfg.model.weights, self.model_cfg.vocab_size)
         self.chat = ChatTemplate(self.tokenizer.chat_template, self.tokenizer.bos_token, self.tokenizer.eos_token)
         self.bt = cfg.store.block_tokens
-        es = dtype.itemsize
-        shape = BlockShape(self.model_cfg.n_layers, self.bt * self.model_cfg.kv_width * es, cfg.model.dtype,
+        shape = BlockShape(self.model_cfg.n_layers, self.bt * self.model_cfg.kv_width * DTYPE_BYTES[cfg.model.dtype],
+                           cfg.model.dtype,
                            self.fingerprint)
         # Lookups only (the engines write and evict): no index of the store's files to build at start
         self.store = FileStore(cfg.store.root, shape, int(cfg.store.capacity_gb * 1e9), scan=False)

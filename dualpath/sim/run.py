@@ -8,12 +8,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from dualpath.bench import report
 from dualpath.bench.repro import COLUMNS, ReproConfig, node_table, ratios
 from dualpath.bench.workload import Session, agentic
-from dualpath.engine.weights import model_identity
+from dualpath.config import DTYPE_BYTES
+from dualpath.engine.architecture import model_identity
 from dualpath.sim.profile import HostCosts, Profile
 from dualpath.sim.simulator import SimConfig, simulate
 from dualpath.storage.blockfile import HEADER_BYTES
@@ -21,8 +20,8 @@ from dualpath.storage.blockfile import HEADER_BYTES
 
 def block_bytes(preset: str, dtype: str, block_tokens: int) -> tuple[int, int]:
     """(one stored block's bytes, header included; layers) for a model, as the coordinator computes it."""
-    mc, _ = model_identity(preset, getattr(torch, dtype))
-    return HEADER_BYTES + mc.n_layers * block_tokens * mc.kv_width * getattr(torch, dtype).itemsize, mc.n_layers
+    mc, _ = model_identity(preset, dtype)
+    return HEADER_BYTES + mc.n_layers * block_tokens * mc.kv_width * DTYPE_BYTES[dtype], mc.n_layers
 
 
 def main(rc: ReproConfig, profile: Profile, compute_link_gbps: float, measured: str | None, out: str,
