@@ -208,11 +208,18 @@ def bench_store(**kw) -> None:
               help="writes per small size (4-256 KB; latency one at a time, then throughput); 0: none")
 @click.option("--inflight", type=int, default=16, show_default=True, help="small writes in flight for throughput")
 @click.option("--small-class", type=click.Choice(["bulk", "latency"]), default="bulk", show_default=True)
+@click.option("--pieces", "pieces_n", type=int, default=1536, show_default=True,
+              help="writes of the pieces shape, all in flight (a request's per-block pieces)")
+@click.option("--piece-kib", type=int, default=32, show_default=True, help="KiB per piece")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="side-by-side rounds per system (dualpath, and Mooncake where installed); 0: no shapes")
+@click.option("--mooncake/--no-mooncake", default=True, show_default=True,
+              help="run the Mooncake Transfer Engine's TCP transport beside dualpath where it is installed")
 @click.option("--verify", is_flag=True, help="instead: check every byte of odd-sized writes landed where asked")
 @click.option("--out", default="runs/bench_transport.json", show_default=True)
 def bench_transport(verify: bool, **kw) -> None:
     """Data-plane write GB/s (1-64 MiB) next to iperf3 (tcp), a host memory copy (shm) or a P2P copy
-    (cuda), and small writes' latency and throughput."""
+    (cuda), small writes' latency and throughput, and the shapes side by side with Mooncake's."""
     from dualpath.bench.transport_bench import run as run_bench, run_verify
 
     if verify:

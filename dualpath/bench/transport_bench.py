@@ -13,6 +13,14 @@ offsets). Rows in ``small_writes`` of the JSON and a table printed by ``run`` (`
 Mooncake Transfer Engine figures sit beside them in ``notes`` as a cited reference only: no
 threshold is checked here.
 
+Shapes, side by side (issue #34): one 64 MiB write, 24 x 2 MiB (one write per layer), 1536 x 32 KB
+pieces (the per-block pieces of a request; each group all in flight at once, as the engines send
+them) in GB/s, and the p50 of one 4 KB and one 32 KB write at a time (µs). Where the Mooncake
+Transfer Engine is installed (``pip install 'dualpath[mooncake]'``) its TCP transport runs the same
+shapes into a receiver process of its own (dualpath/bench/mooncake_peer.py), rounds alternating
+dualpath and Mooncake, min / median / max over the rounds: ``shapes`` of the JSON, ``format_shapes``.
+Without it the bench says so in one line and runs dualpath's rounds alone.
+
 What each end actually used: ``backend_used`` (writer and receiver: make_dataplane falls back to tcp
 with a warning when the asked-for backend cannot start) and ``links`` (each end's ``links()`` after
 the writes: the backend per peer link). ``all_links_requested`` is true only when both ends run the
@@ -40,9 +48,11 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 
 import torch
 
+from dualpath.bench import mooncake_peer
 from dualpath.bench.common import write_json
 from dualpath.transport import make_dataplane
 
@@ -52,6 +62,10 @@ SMALL_SIZES_KIB = (4, 16, 64, 256)
 SMALL_N = 1000  # writes per size, one at a time (latency) and again K in flight (throughput)
 INFLIGHT = 16  # K
 REGION_BYTES = 64 << 20
+PIECES_N = 1536  # the pieces shape: per-block pieces of one request, all in flight (issue #34)
+PIECE_KIB = 32
+ROUNDS = 3  # side-by-side rounds per system, alternating
+LATENCY_N = 200  # one-at-a-time writes per latency shape and round (their p50)
 
 # Cited references for the small-write rows, never thresholds. Mooncake publishes bandwidth for
 # large transfers and a benchmark's columns, not per-write latency of a 4-256 KiB write; the only
@@ -224,11 +238,197 @@ async def small_writes(dp, src: torch.Tensor, dst: dict, sizes_kib=SMALL_SIZES_K
     return rows
 
 
+# -- shapes side by side: dualpath and, where installed, the Mooncake Transfer Engine (issue #34) --
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 and nbytes % (1 << 20) == 0 else f"{nbytes >> 10} KB"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What each side-by-side round writes: one big write, one write per layer, per-block pieces
+    (each group all in flight at once, as the engines send them: GB/s), then writes of each
+    latency size one at a time (p50 µs). Offsets past the region wrap round-robin."""
+    big_bytes: int = 64 << 20
+    layers: int = 24
+    layer_bytes: int = 2 << 20
+    pieces: int = PIECES_N
+    piece_bytes: int = PIECE_KIB << 10
+    latency_bytes: tuple[int, ...] = (4 << 10, 32 << 10)
+    latency_n: int = LATENCY_N
+    rounds: int = ROUNDS
+
+    def groups(self) -> list[tuple[str, str, int, int]]:
+        """(key, label, writes, bytes each) of the GB/s shapes."""
+        return [(f"write_{self.big_bytes}", f"one {_size(self.big_bytes)} write", 1, self.big_bytes),
+                (f"layers_{self.layers}x{self.layer_bytes}", f"{self.layers} x {_size(self.layer_bytes)}",
+                 self.layers, self.layer_bytes),
+                (f"pieces_{self.pieces}x{self.piece_bytes}", f"{self.pieces} x {_size(self.piece_bytes)} pieces",
+                 self.pieces, self.piece_bytes)]
+
+    def latencies(self) -> list[tuple[str, str, int]]:
+        """(key, label, bytes) of the p50 shapes."""
+        return [(f"latency_{n}", f"one {_size(n)} write p50", n) for n in self.latency_bytes]
+
+
+def _spread(n: int, nbytes: int, room: int) -> list[tuple[int, int, int]]:
+    """(source offset, destination offset, bytes) of n pieces: piece i from and to slot i, slots
+    reused round-robin past room (the same layout both sides, as an engine's buffer and its peer's)."""
+    slots = max(1, room // nbytes)
+    return [((i % slots) * nbytes, (i % slots) * nbytes, nbytes) for i in range(n)]
+
+
+class DualpathSide:
+    """dualpath's writer for the shapes: one write, or many all in flight (asyncio.gather, as the
+    engines' handoff and path B send theirs); src[off:] views, so each piece has its own bytes."""
+    name = "dualpath"
+
+    def __init__(self, dp, src: torch.Tensor, dst: dict, traffic_class: str = "bulk"):
+        self.dp, self.src, self.dst, self.tc = dp, src, dst, traffic_class
+
+    async def one(self, src_off: int, dst_off: int, nbytes: int) -> None:
+        await self.dp.write(self.src[src_off:], self.dst, dst_off, nbytes, self.tc)
+
+    async def many(self, pieces: list[tuple[int, int, int]]) -> None:
+        await asyncio.gather(*(self.one(s, d, n) for s, d, n in pieces))
+
+
+class MooncakeSide:
+    """Mooncake's writer for the shapes: transfer_sync_write, or one batch_transfer_sync_write (how
+    SGLang's and vLLM's connectors send a request's pieces). Its calls block the event loop, which
+    has nothing else to do meanwhile: dualpath's round is over before Mooncake's starts."""
+    name = "mooncake"
+
+    def __init__(self, writer: mooncake_peer.MooncakeWriter):
+        self.w = writer
+
+    async def one(self, src_off: int, dst_off: int, nbytes: int) -> None:
+        self.w.write(src_off, dst_off, nbytes)
+
+    async def many(self, pieces: list[tuple[int, int, int]]) -> None:
+        self.w.write_batch(pieces)
+
+
+async def _group_gbps(side, pieces: list[tuple[int, int, int]]) -> float:
+    t0 = time.perf_counter()
+    await (side.one(*pieces[0]) if len(pieces) == 1 else side.many(pieces))
+    return sum(n for _, _, n in pieces) / (time.perf_counter() - t0) / 1e9
+
+
+async def _p50_us(side, nbytes: int, n: int, room: int) -> float:
+    us = []
+    for s, d, k in _spread(n, nbytes, room):
+        t0 = time.perf_counter()
+        await side.one(s, d, k)
+        us.append((time.perf_counter() - t0) * 1e6)
+    return _pct(us, 50)
+
+
+async def shape_round(side, shapes: Shapes, room: int) -> dict[str, float]:
+    """One round of every shape on one side: {key: GB/s or p50 µs}."""
+    out = {}
+    for key, _, n, nbytes in shapes.groups():
+        out[key] = await _group_gbps(side, _spread(n, min(nbytes, room), room))
+    for key, _, nbytes in shapes.latencies():
+        out[key] = await _p50_us(side, nbytes, shapes.latency_n, room)
+    return out
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "rounds": xs}
+
+
+async def side_by_side(sides: list, shapes: Shapes, room: int) -> list[dict]:
+    """An untimed round per side (links, segments, allocators), then shapes.rounds rounds, each
+    side's in turn (dualpath, Mooncake, dualpath, ...: a drift of the host weighs on both); a row
+    per shape with each side's min / median / max over the rounds."""
+    for side in sides:
+        await shape_round(side, replace(shapes, latency_n=min(20, shapes.latency_n)), room)
+    got: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
+    for _ in range(shapes.rounds):
+        for side in sides:
+            got[side.name].append(await shape_round(side, shapes, room))
+    rows = [(key, label, "GBps", n * min(nbytes, room)) for key, label, n, nbytes in shapes.groups()]
+    rows += [(key, label, "p50_us", nbytes) for key, label, nbytes in shapes.latencies()]
+    return [{"shape": key, "label": label, "unit": unit, "bytes": nbytes,
+             **{name: _stats([r[key] for r in rounds]) for name, rounds in got.items()}}
+            for key, label, unit, nbytes in rows]
+
+
+def _start_mooncake(ctx, stop) -> tuple[object | None, object | None, dict]:
+    """Mooncake's receiver process, where Mooncake is installed: (process, its queue, its published
+    dict); else (None, None, {"error": why})."""
+    if (ver := mooncake_peer.version()) is None:
+        return None, None, {"error": f"not installed (pip install 'dualpath[mooncake]': {mooncake_peer.PACKAGE})"}
+    mq = ctx.Queue()
+    proc = ctx.Process(target=mooncake_peer.serve, args=(mq, stop, REGION_BYTES), daemon=True)
+    proc.start()
+    try:
+        info = mq.get(timeout=60)
+    except queue_mod.Empty:
+        info = {"error": "its receiver did not start within 60 s"}
+    if "error" in info:
+        proc.kill()
+        proc.join()
+        return None, None, {**info, "version": ver}
+    return proc, mq, info
+
+
+def _mooncake_line(mc: dict) -> str:
+    """The one line that says why Mooncake is not beside dualpath."""
+    return f"Mooncake Transfer Engine {mc['error']}: the shapes ran for dualpath alone"
+
+
+def format_shapes(result: dict) -> str:
+    """The side-by-side shapes as a table: min / median / max over the rounds per system."""
+    sb = result.get("shapes") or {}
+    if not sb.get("rows"):
+        return ""
+    names = [n for n in ("dualpath", "mooncake") if n in sb["rows"][0]]
+    heads = {"dualpath": f"dualpath {sb['dualpath']}", "mooncake": f"Mooncake TE {sb['mooncake'].get('version')} tcp"}
+    w = max(24, *(len(heads[n]) for n in names))
+    order = f" ({' and '.join(names)} alternating)" if len(names) > 1 else ""
+    lines = [f"shapes, {sb['rounds']} rounds{order}, min / median / max; "
+             f"figures of the host that ran it:",
+             f"{'shape':<24} {'unit':<4}" + "".join(f"  {heads[n]:>{w}}" for n in names)]
+    for r in sb["rows"]:
+        fmt = "{:.3f}" if r["unit"] == "GBps" else "{:.0f}"
+        cells = [" / ".join(fmt.format(r[n][k]) for k in ("min", "median", "max")) for n in names]
+        unit = "GB/s" if r["unit"] == "GBps" else "us"
+        lines.append(f"{r['label']:<24} {unit:<4}" + "".join(f"  {c:>{w}}" for c in cells))
+    if "error" in sb["mooncake"]:
+        lines.append(_mooncake_line(sb["mooncake"]))
+    return "\n".join(lines)
+
+
+async def _shapes(dp, src: torch.Tensor, handle: dict, shapes: Shapes, mooncake: dict | None,
+                  traffic_class: str) -> tuple[list[dict], dict]:
+    """The side-by-side rows, with Mooncake's side where its receiver published a region (mooncake),
+    and what became of Mooncake: mooncake itself, or {"error"} if its writer did not start."""
+    sides, mc = [DualpathSide(dp, src, handle, traffic_class)], dict(mooncake or {})
+    room = min(handle.get("nbytes", REGION_BYTES), src.numel())
+    writer = None
+    if mooncake and "error" not in mooncake:
+        try:
+            writer = mooncake_peer.MooncakeWriter(mooncake, REGION_BYTES)
+            sides.append(MooncakeSide(writer))
+            room = min(room, mooncake["nbytes"])
+        except Exception as e:  # say so, and go on with dualpath alone
+            mc = {**mc, "error": f"writer did not start ({e})"}
+    try:
+        return await side_by_side(sides, shapes, room), mc
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 async def _sender(backend: str, device: str, handle: dict, seconds: float, lat_handle: dict | None = None,
-                  small: dict | None = None, large: bool = True) -> dict:
+                  small: dict | None = None, large: bool = True, shapes: Shapes | None = None,
+                  mooncake: dict | None = None) -> dict:
     """The writing end: large-write GB/s (1-64 MiB, `seconds` each), small-write rows (small: the
-    keyword arguments of small_writes, or None to skip), the latency-under-bulk figure (lat_handle);
-    and what this end used: {"backend", "links"}."""
+    keyword arguments of small_writes, or None to skip), the side-by-side shapes (shapes, or None to
+    skip; with Mooncake's side where mooncake is its receiver's published dict), the
+    latency-under-bulk figure (lat_handle); and what this end used: {"backend", "links"}."""
     dp = _plane(backend, "tx")
     await dp.start("127.0.0.1")  # a writer opens links; nothing connects to it
     src = torch.ones(REGION_BYTES, dtype=torch.uint8, device=device)
@@ -244,10 +444,12 @@ async def _sender(backend: str, device: str, handle: dict, seconds: float, lat_h
             count += 1
         rates[mib] = count * n / (time.perf_counter() - t0) / 1e9
     rows = await small_writes(dp, src, handle, **small) if small is not None else []
+    tc = (small or {}).get("traffic_class", "bulk")
+    shape_rows, mc = await _shapes(dp, src, handle, shapes, mooncake, tc) if shapes else ([], dict(mooncake or {}))
     latency = await _latency_under_bulk(dp, src, handle, lat_handle) if lat_handle is not None else None
     used = _used(dp)
     await dp.close()
-    return {"rates": rates, "small": rows, "latency": latency, "used": used}
+    return {"rates": rates, "small": rows, "shapes": shape_rows, "mooncake": mc, "latency": latency, "used": used}
 
 
 def _iperf3(seconds: float) -> float | None:
@@ -322,34 +524,83 @@ def format_used(result: dict) -> str:
             f"all links {result['backend']}: {'yes' if result['all_links_requested'] else 'NO'}")
 
 
+def _shapes_of(pieces_n: int, piece_kib: int, rounds: int, shapes: Shapes | None) -> Shapes | None:
+    """The side-by-side shapes run() asks for: shapes as given, else the defaults with pieces_n x
+    piece_kib pieces and `rounds` rounds; None (no shape rows) for 0 rounds or 0 pieces."""
+    shapes = shapes or Shapes(pieces=pieces_n, piece_bytes=piece_kib << 10, rounds=rounds)
+    return shapes if shapes.rounds > 0 and shapes.pieces > 0 else None
+
+
+def _stop_mooncake(proc, mq, mc: dict) -> dict:
+    """End Mooncake's receiver (its stop event is set): what it saw (landed_bytes) joins mc."""
+    if proc is None:
+        return mc
+    try:
+        mc = {**mc, **mq.get(timeout=30)}
+    except queue_mod.Empty:
+        pass
+    finally:
+        proc.kill()
+        proc.join()
+    return mc
+
+
+SHAPES_NOTE = ("rows: GB/s of one write, of one write per layer and of the pieces (each group all in flight: "
+               "dualpath asyncio.gather, Mooncake one batch_transfer_sync_write), and the p50 of writes one at "
+               "a time (µs); per system min / median / max over the rounds, rounds alternating systems after "
+               "an untimed one each; Mooncake: its TCP transport, host memory, P2PHANDSHAKE, loopback")
+
+
+def _shapes_result(got: dict, shapes: Shapes | None, mc: dict, backend: str) -> dict | None:
+    """The JSON's ``shapes``: the rows, the rounds, and each system as it ran (Mooncake: its version,
+    the bytes its receiver found written, or the error that kept it out)."""
+    if shapes is None:
+        return None
+    return {"rounds": shapes.rounds, "shapes": {k: v for k, v in vars(shapes).items() if k != "rounds"},
+            "dualpath": f"{backend} (writer ran {got['used']['backend']})",
+            "mooncake": {k: v for k, v in mc.items() if k in ("version", "session", "landed_bytes", "error")},
+            "rows": got["shapes"]}
+
+
 def run(backend: str, seconds: float, out: str, small_n: int = SMALL_N, inflight: int = INFLIGHT,
         small_sizes_kib=SMALL_SIZES_KIB, small_class: str = "bulk", small: bool = True, large: bool = True,
-        echo: bool = True) -> dict:
+        pieces_n: int = PIECES_N, piece_kib: int = PIECE_KIB, rounds: int = ROUNDS, mooncake: bool = True,
+        shapes: Shapes | None = None, echo: bool = True) -> dict:
     """The bench between this process and a receiver process of this host. small_n=0 or small=False
-    skips the small-write rows; large=False the 1-64 MiB ones (and the reference). echo prints the
-    small-write table and what each end used (the CLI prints the large-write rows)."""
+    skips the small-write rows; large=False the 1-64 MiB ones (and the reference); rounds=0 the
+    side-by-side shapes (pieces_n x piece_kib pieces; `shapes` replaces them all), mooncake=False
+    Mooncake's side of them. echo prints the small-write and shape tables and what each end used
+    (the CLI prints the large-write rows)."""
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
+    shapes = _shapes_of(pieces_n, piece_kib, rounds, shapes)
     # receiver on the second GPU where there is one (on one GPU both share it)
     rx_dev, tx_dev = ("cpu", "cpu")
     if backend == "cuda":
         rx_dev, tx_dev = f"cuda:{min(1, torch.cuda.device_count() - 1)}", "cuda:0"
     proc = ctx.Process(target=_receiver, args=(backend, rx_dev, q, stop), daemon=True)
     proc.start()
+    mc_proc, mq, mc = None, None, {"error": "not asked for (mooncake=False)"}
     rx_used = None
     try:
+        if shapes and mooncake:
+            mc_proc, mq, mc = _start_mooncake(ctx, stop)
         info = q.get(timeout=60)
         small_kw = ({"sizes_kib": tuple(small_sizes_kib), "n": small_n, "inflight": inflight,
                      "traffic_class": small_class} if small and small_n > 0 else None)
         # the link-sharing figure is tcp's: the other backends move bulk bytes outside the socket
         got = asyncio.run(_sender(backend, tx_dev, info["handle"], seconds,
-                                  info["lat_handle"] if backend == "tcp" and large else None, small_kw, large))
+                                  info["lat_handle"] if backend == "tcp" and large else None, small_kw, large,
+                                  shapes, mc))
+        mc = got["mooncake"]
         stop.set()
         try:
             rx_used = q.get(timeout=30)
         except queue_mod.Empty:
             rx_used = None
     finally:
+        stop.set()
+        mc = _stop_mooncake(mc_proc, mq, mc)
         proc.kill()
         proc.join()
     reference, ref_name = None, None
@@ -367,17 +618,20 @@ def run(backend: str, seconds: float, out: str, small_n: int = SMALL_N, inflight
         "best_ratio": best / reference if best and reference else None,
         "latency_write_under_bulk": got["latency"],
         "small_writes": got["small"],
+        "shapes": _shapes_result(got, shapes, mc, backend),
         "backend_used": {"writer": got["used"], "receiver": rx_used},
         "all_links_requested": _all_links(backend, got["used"], rx_used),
         "notes": {"host": "CPU figures of the host that ran it (a shared VM here: noisy, few cores)",
                   "small_writes": "one_at_a_time: each write awaited before the next; in_flight: k writes "
                                   "outstanding at once, n in all",
+                  "shapes": SHAPES_NOTE,
                   "mooncake_reference": MOONCAKE_NOTES},
     })
     write_json(out, result)
     if echo:
-        if table := format_small(result):
-            print(table)
+        for table in (format_small(result), format_shapes(result)):
+            if table:
+                print(table)
         print(format_used(result))
     return result
 
@@ -418,10 +672,27 @@ async def _verify_writes(dp, dst: dict, region_bytes: int, n_random: int, seed: 
             "odd_sized_writes": sum(n % 2 for n in sizes), "seed": seed, "expected_sha256": _sha256(expected)}
 
 
+async def _verify_pieces(dp, dst: dict, region_bytes: int, n: int, nbytes: int, seed: int) -> dict:
+    """The pieces shape as the bench sends it (DualpathSide.many: n writes of nbytes, all in flight,
+    piece i from and to slot i) from a random source, and the region it must leave: its sha256."""
+    src = torch.randint(0, 256, (region_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    if hasattr(dp, "mrs"):  # verbs: the source is a registered region
+        dp.register(src)
+    pieces = _spread(n, nbytes, region_bytes)
+    await DualpathSide(dp, src, dst).many(pieces)
+    expected = torch.zeros(region_bytes, dtype=torch.uint8)
+    for s, d, k in pieces:
+        expected[d:d + k] = src[s:s + k]
+    return {"writes": n, "bytes": n * nbytes, "largest_write": nbytes, "zero_byte_writes": 0,
+            "odd_sized_writes": n * (nbytes % 2), "pieces": [n, nbytes], "seed": seed,
+            "expected_sha256": _sha256(expected)}
+
+
 def run_verify(backend: str, out: str | None = None, big: bool = False, n_random: int = 64, seed: int = 0,
-               echo: bool = True) -> dict:
-    """Writes of verify_cases into a receiver process of this host, then the receiver's region
-    hashed there and compared with what the writes must have left: every byte checked."""
+               echo: bool = True, pieces: tuple[int, int] | None = None) -> dict:
+    """Writes of verify_cases (or, with pieces=(n, bytes), the pieces shape) into a receiver
+    process of this host, then the receiver's region hashed there and compared with what the
+    writes must have left: every byte checked."""
     region_bytes = BIG_REGION_BYTES if big else REGION_BYTES
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
@@ -433,7 +704,10 @@ def run_verify(backend: str, out: str | None = None, big: bool = False, n_random
         async def write_all() -> tuple[dict, dict]:
             dp = _plane(backend, "tx")
             await dp.start("127.0.0.1")
-            got = await _verify_writes(dp, info["handle"], region_bytes, n_random, seed)
+            if pieces:
+                got = await _verify_pieces(dp, info["handle"], region_bytes, *pieces, seed)
+            else:
+                got = await _verify_writes(dp, info["handle"], region_bytes, n_random, seed)
             used = _used(dp)
             await dp.close()
             return got, used
@@ -513,10 +787,14 @@ def _main_tx(args) -> None:
         return
     small_kw = {"sizes_kib": tuple(args.small_kib), "n": args.small_n, "inflight": args.inflight,
                 "traffic_class": args.small_class} if args.small_n > 0 else None
-    got = asyncio.run(_sender(args.backend, "cpu", info["handle"], args.seconds, None, small_kw, not args.no_large))
+    shapes = _shapes_of(args.pieces, args.piece_kib, args.rounds, None)  # dualpath alone: Mooncake is local only
+    got = asyncio.run(_sender(args.backend, "cpu", info["handle"], args.seconds, None, small_kw, not args.no_large,
+                              shapes))
     rx = {"backend": info["backend"], "links": None}  # the receiver prints its own as it sees them
     result = {"bench": "transport", "backend": args.backend, "two_hosts": True, "write_GBps_by_MiB": got["rates"],
-              "small_writes": got["small"], "backend_used": {"writer": got["used"], "receiver": rx},
+              "small_writes": got["small"],
+              "shapes": _shapes_result(got, shapes, {"error": "not run across hosts"}, args.backend),
+              "backend_used": {"writer": got["used"], "receiver": rx},
               "all_links_requested": (got["used"]["backend"] == args.backend == info["backend"]
                                       and bool(got["used"]["links"])
                                       and all(v == args.backend for v in got["used"]["links"].values())),
@@ -525,8 +803,9 @@ def _main_tx(args) -> None:
     write_json(args.out, result)
     for mib, gbps in got["rates"].items():
         print(f"{args.backend} write {mib:>3} MiB: {gbps:.2f} GB/s")
-    if table := format_small(result):
-        print(table)
+    for table in (format_small(result), format_shapes(result)):
+        if table:
+            print(table)
     print(f"backend asked {args.backend}: writer {got['used']['backend']} links {got['used']['links']}; "
           f"receiver {info['backend']} (its links: its own output); all writer links {args.backend}: "
           f"{'yes' if result['all_links_requested'] else 'NO'}")
@@ -534,12 +813,14 @@ def _main_tx(args) -> None:
 
 
 def _main_local(args) -> None:
-    if args.verify or args.verify_big:
-        r = run_verify(args.backend, args.out, big=args.verify_big, seed=args.seed)
+    if args.verify or args.verify_big or args.verify_pieces:
+        pieces = (args.pieces, args.piece_kib << 10) if args.verify_pieces else None
+        r = run_verify(args.backend, args.out, big=args.verify_big, seed=args.seed, pieces=pieces)
         print(f"wrote {args.out}")
         sys.exit(0 if r["verify"]["match"] else 1)
     r = run(args.backend, args.seconds, args.out, small_n=args.small_n, inflight=args.inflight,
-            small_sizes_kib=args.small_kib, small_class=args.small_class, large=not args.no_large)
+            small_sizes_kib=args.small_kib, small_class=args.small_class, large=not args.no_large,
+            pieces_n=args.pieces, piece_kib=args.piece_kib, rounds=args.rounds, mooncake=not args.no_mooncake)
     for mib, gbps in r["write_GBps_by_MiB"].items():
         print(f"{r['backend']} write {mib:>3} MiB: {gbps:.2f} GB/s")
     print(f"wrote {args.out}")
@@ -558,6 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-kib", type=int, nargs="+", default=list(SMALL_SIZES_KIB))
     ap.add_argument("--inflight", type=int, default=INFLIGHT, help="K writes in flight for throughput")
     ap.add_argument("--small-class", choices=["bulk", "latency"], default="bulk")
+    ap.add_argument("--pieces", type=int, default=PIECES_N, help="pieces per round of the pieces shape")
+    ap.add_argument("--piece-kib", type=int, default=PIECE_KIB, help="KiB per piece")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="side-by-side rounds per system (0: no shapes)")
+    ap.add_argument("--no-mooncake", action="store_true", help="shapes for dualpath alone, even where Mooncake "
+                    "is installed")
     ap.add_argument("--host", help="rx: the address to listen on, as the writer reaches it (named in the handles)")
     ap.add_argument("--port", type=int, default=0, help="rx: the data plane's port (0: any)")
     ap.add_argument("--handles", default="/tmp/dualpath_bench_handles.json")
@@ -566,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
                     "empty and 64 MiB writes instead of timing (exit 1 if any differs)")
     ap.add_argument("--verify-big", action="store_true", help="as --verify, on a region over 1 GiB (one write "
                     "of more than 1 GiB; needs ~4 GiB of memory and that much locked memory on verbs)")
+    ap.add_argument("--verify-pieces", action="store_true", help="as --verify, for the pieces shape "
+                    "(--pieces x --piece-kib, all in flight)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.role == "rx" and not args.host:
