@@ -11,7 +11,8 @@ import sys
 from dualpath.config import ClusterConfig
 
 
-def _event_loop_policy() -> None:
+def use_engine_event_loop() -> None:
+    """uvloop where installed, as every cluster process runs (benchmarks of its parts too)."""
     try:
         import uvloop
 
@@ -52,5 +53,5 @@ def run_process(cfg: ClusterConfig, role: str, node: int) -> None:
     sys.setswitchinterval(float(os.environ.get("DUALPATH_SWITCH_INTERVAL_S", "0.0005")))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role}{node if role != 'coordinator' else ''} "
                         "%(levelname)s %(name)s: %(message)s")
-    _event_loop_policy()
+    use_engine_event_loop()
     asyncio.run(_main(cfg, role, node))

@@ -54,6 +54,7 @@ import torch
 
 from dualpath.bench import mooncake_peer
 from dualpath.bench.common import write_json
+from dualpath.process import use_engine_event_loop
 from dualpath.transport import make_dataplane
 
 TOKEN = os.environ.get("DUALPATH_BENCH_TOKEN", "bench")
@@ -153,6 +154,8 @@ def _used(dp) -> dict:
 
 
 def _receiver(backend: str, device: str, q, stop, region_bytes: int = REGION_BYTES, digest: bool = False) -> None:
+    use_engine_event_loop()
+
     async def done(dp):
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
 
@@ -571,6 +574,7 @@ def run(backend: str, seconds: float, out: str, small_n: int = SMALL_N, inflight
     side-by-side shapes (pieces_n x piece_kib pieces; `shapes` replaces them all), mooncake=False
     Mooncake's side of them. echo prints the small-write and shape tables and what each end used
     (the CLI prints the large-write rows)."""
+    use_engine_event_loop()  # both ends run the loop the engines run
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
     shapes = _shapes_of(pieces_n, piece_kib, rounds, shapes)
