@@ -27,16 +27,18 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # a CPU-only install: the engine attends with torch (model.py) and never calls here
-    triton = None
-
 ENABLED = True  # model.py attends through here on a GPU; False selects its torch path (tests compare them)
 # Triton's CPU interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors: the tests use
 # it to check the whole GPU path of a model where no GPU exists.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+triton = None  # where no kernel can run (no GPU, no interpreter) the engine attends with torch
+if torch.cuda.is_available() or INTERPRETED:  # (and a CPU engine starts without Triton's 0.3 s import)
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # an install without Triton: the torch path too
+        triton = None
 
 
 @dataclass(frozen=True)
