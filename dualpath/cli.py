@@ -598,7 +598,7 @@ def sim_validate(args) -> None:
 
 
 @sim.command("paper")
-@click.option("--only", multiple=True, type=click.Choice(["ratios", "scaling", "online", "bandwidth", "split", "speed"]),
+@click.option("--only", multiple=True, type=click.Choice(["ratios", "scaling", "online", "bandwidth", "split", "shared", "speed"]),
               help="run only these studies; repeatable (default: all)")
 @click.option("--out-dir", default="runs/sim/paper", show_default=True)
 @click.option("--bands/--no-bands", default=True, show_default=True,

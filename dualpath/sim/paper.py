@@ -8,7 +8,9 @@ Each study writes its JSON (and a plot) under the output folder and returns rows
 - ``scaling``: dualpath from 2P4D to 48P96D with agents scaled alike, tokens/s per GPU;
 - ``online``: the highest agent arrival rate meeting a TTFT SLO, dualpath and pe-read;
 - ``bandwidth``: compute-NIC against storage-NIC bandwidth, and hit ratio: where path B stops paying;
-- ``split``: whole-request choice (dualpath) against split reads (dualpath-split) at scale.
+- ``split``: whole-request choice (dualpath) against split reads (dualpath-split) at scale;
+- ``shared``: 2P4D to 48P96D as each limit the nodes share tightens (the storage backend's read rate,
+  the compute switch's oversubscription, GPUs per node), pe-read and dualpath, tokens/s per node.
 The hardware (``Hardware``) is stated, not measured: an H200-class node of 8 GPUs, one 400 Gbps
 compute NIC per GPU and one 400 Gbps storage NIC per node, unless a study sweeps it.
 
@@ -259,9 +261,74 @@ def study_split(out: Path) -> list[dict]:
     return rows
 
 
+# What the nodes share (SimConfig.backend_gbps, oversubscription, gpus_per_node), one limit at a time from the
+# paper's nodes (8 GPUs, one storage NIC, a non-blocking switch, an unbounded backend): label -> its setting.
+# backend: the backend's read rate as a multiple of the sum of the nodes' storage NICs; backend_gbps: one rate
+# at every size (3.6 TB/s: 0.5x of 48P96D's NICs, about half the 6.6 TiB/s 3FS reports for 180 storage nodes)
+SHARED_LIMITS: dict[str, dict[str, float]] = {
+    "none": {},
+    "backend 1x": {"backend": 1.0}, "backend 0.5x": {"backend": 0.5}, "backend 0.25x": {"backend": 0.25},
+    "backend 3.6 TB/s": {"backend_gbps": 3600.0},
+    "switch 2:1": {"oversubscription": 2.0}, "switch 4:1": {"oversubscription": 4.0},
+    "switch 16:1": {"oversubscription": 16.0},
+    "1 GPU per node": {"gpus_per_node": 1},
+}
+SHARED_SIZES = ((2, 4), (8, 16), (24, 48), (48, 96))
+
+
+def study_shared(out: Path, sizes=SHARED_SIZES, limits: dict[str, dict[str, float]] | None = None,
+                 policies=("pe-read", "dualpath"), agents_per_pe: int = 300, send_until_s: float = 30.0) -> list[dict]:
+    """The 660B from 2P4D to 48P96D as each shared limit tightens, one at a time (``SHARED_LIMITS``):
+    tokens/s per node of 8 GPUs (one engine), closed loop, `agents_per_pe` agents sending turns for
+    `send_until_s` simulated seconds. A cluster scales where its per-node figure at 48P96D is that at
+    2P4D; a limit costs what its figure is below the one with no shared limit at the same size."""
+    limits = SHARED_LIMITS if limits is None else limits
+    runs = []
+    for label, lim in limits.items():
+        for p, d in sizes:
+            sc = Scenario("deepseek-660b", p, d, agents_per_pe=agents_per_pe, turns=20)
+            gpn = int(lim.get("gpus_per_node", sc.hw.gpus_per_node))
+            nodes = (p + d) * sc.gpus_per_engine / gpn  # each with one storage NIC
+            change = {"gpus_per_node": gpn, "oversubscription": lim.get("oversubscription", 1.0),
+                      "backend_gbps": lim.get("backend_gbps", lim.get("backend", 0.0) * nodes * sc.hw.snic_gbps)}
+            t0 = time.monotonic()
+            summaries, _ = run(sc, policies, send_until_s=send_until_s, **change)
+            wall = time.monotonic() - t0
+            for s in summaries:
+                runs.append({"limit": label, "cluster": f"{p}P{d}D", "policy": s["policy"], "gpus": sc.gpus,
+                             "backend_gbps": change["backend_gbps"], "oversubscription": change["oversubscription"],
+                             "gpus_per_node": gpn, "tokens/s": s["tokens_per_s"],
+                             "tokens/s per node": s["tokens_per_s_per_gpu"] * sc.hw.gpus_per_node,
+                             "read GB/s per node": sum(s["read_bytes"].values()) / s["duration_s"] / 1e9
+                             / (sc.gpus / sc.hw.gpus_per_node),
+                             "requests": s["requests"], "wall_s": wall})
+            print(f"  {label:<16} {p}P{d}D: " + ", ".join(
+                f"{r['policy']} {r['tokens/s per node']:,.0f}" for r in runs[-len(policies):])
+                  + f" tokens/s per node ({wall:.1f} s)", flush=True)
+    rows = []
+    first, last = sizes[0], sizes[-1]
+    for label in limits:
+        for pol in policies:
+            at = {r["cluster"]: r for r in runs if r["limit"] == label and r["policy"] == pol}
+            free = {r["cluster"]: r for r in runs if r["limit"] == "none" and r["policy"] == pol}
+            row = {"limit": label, "policy": pol}
+            row.update({c: at[c]["tokens/s per node"] for c in at})
+            big, small = f"{last[0]}P{last[1]}D", f"{first[0]}P{first[1]}D"
+            row[f"{big} / {small}"] = at[big]["tokens/s per node"] / at[small]["tokens/s per node"]
+            if free:
+                row["vs none"] = at[big]["tokens/s per node"] / free[big]["tokens/s per node"]
+            row["read GB/s per node"] = at[big]["read GB/s per node"]
+            rows.append(row)
+    _write(out / "shared.json", {"agents_per_pe": agents_per_pe, "send_until_s": send_until_s,
+                                 "limits": limits, "hardware": dataclasses.asdict(Hardware()),
+                                 "wall_s": sum({(r["limit"], r["cluster"]): r["wall_s"] for r in runs}.values()),
+                                 "rows": rows, "runs": runs})
+    return rows
+
+
 STUDIES: dict[str, Callable[[Path], list[dict]]] = {
     "ratios": study_ratios, "scaling": study_scaling, "online": study_online, "bandwidth": study_bandwidth,
-    "split": study_split}
+    "split": study_split, "shared": study_shared}
 
 
 def _strict(v):
@@ -439,6 +506,27 @@ def plot(study: str, rows: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("agent arrival rate (agents/s)")
         ax.set_ylabel("TTFT p90 (s)")
+    elif study == "shared":
+        plt.close(fig)
+        data = json.loads((path.parent / "shared.json").read_text())["runs"]
+        pols = list(dict.fromkeys(r["policy"] for r in data))
+        fig, axes = plt.subplots(1, len(pols), figsize=(9, 3.6), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, pol in zip(axes, pols):
+            for label in dict.fromkeys(r["limit"] for r in data):
+                pts = [r for r in data if r["limit"] == label and r["policy"] == pol]
+                ax.plot([r["gpus"] for r in pts], [r["tokens/s per node"] for r in pts], "o-", ms=3, label=label)
+            ax.set_xscale("log")
+            ax.set_xticks([r["gpus"] for r in pts], [r["cluster"] for r in pts], fontsize=7)
+            ax.minorticks_off()
+            ax.set_title(pol, fontsize=9)
+            ax.set_ylim(bottom=0)
+        axes[0].set_ylabel("tokens/s per node (8 GPUs)")
+        axes[-1].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     elif study == "bandwidth":
         for hit in sorted({round(r["hit ratio"], 2) for r in rows}, reverse=True):
             pts = [r for r in rows if round(r["hit ratio"], 2) == hit]

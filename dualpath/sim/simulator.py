@@ -27,7 +27,12 @@ What is modelled, each in the simplest form that keeps the real system's bottlen
 - the coordinator: each engine's load and free memory as of its last heartbeat (every
   ``heartbeat_s``, and at once from an engine that freed memory), plus what was assigned since, as
   the coordinator's ``ClusterView`` does; a request no engine has room for waits, oldest first,
-  and tries again when an engine that could fit it frees memory, or at the next heartbeat.
+  and tries again when an engine that could fit it frees memory, or at the next heartbeat;
+- what the nodes share (each off by default, so nothing but the coordinator is shared): the storage
+  backend (``backend_gbps``: one FIFO link that every read also crosses, the 3FS servers' read limit
+  for the whole cluster), the compute switch (``oversubscription``: one FIFO link of the nodes'
+  compute NICs' sum over the factor, crossed by every path-B transfer and handoff between nodes),
+  and nodes of ``gpus_per_node`` GPUs whose engines share the node's storage NIC and compute NIC.
 """
 
 from __future__ import annotations
@@ -65,6 +70,35 @@ class Link:
 
     def backlog_bytes(self, now: float) -> int:
         return int(max(0.0, self.free - now) * self.rate) if self.rate else 0
+
+
+class StorageNic(Link):
+    """A node's storage NIC (``Link``), reading through the cluster's storage backend when it has one
+    (``SimConfig.backend_gbps``): a read ends when both FIFO links have served it, each at its own
+    rate, queued behind the reads issued before it (on this node, and on every node). Its read queue
+    is then, as the engines report it (``AsyncStore.read_queue_bytes``), the larger of the NIC's
+    backlog and the bytes it has issued that have not arrived yet."""
+
+    def __init__(self, rate_Bps: float, backend: Link | None = None):
+        super().__init__(rate_Bps)
+        self.backend = backend
+        self.pending: deque = deque()  # (when it ends, bytes) of the reads through the backend, in order
+        self.pending_bytes = 0
+
+    def read(self, now: float, nbytes: float) -> float:
+        end = self.reserve(now, nbytes)
+        if self.backend is not None and nbytes:
+            end = max(end, self.backend.reserve(now, nbytes))  # ends in issue order: both links are FIFO
+            self.pending.append((end, nbytes))
+            self.pending_bytes += nbytes
+        return end
+
+    def queue_bytes(self, now: float) -> int:
+        if self.backend is None:
+            return self.backlog_bytes(now)
+        while self.pending and self.pending[0][0] <= now:
+            self.pending_bytes -= self.pending.popleft()[1]
+        return max(self.backlog_bytes(now), int(self.pending_bytes))
 
 
 class Pool:
@@ -140,6 +174,19 @@ class SimConfig:
     # What the engines pay beyond their model steps (measure.py --host): per request on its path to the first
     # token, per step and per decoding sequence on the engine. All 0: the model steps alone.
     host: HostCosts = field(default_factory=HostCosts)
+    # What the nodes share (docs/SIM.md, "What the nodes share"). The defaults share nothing but the coordinator.
+    # The storage backend's read rate for the whole cluster (the 3FS servers), GB/s: one FIFO link every read
+    # crosses besides its node's storage NIC; 0 = unbounded
+    backend_gbps: float = 0.0
+    # The compute switch: its bisection is the sum of the nodes' compute NICs (one direction) over this factor,
+    # one FIFO link crossed by every path-B transfer and handoff between two nodes; 1 = non-blocking (no link)
+    oversubscription: float = 1.0
+    # GPUs per node, sharing one storage NIC (snic_gbps) and one compute NIC (compute_link_gbps per GPU,
+    # together): engines packed gpus_per_node // gpus_per_engine to a node, each role on nodes of its own, PEs
+    # first; an engine of more GPUs than a node spans gpus_per_engine // gpus_per_node nodes and has their
+    # NICs together. 0 = the layout above: engines_per_node engines share a storage NIC, each engine has its
+    # own compute NIC (for one-GPU engines, one a node, the same as gpus_per_node=1)
+    gpus_per_node: int = 0
 
 
 @dataclass(slots=True)
@@ -169,7 +216,7 @@ class _Engine:
     name: str
     role: str
     node: int
-    storage: Link  # the node's, shared
+    storage: StorageNic  # the node's, shared
     out: Link
     inn: Link
     buffer: Pool
@@ -192,16 +239,23 @@ class Simulation:
         self.sessions = {s.sid: s for s in sessions}
         self.now, self._events, self._seq = 0.0, [], itertools.count()
         self.engines: list[_Engine] = []
-        nics: dict[int, Link] = {}
-        link = cfg.compute_link_gbps * 1e9 * cfg.gpus_per_engine
-        for role, n, first_node in (("prefill", cfg.n_prefill, 0),
-                                    ("decode", cfg.n_decode, -(-cfg.n_prefill // cfg.engines_per_node))):
-            for i in range(n):
-                node = first_node + i // cfg.engines_per_node
-                storage = nics.setdefault(node, Link(cfg.snic_gbps * 1e9))
-                self.engines.append(_Engine(f"{role[0]}e{i}", role, node, storage, Link(link),
-                                            Link(0 if cfg.egress_only else link),
-                                            Pool(cfg.buffer_blocks), Pool(cfg.hbm_blocks)))
+        self.backend = Link(cfg.backend_gbps * 1e9) if cfg.backend_gbps else None
+        if cfg.gpus_per_node:
+            self._place_on_nodes()
+        else:
+            nics: dict[int, StorageNic] = {}
+            link = cfg.compute_link_gbps * 1e9 * cfg.gpus_per_engine
+            for role, n, first_node in (("prefill", cfg.n_prefill, 0),
+                                        ("decode", cfg.n_decode, -(-cfg.n_prefill // cfg.engines_per_node))):
+                for i in range(n):
+                    node = first_node + i // cfg.engines_per_node
+                    storage = nics.setdefault(node, StorageNic(cfg.snic_gbps * 1e9, self.backend))
+                    self.engines.append(_Engine(f"{role[0]}e{i}", role, node, storage, Link(link),
+                                                Link(0 if cfg.egress_only else link),
+                                                Pool(cfg.buffer_blocks), Pool(cfg.hbm_blocks)))
+        # the compute switch: the nodes' compute NICs' sum (one direction) over the oversubscription
+        outs = {id(e.out): e.out.rate for e in self.engines}
+        self.switch = Link(sum(outs.values()) / cfg.oversubscription) if cfg.oversubscription > 1 else None
         self.index = {e.name: k for k, e in enumerate(self.engines)}
         self.view = ClusterView()
         self.records: list[RequestRecord] = []
@@ -213,6 +267,34 @@ class Simulation:
         self.samples: list[dict] = []
         self.computing = 0  # engines with a step under way (host_cores > 0)
         self.bar = tqdm(total=cfg.send_until_s or None, unit="sim-s", disable=not progress, leave=False)
+
+    def _place_on_nodes(self) -> None:
+        """Nodes of ``gpus_per_node`` GPUs, each with one storage NIC and one compute NIC (its GPUs'
+        together) that its engines share; an engine larger than a node spans several and has all
+        their NICs. Each role starts on a node of its own, PEs first."""
+        c = self.cfg
+        g, n = c.gpus_per_engine, c.gpus_per_node
+        if g > n and g % n or g <= n and n % g:
+            raise ValueError(f"engines of {g} GPUs do not pack into nodes of {n}")
+        per, span = max(1, n // g), max(1, g // n)  # engines a node, nodes an engine
+        node_rate = c.compute_link_gbps * 1e9 * n
+        node = 0
+        for role, count in (("prefill", c.n_prefill), ("decode", c.n_decode)):
+            for i in range(count):
+                if i % per == 0:
+                    storage = StorageNic(c.snic_gbps * 1e9 * span, self.backend)
+                    out, inn = Link(node_rate * span), Link(0 if c.egress_only else node_rate * span)
+                    first, node = node, node + span
+                self.engines.append(_Engine(f"{role[0]}e{i}", role, first, storage, out, inn,
+                                            Pool(c.buffer_blocks), Pool(c.hbm_blocks)))
+
+    def _cross(self, src: Link, dst: Link, t: float, nbytes: float, between_nodes: bool) -> float:
+        """A transfer over the compute network, queued at t: it ends when the sender's NIC, the
+        receiver's and (between two nodes) the switch have each served it."""
+        end = max(src.reserve(t, nbytes), dst.reserve(t, nbytes))
+        if self.switch is not None and between_nodes and nbytes:
+            end = max(end, self.switch.reserve(t, nbytes))
+        return end
 
     # -- the event queue --
 
@@ -277,7 +359,7 @@ class Simulation:
 
     def _load(self, e: _Engine) -> EngineLoad:
         return EngineLoad(e.name, e.role, e.node, e.queued_tokens, e.decode_tokens,
-                          e.storage.backlog_bytes(self.now), e.buffer.free, e.hbm.free)
+                          e.storage.queue_bytes(self.now), e.buffer.free, e.hbm.free)
 
     def _retry_waiting(self) -> None:
         """The oldest waiters try, first come first served, until one finds no room (it keeps its
@@ -352,7 +434,7 @@ class Simulation:
         def de_admitted() -> None:  # storage -> DE buffer -> compute links -> PE buffer (path B)
             nbytes = d.de_blocks * (c.block_bytes - HEADER_BYTES)  # the layers, not the headers
             read = self._read(de, rec.read_bytes_de)
-            self._loaded(pe, req, max(de.out.reserve(read, nbytes), pe.inn.reserve(read, nbytes)))
+            self._loaded(pe, req, self._cross(de.out, pe.inn, read, nbytes, de.node != pe.node))
 
         de_admitted()  # the DE took its memory in _decide; the PE then waits for room, buffer first (take_memory)
         pe.buffer.take(req.prompt_blocks, lambda: pe.hbm.take(req.prompt_blocks, pe_admitted))
@@ -390,7 +472,7 @@ class Simulation:
         return True
 
     def _read(self, e: _Engine, nbytes: int) -> float:
-        end = e.storage.reserve(self.now, nbytes)
+        end = e.storage.read(self.now, nbytes)
         if nbytes:
             e.reading.append((end, nbytes))
         return end
@@ -444,7 +526,7 @@ class Simulation:
         c, rec = self.cfg, req.rec
         de = self.engines[self.index[rec.de]]
         nbytes = (req.prompt_blocks - rec.read_bytes_de // c.block_bytes) * (c.block_bytes - HEADER_BYTES)
-        sent = max(pe.out.reserve(self.now, nbytes), de.inn.reserve(self.now, nbytes))
+        sent = self._cross(pe.out, de.inn, self.now, nbytes, pe.node != de.node)
 
         def arrived() -> None:
             pe.buffer.give(req.prompt_blocks)
